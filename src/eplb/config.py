@@ -1,0 +1,129 @@
+"""Configuration dataclasses shared by the CLI, the runtime and the server.
+
+Every parser here raises ``ValueError`` whose message names the offending field
+and what is allowed, so a bad flag never fails deep inside a worker process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "naive")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= minimum:
+        raise ValueError(f"{name} must be a number > {minimum}, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class EPLBConfig:
+    """Expert-parallel load balancing settings; keys and defaults follow vLLM's ``EPLBConfig``.
+
+    The last four fields are ours.
+    """
+
+    window_size: int = 1000
+    step_interval: int = 3000
+    num_redundant_experts: int = 0
+    use_async: bool = True
+    log_balancedness: bool = False
+    policy: str = "deepseek"
+    # ours: a rebalance whose transfers do not finish in time is abandoned on every rank
+    transfer_timeout_s: float = 60.0
+    # ours: async staging holds at most this many layers' incoming experts at once
+    max_staged_layers: int = 4
+    # ours: cap on expert copies moved per rebalance (None = no cap); only for policies that honour it
+    max_moves_per_rebalance: int | None = None
+    # ours: artificial delay per transferred layer, for tests that need a slow transfer
+    debug_transfer_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_int("window_size", self.window_size, 1)
+        _check_int("step_interval", self.step_interval, 1)
+        _check_int("num_redundant_experts", self.num_redundant_experts, 0)
+        _check_bool("use_async", self.use_async)
+        _check_bool("log_balancedness", self.log_balancedness)
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"policy must be a policy name string, got {self.policy!r}")
+        _check_float("transfer_timeout_s", self.transfer_timeout_s, 0.0)
+        _check_int("max_staged_layers", self.max_staged_layers, 1)
+        if self.max_moves_per_rebalance is not None:
+            _check_int("max_moves_per_rebalance", self.max_moves_per_rebalance, 0)
+        if isinstance(self.debug_transfer_delay_s, bool) or not isinstance(
+            self.debug_transfer_delay_s, (int, float)
+        ) or self.debug_transfer_delay_s < 0:
+            raise ValueError(
+                f"debug_transfer_delay_s must be a number >= 0, got {self.debug_transfer_delay_s!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EPLBConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"eplb config must be a JSON object, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown eplb config key {key!r}; allowed keys: {', '.join(allowed)}"
+                )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EPLBConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--eplb-config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out. DP size == EP size: every DP rank is one EP rank."""
+
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
+    # multi-node (torchrun / vLLM style): address and port of rank 0's rendezvous
+    data_parallel_address: str = "127.0.0.1"
+    data_parallel_rpc_port: int = 0  # 0 = pick a free port
+    data_parallel_size_local: int | None = None  # ranks on this node (None = all)
+    node_rank: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_int("data_parallel_size", self.data_parallel_size, 1)
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ValueError(
+                f"all2all_backend must be one of {', '.join(ALL2ALL_BACKENDS)}, "
+                f"got {self.all2all_backend!r}"
+            )
+        _check_int("data_parallel_rpc_port", self.data_parallel_rpc_port, 0)
+        _check_int("node_rank", self.node_rank, 0)
+        if self.data_parallel_size_local is not None:
+            _check_int("data_parallel_size_local", self.data_parallel_size_local, 1)
