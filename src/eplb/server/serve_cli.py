@@ -1,0 +1,199 @@
+"""`eplb serve [MODEL]`: the OpenAI-compatible server (flags named like vLLM's).
+
+Every flag is checked before any rank process starts; a bad one exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
+from eplb.evals.gsm8k import repo_root
+
+DEFAULT_MODEL = "models/tiny-qwen3-moe"  # relative to the repo root
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class UsageError(ValueError):
+    """A bad flag; main() prints it as one line and exits 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def one_line_error(message: str) -> NoReturn:  # argparse's default prints usage too
+        print(f"eplb serve: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+    parser.add_argument("model", nargs="?", default=None,
+                        help=f"model directory (HF layout); default: the shipped {DEFAULT_MODEL}")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="bind port (default: %(default)s)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use in 'model' (default: the MODEL argument)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
+    g = parser.add_argument_group("parallelism and EPLB")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="DP ranks, one process each; requests go to the least-loaded rank "
+                        "(default: %(default)s)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="shard experts over the DP ranks (EP size = DP size)")
+    g.add_argument("--enable-eplb", action="store_true",
+                   help="expert-parallel load balancing (needs --enable-expert-parallel)")
+    g.add_argument("--eplb-config", default=None, metavar="JSON",
+                   help="EPLB settings as JSON, vLLM keys, e.g. "
+                        "'{\"window_size\":20,\"step_interval\":100,\"use_async\":true}'")
+    g.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
+                   help="how tokens reach the experts' ranks (default: %(default)s)")
+    g.add_argument("--record-trace", default=None, metavar="PATH",
+                   help="write the per-step expert load trace here (for eplb simulate)")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-model-len", type=int, default=2048,
+                   help="max prompt + generated tokens per request (default: %(default)s)")
+    e.add_argument("--max-num-seqs", type=int, default=64,
+                   help="max requests decoded together per rank (default: %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="max tokens per forward step per rank (default: the engine's)")
+    e.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weight/activation dtype; auto = the checkpoint's on GPU, float32 on CPU")
+    e.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto = cuda when available, else cpu (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="accepted for vLLM compatibility; no CUDA graphs are captured yet")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM compatibility; no remote code is ever run")
+    e.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (file or inline); default: the tokenizer's own, "
+                        "else plain 'role: content' lines")
+    o = parser.add_argument_group("server")
+    o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="log level (default: %(default)s)")
+    o.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def resolve_model(model: str | None) -> Path:
+    path = Path(model) if model is not None else repo_root() / DEFAULT_MODEL
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(f"MODEL {str(path)!r} is not a model directory (no config.json there)")
+    return path
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"--port {port}: cannot bind {host}:{port} ({exc.strerror})") from None
+
+
+def build_configs(args: argparse.Namespace) -> dict[str, Any]:
+    """Validates every flag; returns what the engine client and the app need. UsageError if bad."""
+    model_path = resolve_model(args.model)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    for flag in ("data_parallel_size", "max_model_len", "max_num_seqs"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 1:
+        raise UsageError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if args.enable_eplb and not args.enable_expert_parallel:
+        raise UsageError("--enable-eplb needs --enable-expert-parallel")
+    if args.eplb_config is not None and not args.enable_eplb:
+        raise UsageError("--eplb-config is given but --enable-eplb is not")
+    eplb: EPLBConfig | None = None
+    if args.enable_eplb:
+        try:
+            eplb = EPLBConfig.from_json(args.eplb_config) if args.eplb_config else EPLBConfig()
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--eplb-config: {exc}") from None
+    try:
+        parallel = ParallelConfig(data_parallel_size=args.data_parallel_size,
+                                  enable_expert_parallel=args.enable_expert_parallel,
+                                  all2all_backend=args.all2all_backend)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        from eplb.model.config import load_config
+
+        mcfg = load_config(str(model_path))
+    except ValueError as exc:
+        raise UsageError(f"MODEL {str(model_path)!r}: {exc}") from None
+    if args.enable_expert_parallel:
+        physical = mcfg.num_experts + (eplb.num_redundant_experts if eplb else 0)
+        if physical % args.data_parallel_size:
+            raise UsageError(
+                f"--data-parallel-size {args.data_parallel_size} must divide the physical expert "
+                f"count {physical} ({mcfg.num_experts} experts + redundant ones)")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto" and device == "cpu":
+        dtype = "float32"  # bf16 matmuls on CPU are slow and lose accuracy
+    try:
+        from eplb.server.chat_template import load_template
+
+        chat_template = load_template(args.chat_template)
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    _check_port_free(args.host, args.port)
+    engine_kwargs: dict[str, Any] = {"dtype": dtype, "device": device,
+                                     "max_model_len": args.max_model_len,
+                                     "max_num_seqs": args.max_num_seqs, "seed": args.seed}
+    if args.max_num_batched_tokens is not None:
+        engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    return {"model_path": model_path, "engine_kwargs": engine_kwargs, "parallel": parallel,
+            "eplb": eplb, "chat_template": chat_template,
+            "served": args.served_model_name or [args.model or DEFAULT_MODEL]}
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_configs(args)
+    except UsageError as exc:
+        print(f"eplb serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from eplb.engine.dp_client import DPEngineClient
+    from eplb.server.app import ServerSettings, create_app
+
+    engine = DPEngineClient(str(cfg["model_path"]), cfg["engine_kwargs"], cfg["parallel"],
+                            cfg["eplb"], record_trace=args.record_trace)
+    settings = ServerSettings(served_model_names=cfg["served"],
+                              max_model_len=args.max_model_len, api_key=args.api_key,
+                              chat_template=cfg["chat_template"])
+    app = create_app(engine, settings)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=args.access_log, timeout_graceful_shutdown=5, lifespan="on"))
+
+    def fatal(_: BaseException) -> None:
+        server.should_exit = True
+
+    settings.on_fatal = fatal
+    logging.getLogger("eplb.server").info(
+        "starting %d rank(s) of %s (EP %s, EPLB %s, backend %s) on http://%s:%d",
+        args.data_parallel_size, cfg["model_path"], "on" if args.enable_expert_parallel else "off",
+        cfg["eplb"].to_dict() if cfg["eplb"] else "off", args.all2all_backend, args.host, args.port)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()  # idempotent; the app's shutdown already did it on a clean exit
+    state = app.state.eplb
+    if state.start_error is not None:
+        print(f"eplb serve: error: engine failed to start: {state.start_error!r}", file=sys.stderr)
+        return 1
+    return 0
