@@ -28,6 +28,7 @@ EPLB_FIGURES: list[tuple[str, str, str, str]] = [
      "gauge"),
     ("mean_rebalance_s", "eplb_mean_rebalance_seconds", "mean duration of completed rebalances",
      "gauge"),
+    ("steps", "eplb_engine_steps", "forward steps run (every rank steps together)", "counter"),
     ("balancedness", "eplb_balancedness",
      "mean/max rank load of recent steps, averaged over MoE layers (1.0 = perfect)", "gauge"),
 ]
