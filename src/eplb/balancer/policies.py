@@ -1,0 +1,104 @@
+"""Policy registry. A policy maps a window's load to a new placement:
+
+``policy(load[L, E], num_ranks, num_redundant, *, num_nodes=1, num_groups=1, previous=None,
+max_moves=None) -> Placement``
+
+- ``deepseek``: DeepSeek's published greedy EPLB (hierarchical when ``num_groups % num_nodes == 0``,
+  else global); ignores ``previous`` and ``max_moves``.
+- ``refined``: ours (``eplb.balancer.refined``): capped replication, greedy packing that avoids two
+  copies of an expert on one rank, swap local search toward the lower bound, and a migration-aware
+  warm start from ``previous`` with an optional ``max_moves`` cap. It balances over all ranks
+  (``num_nodes``/``num_groups`` are validated but node locality of groups is not modelled).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from eplb.balancer.deepseek import deepseek_phy2log
+from eplb.balancer.placement import Placement, check_shape
+from eplb.balancer.refined import refined_phy2log
+
+
+class Policy(Protocol):
+    def __call__(
+        self, load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
+        num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+    ) -> Placement: ...
+
+
+def _check_args(
+    load: torch.Tensor, num_ranks: int, num_redundant: int, num_nodes: int, num_groups: int,
+    previous: Placement | None, max_moves: int | None,
+) -> torch.Tensor:
+    load = torch.as_tensor(load)
+    if load.dim() != 2:
+        raise ValueError(f"load must be 2-D [layers, experts], got shape {tuple(load.shape)}")
+    if load.dtype == torch.bool or load.dtype.is_complex:
+        raise ValueError(f"load must be a real-valued tensor, got {load.dtype}")
+    num_layers, num_experts = load.shape
+    check_shape(num_layers, num_experts, num_ranks, num_redundant)
+    if not bool(torch.isfinite(load.double()).all()) or bool((load < 0).any()):
+        raise ValueError("load must be finite and >= 0")
+    for name, value in (("num_nodes", num_nodes), ("num_groups", num_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if num_groups % num_nodes == 0:  # the hierarchical layout needs these to divide evenly
+        if num_ranks % num_nodes:
+            raise ValueError(f"num_nodes ({num_nodes}) must divide num_ranks ({num_ranks})")
+        if num_experts % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
+    if max_moves is not None and (isinstance(max_moves, bool) or not isinstance(max_moves, int)
+                                  or max_moves < 0):
+        raise ValueError(f"max_moves must be None or an integer >= 0, got {max_moves!r}")
+    if previous is not None:
+        want = (num_layers, num_experts + num_redundant)
+        if (tuple(previous.phy2log.shape) != want or previous.num_experts != num_experts
+                or previous.num_ranks != num_ranks):
+            raise ValueError(
+                f"previous placement must be {want[0]} layers x {want[1]} slots of {num_experts} "
+                f"experts on {num_ranks} ranks, got {previous.num_layers} x {previous.num_physical} "
+                f"of {previous.num_experts} on {previous.num_ranks}"
+            )
+    return load
+
+
+def deepseek(
+    load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
+    num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+) -> Placement:
+    load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
+    if num_groups % num_nodes == 0 and (num_redundant + load.shape[1]) % num_nodes:
+        raise ValueError(
+            f"num_nodes ({num_nodes}) must divide the slot count ({load.shape[1] + num_redundant}) "
+            "for the hierarchical policy"
+        )
+    phy2log = deepseek_phy2log(load, num_ranks, num_redundant, num_nodes, num_groups)
+    return Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
+
+
+def refined(
+    load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
+    num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+) -> Placement:
+    load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
+    phy2log = refined_phy2log(
+        load, num_ranks, num_redundant,
+        previous=None if previous is None else previous.phy2log, max_moves=max_moves,
+    )
+    return Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
+
+
+POLICIES: dict[str, Callable[..., Placement]] = {"deepseek": deepseek, "refined": refined}
+
+
+def get_policy(name: str) -> Policy:
+    """The policy registered as ``name``; ValueError listing the names otherwise."""
+    try:
+        return POLICIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown policy {name!r}; available: {', '.join(sorted(POLICIES))}"
+        ) from None
