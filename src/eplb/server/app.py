@@ -78,8 +78,9 @@ class _State:
 
     def on_ready(self) -> None:
         tok = self.engine.tokenizer
-        self.formatter = ChatFormatter(tok, self.settings.chat_template)
-        self.vocab_size = _vocab_size(tok)
+        if tok is not None:
+            self.formatter = ChatFormatter(tok, self.settings.chat_template)
+            self.vocab_size = _vocab_size(tok)
         self.ready = True
 
     def check_ready(self) -> None:
@@ -363,6 +364,9 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
         ids_list: list[list[int]] = []
         max_tokens: int | None = None
         for prompt in req.prompts():
+            if isinstance(prompt, str) and tok is None:
+                raise APIError("this model has no tokenizer; send the prompt as token ids",
+                               param="prompt")
             ids = encode(tok, prompt) if isinstance(prompt, str) else list(prompt)
             mt = check_lengths(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
             max_tokens = mt if max_tokens is None else min(max_tokens, mt)
@@ -398,7 +402,9 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
         req.check()
         model = check_model(req.model)
         state.check_ready()
-        assert state.formatter is not None
+        if engine.tokenizer is None or state.formatter is None:
+            raise APIError("this model has no tokenizer, so chat is unavailable; use "
+                           "/v1/completions with token ids", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = state.formatter.render(messages, req.add_generation_prompt)

@@ -138,8 +138,11 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype
-    if dtype == "auto" and device == "cpu":
-        dtype = "float32"  # bf16 matmuls on CPU are slow and lose accuracy
+    if dtype == "auto":
+        # CPU: float32 (bf16 matmuls there are slow and lose accuracy); GPU: the checkpoint's
+        stored = mcfg.raw.get("torch_dtype") or mcfg.raw.get("dtype")
+        dtype = "float32" if device == "cpu" else (
+            stored if stored in ("float32", "bfloat16", "float16") else "bfloat16")
     try:
         from eplb.server.chat_template import load_template
 
