@@ -44,6 +44,7 @@ class ServerSettings:
     max_model_len: int
     api_key: str | None = None
     chat_template: str | None = None  # Jinja source; None = the tokenizer's, else a fallback
+    vocab_size: int | None = None  # the model's; token-id prompts must lie below it
     start_engine: bool = True  # False when the caller has already started it
     rebalance_log_interval_s: float = 1.0
     # called with the exception when the engine fails to start (serve_cli stops uvicorn)
@@ -81,6 +82,8 @@ class _State:
         if tok is not None:
             self.formatter = ChatFormatter(tok, self.settings.chat_template)
             self.vocab_size = _vocab_size(tok)
+        if self.settings.vocab_size is not None:
+            self.vocab_size = self.settings.vocab_size
         self.ready = True
 
     def check_ready(self) -> None:

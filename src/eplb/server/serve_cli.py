@@ -156,7 +156,7 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     return {"model_path": model_path, "engine_kwargs": engine_kwargs, "parallel": parallel,
-            "eplb": eplb, "chat_template": chat_template,
+            "eplb": eplb, "chat_template": chat_template, "vocab_size": mcfg.vocab_size,
             "served": args.served_model_name or [args.model or DEFAULT_MODEL]}
 
 
@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
                             cfg["eplb"], record_trace=args.record_trace)
     settings = ServerSettings(served_model_names=cfg["served"],
                               max_model_len=args.max_model_len, api_key=args.api_key,
-                              chat_template=cfg["chat_template"])
+                              chat_template=cfg["chat_template"], vocab_size=cfg["vocab_size"])
     app = create_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
