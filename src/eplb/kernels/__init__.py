@@ -1,0 +1,44 @@
+"""Fused MoE kernels for one EP rank's local expert slots.
+
+``fused_moe``/``fused_moe_pairs``/``fused_experts`` run the Triton kernels (CUDA + triton needed;
+``HAS_TRITON`` says whether triton imports); ``moe_torch``/``moe_pairs_torch`` are the plain torch
+path with the same arguments, for CPU and as the reference.
+"""
+
+from __future__ import annotations
+
+from eplb.kernels.reference import (
+    moe_pairs_torch,
+    moe_torch,
+    quant_dequant_act,
+    quantize_block_fp8,
+)
+
+try:  # triton is only there on GPU machines
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the machine
+    HAS_TRITON = False
+
+
+def triton_usable(device) -> bool:
+    """True when the Triton kernels can run on ``device`` (a CUDA device with triton installed)."""
+    import torch
+
+    return HAS_TRITON and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def __getattr__(name: str):
+    # the Triton module is imported on first use so that CPU-only installs never touch it
+    if name in ("fused_moe", "fused_moe_pairs", "fused_experts", "get_config"):
+        from eplb.kernels import moe_triton
+
+        return getattr(moe_triton, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
+    "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+]

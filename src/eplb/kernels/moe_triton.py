@@ -1,0 +1,370 @@
+"""Triton fused MoE for one EP rank's local expert slots (bf16 and block-FP8 weights).
+
+Pipeline of one call (6 launches, no host sync, so it can live inside a CUDA graph):
+  1. memset of the per-slot counters;
+  2. ``_count_kernel``: per (token, k) pair with a local slot, ``rank = atomic_add(counts[slot], 1)``
+     -- this is also the load per slot that the caller gets back;
+  3. ``_scatter_kernel``: per-slot segments padded to ``BM`` rows, ``sorted[start[slot] + rank] =
+     pair``; program 0 fills the padding with a sentinel and writes the slot of each ``BM`` block;
+  4. ``_gemm1_kernel``: ``h = silu(x @ w_gate^T) * (x @ w_up^T)`` per pair (gate and up in one
+     launch, SwiGLU in the epilogue), written to ``h[pair]``;
+  5. ``_gemm2_kernel``: ``y[pair] = (h[pair] @ w2^T) * weight[pair]``;
+  6. ``_sum_kernel``: ``out[t] = sum_j y[t, j]`` over the pairs whose slot is local.
+
+Pairs whose slot is -1 (expert not on this rank) never enter the sorted list, so they cost nothing.
+Within a slot the order of pairs depends on atomics, but every output row is computed alone, so the
+result does not depend on that order.
+
+FP8 (``w13_scale``/``w2_scale`` given): weights are float8_e4m3fn with float32 ``weight_scale_inv``
+per 128x128 block; each 128-wide K step quantizes the activation tile per row (per token and
+128-channel group, scale = amax / 448) right after loading it, does an FP8 tensor-core dot and
+applies activation scale x weight scale to the float32 partial sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+from eplb.kernels.tile_table import TABLE
+
+
+# ----------------------------------------------------------------------------- alignment
+
+@triton.jit
+def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_pairs
+    s = tl.load(slot_ptr + offs, mask=m, other=-1).to(tl.int32)
+    valid = m & (s >= 0)
+    r = tl.atomic_add(counts_ptr + s, 1, mask=valid)
+    tl.store(rank_ptr + offs, r, mask=valid)
+
+
+@triton.jit
+def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                    n_pairs, n_slots, max_blocks,
+                    BM: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
+                    BLK_CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    so = tl.arange(0, S_PAD)
+    smask = so < n_slots
+    c = tl.load(counts_ptr + so, mask=smask, other=0)
+    padded = (c + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_pairs
+    s = tl.load(slot_ptr + offs, mask=m, other=-1).to(tl.int32)
+    valid = m & (s >= 0)
+    r = tl.load(rank_ptr + offs, mask=valid, other=0)
+    # starts[s] gathered through a one-hot compare (register vectors cannot be indexed)
+    st = tl.sum(tl.where(s[:, None] == so[None, :], starts[None, :], 0), axis=1)
+    tl.store(sorted_ptr + st + r, offs.to(tl.int32), mask=valid)
+    # the slot of block b = number of slots whose padded segment ends at or before b*BM
+    bo = pid * BLK_CHUNK + tl.arange(0, BLK_CHUNK)
+    hit = (ends[None, :] <= bo[:, None] * BM) & smask[None, :]
+    tl.store(block_slot_ptr + bo, tl.sum(hit.to(tl.int32), axis=1), mask=bo < max_blocks)
+    if pid == 0:
+        tl.store(num_post_ptr, tl.sum(padded, 0))
+        po = tl.arange(0, BM)
+        pos = (starts + c)[:, None] + po[None, :]
+        pm = (pos < ends[:, None]) & smask[:, None]
+        tl.store(sorted_ptr + pos, tl.zeros([S_PAD, BM], dtype=tl.int32) + n_pairs, mask=pm)
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+@triton.jit
+def _tile_ids(max_m_blocks, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M consecutive M blocks share a weight column tile while it is in L2
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(n_cols, BN)
+    in_group = GROUP_M * num_pid_n
+    group_id = pid // in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(max_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_size)
+    pid_n = (pid % in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _quant_rows(a):
+    """[BM, BK] tile -> (fp8 tile, float32 scale per row): one 128-channel group per row."""
+    af = a.to(tl.float32)
+    amax = tl.max(tl.abs(af), axis=1)
+    s = tl.maximum(amax, 1e-12) / 448.0
+    return (af / s[:, None]).to(tl.float8e4nv), s
+
+
+@triton.jit
+def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                  n_pairs, H, I, max_m_blocks,
+                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                  TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  GROUP_M: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
+    num_post = tl.load(num_post_ptr)
+    if pid_m * BM >= num_post:
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    mask_m = pair < n_pairs
+    tok = (pair // TOP_K).to(tl.int64)
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BK)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    if FP8:
+        sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
+        su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(H, BK)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            g = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            km = offs_k < H - kb * BK
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+        if FP8:
+            aq, a_s = _quant_rows(a)
+            sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
+            su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
+            acc_g += tl.dot(aq, g) * a_s[:, None] * sg[None, :]
+            acc_u += tl.dot(aq, u) * a_s[:, None] * su[None, :]
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                  n_pairs, H, I, max_m_blocks,
+                  stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  FP8: tl.constexpr, EVEN_K: tl.constexpr, MUL_WEIGHT: tl.constexpr):
+    pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
+    num_post = tl.load(num_post_ptr)
+    if pid_m * BM >= num_post:
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    mask_m = pair < n_pairs
+    row = pair.to(tl.int64)
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BK)
+    a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
+    b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if FP8:
+        s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(I, BK)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            km = offs_k < I - kb * BK
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+        if FP8:
+            aq, a_s = _quant_rows(a)
+            bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
+            acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if MUL_WEIGHT:
+        wt = tl.load(weight_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+    y_ptrs = y_ptr + row[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _sum_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        s = tl.load(slot_ptr + t * TOP_K + j)
+        v = tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=hm & (s >= 0), other=0.0)
+        acc += v.to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+
+# ----------------------------------------------------------------------------- tile table
+
+def get_config(n_pairs: int, fp8: bool) -> dict:
+    """Tile config for a call with ``n_pairs`` (token, k) pairs: the table entry with the largest
+    key <= n_pairs (keys are pair counts; Qwen3-30B-A3B routes 8 pairs per token)."""
+    table = TABLE["fp8" if fp8 else "bf16"]
+    keys = sorted(int(k) for k in table)
+    best = keys[0]
+    for k in keys:
+        if k <= n_pairs:
+            best = k
+    return table[str(best)]
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
+    if topk_slot.dim() != 2 or topk_slot.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_slot must be [T, k] with T={x.shape[0]}, got {list(topk_slot.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("w13 must be [S, 2I, H] and w2 [S, H, I]")
+    s, i2, h = w13.shape
+    if h != x.shape[1] or w2.shape != (s, h, i2 // 2) or i2 % 2:
+        raise ValueError(
+            f"shape mismatch: x {list(x.shape)}, w13 {list(w13.shape)} (want [S, 2I, H]), "
+            f"w2 {list(w2.shape)} (want [S, H, I])")
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("w13_scale and w2_scale must be given together (block-FP8) or not at all")
+    fp8 = w13_scale is not None
+    if fp8:
+        i = i2 // 2
+        if i % FP8_BLOCK or h % FP8_BLOCK:
+            raise ValueError(f"block-FP8 needs H and I divisible by {FP8_BLOCK}, got H={h}, I={i}")
+        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"block-FP8 weights must be float8_e4m3fn, got {w13.dtype}, {w2.dtype}")
+        if tuple(w13_scale.shape) != (s, i2 // FP8_BLOCK, h // FP8_BLOCK) or \
+                tuple(w2_scale.shape) != (s, h // FP8_BLOCK, i // FP8_BLOCK):
+            raise ValueError(
+                f"w13_scale must be [S, 2I/128, H/128] and w2_scale [S, H/128, I/128], got "
+                f"{list(w13_scale.shape)}, {list(w2_scale.shape)}")
+    elif w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"weights must have x's dtype {x.dtype}, got {w13.dtype}, {w2.dtype}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+    return fp8
+
+
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config):
+    """-> (y [T*k, H] per-pair outputs, rows of non-local pairs unwritten; counts [S] int32)."""
+    fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
+    x = x.contiguous()
+    t, k = topk_slot.shape
+    s_local, i2, h = w13.shape
+    i = i2 // 2
+    n_pairs = t * k
+    slots = topk_slot.contiguous().view(-1)
+    cfg = config or get_config(n_pairs, fp8)
+    bm = cfg["BM"]
+    dev = x.device
+
+    counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
+    y = torch.empty((n_pairs, h), dtype=x.dtype, device=dev)
+    if n_pairs == 0 or s_local == 0:
+        return y, counts
+    max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, s_local)
+    rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
+    block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024)
+    s_pad = triton.next_power_of_2(s_local)
+    blk = max(16, min(256, 8192 // s_pad))
+    chunk = max(16, min(128, 8192 // s_pad))
+    grid = (max(triton.cdiv(n_pairs, blk), triton.cdiv(max_blocks, chunk)),)
+    _scatter_kernel[grid](
+        slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
+        BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk)
+
+    hbuf = torch.empty((n_pairs, i), dtype=x.dtype, device=dev)
+    c1, c2 = cfg["gemm1"], cfg["gemm2"]
+    bk1 = FP8_BLOCK if fp8 else c1["BK"]
+    bk2 = FP8_BLOCK if fp8 else c2["BK"]
+    ws13 = w13_scale if fp8 else w13  # dummy pointer when unused
+    ws2 = w2_scale if fp8 else w2
+    grid1 = (max_blocks * triton.cdiv(i, c1["BN"]),)
+    _gemm1_kernel[grid1](
+        x, w13, ws13, hbuf, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
+        TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8,
+        EVEN_K=(h % bk1 == 0), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+    if topk_weight is not None:
+        wflat = topk_weight.contiguous().view(-1)
+    grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
+    _gemm2_kernel[grid2](
+        hbuf, w2, ws2, y, wflat if topk_weight is not None else y, sorted_ids, block_slot, num_post,
+        n_pairs, h, i, max_blocks,
+        hbuf.stride(0), w2.stride(0), w2.stride(1),
+        ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0),
+        BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, EVEN_K=(i % bk2 == 0),
+        MUL_WEIGHT=topk_weight is not None, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+    return y, counts
+
+
+def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
+              w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None, return_load: bool = False,
+              config: dict | None = None):
+    """Weighted MoE output of this rank's local slots.
+
+    x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
+    [T, k]; w13 [S, 2I, H] (gate rows then up rows), w2 [S, H, I]; block-FP8: weights
+    float8_e4m3fn and w13_scale [S, 2I/128, H/128], w2_scale [S, H/128, I/128] float32
+    (``weight_scale_inv``). Returns out [T, H] = sum over local pairs of weight * expert(x), and with
+    ``return_load`` also counts [S] int32: pairs routed to each local slot.
+    """
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config)
+    t, k = topk_slot.shape
+    h = x.shape[1]
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if t:
+        bh = 1024
+        _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh)
+    return (out, counts) if return_load else out
+
+
+def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor | None,
+                    w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
+                    w2_scale: torch.Tensor | None = None, return_load: bool = False,
+                    config: dict | None = None):
+    """Per-pair outputs [T, k, H]: expert(x[t]) for pair (t, j), times topk_weight[t, j] when
+    weights are given; zero where topk_slot is -1. Same arguments as :func:`fused_moe`."""
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config)
+    t, k = topk_slot.shape
+    y = y.view(t, k, x.shape[1])
+    # rows of non-local pairs were never written
+    y = torch.where((topk_slot >= 0).unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return (y, counts) if return_load else y
+
+
+def fused_experts(x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """The MoELayer ``expert_fn`` contract: x [N, H], local_slot [N] -> [N, H], row n run through
+    the expert in local slot ``local_slot[n]`` (unweighted; -1 gives a zero row)."""
+    if local_slot.dim() != 1 or local_slot.shape[0] != x.shape[0]:
+        raise ValueError(f"local_slot must be [N] with N={x.shape[0]}, got {list(local_slot.shape)}")
+    y = fused_moe_pairs(x, local_slot.view(-1, 1), None, w13, w2, w13_scale=w13_scale,
+                        w2_scale=w2_scale, config=config)
+    return y.view(x.shape[0], x.shape[1])

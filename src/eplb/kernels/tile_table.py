@@ -1,0 +1,47 @@
+"""Tile sizes of the fused MoE kernels per call size, tuned on the device tool's GPU.
+
+Keys are the number of (token, k) pairs in a call (Qwen3-30B-A3B: 8 pairs per token); a call uses
+the entry with the largest key <= its pair count. ``BM`` is the row block of the slot-sorted pairs
+(shared by both GEMMs); ``gemm1`` is gate/up + SwiGLU, ``gemm2`` is down + routing weight. FP8
+entries always use BK = 128 (one activation quantization group per K step).
+Regenerate with ``python bench/gpu.py --tune`` on the device (it prints a new TABLE).
+"""
+
+TUNED_ON = "hand-seeded, not yet tuned"
+
+TABLE: dict[str, dict[str, dict]] = {'bf16': {'8': {'BM': 16,
+                'gemm1': {'BN': 32, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4},
+                'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4}},
+          '128': {'BM': 16,
+                  'gemm1': {'BN': 32, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4},
+                  'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4}},
+          '512': {'BM': 16,
+                  'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3},
+                  'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3}},
+          '2048': {'BM': 32,
+                   'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3},
+                   'gemm2': {'BN': 128, 'BK': 64, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3}},
+          '8192': {'BM': 64,
+                   'gemm1': {'BN': 64, 'BK': 64, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4},
+                   'gemm2': {'BN': 128, 'BK': 64, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}},
+          '65536': {'BM': 128,
+                    'gemm1': {'BN': 64, 'BK': 64, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4},
+                    'gemm2': {'BN': 128, 'BK': 64, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4}}},
+ 'fp8': {'8': {'BM': 16,
+               'gemm1': {'BN': 32, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4},
+               'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4}},
+         '128': {'BM': 16,
+                 'gemm1': {'BN': 32, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4},
+                 'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 4}},
+         '512': {'BM': 16,
+                 'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3},
+                 'gemm2': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3}},
+         '2048': {'BM': 32,
+                  'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3},
+                  'gemm2': {'BN': 128, 'BK': 128, 'GROUP_M': 1, 'num_warps': 4, 'num_stages': 3}},
+         '8192': {'BM': 64,
+                  'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4},
+                  'gemm2': {'BN': 128, 'BK': 128, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}},
+         '65536': {'BM': 128,
+                   'gemm1': {'BN': 64, 'BK': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4},
+                   'gemm2': {'BN': 128, 'BK': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4}}}}
