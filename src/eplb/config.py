@@ -55,6 +55,11 @@ class EPLBConfig:
     max_moves_per_rebalance: int | None = None
     # ours: artificial delay per transferred layer, for tests that need a slow transfer
     debug_transfer_delay_s: float = 0.0
+    # ours, tests only: this rank's transfer raises in the first rebalance (-1 = never)
+    debug_fail_rank: int = -1
+    # ours, tests only: after every commit compare each rank's expert weights with the
+    # checkpoint and the maps across ranks (counted in stats as verify_checks/verify_mismatches)
+    debug_verify_commits: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +82,8 @@ class EPLBConfig:
             raise ValueError(
                 f"debug_transfer_delay_s must be a number >= 0, got {self.debug_transfer_delay_s!r}"
             )
+        _check_int("debug_fail_rank", self.debug_fail_rank, -1)
+        _check_bool("debug_verify_commits", self.debug_verify_commits)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EPLBConfig":

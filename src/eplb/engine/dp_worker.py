@@ -1,0 +1,226 @@
+"""The process of one DP rank: an ``EngineCore`` holding this rank's expert slots, in lockstep
+with the other ranks.
+
+Loop, one iteration per step boundary:
+
+1. take the front's messages (new requests, aborts, stats queries, shutdown); a rank that had
+   nothing to do anywhere last time blocks on its queue briefly instead of spinning;
+2. one all-reduce (SUM) over the EP group of ``[has_work, stop, eplb packet]``: whether any rank
+   has work, whether the front asked to stop, and EPLB's failure/readiness flags and the previous
+   forward's expert load (see ``eplb.parallel.eplb_state``);
+3. EPLB acts on it (record load, commit ready layers, abandon, trigger a rebalance);
+4. if any rank has work, every rank runs one forward: ``step()`` with work, ``dummy_step()``
+   without (the MoE collectives need every rank), then outputs go back to the front.
+
+Messages front -> rank: ``("add", rid, prompt_ids, params)``, ``("abort", rid)``,
+``("stats", token)``, ``("wake",)``, ``("shutdown",)``.
+Rank -> front: ``("ready", rank, info)``, ``("out", rank, [RequestOutput])``,
+``("reject", rank, rid, message)``, ``("stats", rank, token, dict)``, ``("error", rank, text)``,
+``("exit", rank)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from eplb.config import EPLBConfig, ParallelConfig
+
+log = logging.getLogger("eplb.engine.dp")
+
+IDLE_WAIT_S = 0.1  # how long an idle rank blocks on its queue before the next idle all-reduce
+INFLIGHT_IDLE_WAIT_S = 0.01  # shorter while an async rebalance waits for a commit boundary
+
+
+@dataclass
+class RankSpec:
+    """Everything a rank process needs (pickled to the spawned process)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    model_path: str
+    engine_kwargs: dict[str, Any]
+    parallel: ParallelConfig
+    eplb: EPLBConfig | None
+    record_trace: str | None
+    address: str
+    port: int
+    parent_pid: int
+    num_threads: int | None = None
+    log_level: int = logging.INFO
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Leave no orphans: exit as soon as the front process is gone (even if it was SIGKILLed)."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def rank_main(spec: RankSpec, in_q, out_q) -> None:
+    """Entry point of a rank process."""
+    _exit_with_parent(spec.parent_pid)
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    try:
+        worker = RankWorker(spec, out_q)
+    except BaseException:  # noqa: BLE001 - the front reports it
+        out_q.put(("error", spec.rank, traceback.format_exc()))
+        return
+    out_q.put(("ready", spec.rank, worker.info()))
+    try:
+        worker.loop(in_q)
+    except BaseException:  # noqa: BLE001
+        out_q.put(("error", spec.rank, traceback.format_exc()))
+        os._exit(1)  # peers are stuck in a collective; the front tears everything down
+    finally:
+        worker.close()
+    out_q.put(("exit", spec.rank))
+
+
+class RankWorker:
+    """One DP rank: engine + EP dispatcher + EPLB state."""
+
+    def __init__(self, spec: RankSpec, out_q) -> None:
+        from eplb.engine.core import EngineCore
+        from eplb.model.config import load_config
+        from eplb.parallel.all2all import make_dispatcher
+        from eplb.parallel.eplb_state import EplbState, initial_placement
+        from eplb.parallel.groups import init_distributed
+
+        self.spec = spec
+        self.out_q = out_q
+        self.rank = spec.rank
+        self.world_size = spec.world_size
+        kwargs = dict(spec.engine_kwargs)
+        device = kwargs.get("device", "cpu")
+        timeout = spec.eplb.transfer_timeout_s if spec.eplb is not None else 60.0
+        self.ctx = init_distributed(
+            spec.rank, spec.world_size, address=spec.address, port=spec.port, device=device,
+            local_rank=spec.local_rank, transfer_timeout_s=timeout,
+        )
+        if self.ctx.device.type == "cuda":
+            kwargs["device"] = str(self.ctx.device)
+        cfg = load_config(spec.model_path)
+        ep = spec.parallel.enable_expert_parallel and spec.world_size > 1
+        ep_size = spec.world_size if ep else 1
+        placement = initial_placement(cfg.num_moe_layers, cfg.num_experts, ep_size,
+                                      spec.eplb if ep else None)
+        self.engine = EngineCore(spec.model_path, ep_rank=spec.rank if ep else 0, ep_size=ep_size,
+                                 phy2log=placement.phy2log, **kwargs)
+        self.layers = self.engine.model.moe_layers()
+        if ep:
+            dispatcher = make_dispatcher(spec.parallel.all2all_backend, self.ctx.ep_group,
+                                         spec.world_size, self.ctx.comm_device)
+            for layer in self.layers:
+                layer.dispatcher = dispatcher
+        self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
+                               record_trace=spec.record_trace, checkpoint_path=spec.model_path)
+        self.steps = 0  # forward steps (every rank runs the same number)
+        self.dummy_steps = 0
+        self._closed = False
+
+    def info(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "num_moe_layers": len(self.layers),
+                "device": str(self.ctx.device)}
+
+    # ----- messages --------------------------------------------------------------------------
+    def _handle(self, msg: tuple) -> bool:
+        """Apply one front message; True when it asks to stop."""
+        kind = msg[0]
+        if kind == "add":
+            _, rid, prompt, params = msg
+            try:
+                self.engine.add_request(rid, prompt, params)
+            except ValueError as exc:
+                self.out_q.put(("reject", self.rank, rid, str(exc)))
+        elif kind == "abort":
+            self.engine.abort_request(msg[1])
+        elif kind == "stats":
+            self.out_q.put(("stats", self.rank, msg[1], self.stats()))
+        elif kind == "shutdown":
+            return True
+        return False
+
+    def _drain(self, in_q, block_s: float) -> bool:
+        stop = False
+        try:
+            msg = in_q.get(timeout=block_s) if block_s > 0 else in_q.get_nowait()
+            stop |= self._handle(msg)
+            while True:
+                stop |= self._handle(in_q.get_nowait())
+        except queue.Empty:
+            pass
+        return stop
+
+    def stats(self) -> dict:
+        sched = self.engine.scheduler
+        d = {"rank": self.rank, "running": len(sched.running), "waiting": len(sched.waiting),
+             "steps": self.steps, "dummy_steps": self.dummy_steps}
+        d.update(self.state.stats())
+        return d
+
+    # ----- the loop --------------------------------------------------------------------------
+    def loop(self, in_q) -> None:
+        forward_before = False
+        anyone_busy = True  # first round: do not block
+        stop = False
+        while True:
+            idle_here = not self.engine.has_unfinished_requests()
+            if not anyone_busy and idle_here:
+                wait = INFLIGHT_IDLE_WAIT_S if self.state.rebalance_in_flight else IDLE_WAIT_S
+            else:
+                wait = 0.0
+            stop |= self._drain(in_q, wait)
+            has_work = self.engine.has_unfinished_requests()
+            header = torch.tensor([int(has_work), int(stop)], dtype=torch.long)
+            vec = torch.cat([header, self.state.packet()]).to(self.ctx.comm_device)
+            dist.all_reduce(vec, group=self.ctx.ep_group)
+            vec = vec.cpu()
+            self.state.on_boundary(vec[2:], forward_before)
+            if int(vec[1]) > 0:
+                return
+            anyone_busy = int(vec[0]) > 0
+            forward_before = anyone_busy
+            if not anyone_busy:
+                continue
+            for layer in self.layers:  # spread replica choice over ranks and steps
+                layer.replica_offset = self.steps * self.world_size + self.rank
+            if has_work:
+                outs = self.engine.step()
+            else:
+                self.engine.dummy_step()
+                self.dummy_steps += 1
+                outs = []
+            self.steps += 1
+            self.state.collect_step_load()
+            if outs:
+                self.out_q.put(("out", self.rank, outs))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        from eplb.parallel.groups import destroy
+
+        try:
+            self.state.close()
+        finally:
+            destroy()

@@ -1,0 +1,149 @@
+"""torch.distributed set-up for the DP+EP runtime.
+
+One process per DP rank; all ranks together are the EP group (DP size == EP size), which is
+the default (WORLD) group. Expert-weight transfers of EPLB run on a SEPARATE group so that the
+async worker thread never interleaves its point-to-point traffic with the main loop's
+per-step collectives (gloo and NCCL both need one issuing thread per group).
+
+Rendezvous: ``tcp://address:port`` in the style of vLLM's ``--data-parallel-address`` /
+``--data-parallel-rpc-port``. Under torchrun, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` are used when no explicit values are given.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Long enough for a slow first step (model load skew between ranks); the EPLB transfer
+# group gets its own, much shorter timeout (EPLBConfig.transfer_timeout_s).
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class DistContext:
+    """What a rank needs to talk to the others.
+
+    ``ep_group`` is the group of the MoE collectives and the per-step agreement;
+    ``transfer_group`` carries expert weights (sync and async EPLB).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    ep_group: dist.ProcessGroup | None
+    transfer_group: dist.ProcessGroup | None
+    transfer_timeout_s: float
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Device of tensors handed to collectives (CPU for gloo, the GPU for NCCL)."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def find_free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the rendezvous binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def backend_for(device: str | torch.device) -> str:
+    """gloo on CPU, NCCL on CUDA."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def set_nccl_env() -> None:
+    """NVLink SHARP (multicast) off in every process: it hangs or fails on the lent machines."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+
+
+def rendezvous_from_env(address: str | None, port: int | None) -> tuple[str, int]:
+    """Explicit address/port win; else torchrun's MASTER_ADDR / MASTER_PORT; else localhost."""
+    addr = address or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+    if port:
+        return addr, int(port)
+    env_port = os.environ.get("MASTER_PORT")
+    if env_port:
+        return addr, int(env_port)
+    raise ValueError("data_parallel_rpc_port must be set (or MASTER_PORT under torchrun)")
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    *,
+    address: str,
+    port: int,
+    device: str | torch.device = "cpu",
+    local_rank: int | None = None,
+    transfer_timeout_s: float = 60.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> DistContext:
+    """Join the job and build the EP group and the transfer group.
+
+    Every rank of the job must call this with the same ``world_size``, address and port.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    dev = torch.device(device)
+    backend = backend_for(dev)
+    local_rank = rank if local_rank is None else local_rank
+    if backend == "nccl":
+        set_nccl_env()
+        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{address}:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **({"device_id": dev} if backend == "nccl" else {}),
+        )
+    ctx = DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=dev,
+        ep_group=dist.group.WORLD,
+        transfer_group=None,
+        transfer_timeout_s=transfer_timeout_s,
+    )
+    ctx.transfer_group = new_transfer_group(ctx)
+    return ctx
+
+
+def new_transfer_group(ctx: DistContext) -> dist.ProcessGroup:
+    """A fresh group for expert-weight traffic; a collective over the EP group (all ranks call).
+
+    Made anew after a failed transfer: a group whose point-to-point ops timed out may still
+    hold unmatched messages that would pair with the next rebalance's.
+    """
+    group = dist.new_group(
+        ranks=list(range(ctx.world_size)),
+        timeout=datetime.timedelta(seconds=ctx.transfer_timeout_s),
+        backend=ctx.backend,
+    )
+    # NCCL needs every rank in a group's first op; a barrier-like all-reduce does it for both.
+    warm = torch.zeros(1, device=ctx.comm_device)
+    dist.all_reduce(warm, group=group)
+    return group
+
+
+def destroy() -> None:
+    """Leave the job (best effort; a rank whose peers are gone must still exit)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - peers may already be gone at shutdown
+            pass
