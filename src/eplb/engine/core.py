@@ -1,0 +1,180 @@
+"""EngineCore: one process, one model; add requests, step, get outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eplb.engine.kv_cache import KVCache
+from eplb.engine.sampling import SamplingParams, sample
+from eplb.engine.scheduler import Scheduler, Sequence
+from eplb.engine.tokenizer import load_tokenizer
+from eplb.model.attention import AttentionMetadata
+from eplb.model.loader import load_model, resolve_dtype
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far
+    text: str  # all generated so far
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | None
+
+
+class EngineCore:
+    """See docs/interfaces.md (engine). ``kv_cache_memory_bytes`` caps the KV cache; the
+    number of slots (concurrent sequences) is min(max_num_seqs, what fits)."""
+
+    def __init__(
+        self, model_path: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+        max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
+        seed: int = 0, ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
+        kv_cache_memory_bytes: int | None = None,
+    ):
+        from eplb.model.config import load_config
+
+        cfg = load_config(model_path)
+        if max_model_len is None:
+            max_model_len = min(cfg.max_position_embeddings, 4096)
+        for name, v, lo in (("max_model_len", max_model_len, 2), ("max_num_seqs", max_num_seqs, 1),
+                            ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
+            )
+        self.dtype = resolve_dtype(dtype)
+        self.device = torch.device(device)
+        self.max_model_len = max_model_len
+        self.model, self.config = load_model(
+            model_path, dtype=self.dtype, device=self.device, ep_rank=ep_rank, ep_size=ep_size,
+            phy2log=phy2log, max_len=max_model_len,
+        )
+        self.tokenizer = load_tokenizer(model_path)
+        cfg = self.config
+        per_slot = KVCache.bytes_per_slot(
+            num_layers=cfg.num_layers, max_len=max_model_len, num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, dtype=self.dtype,
+        )
+        slots = max_num_seqs
+        if kv_cache_memory_bytes is not None:
+            slots = min(slots, kv_cache_memory_bytes // per_slot)
+            if slots < 1:
+                raise ValueError(
+                    f"kv_cache_memory_bytes={kv_cache_memory_bytes} holds no sequence of "
+                    f"max_model_len={max_model_len}; need at least {per_slot}"
+                )
+        self.kv = KVCache(
+            num_layers=cfg.num_layers, num_slots=slots, max_len=max_model_len,
+            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
+        )
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                "(room for at least one generated token is needed)"
+            )
+        v = self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= v:
+            raise ValueError(f"prompt_token_ids must be in [0, {v})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; the model folder has no tokenizer.json")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        seq = Sequence(request_id, ids, params, generator=gen)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self._seqs.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished() > 0
+
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    # -- steps ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def dummy_step(self) -> None:
+        """A forward of zero tokens: every MoE layer runs once (its collectives line up), no load."""
+        meta = AttentionMetadata.build([], [], device=self.device)
+        ids = torch.empty(0, dtype=torch.long, device=self.device)
+        self.model(ids, meta, self.kv.layers, num_real_tokens=0)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.num_tokens == 0:
+            self.dummy_step()
+            return []
+        ids: list[int] = [s.token_at(s.num_tokens - 1) for s in batch.decodes]
+        sample_rows: list[int] = list(range(len(batch.decodes)))
+        sampled: list[Sequence] = list(batch.decodes)
+        prefills: list[tuple[int, int, int]] = []
+        off = len(ids)
+        for s, n in batch.prefills:
+            start = s.num_computed
+            ids.extend(s.token_at(i) for i in range(start, start + n))
+            prefills.append((s.slot, start, n))
+            off += n
+            if start + n == s.num_tokens:
+                sample_rows.append(off - 1)
+                sampled.append(s)
+        meta = AttentionMetadata.build(
+            [(s.slot, s.num_tokens - 1) for s in batch.decodes], prefills, device=self.device
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, meta, self.kv.layers)
+        for s in batch.decodes:
+            s.num_computed += 1
+        for s, n in batch.prefills:
+            s.num_computed += n
+        if not sampled:
+            return []
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        outs = []
+        for s, tok in zip(sampled, tokens):
+            self._append(s, tok)
+            outs.append(RequestOutput(
+                s.request_id, s.prompt_ids, list(s.output_ids), s.text, s.finished, s.finish_reason
+            ))
+        return outs
+
+    def _append(self, s: Sequence, tok: int) -> None:
+        s.output_ids.append(tok)
+        p = s.params
+        reason = None
+        if (not p.ignore_eos and tok in self.eos_token_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
+            reason = "stop"
+        if self.tokenizer is not None:
+            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+            if p.stop and reason is None:
+                hits = [i for i in (s.text.find(x) for x in p.stop) if i >= 0]
+                if hits:
+                    s.text = s.text[: min(hits)]
+                    reason = "stop"
+        if reason is None and (len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            s.finished = True
+            s.finish_reason = reason
+            self.scheduler.finish(s)
+            self._seqs.pop(s.request_id, None)

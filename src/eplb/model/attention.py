@@ -1,0 +1,110 @@
+"""Attention over a slotted KV cache, for a step that mixes decodes and prefill chunks.
+
+KV cache of one layer: ``k, v [num_slots, kv_heads, max_len, head_dim]``; a sequence owns one
+slot for its lifetime. A step's tokens are flattened: first the ``num_decode`` decode tokens
+(one per sequence), then the prefill chunks one sequence after another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about one flattened step of N tokens.
+
+    token_slots [N]: cache slot of each token; positions [N]: its position in its sequence.
+    Decodes: ``decode_slots [B]``, and for batched attention over slots ``[0, decode_hi)``:
+    ``decode_mask [decode_hi, 1, 1, decode_len]`` (True = attend).
+    Prefill chunks: ``prefills`` list of (slot, start, length) in token order after the decodes.
+    """
+
+    token_slots: torch.Tensor
+    positions: torch.Tensor
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None
+    decode_hi: int = 0
+    decode_len: int = 0
+    decode_mask: torch.Tensor | None = None
+    decode_dense: bool = False  # decode_slots == arange(num_decode): no scatter/gather needed
+    prefills: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, decodes: list[tuple[int, int]], prefills: list[tuple[int, int, int]],
+        device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        """decodes: (slot, position) per decode token; prefills: (slot, start, length)."""
+        slots: list[int] = [s for s, _ in decodes]
+        pos: list[int] = [p for _, p in decodes]
+        for s, start, n in prefills:
+            slots.extend([s] * n)
+            pos.extend(range(start, start + n))
+        meta = cls(
+            token_slots=torch.tensor(slots, dtype=torch.long, device=device),
+            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            num_decode=len(decodes),
+            prefills=list(prefills),
+        )
+        if decodes:
+            hi = max(slots[: len(decodes)]) + 1
+            ctx = [1] * hi  # unused slots attend to position 0 so softmax stays finite
+            for s, p in decodes:
+                ctx[s] = p + 1
+            length = max(ctx)
+            ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
+            meta.decode_slots = meta.token_slots[: len(decodes)]
+            meta.decode_hi = hi
+            meta.decode_len = length
+            meta.decode_mask = (
+                torch.arange(length, device=device)[None, :] < ctx_t[:, None]
+            ).view(hi, 1, 1, length)
+            meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
+        return meta
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
+) -> torch.Tensor:
+    """q [N, Hq, D], k/v [N, Hkv, D] (already rotated) -> [N, Hq, D]; writes k/v into the cache."""
+    n, hq, d = q.shape
+    out = q.new_empty(n, hq, d)
+    if n == 0:
+        return out
+    # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
+    k_cache[meta.token_slots, :, meta.positions] = k
+    v_cache[meta.token_slots, :, meta.positions] = v
+    nd = meta.num_decode
+    if nd:
+        hi, length = meta.decode_hi, meta.decode_len
+        if meta.decode_dense:
+            qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
+        else:
+            qd = q.new_zeros(hi, hq, 1, d)
+            qd[meta.decode_slots] = q[:nd].unsqueeze(2)
+        o = F.scaled_dot_product_attention(
+            qd, k_cache[:hi, :, :length], v_cache[:hi, :, :length], attn_mask=meta.decode_mask,
+            scale=scale, enable_gqa=True,
+        )
+        out[:nd] = o[:nd, :, 0] if meta.decode_dense else o[meta.decode_slots, :, 0]
+    off = nd
+    for slot, start, cnt in meta.prefills:
+        qp = q[off : off + cnt].transpose(0, 1).unsqueeze(0)  # [1, Hq, cnt, D]
+        kp = k_cache[slot : slot + 1, :, : start + cnt]
+        vp = v_cache[slot : slot + 1, :, : start + cnt]
+        if start == 0:
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            i = torch.arange(cnt, device=q.device)[:, None]
+            j = torch.arange(start + cnt, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=j <= i + start, scale=scale, enable_gqa=True
+            )
+        out[off : off + cnt] = o[0].transpose(0, 1)
+        off += cnt
+    return out

@@ -1,0 +1,200 @@
+"""The MoE layer: router -> top-k logical experts -> replica choice -> physical slots ->
+load counting -> dispatch (in-process by default) -> grouped expert compute -> combine.
+
+Only the slots of this EP rank live here (``slot_start:slot_end``). The dispatcher is a
+hook the runtime replaces with an EP all-to-all; every dispatcher combines per-(token, k)
+outputs ``[T, k, H]`` with :func:`combine`, so results do not depend on where an expert lives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertFn, "MoELayer"], torch.Tensor]
+
+
+def expert_forward(
+    x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts grouped by slot: x [N, H], local_slot [N] in [0, S), w13 [S, 2I, H]
+    (gate rows then up rows), w2 [S, H, I] -> [N, H].
+
+    Rows are sorted by slot and each slot with rows gets one matmul pair. This is the one
+    function a fused (e.g. Triton) grouped-GEMM kernel replaces.
+    """
+    n, h = x.shape
+    out = x.new_empty(n, h)
+    if n == 0:
+        return out
+    num_slots = w13.shape[0]
+    inter = w2.shape[2]
+    if n == 1:  # decode of one token: no sort needed
+        s = int(local_slot[0])
+        gu = F.linear(x, w13[s])
+        out = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
+        return out
+    order = torch.argsort(local_slot, stable=True)
+    counts = torch.bincount(local_slot, minlength=num_slots).tolist()
+    xs = x.index_select(0, order)
+    ys = torch.empty_like(xs)
+    start = 0
+    for s, c in enumerate(counts):
+        if c == 0:
+            continue
+        end = start + c
+        gu = F.linear(xs[start:end], w13[s])
+        ys[start:end] = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
+        start = end
+    out.index_copy_(0, order, ys)
+    return out
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """expert_out [T, k, H], weights [T, k] -> [T, H], summed over k in a fixed order."""
+    out = expert_out[:, 0] * weights[:, 0:1]
+    for j in range(1, expert_out.shape[1]):
+        out = out + expert_out[:, j] * weights[:, j : j + 1]
+    return out
+
+
+def local_dispatch(
+    hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, expert_fn: ExpertFn,
+    layer: "MoELayer",
+) -> torch.Tensor:
+    """In-process dispatcher: every slot is local. hidden [T, H], slot_ids/weights [T, k]."""
+    t, k = slot_ids.shape
+    flat = slot_ids.reshape(-1)
+    if layer.slot_start != 0 or layer.slot_end != layer.num_physical:
+        if t and bool(((flat < layer.slot_start) | (flat >= layer.slot_end)).any()):
+            raise RuntimeError(
+                "local_dispatch got a slot this rank does not hold; install an EP dispatcher"
+            )
+    x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
+    y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
+    return combine(y, weights)
+
+
+def maps_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """phy2log [P] -> (log2phy [E, M] ascending, -1 padded; replica_count [E])."""
+    count = torch.bincount(phy2log, minlength=num_experts)
+    if bool((count == 0).any()):
+        missing = torch.nonzero(count == 0).flatten().tolist()
+        raise ValueError(f"phy2log leaves logical experts {missing} without a slot")
+    m = int(count.max())
+    log2phy = torch.full((num_experts, m), -1, dtype=torch.long)
+    order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, ascending
+    starts = torch.cumsum(count, 0) - count
+    e_sorted = phy2log[order]
+    j = torch.arange(order.numel()) - starts[e_sorted]
+    log2phy[e_sorted, j] = order
+    return log2phy, count
+
+
+class MoELayer(nn.Module):
+    """Sparse MoE block holding local slots ``[slot_start, slot_end)`` of ``num_physical``.
+
+    Tensors: ``gate_weight [E, H]``, ``w13 [S, 2I, H]``, ``w2 [S, H, I]`` (S local slots).
+    Buffers: ``phy2log [P]``, ``log2phy [E, M]``, ``replica_count [E]``, ``expert_load [E]``.
+    """
+
+    def __init__(
+        self, *, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+        norm_topk_prob: bool, phy2log: torch.Tensor, ep_rank: int, ep_size: int,
+        dtype: torch.dtype, device: torch.device | str, layer_idx: int, moe_idx: int,
+    ):
+        super().__init__()
+        p = int(phy2log.numel())
+        if p % ep_size:
+            raise ValueError(f"num physical slots {p} is not divisible by ep_size {ep_size}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.num_physical = p
+        per = p // ep_size
+        self.slot_start = ep_rank * per
+        self.slot_end = self.slot_start + per
+        self.layer_idx = layer_idx  # decoder layer index
+        self.moe_idx = moe_idx  # index in model.moe_layers()
+        self.replica_offset = 0
+        self.dispatcher: Dispatcher = local_dispatch
+        self.gate_weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.w13 = nn.Parameter(
+            torch.empty(per, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        self.w2 = nn.Parameter(
+            torch.empty(per, hidden_size, intermediate_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        log2phy, count = maps_from_phy2log(phy2log.cpu().long(), num_experts)
+        self.register_buffer("phy2log", phy2log.clone().long().to(device))
+        self.register_buffer("log2phy", log2phy.to(device))
+        self.register_buffer("replica_count", count.to(device))
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long, device=device))
+        self._all_single = bool((count == 1).all())
+
+    # -- contract -----------------------------------------------------------------------------
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor (leading dim = local slot count)."""
+        return {"w13": self.w13.data, "w2": self.w2.data}
+
+    def set_placement(
+        self, phy2log: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor
+    ) -> None:
+        if phy2log.numel() != self.num_physical:
+            raise ValueError(f"phy2log has {phy2log.numel()} slots, layer has {self.num_physical}")
+        dev = self.phy2log.device
+        self.phy2log.copy_(phy2log.to(dev))
+        # M (max replicas) may change between placements
+        self.log2phy = log2phy.to(device=dev, dtype=torch.long).clone()
+        self.replica_count.copy_(replica_count.to(dev))
+        self._all_single = bool((replica_count == 1).all())
+
+    def take_load(self) -> torch.Tensor:
+        load = self.expert_load.clone()
+        self.expert_load.zero_()
+        return load
+
+    # -- compute ------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
+        logits = F.linear(x, self.gate_weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w.to(x.dtype), ids
+
+    def choose_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logical ids [T, k] -> physical slots [T, k]; the j-th pair (in (t, k) order) routed
+        to expert e goes to replica (replica_offset + j) % replica_count[e]."""
+        if self._all_single:
+            return self.log2phy[:, 0][ids]
+        flat = ids.reshape(-1)
+        sorted_e, perm = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        j = torch.empty_like(flat)
+        j[perm] = torch.arange(flat.numel(), device=flat.device) - starts[sorted_e]
+        rep = (self.replica_offset + j) % self.replica_count[flat]
+        return self.log2phy[flat, rep].view_as(ids)
+
+    def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
+        return expert_forward(x, local_slot, self.w13, self.w2)
+
+    def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
+        and dummy-step rows do not)."""
+        weights, ids = self.route(x)
+        n = x.shape[0] if num_real_tokens is None else num_real_tokens
+        if n > 0:
+            self.expert_load += torch.bincount(ids[:n].reshape(-1), minlength=self.num_experts)
+        slots = self.choose_slots(ids)
+        return self.dispatcher(x, slots, weights, self.expert_fn, self)

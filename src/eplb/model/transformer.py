@@ -1,0 +1,147 @@
+"""Decoder-only MoE transformer shared by Qwen3-MoE, Mixtral and OLMoE.
+
+Family differences are config fields: ``qk_norm`` ("head": RMSNorm per head, Qwen3;
+"full": over all heads, OLMoE; "none": Mixtral), ``clip_qkv``, ``norm_topk_prob`` and
+which layers are MoE (the rest use a dense SwiGLU MLP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eplb.model.attention import AttentionMetadata, attend
+from eplb.model.config import ModelConfig
+from eplb.model.moe import MoELayer
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Matches transformers: normalise in float32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Rope(nn.Module):
+    """Default RoPE (rotate-half layout); cos/sin tables [max_len, D] in float32."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int, device):
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, D]."""
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, d
+        # q, k, v projections fused into one matmul
+        self.qkv = _param((self.nq + 2 * self.nkv) * d, h, dtype=dtype, device=device)
+        self.qkv_bias = _param((self.nq + 2 * self.nkv) * d, dtype=dtype, device=device) if cfg.attention_bias else None
+        self.o = _param(h, self.nq * d, dtype=dtype, device=device)
+        self.o_bias = _param(h, dtype=dtype, device=device) if cfg.attention_bias else None
+        if cfg.qk_norm == "head":
+            self.q_norm = _param(d, dtype=dtype, device=device)
+            self.k_norm = _param(d, dtype=dtype, device=device)
+        elif cfg.qk_norm == "full":
+            self.q_norm = _param(self.nq * d, dtype=dtype, device=device)
+            self.k_norm = _param(self.nkv * d, dtype=dtype, device=device)
+        self.scale = d**-0.5
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+        n = x.shape[0]
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        sq, skv = self.nq * self.d, self.nkv * self.d
+        q, k, v = qkv[:, :sq], qkv[:, sq : sq + skv], qkv[:, sq + skv :]
+        eps = self.cfg.rms_norm_eps
+        if self.cfg.qk_norm == "full":
+            q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
+        if self.cfg.clip_qkv is not None:
+            c = self.cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.reshape(n, self.nq, self.d)
+        k = k.reshape(n, self.nkv, self.d)
+        v = v.reshape(n, self.nkv, self.d)
+        if self.cfg.qk_norm == "head":
+            q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
+        q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+        o = attend(q, k, v, kv[0], kv[1], meta, self.scale)
+        return F.linear(o.reshape(n, sq), self.o, self.o_bias)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, dtype, device):
+        super().__init__()
+        self.inter = inter
+        self.w13 = _param(2 * inter, hidden, dtype=dtype, device=device)
+        self.w2 = _param(hidden, inter, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
+        gu = F.linear(x, self.w13)
+        return F.linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.w2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, dtype, device):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.post_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.attn = Attention(cfg, dtype, device)
+        self.mlp = mlp
+
+    def forward(self, x, cos, sin, meta, kv, num_real_tokens=None):
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, meta, kv)
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), num_real_tokens)
+
+
+class MoEForCausalLM(nn.Module):
+    """forward(input_ids [N], meta, kv_caches) -> hidden [N, H]; compute_logits(h) -> [*, V]."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer], dtype, device, max_len: int):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(layers)
+        self.norm = _param(cfg.hidden_size, dtype=dtype, device=device)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
+        )
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, device)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [l.mlp for l in self.layers if isinstance(l.mlp, MoELayer)]
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_real_tokens: int | None = None,
+    ) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope.tables(meta.positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv, num_real_tokens)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
