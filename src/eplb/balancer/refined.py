@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 
 _REL = 1e-9  # relative tolerance for "no worse" between float loads
+# A warm start may be this much (relative max rank load on the window) worse than a fresh
+# solution: the window's own routing noise is larger, and every avoided move is real.
+TOLERANCE = 0.005
 
 
 def replicate_capped(load: torch.Tensor, num_physical: int, cap: int) -> torch.Tensor:
@@ -289,9 +292,10 @@ def warm_start(
 
 def refined_phy2log(
     load: torch.Tensor, num_ranks: int, num_redundant: int,
-    previous: torch.Tensor | None = None, max_moves: int | None = None,
+    previous: torch.Tensor | None = None, max_moves: int | None = None, tolerance: float = TOLERANCE,
 ) -> torch.Tensor:
-    """``load [L, E]`` -> ``phy2log [L, E + R]`` (see the module docstring)."""
+    """``load [L, E]`` -> ``phy2log [L, E + R]`` (see the module docstring). With ``previous``,
+    a warm start within ``tolerance`` (relative max rank load) of the fresh solution wins."""
     load = load.to(torch.float64)
     num_layers, num_experts = load.shape
     num_physical = num_experts + num_redundant
@@ -301,7 +305,7 @@ def refined_phy2log(
     fresh, _ = swap_search(fresh, load, count.to(torch.float64), num_ranks)
     if previous is None:
         return fresh
-    fresh_max = max_rank_load(fresh, load, num_ranks)
+    fresh_max = max_rank_load(fresh, load, num_ranks) * (1 + tolerance)
     budget = None if max_moves is None else [max_moves] * num_layers
     warm, changes = warm_start(previous, load, count, num_ranks, budget)
     warm_count = torch.zeros_like(load).scatter_add_(1, warm, torch.ones_like(warm, dtype=load.dtype))
