@@ -1,0 +1,325 @@
+"""GPU benchmark of the fused MoE kernels against the hardware's ceilings and other MoE paths.
+
+One command on the device tool:  python bench/gpu.py [--tune] [--out DIR]
+  ceilings   read rate of a >= 1 GiB reduction, device copy, bf16 matmul, FP8 matmul (8192^3)
+  moe        Qwen3-30B-A3B's MoE layer (hidden 2048, 128 experts, top-8, intermediate 768) at
+             1..8192 tokens: ours bf16/FP8 (Triton), the plain torch path, transformers'
+             Qwen3MoeSparseMoeBlock with _experts_implementation="grouped_mm", same weights;
+             each layer call = router + top-k + experts. Read rate on the expert bytes touched
+             (distinct experts hit, read once) over the reduction read rate; TFLOP/s over the
+             matmul ceiling of the weights' dtype.
+  graph      our bf16/FP8 expert compute at 1 token replayed from a CUDA graph
+  --tune     first sweeps tile configs per token count and uses the best (prints a TABLE for
+             src/eplb/kernels/tile_table.py and writes tile_table-<device>.json)
+Times: CUDA events after warm-up, median of repeats, inputs rotated over 8 sets so that repeated
+calls do not run out of L2. Writes bench/results/gpu-<device>.json (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from eplb.kernels import moe_torch, quantize_block_fp8  # noqa: E402
+
+H, E, K, I = 2048, 128, 8, 768
+TOKENS = [1, 16, 64, 256, 1024, 8192]
+NSETS = 8
+
+
+def timed(fn, reps: int = 50, warmup: int = 5) -> float:
+    """Median seconds of fn() over reps, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    dev = "cuda"
+    out = {}
+    n = 3 << 29  # 1.5 Gi bf16 elements = 3 GiB
+    x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    t = timed(lambda: x.sum(dtype=torch.float32), reps=20)
+    out["reduction_read_GBps"] = x.numel() * 2 / t / 1e9
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), reps=20)
+    out["copy_GBps_read_plus_write"] = 2 * x.numel() * 2 / t / 1e9
+    del x, y
+    m = 8192
+    a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    t = timed(lambda: a @ b, reps=20)
+    out["bf16_matmul_TFLOPs"] = 2 * m**3 / t / 1e12
+    a8 = a.to(torch.float8_e4m3fn)
+    b8 = b.to(torch.float8_e4m3fn).t().contiguous().t()  # column-major second operand
+    one = torch.ones((), device=dev)
+    t = timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), reps=20)
+    out["fp8_matmul_TFLOPs"] = 2 * m**3 / t / 1e12
+    return out
+
+
+class Layer:
+    """Random Qwen3-30B-A3B-shaped MoE layer: router + experts, bf16 and block-FP8 copies."""
+
+    def __init__(self, dev="cuda"):
+        g = torch.Generator(device=dev).manual_seed(0)
+        self.wg = (torch.randn(E, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16)
+        self.w13 = (torch.randn(E, 2 * I, H, device=dev, generator=g) / H**0.5).to(torch.bfloat16)
+        self.w2 = (torch.randn(E, H, I, device=dev, generator=g) / I**0.5).to(torch.bfloat16)
+        self.q13, self.s13 = quantize_block_fp8(self.w13)
+        self.q2, self.s2 = quantize_block_fp8(self.w2)
+
+    def route(self, x):
+        probs = F.softmax(F.linear(x, self.wg), dim=-1, dtype=torch.float32)
+        w, ids = torch.topk(probs, K, dim=-1)
+        return ids, (w / w.sum(-1, keepdim=True)).to(x.dtype)
+
+
+def hf_block(layer: Layer):
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K,
+                         moe_intermediate_size=I, norm_topk_prob=True)
+    cfg._experts_implementation = "grouped_mm"
+    blk = Qwen3MoeSparseMoeBlock(cfg).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        blk.gate.weight.copy_(layer.wg)
+        blk.experts.gate_up_proj.copy_(layer.w13)
+        blk.experts.down_proj.copy_(layer.w2)
+    return blk
+
+
+def hf_call(blk, x):
+    out = blk(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def moe_bench(ceil: dict) -> list[dict]:
+    from eplb.kernels import fused_moe
+
+    layer = Layer()
+    blk = hf_block(layer)
+    rows = []
+    for t in TOKENS:
+        xs = [torch.randn(t, H, device="cuda", dtype=torch.bfloat16) for _ in range(NSETS)]
+        routes = [layer.route(x) for x in xs]
+        distinct = statistics.mean(len(torch.unique(r[0])) for r in routes)
+        flops = 2 * t * K * 3 * H * I
+        bytes_bf16 = distinct * 3 * H * I * 2
+        bytes_fp8 = distinct * (3 * H * I + 4 * (3 * H * I) // (128 * 128))
+        it = {"i": 0}
+
+        def nxt():
+            it["i"] = (it["i"] + 1) % NSETS
+            return it["i"]
+
+        impls = {
+            "ours_bf16": (lambda: (lambda j: fused_moe(xs[j], *layer.route(xs[j]), layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16"),
+            "ours_fp8": (lambda: (lambda j: fused_moe(xs[j], *layer.route(xs[j]), layer.q13, layer.q2,
+                                                      w13_scale=layer.s13, w2_scale=layer.s2))(nxt()), bytes_fp8, "fp8"),
+            "hf_grouped_mm": (lambda: hf_call(blk, xs[nxt()]), bytes_bf16, "bf16"),
+        }
+        if t <= 1024:  # the per-expert python loop gets slow; enough to show the gap
+            impls["torch_plain"] = (lambda: (lambda j: moe_torch(xs[j], *layer.route(xs[j]), layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16")
+        # correctness on set 0 against the plain torch path (float32 reference)
+        ids, w = routes[0]
+        ref = moe_torch(xs[0].float(), ids, w.float(), layer.w13.float(), layer.w2.float())
+        errs = {
+            "ours_bf16": rel(fused_moe(xs[0], ids, w, layer.w13, layer.w2), ref),
+            "ours_fp8": rel(fused_moe(xs[0], ids, w, layer.q13, layer.q2, w13_scale=layer.s13, w2_scale=layer.s2), ref),
+            "hf_grouped_mm": rel(hf_call(blk, xs[0]), ref),
+        }
+        for name, (fn, nbytes, kind) in impls.items():
+            try:
+                with torch.no_grad():
+                    sec = timed(fn, reps=30 if t >= 1024 else 60)
+            except Exception as exc:  # keep the other rows
+                rows.append({"tokens": t, "impl": name, "error": repr(exc)[:300]})
+                continue
+            mm = ceil["bf16_matmul_TFLOPs"] if kind == "bf16" else ceil["fp8_matmul_TFLOPs"]
+            rows.append({
+                "tokens": t, "impl": name, "ms": sec * 1e3,
+                "distinct_experts": distinct,
+                "read_GBps": nbytes / sec / 1e9,
+                "read_frac": nbytes / sec / 1e9 / ceil["reduction_read_GBps"],
+                "TFLOPs": flops / sec / 1e12,
+                "mm_frac": flops / sec / 1e12 / mm,
+                "rel_err_vs_fp32": errs.get(name),
+            })
+            r = rows[-1]
+            print(f"  {t:5d} {name:14s} {r['ms']:8.3f} ms  {r['read_GBps']:7.0f} GB/s ({r['read_frac']:.2f})"
+                  f"  {r['TFLOPs']:6.1f} TFLOP/s ({r['mm_frac']:.2f})", flush=True)
+        # speed of bf16 experts alone vs fp8 experts alone inside a CUDA graph for decode sizes
+        if t <= 256:
+            for name, args, kw in (("ours_bf16_graph", (layer.w13, layer.w2), {}),
+                                   ("ours_fp8_graph", (layer.q13, layer.q2), {"w13_scale": layer.s13, "w2_scale": layer.s2})):
+                try:
+                    sec = graph_time(xs, routes, args, kw)
+                    nbytes = bytes_bf16 if "bf16" in name else bytes_fp8
+                    rows.append({"tokens": t, "impl": name, "ms": sec * 1e3, "read_GBps": nbytes / sec / 1e9,
+                                 "read_frac": nbytes / sec / 1e9 / ceil["reduction_read_GBps"],
+                                 "note": "experts only (routing given), CUDA graph replay, per call"})
+                    print(f"  {t:5d} {name:14s} {sec*1e3:8.3f} ms  {nbytes/sec/1e9:7.0f} GB/s", flush=True)
+                except Exception as exc:
+                    rows.append({"tokens": t, "impl": name, "error": repr(exc)[:300]})
+    return rows
+
+
+def graph_time(xs, routes, wargs, kw) -> float:
+    from eplb.kernels import fused_moe
+
+    def body():
+        for j in range(NSETS):
+            fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, **kw)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    return timed(g.replay, reps=50) / NSETS
+
+
+# ----------------------------------------------------------------------------- tuning
+
+def _cands(t: int, fp8: bool):
+    def c(bn, bk, g, w, s):
+        return {"BN": bn, "BK": 128 if fp8 else bk, "GROUP_M": g, "num_warps": w, "num_stages": s}
+    if t <= 16:
+        bms = [16]
+        g1 = [c(32, 128, 1, 4, 4), c(64, 128, 1, 4, 4), c(32, 256, 1, 4, 3), c(16, 128, 1, 4, 5)]
+        g2 = [c(32, 128, 1, 4, 4), c(64, 128, 1, 4, 4), c(128, 128, 1, 4, 3), c(64, 256, 1, 4, 3)]
+    elif t <= 256:
+        bms = [16, 32] if t < 256 else [16, 32, 64]
+        g1 = [c(32, 128, 1, 4, 4), c(64, 128, 1, 4, 3), c(64, 64, 1, 4, 5), c(128, 128, 1, 8, 3)]
+        g2 = [c(64, 128, 1, 4, 3), c(128, 128, 1, 4, 3), c(128, 64, 1, 4, 4), c(256, 64, 1, 8, 3)]
+    else:
+        bms = [64, 128]
+        g1 = [c(64, 64, 8, 4, 4), c(128, 64, 8, 8, 4), c(64, 128, 8, 4, 3), c(128, 64, 1, 8, 3)]
+        g2 = [c(128, 64, 8, 4, 4), c(128, 64, 8, 8, 4), c(256, 64, 8, 8, 3), c(128, 128, 8, 8, 3)]
+    return bms, g1, g2
+
+
+@torch.no_grad()
+def tune(tokens=TOKENS) -> dict:
+    from eplb.kernels import fused_moe
+    from eplb.kernels.tile_table import TABLE
+
+    layer = Layer()
+    out = {"bf16": {}, "fp8": {}}
+    for fp8 in (False, True):
+        key = "fp8" if fp8 else "bf16"
+        wargs = (layer.q13, layer.q2) if fp8 else (layer.w13, layer.w2)
+        kw = {"w13_scale": layer.s13, "w2_scale": layer.s2} if fp8 else {}
+        for t in tokens:
+            xs = [torch.randn(t, H, device="cuda", dtype=torch.bfloat16) for _ in range(NSETS)]
+            routes = [layer.route(x) for x in xs]
+            it = {"i": 0}
+
+            def run(cfg):
+                it["i"] = (it["i"] + 1) % NSETS
+                j = it["i"]
+                fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, config=cfg, **kw)
+
+            bms, g1s, g2s = _cands(t, fp8)
+            best = None
+            for bm in bms:
+                cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
+                for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
+                    res = []
+                    for cand in cands:
+                        cfg = dict(cur, **{part: cand})
+                        try:
+                            res.append((timed(lambda: run(cfg), reps=20, warmup=2), cand))
+                        except Exception as exc:
+                            print(f"   tune {key} t={t} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
+                    if res:
+                        cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
+                sec = timed(lambda: run(cur), reps=30, warmup=2)
+                if best is None or sec < best[0]:
+                    best = (sec, cur)
+            n_pairs = str(t * K)
+            default = TABLE[key].get(n_pairs)
+            dsec = timed(lambda: run(default), reps=30, warmup=2) if default else None
+            print(f"  tune {key} t={t}: best {best[0]*1e3:.3f} ms {best[1]}  (table before: "
+                  f"{dsec*1e3 if dsec else float('nan'):.3f} ms)", flush=True)
+            out[key][n_pairs] = best[1]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--skip-moe", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    name = torch.cuda.get_device_name()
+    dev_slug = name.replace("NVIDIA ", "").replace(" ", "-").lower()
+    import triton
+    import transformers
+
+    res = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "transformers": transformers.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "shape": {"hidden": H, "experts": E, "top_k": K, "intermediate": I}}
+    os.makedirs(args.out, exist_ok=True)
+    if args.tune:
+        table = tune()
+        from eplb.kernels import tile_table
+
+        tile_table.TABLE.update(table)  # the bench below uses the tuned entries
+        with open(os.path.join(args.out, f"tile_table-{dev_slug}.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        res["tuned_table"] = table
+    print("ceilings:", flush=True)
+    res["ceilings"] = ceilings()
+    for k, v in res["ceilings"].items():
+        print(f"  {k:28s} {v:9.1f}", flush=True)
+    if not args.skip_moe:
+        print("moe layer (tokens impl ms read-rate TFLOP/s, fractions of ceilings):", flush=True)
+        try:
+            res["moe"] = moe_bench(res["ceilings"])
+        except Exception:
+            traceback.print_exc()
+    path = os.path.join(args.out, f"gpu-{dev_slug}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
