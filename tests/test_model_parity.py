@@ -88,3 +88,17 @@ def test_same_output_alone_and_in_a_batch(ckpt):
         others = [[9] * n for n in (3, 12, 30, 5, 2)]
         batch = llm.generate(others[:2] + [target] + others[2:], params)[2]
         assert batch.token_ids == alone.token_ids
+
+
+def test_bfloat16_runs_close_to_float32(tmp_path):
+    ref = make_tiny_checkpoint(str(tmp_path), "qwen3_moe", seed=2, tokenizer=False, dtype=torch.bfloat16)
+    model, cfg = load_model(str(tmp_path), dtype="bfloat16", max_len=32)
+    assert model.moe_layers()[0].w13.dtype == torch.bfloat16
+    ids = torch.arange(3, 23)
+    shape = (1, cfg.num_kv_heads, 32, cfg.head_dim)
+    kv = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+          for _ in range(cfg.num_layers)]
+    with torch.no_grad():
+        ours = model.compute_logits(model(ids, AttentionMetadata.build([], [(0, 0, 20)]), kv)).float()
+        want = ref.to(torch.bfloat16).float()(ids[None]).logits[0]  # bf16-rounded weights, fp32 math
+    assert rel_err(ours, want) < 5e-2

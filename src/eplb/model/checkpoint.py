@@ -22,7 +22,7 @@ FP8_DTYPES = tuple(
 
 
 def dequantize_block_fp8(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int], name: str = "weight"
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int], name: str = "weight_scale_inv"
 ) -> torch.Tensor:
     """weight [..., O, I] (fp8) * scale_inv [..., ceil(O/bo), ceil(I/bi)] block by block -> float32.
 
@@ -33,7 +33,7 @@ def dequantize_block_fp8(
     want = (*weight.shape[:-2], -(-o // bo), -(-i // bi))
     if tuple(scale_inv.shape) != want:
         raise ValueError(
-            f"{name}_scale_inv has shape {list(scale_inv.shape)}, expected {list(want)} "
+            f"{name} has shape {list(scale_inv.shape)}, expected {list(want)} "
             f"for weight {list(weight.shape)} with block {block}"
         )
     s = scale_inv.float().repeat_interleave(bo, dim=-2)[..., :o, :]
@@ -116,7 +116,7 @@ class CheckpointReader:
             sname = base + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
             if not self.has(sname):
                 raise ValueError(f"checkpoint is missing tensor {sname!r} (scale of FP8 {name!r})")
-            t = dequantize_block_fp8(t, self._raw(sname, index), block, name=base)
+            t = dequantize_block_fp8(t, self._raw(sname, index), block, name=sname)
             if self.dtype is None:
                 return self._check(name, t, shape)
         if self.dtype is not None and t.dtype != self.dtype:
