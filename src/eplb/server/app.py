@@ -333,8 +333,10 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
             try:
                 async for i, out in generate_all(ids_list, params, prefix):
                     text = out.text
-                    # hold back the tail that might still turn out to be part of a stop string
-                    end = len(text) if out.finished else max(sent[i], len(text) - holdback)
+                    # hold back the tail that may still change: a half-generated stop string,
+                    # or U+FFFD from a multi-byte character whose remaining bytes are to come
+                    end = len(text) if out.finished else max(
+                        sent[i], min(len(text) - holdback, len(text.rstrip("\ufffd"))))
                     delta = text[sent[i]:end]
                     sent[i] = max(sent[i], end)
                     if out.finished:

@@ -1,0 +1,342 @@
+"""The real server: `eplb serve` in a subprocess (DP 2, EP, async EPLB rebalancing every few
+steps) on a tiny random Qwen3-MoE made here, driven by the `openai` client and raw HTTP.
+
+One server serves the whole module (start-up is the slow part); the last test stops it with
+SIGTERM and checks that nothing it started is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 256
+EPLB_CONFIG = {"window_size": 4, "step_interval": 4, "use_async": True}
+
+
+def make_tiny_model(out: Path, num_experts: int = 8, seed: int = 0) -> Path:
+    """A random 2-layer Qwen3-MoE with a small byte-level BPE tokenizer, in the HF layout."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(["Question: Tom has 12 apples.\nAnswer: 12 + 3 = 15\n#### 15"] * 4,
+                           trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, bos_token_id=None)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    c = json.loads((out / "config.json").read_text())
+    c.setdefault("num_experts", c.get("num_local_experts", num_experts))
+    (out / "config.json").write_text(json.dumps(c))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _procs_in_session(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            found.append(int(entry))
+    return found
+
+
+class Server:
+    def __init__(self, model: Path, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.name = "tiny-moe"
+        cmd = [sys.executable, "-m", "eplb", "serve", str(model), "--port", str(self.port),
+               "--served-model-name", self.name, "--api-key", API_KEY,
+               "--data-parallel-size", "2", "--enable-expert-parallel", "--enable-eplb",
+               "--eplb-config", json.dumps(EPLB_CONFIG), "--all2all-backend",
+               "allgather_reducescatter", "--max-model-len", str(MAX_MODEL_LEN),
+               "--max-num-seqs", "16", "--device", "cpu", "--enforce-eager"]
+        self.log = open(log, "w")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # its own session: every process it starts can be found (and must be gone) afterwards
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not healthy after {timeout_s}s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text().splitlines()[-40:])
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_moe"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+        for pid in _procs_in_session(srv.proc.pid):  # never leave strays, even on failure
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def test_health_models_and_auth(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = httpx.get(server.url + "/v1/models", headers=server.headers).json()
+    assert [m["id"] for m in models["data"]] == [server.name]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(server.url + "/v1/models", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openai_completions_match_offline_engine(server, client, model_dir):
+    prompts = ["Question: Tom has 12 apples.", "Answer: 12 + 3"]
+    from eplb.engine import LLM, SamplingParams
+
+    offline = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN).generate(
+        prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    for prompt, ref in zip(prompts, offline):
+        resp = client.completions.create(model=server.name, prompt=prompt, max_tokens=10,
+                                         temperature=0, extra_body={"ignore_eos": True})
+        assert resp.choices[0].text == ref.text
+        assert resp.choices[0].finish_reason == "length"
+        assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert resp.usage.completion_tokens == 10
+        assert resp.usage.total_tokens == resp.usage.prompt_tokens + 10
+    # a list prompt gives one choice per prompt, in order
+    both = client.completions.create(model=server.name, prompt=prompts, max_tokens=10,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == [o.text for o in offline]
+    assert both.usage.completion_tokens == 20
+
+
+def test_openai_streaming_equals_non_streaming(server, client):
+    kwargs = dict(model=server.name, prompt="Question: Tom has", max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    # the raw stream ends with the SSE terminator
+    with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=60,
+                      json={**{k: v for k, v in kwargs.items() if k != "extra_body"},
+                            "stream": True}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_openai_chat_and_chat_streaming(server, client):
+    messages = [{"role": "system", "content": "You count apples."},
+                {"role": "user", "content": "Tom has 12 apples. How many?"}]
+    resp = client.chat.completions.create(model=server.name, messages=messages, max_tokens=8,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    msg = resp.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert resp.usage.completion_tokens == 8
+    stream = client.chat.completions.create(model=server.name, messages=messages, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_seeded_sampling(server, client):
+    base = client.completions.create(model=server.name, prompt="Tom has", max_tokens=16,
+                                     temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    assert len(base) > 3
+    stop = base[2:4]  # cut the greedy text where this pair first appears
+    cut = client.completions.create(model=server.name, prompt="Tom has", max_tokens=16,
+                                    temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == base[:base.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.name, prompt="Tom has", max_tokens=16, temperature=0, stop=[stop],
+        stream=True, extra_body={"ignore_eos": True}))
+    assert streamed == cut.text  # a half-generated stop string is never streamed
+    a, b = (client.completions.create(model=server.name, prompt="Tom has", max_tokens=12,
+                                      temperature=1.0, top_p=0.9, seed=1234,
+                                      extra_body={"ignore_eos": True, "top_k": 50}
+                                      ).choices[0].text
+            for _ in range(2))
+    assert a == b  # a seed makes one request reproducible
+
+
+async def _complete_all(url: str, bodies: list[dict], headers: dict) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as c:
+        return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+
+def test_64_concurrent_equal_one_by_one_during_async_rebalances(server):
+    bodies = [{"model": server.name, "prompt": f"Question: Tom has {i} apples and {i % 7} pears.",
+               "max_tokens": 10, "temperature": 0, "ignore_eos": True} for i in range(64)]
+    one_by_one = []
+    for body in bodies:
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60)
+        assert r.status_code == 200, r.text
+        one_by_one.append(r.json()["choices"][0]["text"])
+    before = server.metric("eplb_rebalances_total")
+    responses = asyncio.run(_complete_all(server.url, bodies, server.headers))
+    assert [r.status_code for r in responses] == [200] * 64
+    together = [r.json()["choices"][0]["text"] for r in responses]
+    assert together == one_by_one
+    after = server.metric("eplb_rebalances_total")
+    assert after > before, "no async rebalance completed while the 64 requests ran"
+    assert server.metric("eplb_expert_copies_moved_total") > 0
+    assert server.metric("eplb_rebalances_failed_total") == 0
+    assert "EPLB rebalance completed" in server.log_path.read_text()  # reaches the server log
+
+
+BAD_REQUESTS = [
+    ("malformed json", "/v1/completions", b'{"prompt": "x", ', None),
+    ("not an object", "/v1/completions", b"[1, 2]", None),
+    ("unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "x"}, "model"),
+    ("max_tokens type", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ("temperature type", "/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("prompt type", "/v1/completions", {"prompt": 5}, "prompt"),
+    ("stream type", "/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("max_tokens 0", "/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("max_tokens -3", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "max_tokens"),
+    ("prompt too long", "/v1/completions", {"prompt": "apples " * (2 * MAX_MODEL_LEN)}, "prompt"),
+    ("chat too long", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "apples " * (2 * MAX_MODEL_LEN)}]}, "messages"),
+    ("prompt + max_tokens too long", "/v1/completions",
+     {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
+    ("token id out of vocab", "/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    ("n 2", "/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]},
+     "messages.0.role"),
+    ("messages type", "/v1/chat/completions", {"messages": "hello"}, "messages"),
+    ("no messages", "/v1/chat/completions", {"messages": []}, "messages"),
+    ("unknown chat model", "/v1/chat/completions",
+     {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, "model"),
+]
+
+
+@pytest.mark.parametrize("case, path, body, param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_is_400_openai_error(server, case, path, body, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, headers={**server.headers,
+                                               "Content-Type": "application/json"},
+                   timeout=30, **kwargs)
+    assert r.status_code == 400, (case, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+
+
+def test_still_serving_after_bad_input_and_metrics(server, client):
+    r = client.completions.create(model=server.name, prompt="Tom", max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    text = httpx.get(server.url + "/metrics").text
+    assert 'eplb_requests_total{endpoint="/v1/completions",status="400"}' in text
+    assert 'eplb_requests_total{endpoint="/v1/completions",status="200"}' in text
+    for name in ("eplb_prompt_tokens_total", "eplb_generation_tokens_total",
+                 'eplb_num_requests_running{rank="1"}', 'eplb_num_requests_waiting{rank="0"}',
+                 "eplb_rebalances_total", "eplb_expert_copies_moved_total",
+                 "eplb_expert_bytes_moved_total", "eplb_last_rebalance_seconds",
+                 "eplb_mean_rebalance_seconds", "eplb_balancedness"):
+        assert name in text, name
+    assert server.metric("eplb_generation_tokens_total") >= 3
+
+
+def test_sigterm_stops_every_process_and_frees_the_port(server):
+    # runs last in this module: it stops the shared server
+    sid = server.proc.pid
+    assert len(_procs_in_session(sid)) >= 3  # the front and its two ranks (at least)
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    deadline = time.monotonic() + 10
+    while _procs_in_session(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _procs_in_session(sid) == [], server.tail()
+    with pytest.raises(httpx.ConnectError):  # nobody listens any more
+        httpx.get(server.url + "/health", timeout=5)
+    with socket.socket() as s:  # and a new server can bind the port (as uvicorn does)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+    assert "shutting down the engine" in server.log_path.read_text()
