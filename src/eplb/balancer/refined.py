@@ -1,7 +1,7 @@
 """Our policy: greedy + swap local search toward the lower bound, migration-aware.
 
-All steps run on all layers at once (tensors ``[L, ...]``); only the rare replica-count changes
-of the warm start loop over layers in Python.
+All steps run on all layers at once (arrays ``[L, ...]``; numpy inside, where the many small
+steps cost far less than torch ops).
 
 1. Replicate: the extra slots go, one at a time, to the expert with the highest load per replica,
    but no expert gets more replicas than there are ranks (a second copy on one rank adds nothing).
@@ -20,6 +20,7 @@ of the warm start loop over layers in Python.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _REL = 1e-9  # relative tolerance for "no worse" between float loads
@@ -28,52 +29,53 @@ _REL = 1e-9  # relative tolerance for "no worse" between float loads
 TOLERANCE = 0.005
 
 
-def replicate_capped(load: torch.Tensor, num_physical: int, cap: int) -> torch.Tensor:
+def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarray:
     """``load [L, E]`` -> ``count [L, E]``, sum ``num_physical`` per layer, each in ``[1, cap]``."""
     num_layers, num_experts = load.shape
-    count = torch.ones(num_layers, num_experts, dtype=torch.float64)
-    rows = torch.arange(num_layers)
-    ninf = torch.tensor(float("-inf"), dtype=torch.float64)
+    count = np.ones((num_layers, num_experts))
+    rows = np.arange(num_layers)
     for _ in range(num_physical - num_experts):
-        score = torch.where(count < cap, load / count, ninf)
-        count[rows, score.argmax(-1)] += 1
-    return count.long()
+        score = np.where(count < cap, load / count, -np.inf)
+        count[rows, score.argmax(1)] += 1
+    return count.astype(np.int64)
 
 
-def _expand(count: torch.Tensor) -> torch.Tensor:
+def _expand(count: np.ndarray) -> np.ndarray:
     """``count [L, E]`` (equal row sums P) -> ``[L, P]`` expert ids, ascending."""
     num_layers, num_experts = count.shape
-    ids = torch.arange(num_experts).repeat(num_layers)
-    return torch.repeat_interleave(ids, count.flatten()).view(num_layers, -1)
+    ids = np.tile(np.arange(num_experts), num_layers)
+    return np.repeat(ids, count.ravel()).reshape(num_layers, -1)
 
 
-def greedy_pack_distinct(load: torch.Tensor, count: torch.Tensor, num_ranks: int) -> torch.Tensor:
+def greedy_pack_distinct(load: np.ndarray, count: np.ndarray, num_ranks: int) -> np.ndarray:
     """Heaviest replica first into the lightest non-full rank not holding its expert.
     Returns ``phy2log [L, P]`` (rank g owns slots ``[g*S, (g+1)*S)``)."""
     num_layers = load.shape[0]
     items = _expand(count)  # [L, P]
     num_physical = items.shape[1]
-    per_slot = S = num_physical // num_ranks
-    item_w = (load / count).gather(1, items)
+    S = num_physical // num_ranks
+    rows = np.arange(num_layers)[:, None]
+    item_w = (load / count)[rows, items]
     # Stable sort keeps replicas of one expert adjacent (items come grouped by expert).
-    order = torch.sort(item_w, dim=1, descending=True, stable=True).indices
-    items = items.gather(1, order)
-    item_w = item_w.gather(1, order)
-    rows = torch.arange(num_layers)
-    rank_load = torch.zeros(num_layers, num_ranks, dtype=torch.float64)
-    rank_fill = torch.zeros(num_layers, num_ranks, dtype=torch.long)
-    used = torch.zeros(num_layers, num_ranks, dtype=torch.bool)  # ranks holding current expert
-    out = torch.empty(num_layers, num_physical, dtype=torch.long)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    prev = torch.full((num_layers,), -1, dtype=torch.long)
+    order = np.argsort(-item_w, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, 1)
+    item_w = np.take_along_axis(item_w, order, 1)
+    rows = rows[:, 0]
+    rank_load = np.zeros((num_layers, num_ranks))
+    rank_fill = np.zeros((num_layers, num_ranks), dtype=np.int64)
+    used = np.zeros((num_layers, num_ranks), dtype=bool)  # ranks holding the current expert
+    out = np.empty((num_layers, num_physical), dtype=np.int64)
+    prev = np.full(num_layers, -1)
     for j in range(num_physical):
         e = items[:, j]
-        used &= (e == prev).unsqueeze(1)
-        full = rank_fill >= per_slot
-        open_load = torch.where(full, inf, rank_load)
-        best_free, r_free = torch.where(used, inf, open_load).min(-1)
+        used &= (e == prev)[:, None]
+        open_load = np.where(rank_fill >= S, np.inf, rank_load)
+        cand = np.where(used, np.inf, open_load)
+        r = cand.argmin(1)
         # Only when every open rank already holds this expert do we accept a second copy.
-        r = torch.where(torch.isinf(best_free), open_load.argmin(-1), r_free)
+        stuck = np.isinf(cand[rows, r])
+        if stuck.any():
+            r = np.where(stuck, open_load.argmin(1), r)
         out[rows, r * S + rank_fill[rows, r]] = e
         rank_load[rows, r] += item_w[:, j]
         rank_fill[rows, r] += 1
@@ -83,87 +85,86 @@ def greedy_pack_distinct(load: torch.Tensor, count: torch.Tensor, num_ranks: int
 
 
 def swap_search(
-    phy2log: torch.Tensor,
-    load: torch.Tensor,
-    count: torch.Tensor,
+    phy2log: np.ndarray,
+    load: np.ndarray,
     num_ranks: int,
-    target: torch.Tensor | None = None,
-    budget: torch.Tensor | None = None,
+    target: np.ndarray | None = None,
+    budget: np.ndarray | None = None,
     max_iters: int = 10_000,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Swap local search on the max rank load, in place on a copy of ``phy2log [L, P]``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Swap local search on the max rank load, on a copy of ``phy2log [L, P]``.
 
     Each round, every still-active layer swaps one replica of its heaviest rank with one replica
-    on another rank (never creating a second copy of an expert on a rank), choosing the swap that
-    minimises the larger of the two new loads; a layer stops when no swap lowers its max, when its
-    max is <= ``target [L]``, or when ``budget [L]`` (copies it may still move; 2 per swap) runs out.
-    Returns ``(phy2log, swaps done per layer [L])``.
+    on one of the 8 lightest ranks (never creating a second copy of an expert on a rank), the swap
+    that minimises the larger of the two new loads; a layer stops when no swap lowers its max,
+    when its max is <= ``target [L]``, or when ``budget [L]`` (copies it may still move; 2 per
+    swap) runs out. Returns ``(phy2log, swaps done per layer [L])``.
     """
-    phy2log = phy2log.clone()
+    phy2log = phy2log.copy()
     num_layers, num_physical = phy2log.shape
     num_experts = load.shape[1]
     S = num_physical // num_ranks
-    rows = torch.arange(num_layers)
-    per_rep = load / count
-    slot_w = per_rep.gather(1, phy2log)  # [L, P]
-    rank_of = torch.arange(num_physical) // S  # [P]
-    rank_load = slot_w.view(num_layers, num_ranks, S).sum(-1)
-    holds = torch.zeros(num_layers, num_ranks * num_experts, dtype=torch.long)
-    holds.scatter_add_(1, rank_of * num_experts + phy2log, torch.ones_like(phy2log))
-    swaps = torch.zeros(num_layers, dtype=torch.long)
-    active = torch.ones(num_layers, dtype=torch.bool)
-    scale = load.sum(-1).clamp_min(1.0)
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
-    ar_s = torch.arange(S)
+    GE = num_ranks * num_experts
+    rows = np.arange(num_layers)
+    count = np.zeros((num_layers, num_experts))
+    np.add.at(count, (rows[:, None], phy2log), 1)
+    slot_w = (load / np.maximum(count, 1))[rows[:, None], phy2log]  # [L, P]
+    rank_of = np.arange(num_physical) // S
+    rank_load = slot_w.reshape(num_layers, num_ranks, S).sum(-1)
+    holds = np.zeros(num_layers * GE, dtype=np.int32)  # flat [L, G, E] copy counts
+    np.add.at(holds, rows[:, None] * GE + rank_of * num_experts + phy2log, 1)
+    swaps = np.zeros(num_layers, dtype=np.int64)
+    active = np.ones(num_layers, dtype=bool)
+    scale = np.maximum(load.sum(1), 1.0)
+    ar_s = np.arange(S)
     near = min(num_ranks, 8)
     for _ in range(max_iters):
-        top, g = rank_load.max(-1)
+        g = rank_load.argmax(1)
+        top = rank_load[rows, g]
         if target is not None:
             active &= top > target * (1 + _REL) + 1e-12
         if budget is not None:
             active &= swaps * 2 + 2 <= budget
-        if not bool(active.any()):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
             break
-        idx = torch.nonzero(active).squeeze(1)
-        # Work on the active layers only, swapping with the `near` lightest ranks: an
-        # [A, S, near*S] candidate grid (the best partner is almost always a light rank).
-        A = len(idx)
+        A = idx.size
         gi, topi = g[idx], top[idx]
-        slots_a = gi.unsqueeze(1) * S + ar_s  # [A, S]
-        light = torch.topk(rank_load[idx], near, dim=1, largest=False).indices  # [A, near]
-        slots_b = (light.unsqueeze(2) * S + ar_s).view(A, -1)  # [A, near*S]
-        p2l = phy2log[idx]
-        sw = slot_w[idx]
-        ea, wa = p2l.gather(1, slots_a), sw.gather(1, slots_a)
-        eb, wb = p2l.gather(1, slots_b), sw.gather(1, slots_b)
+        slots_a = gi[:, None] * S + ar_s  # [A, S]
+        loads_i = rank_load[idx]
+        if near < num_ranks:
+            light = np.argpartition(loads_i, near - 1, axis=1)[:, :near]
+        else:
+            light = np.broadcast_to(np.arange(num_ranks), (A, num_ranks))
+        slots_b = (light[:, :, None] * S + ar_s).reshape(A, -1)  # [A, near*S]
+        p2l, sw = phy2log[idx], slot_w[idx]
+        ea, wa = np.take_along_axis(p2l, slots_a, 1), np.take_along_axis(sw, slots_a, 1)
+        eb, wb = np.take_along_axis(p2l, slots_b, 1), np.take_along_axis(sw, slots_b, 1)
         rb = slots_b // S
-        lh = rank_load[idx].gather(1, rb)  # [A, near*S]
-        d = wa.unsqueeze(2) - wb.unsqueeze(1)  # [A, S, near*S]
-        new_max = torch.maximum(topi.view(-1, 1, 1) - d, lh.unsqueeze(1) + d)
-        # Index the flat holds table directly: copying holds[idx] would dominate the round.
-        flat_h, base = holds.view(-1), (idx * holds.shape[1]).unsqueeze(1)
-        at_h = (rb.unsqueeze(1) * num_experts + ea.unsqueeze(2)).view(A, -1)
-        a_free = flat_h[base + at_h].view(A, S, -1) == 0  # rank of b lacks a's expert
-        b_free = flat_h[base + gi.unsqueeze(1) * num_experts + eb] == 0  # rank g lacks b's
-        eps = 1e-12 * scale[idx].view(-1, 1, 1)
+        lh = np.take_along_axis(loads_i, rb, 1)
+        d = wa[:, :, None] - wb[:, None, :]  # [A, S, near*S]
+        new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
+        base = (idx * GE)[:, None]
+        a_free = holds[(base + rb * num_experts)[:, None, :] + ea[:, :, None]] == 0
+        b_free = holds[base + gi[:, None] * num_experts + eb] == 0  # rank g lacks b's expert
+        eps = 1e-12 * scale[idx][:, None, None]
         ok = (
             (d > eps)
-            & (rb != gi.unsqueeze(1)).unsqueeze(1)
-            & (new_max < topi.view(-1, 1, 1) - eps)
+            & (rb != gi[:, None])[:, None, :]
+            & (new_max < topi[:, None, None] - eps)
             & a_free
-            & b_free.unsqueeze(1)
+            & b_free[:, None, :]
         )
-        score = torch.where(ok, new_max, inf).view(A, -1)
-        best, flat = score.min(-1)
-        found = torch.isfinite(best)
+        score = np.where(ok, new_max, np.inf).reshape(A, -1)
+        flat = score.argmin(1)
+        found = np.isfinite(score[np.arange(A), flat])
         active[idx[~found]] = False
-        if not bool(found.any()):
+        if not found.any():
             break
-        li = idx[found]
-        flat = flat[found]
+        li, flat = idx[found], flat[found]
         nb = slots_b.shape[1]
-        sa = slots_a[found].gather(1, (flat // nb).unsqueeze(1)).squeeze(1)
-        sb = slots_b[found].gather(1, (flat % nb).unsqueeze(1)).squeeze(1)
+        sa = slots_a[found, flat // nb]
+        sb = slots_b[found, flat % nb]
         e_a, e_b = phy2log[li, sa], phy2log[li, sb]
         w_a, w_b = slot_w[li, sa], slot_w[li, sb]
         r_a, r_b = rank_of[sa], rank_of[sb]
@@ -171,20 +172,88 @@ def swap_search(
         slot_w[li, sa], slot_w[li, sb] = w_b, w_a
         rank_load[li, r_a] += w_b - w_a
         rank_load[li, r_b] += w_a - w_b
-        ones = torch.ones_like(li)
-        holds.index_put_((li, r_a * num_experts + e_a), -ones, accumulate=True)
-        holds.index_put_((li, r_a * num_experts + e_b), ones, accumulate=True)
-        holds.index_put_((li, r_b * num_experts + e_b), -ones, accumulate=True)
-        holds.index_put_((li, r_b * num_experts + e_a), ones, accumulate=True)
+        hb = li * GE
+        holds[hb + r_a * num_experts + e_a] -= 1  # distinct cells: ranks differ, experts differ
+        holds[hb + r_a * num_experts + e_b] += 1
+        holds[hb + r_b * num_experts + e_b] -= 1
+        holds[hb + r_b * num_experts + e_a] += 1
         swaps[li] += 1
     return phy2log, swaps
 
 
-def max_rank_load(phy2log: torch.Tensor, load: torch.Tensor, num_ranks: int) -> torch.Tensor:
+def max_rank_load(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
     """``[L]``: the heaviest rank's load, each expert's load split evenly over its replicas."""
-    count = torch.zeros_like(load).scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=load.dtype))
-    slot_w = (load / count).gather(1, phy2log)
-    return slot_w.view(phy2log.shape[0], num_ranks, -1).sum(-1).amax(-1)
+    rows = np.arange(phy2log.shape[0])[:, None]
+    count = np.zeros(load.shape)
+    np.add.at(count, (rows, phy2log), 1)
+    slot_w = (load / np.maximum(count, 1))[rows, phy2log]
+    return slot_w.reshape(phy2log.shape[0], num_ranks, -1).sum(-1).max(1)
+
+
+def warm_start(
+    previous: np.ndarray, load: np.ndarray, count: np.ndarray, num_ranks: int,
+    budget: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Change ``previous [L, P]`` so replica counts become ``count`` (or as many changes as
+    ``budget`` allows per layer, hottest replica first). Each change re-uses one slot of an expert
+    with surplus replicas, preferring ranks without the incoming expert, then the lowest
+    resulting rank load. Returns ``(phy2log, changes per layer [L])``."""
+    row = previous.copy()
+    num_layers, num_physical = row.shape
+    num_experts = load.shape[1]
+    S = num_physical // num_ranks
+    rows = np.arange(num_layers)
+    cur = np.zeros((num_layers, num_experts), dtype=np.int64)
+    np.add.at(cur, (rows[:, None], row), 1)
+    deficit = np.maximum(count - cur, 0)
+    changes = np.zeros(num_layers, dtype=np.int64)
+    if not deficit.any():
+        return row, changes
+    # Incoming replicas per layer, hottest load per replica first, padded with -1.
+    want = _expand_padded(deficit)
+    want_w = np.where(want >= 0, (load / np.maximum(count, 1))[rows[:, None], np.maximum(want, 0)], -1.0)
+    order = np.argsort(-want_w, axis=1, kind="stable")
+    want = np.take_along_axis(want, order, 1)
+    if budget is not None:
+        want = want[:, :budget]
+    rank_of = np.arange(num_physical) // S
+    per_rep_cur = load / np.maximum(cur, 1)
+    rank_load = per_rep_cur[rows[:, None], row].reshape(num_layers, num_ranks, S).sum(-1)
+    for k in range(want.shape[1]):
+        e = want[:, k]
+        act = e >= 0
+        if not act.any():
+            break
+        e0 = np.maximum(e, 0)
+        holds_e = (row == e0[:, None]).reshape(num_layers, num_ranks, S).any(-1)  # [L, G]
+        cur_at = cur[rows[:, None], row]
+        surplus = cur_at > count[rows[:, None], row]  # [L, P] slots we may take
+        gain = load[rows, e0] / np.maximum(count[rows, e0], 1)
+        after = rank_load[:, rank_of] + gain[:, None] - load[rows[:, None], row] / np.maximum(cur_at, 1)
+        big = np.abs(after).max() + 1.0
+        score = np.where(surplus, after + np.where(holds_e[:, rank_of], 2 * big, 0.0), np.inf)
+        s = score.argmin(1)
+        act &= np.isfinite(score[rows, s])
+        li, s, e = rows[act], s[act], e[act]
+        x = row[li, s]
+        r = rank_of[s]
+        rank_load[li, r] += gain[act] - load[li, x] / np.maximum(cur[li, x], 1)
+        cur[li, x] -= 1
+        cur[li, e] += 1
+        row[li, s] = e
+        changes[li] += 1
+    return row, changes
+
+
+def _expand_padded(count: np.ndarray) -> np.ndarray:
+    """``count [L, E]`` -> ``[L, max row sum]`` expert ids (each ``count`` times), -1 padded."""
+    num_layers, num_experts = count.shape
+    width = int(count.sum(1).max())
+    out = np.full((num_layers, width), -1, dtype=np.int64)
+    for layer in np.flatnonzero(count.sum(1)):
+        ids = np.repeat(np.arange(num_experts), count[layer])
+        out[layer, : ids.size] = ids
+    return out
 
 
 def map_to_previous(new: torch.Tensor, old: torch.Tensor, num_ranks: int, num_experts: int) -> torch.Tensor:
@@ -237,83 +306,29 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return out.scatter(1, free_old, src)
 
 
-def warm_start(
-    previous: torch.Tensor, load: torch.Tensor, count: torch.Tensor, num_ranks: int,
-    budget: list[int] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Change ``previous [L, P]`` so replica counts become ``count`` (or as many changes as the
-    per-layer ``budget`` allows, hottest first). Returns ``(phy2log, changes per layer)``."""
-    out = previous.clone()
-    num_layers, num_physical = out.shape
-    num_experts = load.shape[1]
-    S = num_physical // num_ranks
-    old_count = torch.zeros_like(count).scatter_add_(1, previous, torch.ones_like(previous))
-    diff = (count - old_count)
-    changed = (diff > 0).any(1)
-    changes = torch.zeros(num_layers, dtype=torch.long)
-    for layer in torch.nonzero(changed).squeeze(1).tolist():
-        row = out[layer].tolist()
-        w = load[layer].tolist()
-        d = diff[layer].tolist()
-        cnt = count[layer].tolist()
-        # Rank loads under the target counts, recomputed as we go.
-        rank_load = [0.0] * num_ranks
-        for s, e in enumerate(row):
-            rank_load[s // S] += w[e] / max(old_count[layer, e].item(), 1)
-        # Deficit replicas, hottest per-replica load first.
-        want = sorted(((w[e] / cnt[e], e) for e in range(num_experts) for _ in range(max(d[e], 0))),
-                      reverse=True)
-        limit = len(want) if budget is None else min(len(want), budget[layer])
-        cur = [int(old_count[layer, e]) for e in range(num_experts)]
-        for _, e in want[:limit]:
-            on_rank = {s // S for s, x in enumerate(row) if x == e}
-            # Take a slot of an expert with surplus replicas: prefer ranks not holding e, then the
-            # lowest resulting rank load.
-            best = None
-            for s, x in enumerate(row):
-                if d[x] < 0 and cur[x] > cnt[x]:
-                    after = rank_load[s // S] + w[e] / cnt[e] - w[x] / cur[x]
-                    key = ((s // S) not in on_rank, -after)
-                    if best is None or key > best[0]:
-                        best = (key, s)
-            if best is None:
-                break
-            s = best[1]
-            x = row[s]
-            r = s // S
-            rank_load[r] += w[e] / cnt[e] - w[x] / cur[x]
-            cur[x] -= 1
-            cur[e] += 1
-            row[s] = e
-            changes[layer] += 1
-        out[layer] = torch.tensor(row)
-    return out, changes
-
-
 def refined_phy2log(
     load: torch.Tensor, num_ranks: int, num_redundant: int,
     previous: torch.Tensor | None = None, max_moves: int | None = None, tolerance: float = TOLERANCE,
 ) -> torch.Tensor:
     """``load [L, E]`` -> ``phy2log [L, E + R]`` (see the module docstring). With ``previous``,
     a warm start within ``tolerance`` (relative max rank load) of the fresh solution wins."""
-    load = load.to(torch.float64)
-    num_layers, num_experts = load.shape
+    w = load.detach().cpu().double().numpy()
+    num_layers, num_experts = w.shape
     num_physical = num_experts + num_redundant
     cap = max(num_ranks, -(-num_physical // num_experts))
-    count = replicate_capped(load, num_physical, cap)
-    fresh = greedy_pack_distinct(load, count, num_ranks)
-    fresh, _ = swap_search(fresh, load, count.to(torch.float64), num_ranks)
+    count = replicate_capped(w, num_physical, cap)
+    fresh, _ = swap_search(greedy_pack_distinct(w, count, num_ranks), w, num_ranks)
     if previous is None:
-        return fresh
-    fresh_max = max_rank_load(fresh, load, num_ranks) * (1 + tolerance)
-    budget = None if max_moves is None else [max_moves] * num_layers
-    warm, changes = warm_start(previous, load, count, num_ranks, budget)
-    warm_count = torch.zeros_like(load).scatter_add_(1, warm, torch.ones_like(warm, dtype=load.dtype))
-    swap_budget = None if max_moves is None else (max_moves - changes)
-    warm, _ = swap_search(warm, load, warm_count, num_ranks, target=fresh_max, budget=swap_budget)
+        return torch.from_numpy(fresh)
+    prev = previous.detach().cpu().numpy().astype(np.int64)
+    fresh_max = max_rank_load(fresh, w, num_ranks) * (1 + tolerance)
+    warm, changes = warm_start(prev, w, count, num_ranks, max_moves)
+    swap_budget = None if max_moves is None else max_moves - changes
+    warm, _ = swap_search(warm, w, num_ranks, target=fresh_max, budget=swap_budget)
     if max_moves is not None:
-        return warm
-    warm_max = max_rank_load(warm, load, num_ranks)
-    aligned = map_to_previous(fresh, previous, num_ranks, num_experts)
-    use_warm = warm_max <= fresh_max * (1 + _REL) + 1e-12
-    return torch.where(use_warm.unsqueeze(1), warm, aligned)
+        return torch.from_numpy(warm)
+    use_warm = max_rank_load(warm, w, num_ranks) <= fresh_max * (1 + _REL) + 1e-12
+    if use_warm.all():
+        return torch.from_numpy(warm)
+    aligned = map_to_previous(torch.from_numpy(fresh), previous.to(torch.long), num_ranks, num_experts)
+    return torch.where(torch.from_numpy(use_warm).unsqueeze(1), torch.from_numpy(warm), aligned)
