@@ -261,26 +261,26 @@ def map_to_previous(new: torch.Tensor, old: torch.Tensor, num_ranks: int, num_ex
     on the overlap matrix), then align slots inside each rank so kept experts keep their slots."""
     num_layers, num_physical = new.shape
     S = num_physical // num_ranks
-    rank_of = torch.arange(num_physical) // S
+    rank_of = np.arange(num_physical) // S
+    rows = np.arange(num_layers)
 
-    def holds(p2l: torch.Tensor) -> torch.Tensor:
-        h = torch.zeros(num_layers, num_ranks * num_experts, dtype=torch.float32)
-        h.scatter_add_(1, rank_of * num_experts + p2l, torch.ones_like(p2l, dtype=torch.float32))
-        return h.view(num_layers, num_ranks, num_experts)
+    def holds(p2l: np.ndarray) -> np.ndarray:
+        h = np.zeros((num_layers, num_ranks * num_experts), dtype=np.float32)
+        np.add.at(h, (rows[:, None], rank_of * num_experts + p2l), 1.0)
+        return h.reshape(num_layers, num_ranks, num_experts)
 
-    overlap = torch.bmm(holds(new), holds(old).transpose(1, 2))  # [L, pack, rank]
-    pack_to_rank = torch.empty(num_layers, num_ranks, dtype=torch.long)
-    rows = torch.arange(num_layers)
-    flat = overlap.view(num_layers, -1)
+    new_np, old_np = new.numpy(), old.numpy()
+    overlap = np.matmul(holds(new_np), holds(old_np).transpose(0, 2, 1))  # [L, pack, rank]
+    rank_to_pack = np.empty((num_layers, num_ranks), dtype=np.int64)
     for _ in range(num_ranks):
-        k = flat.argmax(-1)
+        k = overlap.reshape(num_layers, -1).argmax(1)
         p, r = k // num_ranks, k % num_ranks
-        pack_to_rank[rows, p] = r
-        flat.view(num_layers, num_ranks, num_ranks)[rows, p, :] = -1.0
-        flat.view(num_layers, num_ranks, num_ranks)[rows, :, r] = -1.0
-    rank_to_pack = torch.empty_like(pack_to_rank).scatter_(1, pack_to_rank, torch.arange(num_ranks).expand(num_layers, -1).contiguous())
-    packed = new.view(num_layers, num_ranks, S).gather(1, rank_to_pack.unsqueeze(-1).expand(-1, -1, S))
-    return align_slots(packed.reshape(-1, S), old.view(-1, S)).view(num_layers, num_physical)
+        rank_to_pack[rows, r] = p
+        overlap[rows, p, :] = -1.0
+        overlap[rows, :, r] = -1.0
+    packed = np.take_along_axis(new_np.reshape(num_layers, num_ranks, S), rank_to_pack[:, :, None], 1)
+    aligned = align_slots(torch.from_numpy(packed.reshape(-1, S)), old.reshape(-1, S))
+    return aligned.view(num_layers, num_physical)
 
 
 def _occurrence(v: torch.Tensor) -> torch.Tensor:
