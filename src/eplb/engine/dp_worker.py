@@ -99,6 +99,8 @@ class RankWorker:
     """One DP rank: engine + EP dispatcher + EPLB state."""
 
     def __init__(self, spec: RankSpec, out_q) -> None:
+        """Joins the job (or reuses the process group already joined) and loads this rank's
+        part of the model."""
         from eplb.engine.core import EngineCore
         from eplb.model.config import load_config
         from eplb.parallel.all2all import make_dispatcher
@@ -135,6 +137,11 @@ class RankWorker:
                                record_trace=spec.record_trace, checkpoint_path=spec.model_path)
         self.steps = 0  # forward steps (every rank runs the same number)
         self.dummy_steps = 0
+        self.requests_added = 0
+        # (seconds, phase) of every iteration that ran a forward, boundary included; phase is
+        # "steady", "sync" (a sync rebalance ran at its boundary) or "async" (one in flight).
+        # None = not recorded (benchmarks turn it on).
+        self.step_log: list[tuple[float, str]] | None = None
         self._closed = False
 
     def info(self) -> dict:
@@ -149,6 +156,7 @@ class RankWorker:
             _, rid, prompt, params = msg
             try:
                 self.engine.add_request(rid, prompt, params)
+                self.requests_added += 1
             except ValueError as exc:
                 self.out_q.put(("reject", self.rank, rid, str(exc)))
         elif kind == "abort":
@@ -173,12 +181,16 @@ class RankWorker:
     def stats(self) -> dict:
         sched = self.engine.scheduler
         d = {"rank": self.rank, "running": len(sched.running), "waiting": len(sched.waiting),
-             "steps": self.steps, "dummy_steps": self.dummy_steps}
+             "steps": self.steps, "dummy_steps": self.dummy_steps,
+             "requests_added": self.requests_added}
         d.update(self.state.stats())
         return d
 
     # ----- the loop --------------------------------------------------------------------------
-    def loop(self, in_q) -> None:
+    def loop(self, in_q, *, exit_when_idle: bool = False) -> None:
+        """Serve until the front asks to stop. ``exit_when_idle`` (offline drivers and tests):
+        also return at the first boundary where no rank has work and no rebalance is in flight
+        (every rank sees the same reduced vector, so all return together)."""
         forward_before = False
         anyone_busy = True  # first round: do not block
         stop = False
@@ -189,6 +201,7 @@ class RankWorker:
             else:
                 wait = 0.0
             stop |= self._drain(in_q, wait)
+            t0 = time.perf_counter()
             has_work = self.engine.has_unfinished_requests()
             header = torch.tensor([int(has_work), int(stop)], dtype=torch.long)
             vec = torch.cat([header, self.state.packet()]).to(self.ctx.comm_device)
@@ -200,6 +213,8 @@ class RankWorker:
             anyone_busy = int(vec[0]) > 0
             forward_before = anyone_busy
             if not anyone_busy:
+                if exit_when_idle and not self.state.rebalance_in_flight:
+                    return
                 continue
             for layer in self.layers:  # spread replica choice over ranks and steps
                 layer.replica_offset = self.steps * self.world_size + self.rank
@@ -211,10 +226,14 @@ class RankWorker:
                 outs = []
             self.steps += 1
             self.state.collect_step_load()
+            if self.step_log is not None:
+                phase = ("sync" if self.state.synced_at_boundary
+                         else "async" if self.state.rebalance_in_flight else "steady")
+                self.step_log.append((time.perf_counter() - t0, phase))
             if outs:
                 self.out_q.put(("out", self.rank, outs))
 
-    def close(self) -> None:
+    def close(self, *, leave_group: bool = True) -> None:
         if self._closed:
             return
         self._closed = True
@@ -223,4 +242,5 @@ class RankWorker:
         try:
             self.state.close()
         finally:
-            destroy()
+            if leave_group:
+                destroy()

@@ -38,6 +38,8 @@ from eplb.parallel.transfer import commit_layer, plan_bytes, stage_layer
 
 log = logging.getLogger("eplb.parallel")
 
+MAX_EVENTS = 100  # rebalance events and interval balancedness figures kept for stats()
+
 
 @dataclass
 class EplbMetrics:
@@ -54,11 +56,19 @@ class EplbMetrics:
     balancedness_history: list[float] = field(default_factory=list)  # one per interval
     verify_checks: int = 0
     verify_mismatches: int = 0
+    # the last rebalances, oldest first: {"ok", "step", "layers_committed", "copies",
+    # "seconds", "steps_in_flight"}; layers_committed of a failed one = layers it changed
+    events: list[dict] = field(default_factory=list)
+
+    def add_event(self, **event) -> None:
+        self.events.append(event)
+        del self.events[:-MAX_EVENTS]
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["mean_rebalance_s"] = self.total_rebalance_s / self.rebalances if self.rebalances else 0.0
-        d["balancedness_history"] = list(self.balancedness_history)
+        d["balancedness_history"] = list(self.balancedness_history[-MAX_EVENTS:])
+        d["events"] = [dict(e) for e in self.events]
         return d
 
 
@@ -111,11 +121,13 @@ class EplbState:
         self._bal_n = 0
         self._generation = 0
         self._inflight: AsyncRebalance | None = None
-        self._committed = 0
+        self._committed = 0  # async: layers of the rebalance in flight committed so far
+        self._copies_this = 0  # copies committed by the current rebalance
         self._steps_inflight = 0
         self._fail_pending = self.cfg.debug_fail_rank == ctx.rank
         self._reader = None
         self._policy = None
+        self.synced_at_boundary = False  # a sync rebalance ran at the last boundary
 
     # ----- per-step protocol -----------------------------------------------------------------
     @property
@@ -150,6 +162,7 @@ class EplbState:
         """Act on the reduced packet; ``forward_before``: the previous iteration ran a forward."""
         g = self.ctx.world_size
         summed = summed.to("cpu")
+        self.synced_at_boundary = False
         if forward_before and self.collect:
             self._record(summed[1 + g:].view(self.num_layers, self.num_experts))
         if not self.enabled:
@@ -168,6 +181,7 @@ class EplbState:
                     self._start_async()
                 else:
                     self._rebalance_sync()
+                    self.synced_at_boundary = True
 
     # ----- load bookkeeping ------------------------------------------------------------------
     def _record(self, load: torch.Tensor) -> None:
@@ -185,6 +199,7 @@ class EplbState:
         value = self._bal_sum / self._bal_n
         self.metrics.balancedness = value
         self.metrics.balancedness_history.append(value)
+        del self.metrics.balancedness_history[:-MAX_EVENTS]
         self._bal_sum, self._bal_n = 0.0, 0
         if self.cfg.log_balancedness and self.ctx.rank == 0:
             log.info("EPLB step %d: balancedness %.4f (mean over layers and the last %d steps)",
@@ -252,20 +267,22 @@ class EplbState:
             moved = r.transfers[layer]
             self.metrics.copies_moved += len(moved)
             self.metrics.bytes_moved += plan_bytes(moved, self.layers[layer].expert_tensors())
+            self._copies_this += len(moved)
             self._committed += 1
         if self._committed == len(r.moving):
-            elapsed = time.monotonic() - r.started
-            self._finish(elapsed, r.policy_s)
             self.metrics.steps_during_last_rebalance = self._steps_inflight
             self._inflight = None
+            self._finish(time.monotonic() - r.started, r.policy_s, self._committed)
 
-    def _finish(self, elapsed: float, policy_s: float) -> None:
+    def _finish(self, elapsed: float, policy_s: float, layers: int) -> None:
         m = self.metrics
         m.rebalances += 1
         m.last_rebalance_s = elapsed
         m.total_rebalance_s += elapsed
         if policy_s:
             m.last_policy_s = policy_s
+        m.add_event(ok=True, step=self.steps, layers_committed=layers, copies=self._copies_this,
+                    seconds=elapsed, steps_in_flight=self._steps_inflight)
         if self.cfg.debug_verify_commits:
             self._verify_maps()
         if self.ctx.rank == 0:
@@ -277,10 +294,14 @@ class EplbState:
         kept = len(r.moving) - self._committed if r.planned else self.num_layers
         r.cancel()
         self._inflight = None
-        self._fail(f"{why}; {kept} layer(s) keep the old placement")
+        self._fail(f"{why}; {kept} layer(s) keep the old placement", self._committed,
+                   time.monotonic() - r.started)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, layers: int, elapsed: float) -> None:
         self.metrics.rebalances_failed += 1
+        self.metrics.add_event(ok=False, step=self.steps, layers_committed=layers,
+                               copies=self._copies_this, seconds=elapsed,
+                               steps_in_flight=self._steps_inflight)
         if self.ctx.rank == 0:
             log.warning("EPLB rebalance abandoned on every rank: %s", why)
         # The old transfer group may hold unmatched or timed-out messages: never reuse it.
@@ -298,6 +319,7 @@ class EplbState:
     def _start_async(self) -> None:
         self._generation += 1
         self._committed = 0
+        self._copies_this = 0
         self._steps_inflight = 0
         load, old = self.window.total(), self.placement
         self._inflight = AsyncRebalance(
@@ -319,10 +341,12 @@ class EplbState:
         """All ranks stop here, move every layer's experts, swap maps layer by layer."""
         t0 = time.monotonic()
         old = self.placement
+        self._copies_this = 0
+        self._steps_inflight = 0
         try:
             new = self._compute_new(self.window.total(), old, self.ctx.ep_group)
         except RuntimeError as exc:
-            self._fail(str(exc))
+            self._fail(str(exc), 0, time.monotonic() - t0)
             return
         policy_s = self.metrics.last_policy_s
         transfers = self._plan(old, new)
@@ -350,14 +374,16 @@ class EplbState:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ctx.ep_group)
             if int(flag.item()) == 0:
                 kept = sum(1 for t in transfers[layer:] if t)
-                self._fail(f"transfer of layer {layer} failed; {kept} layer(s) keep the old placement")
+                self._fail(f"transfer of layer {layer} failed; {kept} layer(s) keep the old "
+                           "placement", index, time.monotonic() - t0)
                 return
             commit_layer(tensors, staged)
             self._apply_layer(layer, new)
             self.metrics.copies_moved += len(moved)
             self.metrics.bytes_moved += plan_bytes(moved, tensors)
+            self._copies_this += len(moved)
             index += 1
-        self._finish(time.monotonic() - t0, policy_s)
+        self._finish(time.monotonic() - t0, policy_s, index)
 
     # ----- checks (debug_verify_commits) -----------------------------------------------------
     def _verify_weights(self, layer_idx: int) -> None:
