@@ -177,3 +177,26 @@ def test_fp8_scales_are_applied_per_block():
     out = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2b)
     emu = reference(x, slot, wt, d13.to(DEV), d2b.to(DEV), act_quant=True)
     assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
+
+
+def _cfg(bm, bn1, bn2, fp8):
+    def c(bn):
+        return {"BN": bn, "BK": 128 if fp8 else 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
+    return {"BM": bm, "gemm1": c(bn1), "gemm2": c(bn2)}
+
+
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("bm,bn1,bn2", [(16, 32, 64), (64, 128, 128), (32, 128, 64)])
+def test_fp8_both_intermediate_paths(bm, bn1, bn2):
+    # gemm1 BN == 128: h quantized in gemm1's epilogue; else gemm2 quantizes it after loading
+    x, slot, wt, q13, s13, q2, s2, d13, d2 = _fp8_case(90, 256, 384, 10, 4, seed=bm + bn1)
+    out = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=_cfg(bm, bn1, bn2, True))
+    emu = reference(x, slot, wt, d13.to(DEV), d2.to(DEV), act_quant=True)
+    assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
+
+
+@pytest.mark.parametrize("bm,bn1,bn2", [(128, 128, 256), (64, 64, 128)])
+def test_bf16_large_tiles(bm, bn1, bn2):
+    x, slot, wt, w13, w2 = make_case(300, 256, 256, 6, 4, seed=bm)
+    out = fused_moe(x, slot, wt, w13, w2, config=_cfg(bm, bn1, bn2, False))
+    assert rel_err(out.cpu(), reference(x, slot, wt, w13, w2)) < BF16_TOL

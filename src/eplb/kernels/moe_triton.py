@@ -16,9 +16,10 @@ Within a slot the order of pairs depends on atomics, but every output row is com
 result does not depend on that order.
 
 FP8 (``w13_scale``/``w2_scale`` given): weights are float8_e4m3fn with float32 ``weight_scale_inv``
-per 128x128 block; each 128-wide K step quantizes the activation tile per row (per token and
-128-channel group, scale = amax / 448) right after loading it, does an FP8 tensor-core dot and
-applies activation scale x weight scale to the float32 partial sum.
+per 128x128 block. Activations are quantized per token and 128-channel group (scale = amax / 448):
+x by one small extra launch (``_quant_act_kernel``); the intermediate h by gemm1's epilogue when
+its tile is 128 wide (one group per tile row), otherwise by gemm2 right after each 128-wide load.
+Each K step is an FP8 tensor-core dot whose float32 result gets activation scale x weight scale.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _tile_ids(max_m_blocks, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _quant_rows(a):
-    """[BM, BK] tile -> (fp8 tile, float32 scale per row): one 128-channel group per row."""
+    """[BM, 128] tile -> (fp8 tile, float32 scale per row): one 128-channel group per row."""
     af = a.to(tl.float32)
     amax = tl.max(tl.abs(af), axis=1)
     s = tl.maximum(amax, 1e-12) / 448.0
@@ -104,11 +105,31 @@ def _quant_rows(a):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
-                  n_pairs, H, I, max_m_blocks,
-                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+def _quant_act_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
+                      G: tl.constexpr):
+    """x [T, H] -> q [T, H] e4m3 and s [T, H/128] float32: one scale per token and 128 channels.
+    Grid (T, cdiv(H/128, G))."""
+    t = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1) * G + tl.arange(0, G)
+    ch = tl.arange(0, 128)
+    offs = grp[:, None] * 128 + ch[None, :]
+    m = grp[:, None] < H // 128
+    x = tl.load(x_ptr + t * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    sc = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0
+    tl.store(q_ptr + t * stride_q + offs, (x / sc[:, None]).to(tl.float8e4nv), mask=m)
+    tl.store(s_ptr + t * stride_s + grp, sc, mask=grp < H // 128)
+
+
+@triton.jit
+def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
+                  num_post_ptr, n_pairs, H, I, max_m_blocks,
+                  stride_xm, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                  stride_hs,
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  GROUP_M: tl.constexpr, FP8: tl.constexpr, EVEN_K: tl.constexpr):
+                  GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
+    also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
     pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
@@ -125,6 +146,7 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_ptr, block_slot_ptr, num_p
     g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
     if FP8:
+        as_ptrs = xs_ptr + tok * stride_xs
         sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
         su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -140,11 +162,11 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_ptr, block_slot_ptr, num_p
             g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
         if FP8:
-            aq, a_s = _quant_rows(a)
+            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
             sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
             su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
-            acc_g += tl.dot(aq, g) * a_s[:, None] * sg[None, :]
-            acc_u += tl.dot(aq, u) * a_s[:, None] * su[None, :]
+            acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
+            acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
         else:
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
@@ -153,15 +175,23 @@ def _gemm1_kernel(x_ptr, w_ptr, ws_ptr, h_ptr, sorted_ptr, block_slot_ptr, num_p
         u_ptrs += BK
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if H_FP8:
+        hq, h_s = _quant_rows(h)
+        tl.store(h_ptrs, hq, mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, h_s, mask=mask_m)
+    else:
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
-                  n_pairs, H, I, max_m_blocks,
-                  stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
+def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
+                  num_post_ptr, n_pairs, H, I, max_m_blocks,
+                  stride_hm, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  FP8: tl.constexpr, EVEN_K: tl.constexpr, MUL_WEIGHT: tl.constexpr):
+                  FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+                  MUL_WEIGHT: tl.constexpr):
+    """FP8: h is either FP8 with scales hs (H_FP8) or bf16, quantized per row right after each
+    128-wide load."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
@@ -178,6 +208,8 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slo
     b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     if FP8:
         s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
+    if H_FP8:
+        as_ptrs = hs_ptr + row * stride_hs
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BK)):
         if EVEN_K:
@@ -188,7 +220,11 @@ def _gemm2_kernel(h_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slo
             a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
         if FP8:
-            aq, a_s = _quant_rows(a)
+            if H_FP8:
+                aq = a
+                a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+            else:
+                aq, a_s = _quant_rows(a)
             bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
             acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
         else:
@@ -296,29 +332,40 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config):
         slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
         BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk)
 
-    hbuf = torch.empty((n_pairs, i), dtype=x.dtype, device=dev)
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
-    ws13 = w13_scale if fp8 else w13  # dummy pointer when unused
-    ws2 = w2_scale if fp8 else w2
+    # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
+    h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
+    if fp8:
+        xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
+        xs = torch.empty((t, h // FP8_BLOCK), dtype=torch.float32, device=dev)
+        g = 4
+        _quant_act_kernel[(t, triton.cdiv(h // FP8_BLOCK, g))](
+            x, xq, xs, h, x.stride(0), xq.stride(0), xs.stride(0), G=g)
+        ws13, ws2 = w13_scale, w2_scale
+    else:
+        xq, xs = x, x  # xs, ws13, ws2: dummy pointers when unused
+        ws13, ws2 = w13, w2
+    hbuf = torch.empty((n_pairs, i), dtype=torch.float8_e4m3fn if h_fp8 else x.dtype, device=dev)
+    hs = torch.empty((n_pairs, i // FP8_BLOCK), dtype=torch.float32, device=dev) if h_fp8 else hbuf
     grid1 = (max_blocks * triton.cdiv(i, c1["BN"]),)
     _gemm1_kernel[grid1](
-        x, w13, ws13, hbuf, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
-        x.stride(0), w13.stride(0), w13.stride(1),
+        xq, xs, w13, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
+        xq.stride(0), xs.stride(0) if fp8 else 0, w13.stride(0), w13.stride(1),
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
-        TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8,
+        hs.stride(0) if h_fp8 else 0,
+        TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(h % bk1 == 0), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
-    if topk_weight is not None:
-        wflat = topk_weight.contiguous().view(-1)
+    wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
-        hbuf, w2, ws2, y, wflat if topk_weight is not None else y, sorted_ids, block_slot, num_post,
-        n_pairs, h, i, max_blocks,
-        hbuf.stride(0), w2.stride(0), w2.stride(1),
+        hbuf, hs, w2, ws2, y, wflat, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
+        hbuf.stride(0), hs.stride(0) if h_fp8 else 0, w2.stride(0), w2.stride(1),
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0),
-        BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, EVEN_K=(i % bk2 == 0),
-        MUL_WEIGHT=topk_weight is not None, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+        BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
+        EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None,
+        num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
 
