@@ -394,19 +394,23 @@ def evaluate_hf(model_dir: Path, device: str, limit: int | None, batch: int,
     return metrics, texts
 
 
-def evaluate_engine(model_dir: Path, device: str, limit: int | None) -> dict:
-    """Greedy accuracy with our engine, same prompts and stop strings."""
+def evaluate_engine(model_dir: Path, device: str, limit: int | None, max_num_seqs: int,
+                    dtype: str) -> tuple[dict, list[str]]:
+    """Greedy accuracy with our engine (``eplb.engine.LLM``), same prompts and stop strings."""
     from eplb.engine import LLM, SamplingParams
 
     prompts, refs = eval_prompts(limit)
     t0 = time.time()
-    llm = LLM(str(model_dir), device=device)
+    llm = LLM(str(model_dir), device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max(2048, 32 * max_num_seqs))
     params = SamplingParams(max_tokens=80, temperature=0.0, stop=STOP_STRINGS)
     outs = llm.generate(prompts, params)
     texts = [_truncate(o.text) for o in outs]
     correct = [extract_answer(t) == r for t, r in zip(texts, refs)]
-    return {"engine_accuracy": sum(correct) / len(correct), "engine_num_problems": len(correct),
-            "engine_s": round(time.time() - t0, 1), "engine_device": device}
+    return {"accuracy": sum(correct) / len(correct), "num_problems": len(correct),
+            "num_correct": int(sum(correct)), "invalid": sum(extract_answer(t) is None for t in texts),
+            "generate_s": round(time.time() - t0, 1), "eval_device": device, "eval_dtype": dtype,
+            "max_num_seqs": max_num_seqs}, texts
 
 
 # ----------------------------------------------------------------------------- main
@@ -429,6 +433,8 @@ def main() -> int:
     ap.add_argument("--eval-only", type=Path, default=None, help="evaluate this model folder")
     ap.add_argument("--engine", action="store_true", help="also measure eplb.engine.LLM")
     ap.add_argument("--engine-device", default=None)
+    ap.add_argument("--engine-dtype", default="float32")
+    ap.add_argument("--engine-max-seqs", type=int, default=256)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the plumbing")
     args = ap.parse_args()
     if args.smoke:
@@ -458,8 +464,15 @@ def main() -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.engine:
         try:
-            metrics["eval_engine"] = evaluate_engine(model_dir, args.engine_device or device, args.eval_limit)
-            print(f"engine: {metrics['eval_engine']}", flush=True)
+            em, etexts = evaluate_engine(model_dir, args.engine_device or device, args.eval_limit,
+                                         args.engine_max_seqs, args.engine_dtype)
+            em["same_text_as_transformers"] = sum(a.strip() == b.strip() for a, b in zip(texts, etexts))
+            em["same_answer_as_transformers"] = sum(
+                extract_answer(a) == extract_answer(b) for a, b in zip(texts, etexts))
+            metrics["eval_engine"] = em
+            print(f"engine greedy accuracy {em['accuracy']:.4f} ({em['num_correct']}/"
+                  f"{em['num_problems']}), same answer as transformers "
+                  f"{em['same_answer_as_transformers']}, {em['generate_s']}s", flush=True)
         except Exception as exc:  # report, keep the reference numbers
             metrics["eval_engine"] = {"error": repr(exc)[:500]}
             print(f"engine failed: {exc!r}", flush=True)
