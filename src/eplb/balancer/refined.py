@@ -27,6 +27,8 @@ _REL = 1e-9  # relative tolerance for "no worse" between float loads
 # A warm start may be this much (relative max rank load on the window) worse than a fresh
 # solution: the window's own routing noise is larger, and every avoided move is real.
 TOLERANCE = 0.005
+# A layer whose first packing ends this far above the bound also tries the second one.
+SECOND_TRY = 0.01
 
 
 def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarray:
@@ -47,9 +49,12 @@ def _expand(count: np.ndarray) -> np.ndarray:
     return np.repeat(ids, count.ravel()).reshape(num_layers, -1)
 
 
-def greedy_pack_distinct(load: np.ndarray, count: np.ndarray, num_ranks: int) -> np.ndarray:
-    """Heaviest replica first into the lightest non-full rank not holding its expert.
-    Returns ``phy2log [L, P]`` (rank g owns slots ``[g*S, (g+1)*S)``)."""
+def greedy_pack_distinct(
+    load: np.ndarray, count: np.ndarray, num_ranks: int, distinct: bool = True
+) -> np.ndarray:
+    """Heaviest replica first into the lightest non-full rank not holding its expert (any
+    non-full rank when ``distinct`` is False). Returns ``phy2log [L, P]`` (rank g owns slots
+    ``[g*S, (g+1)*S)``)."""
     num_layers = load.shape[0]
     items = _expand(count)  # [L, P]
     num_physical = items.shape[1]
@@ -68,7 +73,7 @@ def greedy_pack_distinct(load: np.ndarray, count: np.ndarray, num_ranks: int) ->
     prev = np.full(num_layers, -1)
     for j in range(num_physical):
         e = items[:, j]
-        used &= (e == prev)[:, None]
+        used &= (e == prev)[:, None] & distinct
         open_load = np.where(rank_fill >= S, np.inf, rank_load)
         cand = np.where(used, np.inf, open_load)
         r = cand.argmin(1)
@@ -306,29 +311,64 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return out.scatter(1, free_old, src)
 
 
+def max_load_bound(load: np.ndarray, num_physical: int, num_ranks: int) -> np.ndarray:
+    """``[L]``: no placement's max rank load is below this (see ``stats.lower_bound``)."""
+    per_rep = (load / replicate_capped(load, num_physical, num_physical)).max(1)
+    return np.maximum(per_rep, load.sum(1) / num_ranks)
+
+
+def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.ndarray:
+    """Best of two packings per layer, each refined by swaps: capped replication packed with
+    distinct experts per rank, and (only for layers that one leaves more than ``SECOND_TRY``
+    above the bound) DeepSeek's uncapped replication packed without that rule; the first wins
+    ties."""
+    num_layers, num_experts = w.shape
+    num_physical = num_experts + num_redundant
+    cap = max(num_ranks, -(-num_physical // num_experts))
+    bound = max_load_bound(w, num_physical, num_ranks)
+    count = replicate_capped(w, num_physical, cap)
+    best, _ = swap_search(greedy_pack_distinct(w, count, num_ranks), w, num_ranks, target=bound)
+    best_max = max_rank_load(best, w, num_ranks)
+    if not np.isfinite(SECOND_TRY):
+        return best
+    open_rows = np.flatnonzero(best_max > bound * (1 + SECOND_TRY))
+    if open_rows.size:
+        wo = w[open_rows]
+        other = greedy_pack_distinct(wo, replicate_capped(wo, num_physical, num_physical), num_ranks,
+                                     distinct=False)
+        other, _ = swap_search(other, wo, num_ranks, target=bound[open_rows])
+        better = max_rank_load(other, wo, num_ranks) < best_max[open_rows] * (1 - _REL)
+        best[open_rows[better]] = other[better]
+    return best
+
+
 def refined_phy2log(
     load: torch.Tensor, num_ranks: int, num_redundant: int,
     previous: torch.Tensor | None = None, max_moves: int | None = None, tolerance: float = TOLERANCE,
 ) -> torch.Tensor:
     """``load [L, E]`` -> ``phy2log [L, E + R]`` (see the module docstring). With ``previous``,
-    a warm start within ``tolerance`` (relative max rank load) of the fresh solution wins."""
+    the warm start stops once within ``tolerance`` (relative max rank load) of the fresh
+    placement; a layer where it does not get there takes the fresh placement."""
     w = load.detach().cpu().double().numpy()
     num_layers, num_experts = w.shape
     num_physical = num_experts + num_redundant
-    cap = max(num_ranks, -(-num_physical // num_experts))
-    count = replicate_capped(w, num_physical, cap)
-    fresh, _ = swap_search(greedy_pack_distinct(w, count, num_ranks), w, num_ranks)
+    fresh = fresh_placement(w, num_ranks, num_redundant)
     if previous is None:
         return torch.from_numpy(fresh)
     prev = previous.detach().cpu().numpy().astype(np.int64)
-    fresh_max = max_rank_load(fresh, w, num_ranks) * (1 + tolerance)
+    # The warm start aims at the fresh placement's replica counts.
+    count = np.zeros((num_layers, num_experts), dtype=np.int64)
+    np.add.at(count, (np.arange(num_layers)[:, None], fresh), 1)
+    goal = max_rank_load(fresh, w, num_ranks) * (1 + tolerance)
     warm, changes = warm_start(prev, w, count, num_ranks, max_moves)
     swap_budget = None if max_moves is None else max_moves - changes
-    warm, _ = swap_search(warm, w, num_ranks, target=fresh_max, budget=swap_budget)
+    warm, _ = swap_search(warm, w, num_ranks, target=goal, budget=swap_budget)
     if max_moves is not None:
         return torch.from_numpy(warm)
-    use_warm = max_rank_load(warm, w, num_ranks) <= fresh_max * (1 + _REL) + 1e-12
-    if use_warm.all():
-        return torch.from_numpy(warm)
-    aligned = map_to_previous(torch.from_numpy(fresh), previous.to(torch.long), num_ranks, num_experts)
-    return torch.where(torch.from_numpy(use_warm).unsqueeze(1), torch.from_numpy(warm), aligned)
+    take = np.flatnonzero(max_rank_load(warm, w, num_ranks) > goal * (1 + _REL) + 1e-12)
+    if take.size:
+        rows = torch.from_numpy(take)
+        aligned = map_to_previous(torch.from_numpy(fresh[take]), previous[rows].to(torch.long),
+                                  num_ranks, num_experts)
+        warm[take] = aligned.numpy()
+    return torch.from_numpy(warm)
