@@ -205,7 +205,7 @@ def moe_bench(ceil: dict) -> list[dict]:
     return rows
 
 
-def graph_time(xs, routes, wargs, kw) -> float:
+def graph_time(xs, routes, wargs, kw, reps: int = 30) -> float:
     from eplb.kernels import fused_moe
 
     def body():
@@ -220,7 +220,7 @@ def graph_time(xs, routes, wargs, kw) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         body()
-    return timed(g.replay, reps=50) / NSETS
+    return timed(g.replay, reps=reps) / NSETS
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -257,12 +257,9 @@ def tune(tokens=TOKENS) -> dict:
         for t in tokens:
             xs = [torch.randn(t, H, device="cuda", dtype=torch.bfloat16) for _ in range(NSETS)]
             routes = [layer.route(x) for x in xs]
-            it = {"i": 0}
-
             def run(cfg):
-                it["i"] = (it["i"] + 1) % NSETS
-                j = it["i"]
-                fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, config=cfg, **kw)
+                # CUDA-graph replay of NSETS calls: GPU time, not Python launch overhead
+                return graph_time(xs, routes, wargs, dict(kw, config=cfg))
 
             bms, g1s, g2s = _cands(t, fp8)
             best = None
@@ -273,17 +270,17 @@ def tune(tokens=TOKENS) -> dict:
                     for cand in cands:
                         cfg = dict(cur, **{part: cand})
                         try:
-                            res.append((timed(lambda: run(cfg), reps=20, warmup=2), cand))
+                            res.append((run(cfg), cand))
                         except Exception as exc:
                             print(f"   tune {key} t={t} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
                     if res:
                         cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
-                sec = timed(lambda: run(cur), reps=30, warmup=2)
+                sec = run(cur)
                 if best is None or sec < best[0]:
                     best = (sec, cur)
             n_pairs = str(t * K)
             default = TABLE[key].get(n_pairs)
-            dsec = timed(lambda: run(default), reps=30, warmup=2) if default else None
+            dsec = run(default) if default else None
             print(f"  tune {key} t={t}: best {best[0]*1e3:.3f} ms {best[1]}  (table before: "
                   f"{dsec*1e3 if dsec else float('nan'):.3f} ms)", flush=True)
             out[key][n_pairs] = best[1]

@@ -163,10 +163,18 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
             u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
         if FP8:
             a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
-            sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
-            su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
-            acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
-            acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
+            if BN <= 128:
+                # the tile lies in one 128-row weight block: one scale, folded into the row scale
+                # so the promotion is a single FMA per element
+                sg = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
+                su = tl.load(ws_ptr + slot * stride_se + ((pid_n * BN + I) // 128) * stride_sn + kb)
+                acc_g += tl.dot(a, g) * (a_s * sg)[:, None]
+                acc_u += tl.dot(a, u) * (a_s * su)[:, None]
+            else:
+                sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
+                su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
+                acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
+                acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
         else:
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
@@ -225,8 +233,12 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
                 a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
             else:
                 aq, a_s = _quant_rows(a)
-            bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
-            acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
+            if BN <= 128:
+                bs = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
+                acc += tl.dot(aq, b) * (a_s * bs)[:, None]
+            else:
+                bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
+                acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BK
