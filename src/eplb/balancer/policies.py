@@ -70,11 +70,6 @@ def deepseek(
     num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
 ) -> Placement:
     load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
-    if num_groups % num_nodes == 0 and (num_redundant + load.shape[1]) % num_nodes:
-        raise ValueError(
-            f"num_nodes ({num_nodes}) must divide the slot count ({load.shape[1] + num_redundant}) "
-            "for the hierarchical policy"
-        )
     phy2log = deepseek_phy2log(load, num_ranks, num_redundant, num_nodes, num_groups)
     return Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
 

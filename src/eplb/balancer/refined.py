@@ -7,13 +7,17 @@ steps cost far less than torch ops).
    but no expert gets more replicas than there are ranks (a second copy on one rank adds nothing).
 2. Pack (fresh): replicas heaviest first into the lightest rank with room that does not already
    hold that expert; then swap local search: repeatedly swap one replica of the heaviest rank with
-   one replica elsewhere, the swap that lowers the pair's max the most, until none helps.
+   one replica on one of the lightest ranks, the swap that lowers the pair's max the most, until
+   none helps or the layer reaches the lower bound. A layer still more than ``SECOND_TRY`` above
+   the bound also packs DeepSeek's uncapped replication (second copies on a rank allowed) the same
+   way and keeps it only if its max rank load is strictly lower.
 3. With ``previous``: a warm start keeps the previous placement, changes only the replica counts
-   that differ (freeing slots on the heaviest ranks, filling on the lightest), then runs the same
-   swap search only until the layer's max rank load is no worse than the fresh solution's
-   (each swap moves two copies). A layer whose warm start cannot get there takes the fresh
-   solution, its packs mapped onto ranks by greedy max overlap with ``previous`` and each rank's
-   slots aligned so that experts it already holds stay in their slots.
+   that differ from the fresh placement's (re-using a surplus slot, preferring ranks without the
+   incoming expert, then the lowest resulting load), then runs the same swap search only until the
+   layer's max rank load is within ``TOLERANCE`` of the fresh placement's (each swap moves two
+   copies). A layer whose warm start cannot get there takes the fresh placement, its packs mapped
+   onto ranks by greedy max overlap with ``previous`` and each rank's slots aligned so that
+   experts it already holds stay in their slots.
 4. ``max_moves`` caps the copies a rebalance moves per layer: replica-count changes go hottest
    first, then swaps, best gain first, and the warm start is always used.
 """

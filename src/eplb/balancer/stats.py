@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eplb.balancer.placement import Placement
+from eplb.balancer.refined import replicate_capped
 
 
 class LoadWindow:
@@ -72,13 +73,9 @@ def min_max_replica_load(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     """``[L, E]`` -> ``[L]``: the smallest possible max per-replica load with ``num_physical``
     replicas in all (every expert >= 1). Adding a replica to the expert with the highest load per
     replica is optimal for this min-max, so the greedy gives the exact value."""
-    load = torch.as_tensor(load, dtype=torch.float64)
-    num_layers, num_experts = load.shape
-    counts = torch.ones_like(load)
-    rows = torch.arange(num_layers)
-    for _ in range(num_physical - num_experts):
-        counts[rows, (load / counts).argmax(-1)] += 1
-    return (load / counts).amax(-1)
+    w = torch.as_tensor(load, dtype=torch.float64).numpy()
+    count = replicate_capped(w, num_physical, num_physical)
+    return torch.from_numpy((w / count).max(1))
 
 
 def lower_bound(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
