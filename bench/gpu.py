@@ -9,6 +9,7 @@ One command on the device tool:  python bench/gpu.py [--tune] [--out DIR]
              (distinct experts hit, read once) over the reduction read rate; TFLOP/s over the
              matmul ceiling of the weights' dtype.
   graph      our bf16/FP8 expert compute at 1 token replayed from a CUDA graph
+  --e2e      then bench/gpu_e2e.py: our engine vs transformers generate, end to end
   --tune     first sweeps tile configs per token count and uses the best (prints a TABLE for
              src/eplb/kernels/tile_table.py and writes tile_table-<device>.json)
 Times: CUDA events after warm-up, median of repeats, inputs rotated over 8 sets so that repeated
@@ -292,6 +293,11 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--e2e", action="store_true", help="also run bench/gpu_e2e.py (engine vs generate)")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_e2e
+
+    gpu_e2e.add_arguments(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -329,6 +335,10 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", path)
+    if args.e2e:
+        del res
+        torch.cuda.empty_cache()
+        return gpu_e2e.main(args)
     return 0
 
 
