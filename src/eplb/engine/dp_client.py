@@ -62,6 +62,9 @@ class DPEngineClient:
         if local > size or (size % local):
             raise ValueError(f"data_parallel_size_local ({local}) must divide "
                              f"data_parallel_size ({size})")
+        if local < size and not (parallel.data_parallel_rpc_port or os.environ.get("MASTER_PORT")):
+            raise ValueError("data_parallel_rpc_port must be set when ranks span several nodes "
+                             "(data_parallel_size_local < data_parallel_size)")
         self.world_size = size
         # ranks of this node: node_rank * local .. + local (multi-node: one client per node;
         # requests are served by the ranks of the node whose front received them)

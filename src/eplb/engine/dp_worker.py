@@ -122,6 +122,7 @@ class RankWorker:
             kwargs["device"] = str(self.ctx.device)
         cfg = load_config(spec.model_path)
         ep = spec.parallel.enable_expert_parallel and spec.world_size > 1
+        self.ep = ep
         ep_size = spec.world_size if ep else 1
         placement = initial_placement(cfg.num_moe_layers, cfg.num_experts, ep_size,
                                       spec.eplb if ep else None)
@@ -221,8 +222,9 @@ class RankWorker:
             if has_work:
                 outs = self.engine.step()
             else:
-                self.engine.dummy_step()
-                self.dummy_steps += 1
+                if self.ep:  # without EP the forward has no collectives to line up
+                    self.engine.dummy_step()
+                    self.dummy_steps += 1
                 outs = []
             self.steps += 1
             self.state.collect_step_load()

@@ -77,6 +77,9 @@ class AsyncRebalance:
         self._n_staged = 0
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max_staged_layers)
+        # pacing: one layer per step boundary, so each forward step overlaps at most one layer's
+        # transfer instead of the whole rebalance landing on a few steps (CPU ranks share cores)
+        self._tick = threading.Event()
         self._cancelled = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"eplb-async-{generation}", daemon=True
@@ -86,6 +89,10 @@ class AsyncRebalance:
     def start(self) -> "AsyncRebalance":
         self._thread.start()
         return self
+
+    def tick(self) -> None:
+        """Called by the main loop at every step boundary: lets the thread stage one more layer."""
+        self._tick.set()
 
     def ready_count(self) -> int:
         """0 until the plan is known, then 1 + the number of layers staged (in ``moving`` order)."""
@@ -108,6 +115,7 @@ class AsyncRebalance:
         with self._lock:
             self._staged.clear()
         self._slots.release()
+        self._tick.set()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -137,6 +145,10 @@ class AsyncRebalance:
                     while not self._slots.acquire(timeout=0.05):
                         if self._cancelled.is_set():
                             return
+                    while not self._tick.wait(timeout=0.05):
+                        if self._cancelled.is_set():
+                            return
+                    self._tick.clear()
                     if self._cancelled.is_set():
                         return
                     if self.fail_at_layer is not None and index == self.fail_at_layer:

@@ -174,6 +174,8 @@ class EplbState:
                 self._abandon("a rank reported a failed or timed-out transfer")
             else:
                 self._commit_ready(int(summed[1:1 + g].min()))
+                if self._inflight is not None:
+                    self._inflight.tick()
         if forward_before and self.steps % self.cfg.step_interval == 0:
             self._close_interval()
             if self._inflight is None:

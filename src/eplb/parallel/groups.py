@@ -6,8 +6,8 @@ async worker thread never interleaves its point-to-point traffic with the main l
 per-step collectives (gloo and NCCL both need one issuing thread per group).
 
 Rendezvous: ``tcp://address:port`` in the style of vLLM's ``--data-parallel-address`` /
-``--data-parallel-rpc-port``. Under torchrun, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT`` are used when no explicit values are given.
+``--data-parallel-rpc-port`` (``DPEngineClient`` falls back to torchrun's ``MASTER_PORT`` when no
+port is given, then to a free local port).
 """
 
 from __future__ import annotations
@@ -63,17 +63,6 @@ def backend_for(device: str | torch.device) -> str:
 def set_nccl_env() -> None:
     """NVLink SHARP (multicast) off in every process: it hangs or fails on the lent machines."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"
-
-
-def rendezvous_from_env(address: str | None, port: int | None) -> tuple[str, int]:
-    """Explicit address/port win; else torchrun's MASTER_ADDR / MASTER_PORT; else localhost."""
-    addr = address or os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    if port:
-        return addr, int(port)
-    env_port = os.environ.get("MASTER_PORT")
-    if env_port:
-        return addr, int(env_port)
-    raise ValueError("data_parallel_rpc_port must be set (or MASTER_PORT under torchrun)")
 
 
 def init_distributed(
