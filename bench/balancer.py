@@ -102,12 +102,18 @@ def drift_case(c: dict, seed: int, steps: int) -> dict:
     spec = SyntheticSpec(steps=steps, layers=c["L"], experts=c["E"], tokens=tokens(c), skew=1.0,
                          drift=0.02, shift_at=steps // 2, seed=seed)
     trace = synthetic_trace(spec)
-    row = {}
-    for name in ("deepseek", "refined"):
+    row = {"max_moves_capped": capped_moves(c)}
+    for label, name, cap in (("deepseek", "deepseek", None), ("refined", "refined", None),
+                             ("refined_capped", "refined", capped_moves(c))):
         r = simulate(trace, name, c["G"], c["R"], window_size=100, step_interval=100,
-                     num_nodes=c["N"], num_groups=c["K"])
-        row[name] = r.summary()
+                     num_nodes=c["N"], num_groups=c["K"], max_moves=cap)
+        row[label] = r.summary()
     return row
+
+
+def capped_moves(c: dict) -> int:
+    """The per-layer cap of the `refined_capped` variant: 1/16 of the slots."""
+    return max(2, (c["E"] + c["R"]) // 16)
 
 
 def timing_case(repeats: int) -> dict:
@@ -164,11 +170,19 @@ def main() -> int:
         and x["refined"]["mean_balancedness"] >= x["deepseek"]["mean_balancedness"] - 1e-9
         for x in drift if x["deepseek"]["copies_moved"] > 0
     ]
+    bal_ds = float(np.mean([x["deepseek"]["mean_balancedness"] for x in drift]))
+    bal_ours = float(np.mean([x["refined"]["mean_balancedness"] for x in drift]))
+    bal_capped = float(np.mean([x["refined_capped"]["mean_balancedness"] for x in drift]))
+    moves_capped = sum(x["refined_capped"]["copies_moved"] for x in drift)
     targets = {
         "refined_fit_ge_deepseek_cases": f"{sum(ge)}/{len(ge)}",
         "gap_to_bound_closed_mean": closure_mean,
         "gap_to_bound_closed_total": closure_total,
         "drift_moves_ratio_total": moves_ours / max(moves_ds, 1),
+        "drift_mean_balancedness_deepseek": bal_ds,
+        "drift_mean_balancedness_refined": bal_ours,
+        "drift_moves_ratio_total_capped": moves_capped / max(moves_ds, 1),
+        "drift_mean_balancedness_refined_capped": bal_capped,
         "drift_cases_half_moves_at_equal_or_better_balancedness": f"{sum(drift_ok)}/{len(drift_ok)}",
         "refined_ds_v3_ep64_cpu_ms_fresh": timing["refined"]["fresh_cpu_ms"],
         "refined_ds_v3_ep64_cpu_ms_warm": timing["refined"]["warm_cpu_ms"],
@@ -226,9 +240,11 @@ def render_markdown(res: dict) -> str:
         "Drifting trace (skew 1.0, drift 0.02/step, sudden change half-way; window 100, "
         "rebalance every 100 steps):",
         "",
+        "`capped`: refined with `max_moves` = 1/16 of the slots per layer and rebalance.",
+        "",
         "| case | deepseek mean | refined mean | deepseek p5 | refined p5 | deepseek moved | "
-        "refined moved | ratio | refined ms (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "refined moved | ratio | capped mean | capped moved | refined ms (wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in res["cases"]:
         if x["trace"] != "drift":
@@ -238,7 +254,8 @@ def render_markdown(res: dict) -> str:
         lines.append(
             f"| {x['case']} | {d['mean_balancedness']:.4f} | {r['mean_balancedness']:.4f} | "
             f"{d['p5_balancedness']:.4f} | {r['p5_balancedness']:.4f} | {d['copies_moved']} | "
-            f"{r['copies_moved']} | {ratio:.2f} | {r['mean_policy_ms']:.0f} |")
+            f"{r['copies_moved']} | {ratio:.2f} | {x['refined_capped']['mean_balancedness']:.4f} | "
+            f"{x['refined_capped']['copies_moved']} | {r['mean_policy_ms']:.0f} |")
     tm = res["timing_ds_v3_ep64"]
     lines += [
         "",

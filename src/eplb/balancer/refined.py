@@ -99,6 +99,7 @@ def swap_search(
     num_ranks: int,
     target: np.ndarray | None = None,
     budget: np.ndarray | None = None,
+    levels: np.ndarray | None = None,
     max_iters: int = 10_000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Swap local search on the max rank load, on a copy of ``phy2log [L, P]``.
@@ -107,7 +108,10 @@ def swap_search(
     on one of the 8 lightest ranks (never creating a second copy of an expert on a rank), the swap
     that minimises the larger of the two new loads; a layer stops when no swap lowers its max,
     when its max is <= ``target [L]``, or when ``budget [L]`` (copies it may still move; 2 per
-    swap) runs out. Returns ``(phy2log, swaps done per layer [L])``.
+    swap) runs out. With ``levels [L, G]`` (descending), the rank worked on is instead the
+    heaviest one whose load exceeds the level at its position in the descending order of rank
+    loads, and a layer stops when none does: this matches a whole load profile (e.g. a fresh
+    placement's), not only its max. Returns ``(phy2log, swaps done per layer [L])``.
     """
     phy2log = phy2log.copy()
     num_layers, num_physical = phy2log.shape
@@ -128,7 +132,13 @@ def swap_search(
     ar_s = np.arange(S)
     near = min(num_ranks, 8)
     for _ in range(max_iters):
-        g = rank_load.argmax(1)
+        if levels is None:
+            g = rank_load.argmax(1)
+        else:
+            order = np.argsort(-rank_load, axis=1, kind="stable")
+            over = np.take_along_axis(rank_load, order, 1) > levels * (1 + _REL) + 1e-12
+            active &= over.any(1)
+            g = order[rows, over.argmax(1)]
         top = rank_load[rows, g]
         if target is not None:
             active &= top > target * (1 + _REL) + 1e-12
@@ -190,13 +200,18 @@ def swap_search(
     return phy2log, swaps
 
 
-def max_rank_load(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
-    """``[L]``: the heaviest rank's load, each expert's load split evenly over its replicas."""
+def rank_loads_np(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L, G]``: each rank's load, each expert's load split evenly over its replicas."""
     rows = np.arange(phy2log.shape[0])[:, None]
     count = np.zeros(load.shape)
     np.add.at(count, (rows, phy2log), 1)
     slot_w = (load / np.maximum(count, 1))[rows, phy2log]
-    return slot_w.reshape(phy2log.shape[0], num_ranks, -1).sum(-1).max(1)
+    return slot_w.reshape(phy2log.shape[0], num_ranks, -1).sum(-1)
+
+
+def max_rank_load(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``[L]``: the heaviest rank's load."""
+    return rank_loads_np(phy2log, load, num_ranks).max(1)
 
 
 def warm_start(
@@ -363,10 +378,14 @@ def refined_phy2log(
     # The warm start aims at the fresh placement's replica counts.
     count = np.zeros((num_layers, num_experts), dtype=np.int64)
     np.add.at(count, (np.arange(num_layers)[:, None], fresh), 1)
-    goal = max_rank_load(fresh, w, num_ranks) * (1 + tolerance)
+    fresh_loads = rank_loads_np(fresh, w, num_ranks)
+    goal = fresh_loads.max(1) * (1 + tolerance)
     warm, changes = warm_start(prev, w, count, num_ranks, max_moves)
     swap_budget = None if max_moves is None else max_moves - changes
-    warm, _ = swap_search(warm, w, num_ranks, target=goal, budget=swap_budget)
+    # Match the fresh placement's whole load profile (within the tolerance), not only its max:
+    # ranks just under the max become the max on the next, noisier steps.
+    levels = -np.sort(-fresh_loads, axis=1) * (1 + tolerance)
+    warm, _ = swap_search(warm, w, num_ranks, budget=swap_budget, levels=levels)
     if max_moves is not None:
         return torch.from_numpy(warm)
     take = np.flatnonzero(max_rank_load(warm, w, num_ranks) > goal * (1 + _REL) + 1e-12)
