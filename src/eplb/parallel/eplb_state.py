@@ -178,7 +178,8 @@ class EplbState:
                     self._inflight.tick()
         if forward_before and self.steps % self.cfg.step_interval == 0:
             self._close_interval()
-            if self._inflight is None:
+            # nothing to fit on a window without load (every rank sees the same total)
+            if self._inflight is None and int(self.window.total().sum()) > 0:
                 if self.cfg.use_async:
                     self._start_async()
                 else:
