@@ -91,9 +91,17 @@ class Layer:
         self.q2, self.s2 = quantize_block_fp8(self.w2)
 
     def route(self, x):
+        """Plain torch routing (as eplb.model.moe and transformers do it)."""
         probs = F.softmax(F.linear(x, self.wg), dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, K, dim=-1)
         return ids, (w / w.sum(-1, keepdim=True)).to(x.dtype)
+
+    def route_fused(self, x):
+        """Router matmul + our one-launch softmax/top-k/renormalise."""
+        from eplb.kernels import softmax_topk
+
+        w, ids = softmax_topk(F.linear(x, self.wg), K, True)
+        return ids, w
 
 
 def hf_block(layer: Layer):
@@ -153,8 +161,8 @@ def moe_bench(ceil: dict) -> list[dict]:
             return it["i"]
 
         impls = {
-            "ours_bf16": (lambda: (lambda j: fused_moe(xs[j], *layer.route(xs[j]), layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16"),
-            "ours_fp8": (lambda: (lambda j: fused_moe(xs[j], *layer.route(xs[j]), layer.q13, layer.q2,
+            "ours_bf16": (lambda: (lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16"),
+            "ours_fp8": (lambda: (lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), layer.q13, layer.q2,
                                                       w13_scale=layer.s13, w2_scale=layer.s2))(nxt()), bytes_fp8, "fp8"),
             "hf_grouped_mm": (lambda: hf_call(blk, xs[nxt()]), bytes_bf16, "bf16"),
         }
@@ -190,28 +198,39 @@ def moe_bench(ceil: dict) -> list[dict]:
             r = rows[-1]
             print(f"  {t:5d} {name:14s} {r['ms']:8.3f} ms  {r['read_GBps']:7.0f} GB/s ({r['read_frac']:.2f})"
                   f"  {r['TFLOPs']:6.1f} TFLOP/s ({r['mm_frac']:.2f})", flush=True)
-        # speed of bf16 experts alone vs fp8 experts alone inside a CUDA graph for decode sizes
+        # the whole layer (router matmul, fused top-k, experts) replayed from a CUDA graph: the
+        # GPU time without Python launch overhead (what a graph-captured decode step would see)
         if t <= 1024:
-            for name, args, kw in (("ours_bf16_graph", (layer.w13, layer.w2), {}),
-                                   ("ours_fp8_graph", (layer.q13, layer.q2), {"w13_scale": layer.s13, "w2_scale": layer.s2})):
+            for name, wargs, kw, nbytes in (
+                    ("ours_bf16_graph", (layer.w13, layer.w2), {}, bytes_bf16),
+                    ("ours_fp8_graph", (layer.q13, layer.q2), {"w13_scale": layer.s13, "w2_scale": layer.s2}, bytes_fp8)):
                 try:
-                    sec = graph_time(xs, routes, args, kw)
-                    nbytes = bytes_bf16 if "bf16" in name else bytes_fp8
+                    sec = graph_time_fn(lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), *wargs, **kw))
+                    mm = ceil["bf16_matmul_TFLOPs"] if "bf16" in name else ceil["fp8_matmul_TFLOPs"]
                     rows.append({"tokens": t, "impl": name, "ms": sec * 1e3, "read_GBps": nbytes / sec / 1e9,
                                  "read_frac": nbytes / sec / 1e9 / ceil["reduction_read_GBps"],
-                                 "note": "experts only (routing given), CUDA graph replay, per call"})
-                    print(f"  {t:5d} {name:14s} {sec*1e3:8.3f} ms  {nbytes/sec/1e9:7.0f} GB/s", flush=True)
+                                 "TFLOPs": flops / sec / 1e12, "mm_frac": flops / sec / 1e12 / mm,
+                                 "note": "whole layer (router, fused top-k, experts), CUDA graph replay"})
+                    r = rows[-1]
+                    print(f"  {t:5d} {name:14s} {r['ms']:8.3f} ms  {r['read_GBps']:7.0f} GB/s ({r['read_frac']:.2f})"
+                          f"  {r['TFLOPs']:6.1f} TFLOP/s ({r['mm_frac']:.2f})", flush=True)
                 except Exception as exc:
                     rows.append({"tokens": t, "impl": name, "error": repr(exc)[:300]})
     return rows
 
 
 def graph_time(xs, routes, wargs, kw, reps: int = 30) -> float:
+    """Experts only (routing given), per call, from a CUDA graph of NSETS calls."""
     from eplb.kernels import fused_moe
 
+    return graph_time_fn(lambda j: fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, **kw), reps)
+
+
+def graph_time_fn(call, reps: int = 30) -> float:
+    """Seconds per call(j), from a CUDA graph that calls it for j = 0..NSETS-1."""
     def body():
         for j in range(NSETS):
-            fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, **kw)
+            call(j)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -288,6 +307,30 @@ def tune(tokens=TOKENS) -> dict:
     return out
 
 
+def kernel_resources() -> list[dict]:
+    """Registers / spills / shared memory of every compiled GEMM variant (Triton's report)."""
+    from eplb.kernels import moe_triton
+
+    out = []
+    for name in ("_gemm1_kernel", "_gemm2_kernel"):
+        fn = getattr(moe_triton, name)
+        try:
+            for cache in fn.device_caches.values():
+                for key, kern in cache[0].items():
+                    kern._init_handles()
+                    md = kern.metadata
+                    out.append({"kernel": name, "num_warps": md.num_warps, "num_stages": md.num_stages,
+                                "n_regs": kern.n_regs, "n_spills": kern.n_spills, "shared": md.shared,
+                                "key": str(key)[:200]})
+        except Exception as exc:
+            out.append({"kernel": name, "error": repr(exc)[:200]})
+    spilling = [r for r in out if r.get("n_spills")]
+    print(f"compiled GEMM variants: {len(out)}, with spills: "
+          + ", ".join(f"{r['kernel']} w{r['num_warps']} s{r['num_stages']} regs {r['n_regs']} spills {r['n_spills']}"
+                      for r in spilling[:8]), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
@@ -331,6 +374,7 @@ def main() -> int:
             res["moe"] = moe_bench(res["ceilings"])
         except Exception:
             traceback.print_exc()
+    res["kernel_resources"] = kernel_resources()
     path = os.path.join(args.out, f"gpu-{dev_slug}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

@@ -200,3 +200,17 @@ def test_bf16_large_tiles(bm, bn1, bn2):
     x, slot, wt, w13, w2 = make_case(300, 256, 256, 6, 4, seed=bm)
     out = fused_moe(x, slot, wt, w13, w2, config=_cfg(bm, bn1, bn2, False))
     assert rel_err(out.cpu(), reference(x, slot, wt, w13, w2)) < BF16_TOL
+
+
+@pytest.mark.parametrize("t,e,k,renorm", [(1, 128, 8, True), (37, 128, 8, False), (300, 60, 4, True)])
+def test_softmax_topk_matches_torch(t, e, k, renorm):
+    from eplb.kernels import softmax_topk
+
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t)).to(BF16).to(DEV)
+    w, ids = softmax_topk(logits, k, renorm)
+    p = torch.softmax(logits.float(), -1)
+    rw, rids = torch.topk(p, k, -1)
+    if renorm:
+        rw = rw / rw.sum(-1, keepdim=True)
+    assert torch.equal(ids.cpu(), rids.cpu())  # random logits: no ties
+    torch.testing.assert_close(w.cpu(), rw.cpu(), rtol=1e-5, atol=1e-6)

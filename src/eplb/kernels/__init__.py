@@ -1,7 +1,8 @@
 """Fused MoE kernels for one EP rank's local expert slots.
 
 ``fused_moe``/``fused_moe_pairs``/``fused_experts`` run the Triton kernels (CUDA + triton needed;
-``HAS_TRITON`` says whether triton imports); ``moe_torch``/``moe_pairs_torch`` are the plain torch
+``HAS_TRITON`` says whether triton imports; ``softmax_topk`` is the fused router tail);
+``moe_torch``/``moe_pairs_torch`` are the plain torch
 path with the same arguments, for CPU and as the reference.
 """
 
@@ -35,10 +36,14 @@ def __getattr__(name: str):
         from eplb.kernels import moe_triton
 
         return getattr(moe_triton, name)
+    if name == "softmax_topk":
+        from eplb.kernels import routing
+
+        return routing.softmax_topk
     raise AttributeError(name)
 
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+    "softmax_topk", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
 ]
