@@ -13,7 +13,8 @@
 #   DP_SIZE          data-parallel ranks (default: 4)
 #   EPLB_CONFIG      --eplb-config JSON (default: the reference one above)
 #   DATASET          synthetic | gsm8k (default: synthetic)
-#   CONCURRENCY      eval requests in flight (default: 64)
+#   CONCURRENCY      eval requests in flight (default: 16: on a CPU this gives ~2.5 forward
+#                    steps per question, so 200 questions see ~5 rebalances at step_interval 100)
 #   EVAL_MAX_TOKENS  max tokens per answer (default: 256)
 #   HEALTH_TIMEOUT   seconds to wait for /health (default: 600)
 #   REQUIRE_REBALANCE  1 = fail without a completed rebalance, 0 = only report,
@@ -31,7 +32,7 @@ DEVICE=${DEVICE:-auto}
 DP_SIZE=${DP_SIZE:-4}
 EPLB_CONFIG=${EPLB_CONFIG:-'{"window_size":20,"step_interval":100,"use_async":true}'}
 DATASET=${DATASET:-synthetic}
-CONCURRENCY=${CONCURRENCY:-64}
+CONCURRENCY=${CONCURRENCY:-16}
 EVAL_MAX_TOKENS=${EVAL_MAX_TOKENS:-256}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 REQUIRE_REBALANCE=${REQUIRE_REBALANCE:-auto}
@@ -72,10 +73,18 @@ cleanup() {
       kill -KILL -- "-$SERVER_PID" 2>/dev/null || kill -KILL "$SERVER_PID" 2>/dev/null || true
     fi
   fi
-  # rank processes live in the server's process group (setsid): none may outlive the run
-  if [ -n "$SERVER_PID" ] && pgrep -g "$SERVER_PID" >/dev/null 2>&1; then
-    log "leftover rank processes in group $SERVER_PID: KILL"
-    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+  # rank processes live in the server's process group (setsid): none may outlive the run.
+  # Give exiting helpers (e.g. multiprocessing's resource tracker) a few seconds first.
+  if [ -n "$SERVER_PID" ]; then
+    for _ in $(seq 1 50); do
+      pgrep -g "$SERVER_PID" >/dev/null 2>&1 || break
+      sleep 0.1
+    done
+    if pgrep -g "$SERVER_PID" >/dev/null 2>&1; then
+      log "leftover processes in group $SERVER_PID: $(pgrep -g "$SERVER_PID" -a | tr '\n' ';' | cut -c1-300); KILL"
+      kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+      [ "$rc" -eq 0 ] && rc=1  # a clean run leaves nothing behind
+    fi
   fi
   exit "$rc"
 }

@@ -314,6 +314,9 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
             return exc
         if isinstance(exc, ValueError):  # the engine rejected the request itself
             return APIError(str(exc))
+        if not engine.is_healthy():  # a rank died or we are shutting down
+            return APIError(f"the engine is not running: {exc}", status=503,
+                            type="service_unavailable")
         logger.exception("generation failed")
         return APIError(f"generation failed: {exc!r}", status=500, type="server_error")
 

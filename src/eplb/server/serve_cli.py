@@ -192,7 +192,9 @@ def main(args: argparse.Namespace) -> int:
         args.data_parallel_size, cfg["model_path"], "on" if args.enable_expert_parallel else "off",
         cfg["eplb"].to_dict() if cfg["eplb"] else "off", args.all2all_backend, args.host, args.port)
     try:
-        server.run()
+        server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful exit (the app stops the ranks)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its shutdown: no traceback
+        return 130
     finally:
         engine.shutdown()  # idempotent; the app's shutdown already did it on a clean exit
     state = app.state.eplb
