@@ -46,6 +46,13 @@ def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarra
     return count.astype(np.int64)
 
 
+def _bincount2d(index: np.ndarray, size: int) -> np.ndarray:
+    """``index [L, n]`` with values in ``[0, size)`` -> ``[L, size]`` counts per row."""
+    rows = index.shape[0]
+    flat = (index + (np.arange(rows) * size)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * size).reshape(rows, size)
+
+
 def _expand(count: np.ndarray) -> np.ndarray:
     """``count [L, E]`` (equal row sums P) -> ``[L, P]`` expert ids, ascending."""
     num_layers, num_experts = count.shape
@@ -120,12 +127,11 @@ def swap_search(
     GE = num_ranks * num_experts
     rows = np.arange(num_layers)
     count = np.zeros((num_layers, num_experts))
-    np.add.at(count, (rows[:, None], phy2log), 1)
+    count[:] = _bincount2d(phy2log, num_experts)
     slot_w = (load / np.maximum(count, 1))[rows[:, None], phy2log]  # [L, P]
     rank_of = np.arange(num_physical) // S
     rank_load = slot_w.reshape(num_layers, num_ranks, S).sum(-1)
-    holds = np.zeros(num_layers * GE, dtype=np.int32)  # flat [L, G, E] copy counts
-    np.add.at(holds, rows[:, None] * GE + rank_of * num_experts + phy2log, 1)
+    holds = _bincount2d(rank_of * num_experts + phy2log, GE).ravel()  # flat [L, G, E] copies
     swaps = np.zeros(num_layers, dtype=np.int64)
     active = np.ones(num_layers, dtype=bool)
     scale = np.maximum(load.sum(1), 1.0)
@@ -203,8 +209,7 @@ def swap_search(
 def rank_loads_np(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
     """``[L, G]``: each rank's load, each expert's load split evenly over its replicas."""
     rows = np.arange(phy2log.shape[0])[:, None]
-    count = np.zeros(load.shape)
-    np.add.at(count, (rows, phy2log), 1)
+    count = _bincount2d(phy2log, load.shape[1])
     slot_w = (load / np.maximum(count, 1))[rows, phy2log]
     return slot_w.reshape(phy2log.shape[0], num_ranks, -1).sum(-1)
 
@@ -227,8 +232,7 @@ def warm_start(
     num_experts = load.shape[1]
     S = num_physical // num_ranks
     rows = np.arange(num_layers)
-    cur = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(cur, (rows[:, None], row), 1)
+    cur = _bincount2d(row, num_experts)
     deficit = np.maximum(count - cur, 0)
     changes = np.zeros(num_layers, dtype=np.int64)
     if not deficit.any():
@@ -288,13 +292,13 @@ def map_to_previous(new: torch.Tensor, old: torch.Tensor, num_ranks: int, num_ex
     rank_of = np.arange(num_physical) // S
     rows = np.arange(num_layers)
 
-    def holds(p2l: np.ndarray) -> np.ndarray:
-        h = np.zeros((num_layers, num_ranks * num_experts), dtype=np.float32)
-        np.add.at(h, (rows[:, None], rank_of * num_experts + p2l), 1.0)
-        return h.reshape(num_layers, num_ranks, num_experts)
+    def holds(p2l: np.ndarray) -> torch.Tensor:
+        h = _bincount2d(rank_of * num_experts + p2l, num_ranks * num_experts)
+        return torch.from_numpy(h.astype(np.float32)).view(num_layers, num_ranks, num_experts)
 
     new_np, old_np = new.numpy(), old.numpy()
-    overlap = np.matmul(holds(new_np), holds(old_np).transpose(0, 2, 1))  # [L, pack, rank]
+    # torch.bmm: numpy's stacked matmul on a transposed operand falls back to a slow loop.
+    overlap = torch.bmm(holds(new_np), holds(old_np).transpose(1, 2)).numpy()  # [L, pack, rank]
     rank_to_pack = np.empty((num_layers, num_ranks), dtype=np.int64)
     for _ in range(num_ranks):
         k = overlap.reshape(num_layers, -1).argmax(1)
@@ -376,8 +380,7 @@ def refined_phy2log(
         return torch.from_numpy(fresh)
     prev = previous.detach().cpu().numpy().astype(np.int64)
     # The warm start aims at the fresh placement's replica counts.
-    count = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(count, (np.arange(num_layers)[:, None], fresh), 1)
+    count = _bincount2d(fresh, num_experts)
     fresh_loads = rank_loads_np(fresh, w, num_ranks)
     goal = fresh_loads.max(1) * (1 + tolerance)
     warm, changes = warm_start(prev, w, count, num_ranks, max_moves)
