@@ -324,6 +324,22 @@ def test_still_serving_after_bad_input_and_metrics(server, client):
     assert server.metric("eplb_generation_tokens_total") >= 3
 
 
+def test_eval_client_against_our_server(server, tmp_path):
+    data = tmp_path / "q_test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} apples. How many?",
+                                        "answer": f"{i}\n#### {i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "res.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "eplb", "eval", "gsm8k", "--port", str(server.port),
+         "--api-key", API_KEY, "--data-path", str(data), "--num-shots", "2",
+         "--num-questions", "4", "--max-tokens", "8", "--save-results", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["num_questions"] == 4 and res["num_shots"] == 2 and res["model"] == server.name
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["questions_per_second"] > 0
+
+
 def test_sigterm_stops_every_process_and_frees_the_port(server):
     # runs last in this module: it stops the shared server
     sid = server.proc.pid
