@@ -14,8 +14,8 @@ steps cost far less than torch ops).
 3. With ``previous``: a warm start keeps the previous placement, changes only the replica counts
    that differ from the fresh placement's (re-using a surplus slot, preferring ranks without the
    incoming expert, then the lowest resulting load), then runs the same swap search only until the
-   layer's max rank load is within ``TOLERANCE`` of the fresh placement's (each swap moves two
-   copies). A layer whose warm start cannot get there takes the fresh placement, its packs mapped
+   layer's rank loads, in descending order, are each within ``TOLERANCE`` of the fresh
+   placement's at the same position (each swap moves two copies). A layer whose warm start cannot get there takes the fresh placement, its packs mapped
    onto ranks by greedy max overlap with ``previous`` and each rank's slots aligned so that
    experts it already holds stay in their slots.
 4. ``max_moves`` caps the copies a rebalance moves per layer: replica-count changes go hottest
