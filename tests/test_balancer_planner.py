@@ -38,7 +38,7 @@ def placement_pairs(draw):
     return old, Placement.from_phy2log(new, experts, ranks)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(pair=placement_pairs())
 def test_plan_transforms_old_into_new(pair):
     old, new = pair

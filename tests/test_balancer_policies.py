@@ -56,7 +56,7 @@ def problems(draw):
     return load, ranks, redundant
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(prob=problems(), name=st.sampled_from(sorted(POLICIES)))
 def test_every_policy_gives_valid_placement(prob, name):
     load, ranks, redundant = prob
@@ -72,7 +72,7 @@ def test_every_policy_gives_valid_placement(prob, name):
     assert (b <= lower_bound(load, ranks, redundant) + 1e-9).all()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(prob=problems())
 def test_refined_avoids_second_copy_on_a_rank_unless_strictly_better(prob):
     load, ranks, redundant = prob
@@ -91,7 +91,7 @@ def test_refined_avoids_second_copy_on_a_rank_unless_strictly_better(prob):
     assert (peak[changed] < peak_distinct[changed]).all()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(prob=problems(), seed=st.integers(0, 1000), cap=st.one_of(st.none(), st.integers(0, 6)))
 def test_refined_with_previous(prob, seed, cap):
     load, ranks, redundant = prob
