@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from eplb.cli import main as cli_main
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.engine import LLM, SamplingParams
 from eplb.engine.dp_client import DPEngineClient
@@ -101,6 +102,10 @@ def test_shutdown_is_idempotent_and_writes_the_trace(served):
     # exactly the real tokens fed (prompt + generated but the last): padding and dummy steps
     # never count as load
     assert per_step[:, 0].sum() == TOP_K * served["tokens_fed"]
+    # and real traffic replays through the simulator
+    assert cli_main(["simulate", "--trace", served["trace"], "--num-ranks", "2",
+                     "--num-redundant", "2", "--policy", "deepseek", "--window-size", "4",
+                     "--step-interval", "3"]) == 0
 
 
 @pytest.fixture(scope="module")

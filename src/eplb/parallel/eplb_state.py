@@ -446,8 +446,11 @@ class EplbState:
             self._inflight.cancel()
             self._inflight = None
         if self.record_trace is not None and self.ctx.rank == 0:
-            load = (np.stack(self._trace).astype(np.int64) if self._trace
-                    else np.zeros((0, self.num_layers, self.num_experts), dtype=np.int64))
-            with open(self.record_trace, "wb") as f:  # exactly this path (np.savez adds .npz)
-                np.savez(f, load=load)
+            if not self._trace:
+                log.warning("EPLB trace: no forward step ran; %s not written", self.record_trace)
+                return
+            from eplb.sim.traces import save_trace  # the simulator's own format
+
+            with open(self.record_trace, "wb") as f:  # exactly this path (numpy adds .npz)
+                save_trace(f, np.stack(self._trace))
 
