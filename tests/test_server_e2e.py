@@ -95,6 +95,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.headers = {"Authorization": f"Bearer {API_KEY}"}
+        self.health_codes: list[int] = []
 
     def wait_healthy(self, timeout_s: float = 240.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -102,7 +103,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                code = httpx.get(self.url + "/health", timeout=2).status_code
+                self.health_codes.append(code)
+                if code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -156,6 +159,8 @@ def client(server):
 
 
 def test_health_models_and_auth(server):
+    # the port answers while the ranks load: 503 until every rank is up, then 200
+    assert server.health_codes[0] == 503 and server.health_codes[-1] == 200
     assert httpx.get(server.url + "/health").status_code == 200
     models = httpx.get(server.url + "/v1/models", headers=server.headers).json()
     assert [m["id"] for m in models["data"]] == [server.name]
