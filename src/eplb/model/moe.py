@@ -40,17 +40,13 @@ def expert_forward(
         return out
     order = torch.argsort(local_slot, stable=True)
     counts = torch.bincount(local_slot, minlength=num_slots).tolist()
-    xs = x.index_select(0, order)
-    ys = torch.empty_like(xs)
-    start = 0
+    chunks = torch.split(x.index_select(0, order), counts)
+    ys = []
     for s, c in enumerate(counts):
-        if c == 0:
-            continue
-        end = start + c
-        gu = F.linear(xs[start:end], w13[s])
-        ys[start:end] = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
-        start = end
-    out.index_copy_(0, order, ys)
+        if c:
+            gu = F.linear(chunks[s], w13[s])
+            ys.append(F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s]))
+    out.index_copy_(0, order, torch.cat(ys) if len(ys) > 1 else ys[0])
     return out
 
 
