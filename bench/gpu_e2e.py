@@ -119,11 +119,41 @@ def hf_prefill(model, n: int, vocab: int, dev) -> float:
     return n / min(times[1:])
 
 
+def profile(core, batch: int, vocab: int, dev) -> int:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from eplb.engine import SamplingParams
+
+    for b in range(batch):
+        core.add_request(f"q{b}", list(range(2, 2 + PROMPT)), SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    for _ in range(4):
+        core.step()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        core.step()
+    sync(dev)
+    print(f"decode step at batch {batch}: {(time.perf_counter() - t0) / 5 * 1e3:.2f} ms", flush=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(5):
+            core.step()
+        sync(dev)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    if dev == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    return 0
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--patch-fused", action="store_true",
+                    help="route MoELayer.expert_fn to the Triton kernel from here (for engines not wired yet)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="only profile 5 decode steps of our engine at this batch size and exit")
 
 
 def main(args: argparse.Namespace | None = None) -> int:
@@ -140,6 +170,11 @@ def main(args: argparse.Namespace | None = None) -> int:
 
     from eplb.engine.core import EngineCore
 
+    if args.patch_fused:
+        from eplb.kernels import fused_experts
+        from eplb.model.moe import MoELayer
+
+        MoELayer.expert_fn = lambda self, x, slot: fused_experts(x, slot, self.w13, self.w2)
     cfg = qwen3_30b_config(args.layers, args.tiny)
     cfg._experts_implementation = "grouped_mm"
     prefill = min(args.prefill, 512) if args.tiny else args.prefill
@@ -165,6 +200,8 @@ def main(args: argparse.Namespace | None = None) -> int:
                           max_num_seqs=max(BATCHES), max_num_batched_tokens=max(prefill, 4096))
         print(f"loaded our engine in {time.perf_counter() - t0:.0f}s", flush=True)
     vocab = cfg.vocab_size
+    if args.profile:
+        return profile(core, args.profile, vocab, dev)
     for b in BATCHES:
         ours = ours_decode(core, b, args.steps, vocab, dev)
         theirs = hf_decode(hf, b, args.steps, vocab, dev)
