@@ -47,7 +47,8 @@ class EPLBConfig:
     use_async: bool = True
     log_balancedness: bool = False
     policy: str = "deepseek"
-    # ours: a rebalance whose transfers do not finish in time is abandoned on every rank
+    # ours: a rebalance that makes no progress for this long (async: no layer planned, staged
+    # or committed; sync: one layer's transfer) is abandoned on every rank
     transfer_timeout_s: float = 60.0
     # ours: async staging holds at most this many layers' incoming experts at once
     max_staged_layers: int = 4
@@ -55,8 +56,10 @@ class EPLBConfig:
     max_moves_per_rebalance: int | None = None
     # ours: artificial delay per transferred layer, for tests that need a slow transfer
     debug_transfer_delay_s: float = 0.0
-    # ours, tests only: this rank's transfer raises in the first rebalance (-1 = never)
+    # ours, tests only: this rank's transfer fails in the first rebalance (-1 = never), by
+    # raising ("raise") or by never finishing ("stall": only the timeout can end it)
     debug_fail_rank: int = -1
+    debug_fail_mode: str = "raise"
     # ours, tests only: after every commit compare each rank's expert weights with the
     # checkpoint and the maps across ranks (counted in stats as verify_checks/verify_mismatches)
     debug_verify_commits: bool = False
@@ -83,6 +86,8 @@ class EPLBConfig:
                 f"debug_transfer_delay_s must be a number >= 0, got {self.debug_transfer_delay_s!r}"
             )
         _check_int("debug_fail_rank", self.debug_fail_rank, -1)
+        if self.debug_fail_mode not in ("raise", "stall"):
+            raise ValueError(f"debug_fail_mode must be one of raise, stall, got {self.debug_fail_mode!r}")
         _check_bool("debug_verify_commits", self.debug_verify_commits)
 
     @classmethod

@@ -53,6 +53,7 @@ class AsyncRebalance:
         max_staged_layers: int,
         delay_per_layer_s: float = 0.0,
         fail_at_layer: int | None = None,
+        fail_mode: str = "raise",
         device: torch.device | None = None,
     ) -> None:
         self.generation = generation
@@ -65,6 +66,7 @@ class AsyncRebalance:
         self.tensors_of = tensors_of
         self.delay_per_layer_s = delay_per_layer_s
         self.fail_at_layer = fail_at_layer
+        self.fail_mode = fail_mode
         self.device = device
         self.new = None
         self.transfers: list[list] = []
@@ -73,6 +75,9 @@ class AsyncRebalance:
         self.error: BaseException | None = None
         self.policy_s = 0.0
         self.started = time.monotonic()
+        # last time this rebalance moved forward here (plan known, a layer staged or committed);
+        # the timeout runs from it, so a long but steadily paced rebalance never times out
+        self.last_progress = self.started
         self._staged: dict[int, StagedLayer] = {}
         self._n_staged = 0
         self._lock = threading.Lock()
@@ -106,6 +111,7 @@ class AsyncRebalance:
         """The staged rows of ``moving[index]``; frees its staging slot for the next layer."""
         with self._lock:
             staged = self._staged.pop(index)
+            self.last_progress = time.monotonic()
         self._slots.release()
         return staged
 
@@ -141,6 +147,7 @@ class AsyncRebalance:
                     self.transfers = transfers
                     self.moving = [layer for layer, t in enumerate(transfers) if t]
                     self.planned = True
+                    self.last_progress = time.monotonic()
                 for index, layer in enumerate(self.moving):
                     while not self._slots.acquire(timeout=0.05):
                         if self._cancelled.is_set():
@@ -152,6 +159,10 @@ class AsyncRebalance:
                     if self._cancelled.is_set():
                         return
                     if self.fail_at_layer is not None and index == self.fail_at_layer:
+                        if self.fail_mode == "stall":  # never report ready; only a timeout ends it
+                            while not self._cancelled.wait(0.05):
+                                pass
+                            return
                         raise InjectedTransferError(
                             f"debug_fail_rank: rank {self.rank} fails its transfer of layer {layer}"
                         )
@@ -168,6 +179,7 @@ class AsyncRebalance:
                             return
                         self._staged[index] = staged
                         self._n_staged += 1
+                        self.last_progress = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - reported to every rank via the all-reduce
             if not self._cancelled.is_set():
                 log.warning("EPLB async rebalance %d failed on rank %d: %s",

@@ -148,8 +148,8 @@ class EplbState:
         if r is not None:
             if r.failed():
                 out[0] = 1
-            elif time.monotonic() - r.started > self.cfg.transfer_timeout_s:
-                log.warning("EPLB rebalance %d timed out on rank %d after %.1fs",
+            elif time.monotonic() - r.last_progress > self.cfg.transfer_timeout_s:
+                log.warning("EPLB rebalance %d timed out on rank %d: no progress for %.1fs",
                             r.generation, self.ctx.rank, self.cfg.transfer_timeout_s)
                 out[0] = 1
             out[1 + self.ctx.rank] = r.ready_count()
@@ -337,6 +337,7 @@ class EplbState:
             max_staged_layers=self.cfg.max_staged_layers,
             delay_per_layer_s=self.cfg.debug_transfer_delay_s,
             fail_at_layer=self._take_fail_injection(),
+            fail_mode=self.cfg.debug_fail_mode,
             device=self.ctx.device,
         ).start()
 
@@ -361,6 +362,8 @@ class EplbState:
             ok = 1
             try:
                 if fail_at is not None and index == fail_at:
+                    if self.cfg.debug_fail_mode == "stall":  # peers' P2P ops time out meanwhile
+                        time.sleep(self.cfg.transfer_timeout_s)
                     raise InjectedTransferError(
                         f"debug_fail_rank: rank {self.ctx.rank} fails its transfer of layer {layer}"
                     )
