@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,9 +54,9 @@ class ServerSettings:
 
 
 def _vocab_size(tok: Any) -> int | None:
-    for attr in ("get_vocab_size",):
-        if hasattr(tok, attr):
-            return int(getattr(tok, attr)())
+    """Token count of a ``tokenizers.Tokenizer`` or a transformers tokenizer."""
+    if hasattr(tok, "get_vocab_size"):
+        return int(tok.get_vocab_size())
     try:
         return len(tok)
     except TypeError:
@@ -129,8 +130,6 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
                     stats.get("balancedness"),
                 )
                 seen = done
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
