@@ -120,6 +120,21 @@ def plain(model):
     client.shutdown()
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_ranks_sleep_instead_of_spinning(plain):
+    pids = [p.pid for p in plain._procs.values()]
+    time.sleep(0.5)  # let any tail of earlier work finish
+    before = [_cpu_seconds(p) for p in pids]
+    time.sleep(2.0)
+    used = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+    assert all(u < 0.5 for u in used), used  # a spinning rank would burn ~2 s of CPU here
+
+
 def test_rejected_and_aborted_requests(plain):
     client = plain
 
@@ -159,6 +174,13 @@ def test_unknown_backend_lists_the_choices():
         EPLBConfig.from_json('{"windowsize": 3}')
     with pytest.raises(ValueError, match="enable_expert_parallel"):
         DPEngineClient("unused", ENGINE, ParallelConfig(data_parallel_size=2), EPLBConfig())
+
+
+def test_slot_count_must_divide_over_ranks(model):
+    with pytest.raises(ValueError, match="num_redundant_experts 1"):
+        DPEngineClient(model, ENGINE, ParallelConfig(data_parallel_size=2,
+                                                     enable_expert_parallel=True),
+                       EPLBConfig(num_redundant_experts=1))
 
 
 FRONT = textwrap.dedent("""

@@ -66,6 +66,15 @@ class DPEngineClient:
             raise ValueError("data_parallel_rpc_port must be set when ranks span several nodes "
                              "(data_parallel_size_local < data_parallel_size)")
         self.world_size = size
+        if parallel.enable_expert_parallel and size > 1:
+            from eplb.model.config import load_config
+
+            experts = load_config(str(model_path)).num_experts
+            redundant = eplb.num_redundant_experts if eplb is not None else 0
+            if (experts + redundant) % size:
+                raise ValueError(
+                    f"data_parallel_size ({size}) must divide the physical expert count "
+                    f"({experts} experts + num_redundant_experts {redundant})")
         # ranks of this node: node_rank * local .. + local (multi-node: one client per node;
         # requests are served by the ranks of the node whose front received them)
         self.rank_ids = list(range(parallel.node_rank * local, parallel.node_rank * local + local))
