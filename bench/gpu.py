@@ -331,7 +331,35 @@ def kernel_resources() -> list[dict]:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The docs/gpu.md tables from a results JSON."""
+    c = res["ceilings"]
+    lines = [f"Device: {res['device']}, torch {res['torch']}, triton {res['triton']}, transformers "
+             f"{res['transformers']}, {res['date']}.", "",
+             "| ceiling | measured |", "| --- | --- |",
+             f"| read rate, 3 GiB bf16 sum | {c['reduction_read_GBps']:.0f} GB/s |",
+             f"| device copy (read + write) | {c['copy_GBps_read_plus_write']:.0f} GB/s |",
+             f"| bf16 matmul 8192^3 | {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s |",
+             f"| FP8 matmul 8192^3 (torch._scaled_mm) | {c['fp8_matmul_TFLOPs']:.0f} TFLOP/s |", "",
+             "MoE layer at Qwen3-30B-A3B's shape (router + top-k + experts; `_graph` rows: the same "
+             "replayed from a CUDA graph; `_experts`: routing given, eager). ms (median); read rate on "
+             "the expert bytes touched / reduction read rate; TFLOP/s / matmul ceiling of the dtype.", "",
+             "| tokens | impl | ms | read frac | TFLOP/s | mm frac |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in res.get("moe", []):
+        if "error" in r:
+            lines.append(f"| {r['tokens']} | {r['impl']} | error | | | |")
+            continue
+        tf = f"{r['TFLOPs']:.1f}" if "TFLOPs" in r else ""
+        mf = f"{r['mm_frac']:.2f}" if "mm_frac" in r else ""
+        lines.append(f"| {r['tokens']} | {r['impl']} | {r['ms']:.3f} | {r['read_frac']:.2f} | {tf} | {mf} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        with open(sys.argv[2]) as f:
+            print(markdown(json.load(f)))
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
