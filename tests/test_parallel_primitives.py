@@ -1,6 +1,10 @@
-"""Expert transfer between ranks (gloo): after staging + commit every slot holds the rows of the
-expert the new placement names, for every per-slot tensor (float8 scales included), whatever the
-random old and new placements."""
+"""The runtime's collective building blocks on 2 and 4 gloo ranks, in one spawn per world size:
+
+- expert transfer: after staging + commit every slot holds the rows of the expert the new
+  placement names, for every per-slot tensor (float8 scales included), for random old and new
+  placements;
+- EP dispatchers: both backends give BIT-identical outputs to the in-process dispatcher run on
+  all ranks' tokens at once (uneven token counts, a rank with none, replicas)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ import torch.multiprocessing as mp
 
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import plan
+from eplb.config import ALL2ALL_BACKENDS
+from eplb.model.moe import expert_forward, local_dispatch
+from eplb.parallel.all2all import make_dispatcher
 from eplb.parallel.groups import find_free_port, init_distributed
 from eplb.parallel.transfer import commit_layer, plan_bytes, row_bytes, stage_layer
 
@@ -70,16 +77,59 @@ def _worker(rank: int, world: int, port: int, result_q) -> None:
                 moved += len(transfers[layer])
                 assert plan_bytes(transfers[layer], tensors[layer]) == (
                     len(transfers[layer]) * row_bytes(tensors[layer]))
-        result_q.put((rank, checked, moved, None))
+        dispatched = _check_dispatchers(rank, world, ctx)
+        result_q.put((rank, checked, moved, dispatched, None))
     except BaseException:  # noqa: BLE001
-        result_q.put((rank, 0, 0, traceback.format_exc()))
+        result_q.put((rank, 0, 0, 0, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+class _Layer:
+    """What a dispatcher reads from the MoE layer."""
+
+    def __init__(self, start: int, end: int, num_physical: int) -> None:
+        self.slot_start, self.slot_end, self.num_physical = start, end, num_physical
+
+
+def _check_dispatchers(rank: int, world: int, ctx) -> int:
+    """Random batches through both EP dispatchers == the in-process dispatcher on the
+    concatenation of every rank's tokens (bitwise); returns the number of batches checked."""
+    gen = torch.Generator().manual_seed(99)
+    hidden, inter, top_k = 16, 8, 2
+    num_physical = EXPERTS + world
+    s = num_physical // world
+    phy2log = torch.cat([torch.arange(EXPERTS), torch.arange(world) % EXPERTS])
+    w13_e = torch.randn(EXPERTS, 2 * inter, hidden, generator=gen)
+    w2_e = torch.randn(EXPERTS, hidden, inter, generator=gen)
+    w13, w2 = w13_e[phy2log], w2_e[phy2log]  # replicas hold identical weights
+    full = _Layer(0, num_physical, num_physical)
+    mine = _Layer(rank * s, (rank + 1) * s, num_physical)
+    checked = 0
+    for trial in range(6):
+        counts = torch.randint(0, 9, (world,), generator=gen)
+        counts[trial % world] = 0 if trial % 2 else counts[trial % world]  # a rank with none
+        total = int(counts.sum())
+        x = torch.randn(total, hidden, generator=gen)
+        slots = torch.randint(0, num_physical, (total, top_k), generator=gen)
+        w = torch.rand(total, top_k, generator=gen)
+        want = local_dispatch(x, slots, w, lambda a, b: expert_forward(a, b, w13, w2), full)
+        lo = int(counts[:rank].sum())
+        rows = slice(lo, lo + int(counts[rank]))
+        for backend in ALL2ALL_BACKENDS:
+            dispatcher = make_dispatcher(backend, ctx.ep_group, world, "cpu")
+            got = dispatcher(x[rows], slots[rows], w[rows],
+                             lambda a, b: expert_forward(a, b, w13[mine.slot_start:mine.slot_end],
+                                                         w2[mine.slot_start:mine.slot_end]),
+                             mine)
+            assert torch.equal(got, want[rows]), (backend, trial)
+            checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_random_plans_move_every_tensor_row(world):
+def test_transfers_and_dispatchers(world):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = find_free_port()
@@ -90,6 +140,7 @@ def test_random_plans_move_every_tensor_row(world):
     results = [q.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    for rank, checked, moved, err in results:
+    for rank, checked, moved, dispatched, err in results:
         assert err is None, f"rank {rank}:\n{err}"
         assert checked == 12 * LAYERS and moved > 0
+        assert dispatched == 6 * len(ALL2ALL_BACKENDS)
