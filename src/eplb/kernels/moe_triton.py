@@ -10,6 +10,8 @@ Pipeline of one call (6 launches, no host sync, so it can live inside a CUDA gra
      launch, SwiGLU in the epilogue), written to ``h[pair]``;
   5. ``_gemm2_kernel``: ``y[pair] = (h[pair] @ w2^T) * weight[pair]``;
   6. ``_sum_kernel``: ``out[t] = sum_j y[t, j]`` over the pairs whose slot is local.
+Calls of at most 128 pairs (decode) do 1-3 in one single-CTA launch (``_align_small_kernel``): 4
+launches in all, since at that size launch overhead, not bytes, is the cost.
 
 Pairs whose slot is -1 (expert not on this rank) never enter the sorted list, so they cost nothing.
 Within a slot the order of pairs depends on atomics, but every output row is computed alone, so the
@@ -77,6 +79,39 @@ def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, 
         pos = (starts + c)[:, None] + po[None, :]
         pm = (pos < ends[:, None]) & smask[:, None]
         tl.store(sorted_ptr + pos, tl.zeros([S_PAD, BM], dtype=tl.int32) + n_pairs, mask=pm)
+
+
+@triton.jit
+def _align_small_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                        n_pairs, n_slots, max_blocks,
+                        BM: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                        B_PAD: tl.constexpr):
+    """memset + _count_kernel + _scatter_kernel in one program, for small calls (decode), where
+    launches, not bytes, are the cost. One CTA, so barriers order its phases."""
+    so = tl.arange(0, S_PAD)
+    smask = so < n_slots
+    tl.store(counts_ptr + so, tl.zeros([S_PAD], dtype=tl.int32), mask=smask)
+    tl.debug_barrier()
+    offs = tl.arange(0, N_PAD)
+    m = offs < n_pairs
+    s = tl.load(slot_ptr + offs, mask=m, other=-1).to(tl.int32)
+    valid = m & (s >= 0)
+    r = tl.atomic_add(counts_ptr + s, 1, mask=valid)
+    tl.debug_barrier()
+    c = tl.load(counts_ptr + so, mask=smask, other=0, cache_modifier=".cg")  # L2: atomics' result
+    padded = (c + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    st = tl.sum(tl.where(s[:, None] == so[None, :], starts[None, :], 0), axis=1)
+    tl.store(sorted_ptr + st + r, offs.to(tl.int32), mask=valid)
+    po = tl.arange(0, BM)
+    pos = (starts + c)[:, None] + po[None, :]
+    pm = (pos < ends[:, None]) & smask[:, None]
+    tl.store(sorted_ptr + pos, tl.zeros([S_PAD, BM], dtype=tl.int32) + n_pairs, mask=pm)
+    bo = tl.arange(0, B_PAD)
+    hit = (ends[None, :] <= bo[:, None] * BM) & smask[None, :]
+    tl.store(block_slot_ptr + bo, tl.sum(hit.to(tl.int32), axis=1), mask=bo < max_blocks)
+    tl.store(num_post_ptr, tl.sum(padded, 0))
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -313,8 +348,14 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
     return fp8
 
 
-def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config):
-    """-> (y [T*k, H] per-pair outputs, rows of non-local pairs unwritten; counts [S] int32)."""
+# calls with at most this many pairs (and slots) sort in one single-CTA launch
+SMALL_ALIGN_MAX_PAIRS = 128
+SMALL_ALIGN_MAX_SLOTS = 256
+
+
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False):
+    """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
+    unwritten, or zero with ``zero_y``."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
     x = x.contiguous()
     t, k = topk_slot.shape
@@ -326,23 +367,30 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config):
     bm = cfg["BM"]
     dev = x.device
 
-    counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
-    y = torch.empty((n_pairs, h), dtype=x.dtype, device=dev)
+    y = (torch.zeros if zero_y else torch.empty)((n_pairs, h), dtype=x.dtype, device=dev)
     if n_pairs == 0 or s_local == 0:
-        return y, counts
+        return y, torch.zeros(s_local, dtype=torch.int32, device=dev)
     max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, s_local)
-    rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
     block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
-    _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024)
     s_pad = triton.next_power_of_2(s_local)
-    blk = max(16, min(256, 8192 // s_pad))
-    chunk = max(16, min(128, 8192 // s_pad))
-    grid = (max(triton.cdiv(n_pairs, blk), triton.cdiv(max_blocks, chunk)),)
-    _scatter_kernel[grid](
-        slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
-        BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk)
+    if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
+        counts = torch.empty(s_local, dtype=torch.int32, device=dev)
+        _align_small_kernel[(1,)](
+            slots, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
+            BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
+            B_PAD=max(16, triton.next_power_of_2(max_blocks)), num_warps=8)
+    else:
+        counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
+        rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
+        _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024)
+        blk = max(16, min(256, 8192 // s_pad))
+        chunk = max(16, min(128, 8192 // s_pad))
+        grid = (max(triton.cdiv(n_pairs, blk), triton.cdiv(max_blocks, chunk)),)
+        _scatter_kernel[grid](
+            slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
+            BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk)
 
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
@@ -409,11 +457,9 @@ def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch
                     config: dict | None = None):
     """Per-pair outputs [T, k, H]: expert(x[t]) for pair (t, j), times topk_weight[t, j] when
     weights are given; zero where topk_slot is -1. Same arguments as :func:`fused_moe`."""
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True)
     t, k = topk_slot.shape
     y = y.view(t, k, x.shape[1])
-    # rows of non-local pairs were never written
-    y = torch.where((topk_slot >= 0).unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
     return (y, counts) if return_load else y
 
 
