@@ -227,3 +227,25 @@ def test_ranks_exit_when_the_front_is_killed(model, tmp_path):
     finally:
         if front.poll() is None:
             front.kill()
+
+
+def test_rendezvous_explicit_torchrun_and_local():
+    from eplb.parallel.groups import resolve_rendezvous
+
+    explicit = ParallelConfig(data_parallel_size=8, data_parallel_size_local=4, node_rank=1,
+                              data_parallel_address="10.0.0.1", data_parallel_rpc_port=29600)
+    r = resolve_rendezvous(explicit, env={"MASTER_ADDR": "x", "MASTER_PORT": "1"})
+    assert (r.address, r.port, r.node_rank, r.local_size) == ("10.0.0.1", 29600, 1, 4)
+    # torchrun with one front per node: 2 nodes share 8 ranks, node 1 holds ranks 4..7
+    env = {"MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "29500", "WORLD_SIZE": "2",
+           "GROUP_RANK": "1"}
+    r = resolve_rendezvous(ParallelConfig(data_parallel_size=8), env=env)
+    assert (r.address, r.port, r.node_rank, r.local_size) == ("10.0.0.2", 29501, 1, 4)
+    r = resolve_rendezvous(ParallelConfig(data_parallel_size=4), env={})
+    assert (r.port, r.node_rank, r.local_size) == (0, 0, 4)
+    with pytest.raises(ValueError, match="data_parallel_rpc_port"):
+        resolve_rendezvous(ParallelConfig(data_parallel_size=4, data_parallel_size_local=2),
+                           env={})
+    with pytest.raises(ValueError, match="data_parallel_size_local"):
+        resolve_rendezvous(ParallelConfig(data_parallel_size=4, data_parallel_size_local=3),
+                           env={})

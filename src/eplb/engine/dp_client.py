@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.engine.dp_worker import RankSpec, rank_main
-from eplb.parallel.groups import find_free_port, set_nccl_env
+from eplb.parallel.groups import find_free_port, resolve_rendezvous, set_nccl_env
 
 log = logging.getLogger("eplb.engine.dp")
 
@@ -58,13 +58,7 @@ class DPEngineClient:
         self.num_threads = num_threads
         self.start_timeout_s = start_timeout_s
         size = parallel.data_parallel_size
-        local = parallel.data_parallel_size_local or size
-        if local > size or (size % local):
-            raise ValueError(f"data_parallel_size_local ({local}) must divide "
-                             f"data_parallel_size ({size})")
-        if local < size and not (parallel.data_parallel_rpc_port or os.environ.get("MASTER_PORT")):
-            raise ValueError("data_parallel_rpc_port must be set when ranks span several nodes "
-                             "(data_parallel_size_local < data_parallel_size)")
+        self.rendezvous = resolve_rendezvous(parallel)
         self.world_size = size
         if parallel.enable_expert_parallel and size > 1:
             from eplb.model.config import load_config
@@ -75,9 +69,13 @@ class DPEngineClient:
                 raise ValueError(
                     f"data_parallel_size ({size}) must divide the physical expert count "
                     f"({experts} experts + num_redundant_experts {redundant})")
-        # ranks of this node: node_rank * local .. + local (multi-node: one client per node;
-        # requests are served by the ranks of the node whose front received them)
-        self.rank_ids = list(range(parallel.node_rank * local, parallel.node_rank * local + local))
+        # ranks of this node (multi-node: one client per node; requests are served by the ranks
+        # of the node whose front received them)
+        first = self.rendezvous.node_rank * self.rendezvous.local_size
+        self.rank_ids = list(range(first, first + self.rendezvous.local_size))
+        if self.rank_ids[-1] >= size:
+            raise ValueError(f"node_rank {self.rendezvous.node_rank} has no ranks: "
+                             f"data_parallel_size is {size}")
         self._procs: dict[int, Any] = {}
         self._in_qs: dict[int, Any] = {}
         self._out_q = None
@@ -113,9 +111,8 @@ class DPEngineClient:
         device = str(self.engine_kwargs.get("device", "cpu"))
         if device.startswith("cuda"):
             set_nccl_env()  # inherited by every rank process
-        address = self.parallel.data_parallel_address
-        port = self.parallel.data_parallel_rpc_port or int(os.environ.get("MASTER_PORT", 0)) \
-            or find_free_port(address)
+        address = self.rendezvous.address
+        port = self.rendezvous.port or find_free_port(address)
         ctx = mp.get_context("spawn")
         self._out_q = ctx.Queue()
         level = logging.getLogger().getEffectiveLevel()

@@ -6,8 +6,7 @@ async worker thread never interleaves its point-to-point traffic with the main l
 per-step collectives (gloo and NCCL both need one issuing thread per group).
 
 Rendezvous: ``tcp://address:port`` in the style of vLLM's ``--data-parallel-address`` /
-``--data-parallel-rpc-port`` (``DPEngineClient`` falls back to torchrun's ``MASTER_PORT`` when no
-port is given, then to a free local port).
+``--data-parallel-rpc-port``, or from torchrun's environment (``resolve_rendezvous``).
 """
 
 from __future__ import annotations
@@ -53,6 +52,44 @@ def find_free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class Rendezvous:
+    """Where this node's ranks meet the others: ``tcp://address:port``; this node holds ranks
+    ``node_rank * local_size .. + local_size``."""
+
+    address: str
+    port: int  # 0 = pick a free local port at start (single node only)
+    node_rank: int
+    local_size: int
+
+
+def resolve_rendezvous(parallel, env: dict[str, str] | None = None) -> Rendezvous:
+    """Explicit ``ParallelConfig`` values win. Otherwise, under torchrun (one front process per
+    node: ``MASTER_ADDR``, ``MASTER_PORT``, ``GROUP_RANK``/``NODE_RANK``, ``WORLD_SIZE`` = number
+    of fronts) the ranks meet at ``MASTER_ADDR:MASTER_PORT+1`` (torchrun's own store holds
+    ``MASTER_PORT``), this node is ``GROUP_RANK`` and holds ``data_parallel_size / WORLD_SIZE``
+    ranks. Otherwise everything is local."""
+    env = dict(os.environ) if env is None else env
+    size = parallel.data_parallel_size
+    torchrun = "MASTER_ADDR" in env and "MASTER_PORT" in env
+    fronts = int(env.get("WORLD_SIZE", "1")) if torchrun else 1
+    local = parallel.data_parallel_size_local or (size // fronts if size % fronts == 0 else 0)
+    if local < 1 or local > size or size % local:
+        raise ValueError(
+            f"data_parallel_size_local ({parallel.data_parallel_size_local or local}) must divide "
+            f"data_parallel_size ({size})")
+    if parallel.data_parallel_rpc_port:
+        return Rendezvous(parallel.data_parallel_address, parallel.data_parallel_rpc_port,
+                          parallel.node_rank, local)
+    if torchrun:
+        node = parallel.node_rank or int(env.get("GROUP_RANK", env.get("NODE_RANK", "0")))
+        return Rendezvous(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, node, local)
+    if local < size:
+        raise ValueError("data_parallel_rpc_port must be set when ranks span several nodes "
+                         "(data_parallel_size_local < data_parallel_size)")
+    return Rendezvous(parallel.data_parallel_address, 0, parallel.node_rank, local)
 
 
 def backend_for(device: str | torch.device) -> str:
