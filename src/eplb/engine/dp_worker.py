@@ -129,11 +129,12 @@ class RankWorker:
         self.engine = EngineCore(spec.model_path, ep_rank=spec.rank if ep else 0, ep_size=ep_size,
                                  phy2log=placement.phy2log, **kwargs)
         self.layers = self.engine.model.moe_layers()
+        self.dispatcher = None
         if ep:
-            dispatcher = make_dispatcher(spec.parallel.all2all_backend, self.ctx.ep_group,
-                                         spec.world_size, self.ctx.comm_device)
+            self.dispatcher = make_dispatcher(spec.parallel.all2all_backend, self.ctx.ep_group,
+                                              spec.world_size, self.ctx.comm_device)
             for layer in self.layers:
-                layer.dispatcher = dispatcher
+                layer.dispatcher = self.dispatcher
         self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
                                record_trace=spec.record_trace, checkpoint_path=spec.model_path)
         self.steps = 0  # forward steps (every rank runs the same number)
@@ -219,6 +220,8 @@ class RankWorker:
                 continue
             for layer in self.layers:  # spread replica choice over ranks and steps
                 layer.replica_offset = self.steps * self.world_size + self.rank
+            if self.dispatcher is not None:
+                self.dispatcher.begin_step()
             if has_work:
                 outs = self.engine.step()
             else:

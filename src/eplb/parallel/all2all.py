@@ -9,8 +9,9 @@ Both backends rebuild the per-(token, k) expert outputs ``[T, k, H]`` exactly as
 have computed them and then combine them with the model's own weighted sum, so the answer does
 not depend on where an expert lives.
 
-- ``allgather_reducescatter``: all-gather token counts, then the padded hidden states and slot
-  ids of every rank; each rank computes the pairs whose slot it holds into a zero ``[T_all, k, H]``
+- ``allgather_reducescatter``: all-gather token counts (once per forward when the caller
+  announces forwards with ``begin_step()``), then the padded hidden states and slot ids of every
+  rank; each rank computes the pairs whose slot it holds into a zero ``[T_all, k, H]``
   buffer; a reduce-scatter hands every rank its own rows (each entry has exactly one non-zero
   contributor, so the sum is exact).
 - ``naive``: an ``all_to_all`` of only the pairs each rank needs, and back.
@@ -43,6 +44,29 @@ class AllGatherReduceScatter:
         self.group = group
         self.world_size = world_size
         self.device = device
+        # Every MoE layer of one forward sees the same token count on a rank, so once the rank
+        # loop calls begin_step() the counts are gathered by the first layer only.
+        self._per_step = False
+        self._t_max: int | None = None
+        self._own: int | None = None
+
+    def begin_step(self) -> None:
+        """A new forward starts (called on every rank, before every forward)."""
+        self._per_step = True
+        self._t_max = self._own = None
+
+    def _token_max(self, num_tokens: int) -> int:
+        if self._t_max is not None:
+            if num_tokens != self._own:
+                raise RuntimeError(f"token count changed within a step ({self._own} -> "
+                                   f"{num_tokens}); call begin_step() before every forward")
+            return self._t_max
+        counts = torch.empty(self.world_size, dtype=torch.long, device=self.device)
+        _all_gather_flat(counts, torch.tensor([num_tokens], device=self.device), group=self.group)
+        t_max = max(int(counts.max()), 1)  # >= 1: zero-size collectives are not portable
+        if self._per_step:
+            self._t_max, self._own = t_max, num_tokens
+        return t_max
 
     def __call__(
         self,
@@ -55,9 +79,7 @@ class AllGatherReduceScatter:
         g = self.world_size
         num_tokens, top_k = slot_ids.shape
         dim = hidden.shape[-1]
-        counts = torch.empty(g, dtype=torch.long, device=self.device)
-        _all_gather_flat(counts, torch.tensor([num_tokens], device=self.device), group=self.group)
-        t_max = max(int(counts.max()), 1)  # >= 1: zero-size collectives are not portable
+        t_max = self._token_max(num_tokens)
 
         pad_hidden = hidden.new_zeros(t_max, dim)
         pad_hidden[:num_tokens] = hidden
@@ -88,6 +110,9 @@ class NaiveAllToAll:
         self.group = group
         self.world_size = world_size
         self.device = device
+
+    def begin_step(self) -> None:
+        """Nothing to reset: the pair counts differ per layer."""
 
     def __call__(
         self,

@@ -138,7 +138,8 @@ class EplbState:
     def collect_step_load(self) -> None:
         """After a forward (real or dummy): take the layers' counts of real tokens."""
         if self.collect:
-            self._pending += torch.stack([layer.take_load().to("cpu") for layer in self.layers])
+            # one device-to-host copy per step, not one per layer
+            self._pending += torch.stack([layer.take_load() for layer in self.layers]).cpu()
 
     def packet(self) -> torch.Tensor:
         """This rank's part of the per-step all-reduce (SUM); int64 ``[packet_size]``."""
