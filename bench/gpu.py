@@ -307,6 +307,27 @@ def tune(tokens=TOKENS) -> dict:
     return out
 
 
+@torch.no_grad()
+def dense_bench(ceil: dict) -> list[dict]:
+    """Block-FP8 linear vs bf16 F.linear at an attention projection's shape (2048 -> 4096)."""
+    from eplb.kernels import fp8_linear
+
+    n, k = 4096, 2048
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    q, s = quantize_block_fp8(w)
+    wb = w.to(torch.bfloat16)
+    rows = []
+    for m in (1, 64, 8192):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(NSETS)]
+        for name, fn in (("bf16_F.linear", lambda j: F.linear(xs[j], wb)),
+                         ("ours_fp8_linear", lambda j: fp8_linear(xs[j], q, s))):
+            sec = graph_time_fn(fn)
+            fl = 2 * m * n * k / sec / 1e12
+            rows.append({"m": m, "impl": name, "us": sec * 1e6, "TFLOPs": fl})
+            print(f"  dense m={m:5d} {name:16s} {sec*1e6:8.1f} us  {fl:6.1f} TFLOP/s (graph)", flush=True)
+    return rows
+
+
 def kernel_resources() -> list[dict]:
     """Registers / spills / shared memory of every compiled GEMM variant (Triton's report)."""
     from eplb.kernels import moe_triton
@@ -396,6 +417,7 @@ def main() -> int:
     res["ceilings"] = ceilings()
     for k, v in res["ceilings"].items():
         print(f"  {k:28s} {v:9.1f}", flush=True)
+    res["dense"] = dense_bench(res["ceilings"])
     if not args.skip_moe:
         print("moe layer (tokens impl ms read-rate TFLOP/s, fractions of ceilings):", flush=True)
         try:

@@ -220,3 +220,19 @@ def test_softmax_topk_matches_torch(t, e, k, renorm):
     # float32 logits: no ties, so the ids match torch's exactly (descending order too)
     l32 = torch.randn(t, e, generator=torch.Generator().manual_seed(t + 1)).to(DEV)
     assert torch.equal(softmax_topk(l32, k, renorm)[1].cpu(), torch.topk(l32, k, -1)[1].cpu())
+
+
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("m,n,k", [(1, 256, 384), (50, 512, 256), (3000, 384, 512)])
+def test_fp8_linear(m, n, k):
+    from eplb.kernels import fp8_linear, quant_dequant_act
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    d = dequantize_block_fp8(q, s, [128, 128])
+    y = fp8_linear(x, q.to(DEV), s.to(DEV))
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    emu = quant_dequant_act(x.float().cpu()) @ d.T  # same function in float32
+    assert rel_err(y.cpu(), emu) < 2 * BF16_TOL
+    assert 1e-3 < rel_err(y.cpu(), x.float().cpu() @ d.T) < 8e-2

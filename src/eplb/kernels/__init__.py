@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from eplb.kernels import moe_triton
 
         return getattr(moe_triton, name)
+    if name == "fp8_linear":
+        from eplb.kernels import linear_fp8
+
+        return linear_fp8.fp8_linear
     if name == "softmax_topk":
         from eplb.kernels import routing
 
@@ -45,5 +49,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+    "softmax_topk", "fp8_linear", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
 ]
