@@ -86,6 +86,12 @@ class AsyncRebalance:
         # transfer instead of the whole rebalance landing on a few steps (CPU ranks share cores)
         self._tick = threading.Event()
         self._cancelled = threading.Event()
+        # GPU: the worker's stream must see every write the main stream made before the start
+        # (e.g. the previous rebalance's last commit), so it waits on this event first
+        self._start_event = None
+        if device is not None and device.type == "cuda":
+            self._start_event = torch.cuda.Event()
+            self._start_event.record(torch.cuda.current_stream(device))
         self._thread = threading.Thread(
             target=self._run, name=f"eplb-async-{generation}", daemon=True
         )
@@ -136,6 +142,7 @@ class AsyncRebalance:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             stream = torch.cuda.Stream(self.device)
+            stream.wait_event(self._start_event)
         try:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 t0 = time.monotonic()

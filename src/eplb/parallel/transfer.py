@@ -117,3 +117,5 @@ def commit_layer(tensors: dict[str, torch.Tensor], staged: StagedLayer) -> None:
         return
     for n, rows in staged.rows.items():
         tensors[n][staged.dst_local.to(rows.device)] = rows
+        if rows.is_cuda:  # staged on the async worker's stream, read here on the current one
+            rows.record_stream(torch.cuda.current_stream(rows.device))
