@@ -94,6 +94,7 @@ def test_shutdown_is_idempotent_and_writes_the_trace(served):
     client.shutdown()
     assert not client.is_healthy()
     assert all(not p.is_alive() for p in procs)
+    assert not os.path.exists(served["trace"] + ".partial")
     with np.load(served["trace"]) as f:
         load = f["load"]
     assert load.dtype == np.int64 and load.ndim == 3 and load.shape[1:] == (2, 8)

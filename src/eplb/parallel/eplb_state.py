@@ -22,6 +22,7 @@ consistent on every rank).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -116,7 +117,12 @@ class EplbState:
         self.metrics = EplbMetrics()
         self.steps = 0  # forward steps recorded (identical on every rank)
         self._pending = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
-        self._trace: list[np.ndarray] = []
+        # rank 0 streams the trace to PATH.partial (raw int64 [L, E] per step) so a long run holds
+        # no trace in memory; close() turns it into the simulator's .npz at PATH
+        self._trace_file = None
+        self._trace_steps = 0
+        if record_trace is not None and ctx.rank == 0:
+            self._trace_file = open(record_trace + ".partial", "wb")  # noqa: SIM115
         self._bal_sum = 0.0
         self._bal_n = 0
         self._generation = 0
@@ -191,8 +197,9 @@ class EplbState:
     def _record(self, load: torch.Tensor) -> None:
         self.steps += 1
         self.window.record(load)
-        if self.record_trace is not None:
-            self._trace.append(load.numpy().copy())
+        if self._trace_file is not None:
+            self._trace_file.write(load.numpy().astype(np.int64).tobytes())
+            self._trace_steps += 1
         if int(load.sum()) > 0:
             self._bal_sum += float(balancedness(load, self.placement).mean())
             self._bal_n += 1
@@ -449,12 +456,20 @@ class EplbState:
         if self._inflight is not None:
             self._inflight.cancel()
             self._inflight = None
-        if self.record_trace is not None and self.ctx.rank == 0:
-            if not self._trace:
-                log.warning("EPLB trace: no forward step ran; %s not written", self.record_trace)
-                return
-            from eplb.sim.traces import save_trace  # the simulator's own format
+        if self._trace_file is None:
+            return
+        self._trace_file.close()
+        self._trace_file = None
+        partial = self.record_trace + ".partial"
+        if not self._trace_steps:
+            log.warning("EPLB trace: no forward step ran; %s not written", self.record_trace)
+            os.remove(partial)
+            return
+        from eplb.sim.traces import save_trace  # the simulator's own format
 
-            with open(self.record_trace, "wb") as f:  # exactly this path (numpy adds .npz)
-                save_trace(f, np.stack(self._trace))
-
+        load = np.memmap(partial, dtype=np.int64, mode="r",
+                         shape=(self._trace_steps, self.num_layers, self.num_experts))
+        with open(self.record_trace, "wb") as f:  # exactly this path (numpy adds .npz)
+            save_trace(f, load)
+        del load
+        os.remove(partial)
