@@ -35,7 +35,7 @@ def _skewed_requests() -> list[tuple[list[int], SamplingParams]]:
     """Long prompts of ONE repeated token, prefilled in small chunks: every token of every step
     has the same hidden state (attention averages identical values), so the same two experts
     of each layer get all the load, step after step."""
-    return [([9] * (40 + 8 * i), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    return [([9] * (56 + 8 * i), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
             for i in range(8)]
 
 
@@ -186,5 +186,7 @@ def test_failed_transfer_keeps_old_placement_everywhere(runs, world, name):
 def test_balancedness_rises_on_a_skewed_workload(runs):
     hist = runs[4]["skew-async"][0]["stats"]["balancedness_history"]
     assert len(hist) >= 3, hist
-    before, after = hist[0], statistics.mean(hist[1:])
-    assert after > before + 0.05, hist
+    # first interval: default placement; by the last one the rebalances have long committed
+    # (how many steps a commit takes depends on thread timing, so the middle is not judged)
+    assert hist[-1] > hist[0] + 0.05, hist
+    assert statistics.mean(hist[1:]) > hist[0], hist

@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
-from eplb.engine.dp_worker import RankSpec, RankWorker
+from eplb.engine.dp_worker import RankSpec, RankWorker, exit_with_parent
 from eplb.parallel.groups import find_free_port
 
 
@@ -62,6 +62,7 @@ class _Collector:
 def _rank_process(rank: int, world_size: int, port: int, model_path: str,
                   engine_kwargs: dict, scenarios: list[Scenario], results, num_threads: int
                   ) -> None:
+    exit_with_parent(os.getppid())  # a killed test or benchmark leaves no ranks behind
     torch.set_num_threads(num_threads)
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")

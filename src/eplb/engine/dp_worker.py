@@ -60,7 +60,7 @@ class RankSpec:
     log_level: int = logging.INFO
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     """Leave no orphans: exit as soon as the front process is gone (even if it was SIGKILLed)."""
 
     def watch() -> None:
@@ -74,7 +74,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def rank_main(spec: RankSpec, in_q, out_q) -> None:
     """Entry point of a rank process."""
-    _exit_with_parent(spec.parent_pid)
+    exit_with_parent(spec.parent_pid)
     logging.basicConfig(level=spec.log_level,
                         format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
     if spec.num_threads:
