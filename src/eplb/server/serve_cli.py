@@ -51,7 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'{\"window_size\":20,\"step_interval\":100,\"use_async\":true}'")
     g.add_argument("--all2all-backend", choices=ALL2ALL_BACKENDS, default=ALL2ALL_BACKENDS[0],
                    help="how tokens reach the experts' ranks (default: %(default)s)")
-    g.add_argument("--record-trace", default=None, metavar="PATH",
+    g.add_argument("--data-parallel-address", default="127.0.0.1", metavar="HOST",
+                   help="rendezvous address of DP rank 0, for several nodes (default: %(default)s)")
+    g.add_argument("--data-parallel-rpc-port", type=int, default=0, metavar="PORT",
+                   help="rendezvous port of DP rank 0 (default: 0 = a free port, one node only)")
+    g.add_argument("--data-parallel-size-local", type=int, default=None, metavar="N",
+                   help="DP ranks started on this node (default: all of them)")
+    g.add_argument("--node-rank", type=int, default=0,
+                   help="this node's index when the DP ranks span several nodes (default: 0)")
+    g.add_argument("--record-trace", "--eplb-record-trace", dest="record_trace", default=None,
+                   metavar="PATH",
                    help="write the per-step expert load trace here (for eplb simulate)")
     e = parser.add_argument_group("engine")
     e.add_argument("--max-model-len", type=int, default=2048,
@@ -117,7 +126,11 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     try:
         parallel = ParallelConfig(data_parallel_size=args.data_parallel_size,
                                   enable_expert_parallel=args.enable_expert_parallel,
-                                  all2all_backend=args.all2all_backend)
+                                  all2all_backend=args.all2all_backend,
+                                  data_parallel_address=args.data_parallel_address,
+                                  data_parallel_rpc_port=args.data_parallel_rpc_port,
+                                  data_parallel_size_local=args.data_parallel_size_local,
+                                  node_rank=args.node_rank)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
