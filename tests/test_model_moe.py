@@ -211,3 +211,14 @@ def test_malformed_checkpoint_errors_name_the_problem(qwen, tmp_path, case, expe
     bad = _copy_ckpt(path, tmp_path / case, tensors, config)
     with pytest.raises(ValueError, match=expect):
         load_model(bad)
+
+
+def test_loop_path_equals_grouped_path(monkeypatch):
+    import eplb.model.moe as moe
+
+    x = torch.randn(50, 16)
+    slots = torch.randint(0, 6, (50,))
+    w13, w2 = torch.randn(6, 16, 16), torch.randn(6, 16, 8)
+    grouped = expert_forward(x, slots, w13, w2)
+    monkeypatch.setattr(moe, "_grouped_mm", None)  # the per-slot loop (used off CPU)
+    torch.testing.assert_close(expert_forward(x, slots, w13, w2), grouped, rtol=1e-5, atol=1e-5)

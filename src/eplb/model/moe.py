@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
+
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertFn, "MoELayer"], torch.Tensor]
 
@@ -39,6 +41,14 @@ def expert_forward(
         out = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
         return out
     order = torch.argsort(local_slot, stable=True)
+    if x.device.type == "cpu" and _grouped_mm is not None:
+        # one C++ grouped GEMM per projection; rows of slots without tokens cost nothing
+        offs = torch.cumsum(torch.bincount(local_slot, minlength=num_slots), 0).to(torch.int32)
+        xs = x.index_select(0, order)
+        gu = _grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+        y = _grouped_mm(F.silu(gu[:, :inter]) * gu[:, inter:], w2.transpose(1, 2), offs=offs)
+        out.index_copy_(0, order, y)
+        return out
     counts = torch.bincount(local_slot, minlength=num_slots).tolist()
     chunks = torch.split(x.index_select(0, order), counts)
     ys = []
