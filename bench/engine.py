@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 
 from eplb.engine import EngineCore, SamplingParams
+from machine import device_name  # bench/machine.py (the script's folder is on sys.path)
 from eplb.model.testing import make_tiny_checkpoint
 
 SHAPE = dict(num_hidden_layers=4, hidden_size=512, num_experts=32, num_experts_per_tok=4,
@@ -33,18 +33,6 @@ SHAPE = dict(num_hidden_layers=4, hidden_size=512, num_experts=32, num_experts_p
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def read_ceiling(device: str) -> float:
@@ -219,7 +207,7 @@ def main() -> None:
 
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(args.device), device=args.device, dtype=args.dtype,
+        machine=device_name(args.device), device=args.device, dtype=args.dtype,
         threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
         model=SHAPE, read_ceiling_gib_s=round(ceiling / 2**30, 2),
         fixed=rows, serving=serving,

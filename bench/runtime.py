@@ -22,11 +22,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -41,16 +42,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(hidden_size=256, num_hidden_layers=8, num_experts=16, moe_intermediate_size=512,
              head_dim=32, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512)
 ENGINE = {"dtype": "float32", "max_model_len": 320, "max_num_seqs": 8}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def requests(num: int, max_tokens: int) -> list:

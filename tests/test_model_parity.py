@@ -7,7 +7,7 @@ import torch
 
 from eplb.engine import LLM, SamplingParams
 from eplb.model import AttentionMetadata, load_model
-from eplb.model.testing import load_reference, make_tiny_checkpoint
+from eplb.model.testing import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 ARCHS = ["qwen3_moe", "mixtral", "olmoe"]

@@ -374,7 +374,6 @@ def refined_phy2log(
     placement; a layer where it does not get there takes the fresh placement."""
     w = load.detach().cpu().double().numpy()
     num_layers, num_experts = w.shape
-    num_physical = num_experts + num_redundant
     fresh = fresh_placement(w, num_ranks, num_redundant)
     if previous is None:
         return torch.from_numpy(fresh)

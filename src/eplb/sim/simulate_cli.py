@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from eplb.balancer.placement import check_shape
-from eplb.balancer.policies import POLICIES, get_policy
+from eplb.balancer.policies import get_policy
 from eplb.sim.cli_common import add_layout_arguments, fail, one_line_errors
 from eplb.sim.simulate import simulate, step_bound
 from eplb.sim.traces import load_trace, parse_spec, spec_dict, synthetic_trace
