@@ -81,6 +81,11 @@ def local_dispatch(
             raise RuntimeError(
                 "local_dispatch got a slot this rank does not hold; install an EP dispatcher"
             )
+    if expert_fn == layer.expert_fn and layer.use_fused(hidden):
+        # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
+        from eplb.kernels import fused_moe
+
+        return fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
@@ -146,6 +151,7 @@ class MoELayer(nn.Module):
         self.register_buffer("replica_count", count.to(device))
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long, device=device))
         self._all_single = bool((count == 1).all())
+        self.fused_experts = True  # Triton kernels on CUDA bf16 (see use_fused)
 
     # -- contract -----------------------------------------------------------------------------
     def expert_tensors(self) -> dict[str, torch.Tensor]:
@@ -194,7 +200,19 @@ class MoELayer(nn.Module):
         return self.log2phy[flat, rep].view_as(ids)
 
     def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
+        if self.use_fused(x):
+            from eplb.kernels import fused_experts
+
+            return fused_experts(x, local_slot, self.w13, self.w2)
         return expert_forward(x, local_slot, self.w13, self.w2)
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        """True when the Triton kernels (eplb.kernels) run this layer: CUDA, bf16, triton present
+        and ``self.fused_experts`` (set it False for the torch path, e.g. as a reference)."""
+        from eplb.kernels import HAS_TRITON
+
+        return (self.fused_experts and HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
+                and self.w13.dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
