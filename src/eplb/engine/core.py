@@ -147,8 +147,11 @@ class EngineCore:
             s.num_computed += n
         if not sampled:
             return []
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if len(sample_rows) == hidden.shape[0]:  # every row samples (decode-only step)
+            logits = self.model.compute_logits(hidden)
+        else:
+            rows = torch.tensor(sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         outs = []
         for s, tok in zip(sampled, tokens):

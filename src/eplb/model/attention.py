@@ -19,7 +19,8 @@ class AttentionMetadata:
 
     token_slots [N]: cache slot of each token; positions [N]: its position in its sequence.
     Decodes: ``decode_slots [B]``, and for batched attention over slots ``[0, decode_hi)``:
-    ``decode_mask [decode_hi, 1, 1, decode_len]`` (True = attend).
+    ``decode_mask [decode_hi, 1, 1, decode_len]`` (True = attend; None when every slot in
+    range has the same length).
     Prefill chunks: ``prefills`` list of (slot, start, length) in token order after the decodes.
     """
 
@@ -56,13 +57,14 @@ class AttentionMetadata:
             for s, p in decodes:
                 ctx[s] = p + 1
             length = max(ctx)
-            ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
             meta.decode_slots = meta.token_slots[: len(decodes)]
             meta.decode_hi = hi
             meta.decode_len = length
-            meta.decode_mask = (
-                torch.arange(length, device=device)[None, :] < ctx_t[:, None]
-            ).view(hi, 1, 1, length)
+            if min(ctx) < length:  # equal lengths (e.g. a batch started together): no mask needed
+                ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
+                meta.decode_mask = (
+                    torch.arange(length, device=device)[None, :] < ctx_t[:, None]
+                ).view(hi, 1, 1, length)
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
         return meta
 
@@ -73,13 +75,19 @@ def attend(
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (already rotated) -> [N, Hq, D]; writes k/v into the cache."""
     n, hq, d = q.shape
-    out = q.new_empty(n, hq, d)
     if n == 0:
-        return out
+        return q.new_empty(n, hq, d)
     # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
     k_cache[meta.token_slots, :, meta.positions] = k
     v_cache[meta.token_slots, :, meta.positions] = v
     nd = meta.num_decode
+    if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k_cache[:nd, :, : meta.decode_len], v_cache[:nd, :, : meta.decode_len],
+            attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
+        )
+        return o.squeeze(2)
+    out = q.new_empty(n, hq, d)
     if nd:
         hi, length = meta.decode_hi, meta.decode_len
         if meta.decode_dense:

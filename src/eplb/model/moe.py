@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eplb.model.cpu_experts import padded_expert_forward
+
 _grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,6 +42,10 @@ def expert_forward(
         gu = F.linear(x, w13[s])
         out = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
         return out
+    if x.device.type == "cpu" and n <= 1024:
+        y = padded_expert_forward(x, local_slot, w13, w2)  # None unless enough rows per expert
+        if y is not None:
+            return y
     order = torch.argsort(local_slot, stable=True)
     if x.device.type == "cpu" and _grouped_mm is not None and n <= 1024:
         # one C++ grouped GEMM per projection (decode-sized batches: saves the per-slot Python
