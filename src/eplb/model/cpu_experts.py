@@ -1,4 +1,4 @@
-"""Padded batched expert compute for the CPU (decode-sized batches).
+"""Expert compute for the CPU at decode sizes: :func:`cpu_expert_forward`.
 
 At a few rows per expert, MKL's per-expert sgemm runs on one thread far below the core's
 peak (the per-slot loop / ``torch._grouped_mm`` path). Laying the rows out as a padded
@@ -41,3 +41,16 @@ def padded_expert_forward(
     out = x.new_empty(n, h)
     out.index_copy_(0, order, y.view(num_slots * m, h).index_select(0, pos))
     return out
+
+
+
+def cpu_expert_forward(
+    x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor | None:
+    """The CPU fast path of ``expert_forward`` (same shapes), or None where it does not apply.
+
+    (A GEMV pair per row for a handful of rows measured 20% faster at batch 1, but its rows
+    differ in the last bit from the grouped GEMM's, which breaks the bitwise EP == single
+    process check; so small batches stay on the grouped GEMM.)
+    """
+    return padded_expert_forward(x, local_slot, w13, w2)
