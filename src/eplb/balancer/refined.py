@@ -67,37 +67,60 @@ def greedy_pack_distinct(
     non-full rank when ``distinct`` is False). Returns ``phy2log [L, P]`` (rank g owns slots
     ``[g*S, (g+1)*S)``)."""
     num_layers = load.shape[0]
+    G = num_ranks
     items = _expand(count)  # [L, P]
     num_physical = items.shape[1]
-    S = num_physical // num_ranks
+    S = num_physical // G
     rows = np.arange(num_layers)[:, None]
     item_w = (load / count)[rows, items]
     # Stable sort keeps replicas of one expert adjacent (items come grouped by expert).
     order = np.argsort(-item_w, axis=1, kind="stable")
     items = np.take_along_axis(items, order, 1)
     item_w = np.take_along_axis(item_w, order, 1)
-    rows = rows[:, 0]
-    rank_load = np.zeros((num_layers, num_ranks))
-    rank_fill = np.zeros((num_layers, num_ranks), dtype=np.int64)
-    used = np.zeros((num_layers, num_ranks), dtype=bool)  # ranks holding the current expert
-    out = np.empty((num_layers, num_physical), dtype=np.int64)
-    prev = np.full(num_layers, -1)
-    for j in range(num_physical):
+    out = np.empty(num_layers * num_physical, dtype=np.int64)
+    # Flat state, updated through precomputed flat offsets (the loop is numpy-call bound).
+    # key: a rank's load, +inf once full; pen: +inf on ranks holding the current expert.
+    key = np.zeros((num_layers, G))
+    pen = np.zeros((num_layers, G))
+    fill = np.zeros(num_layers * G, dtype=np.int64)
+    key_f, pen_f = key.reshape(-1), pen.reshape(-1)
+    row_g = rows[:, 0] * G
+    row_p = rows[:, 0] * num_physical
+    start = 0
+    if G <= num_physical and (item_w[:, :G] > 0).all():
+        # The G heaviest replicas go to ranks 0..G-1 in order: each lands on the first still
+        # empty rank (every used rank already has a positive load).
+        out.reshape(num_layers, G, S)[:, :, 0] = items[:, :G]
+        key[:] = item_w[:, :G]
+        fill[:] = 1
+        if S == 1:
+            key[:] = np.inf
+        start = G
+    prev = items[:, start - 1] if start else np.full(num_layers, -1)
+    if distinct and start:
+        pen[:] = np.where(items[:, :G] == prev[:, None], np.inf, 0.0)
+    for j in range(start, num_physical):
         e = items[:, j]
-        used &= (e == prev)[:, None] & distinct
-        open_load = np.where(rank_fill >= S, np.inf, rank_load)
-        cand = np.where(used, np.inf, open_load)
+        if distinct:
+            pen[e != prev] = 0.0
+        cand = key + pen
         r = cand.argmin(1)
-        # Only when every open rank already holds this expert do we accept a second copy.
-        stuck = np.isinf(cand[rows, r])
-        if stuck.any():
-            r = np.where(stuck, open_load.argmin(1), r)
-        out[rows, r * S + rank_fill[rows, r]] = e
-        rank_load[rows, r] += item_w[:, j]
-        rank_fill[rows, r] += 1
-        used[rows, r] = True
+        fr = row_g + r
+        if np.isinf(cand.reshape(-1)[fr]).any():
+            # Only when every open rank already holds this expert do we accept a second copy.
+            stuck = np.isinf(cand.reshape(-1)[fr])
+            r = np.where(stuck, key.argmin(1), r)
+            fr = row_g + r
+        f = fill[fr]
+        out[row_p + r * S + f] = e
+        fill[fr] = f + 1
+        key_f[fr] += item_w[:, j]
+        full = fr[f + 1 >= S]
+        key_f[full] = np.inf
+        if distinct:
+            pen_f[fr] = np.inf
         prev = e
-    return out
+    return out.reshape(num_layers, num_physical)
 
 
 def swap_search(
@@ -120,90 +143,92 @@ def swap_search(
     loads, and a layer stops when none does: this matches a whole load profile (e.g. a fresh
     placement's), not only its max. Returns ``(phy2log, swaps done per layer [L])``.
     """
-    phy2log = phy2log.copy()
+    # All state is kept flat and indexed with precomputed flat offsets: the arrays are small, so
+    # the cost is numpy call overhead and gathers, not arithmetic.
     num_layers, num_physical = phy2log.shape
     num_experts = load.shape[1]
-    S = num_physical // num_ranks
-    GE = num_ranks * num_experts
+    G, E, P = num_ranks, num_experts, num_physical
+    S = P // G
+    GE = G * E
     rows = np.arange(num_layers)
-    count = np.zeros((num_layers, num_experts))
-    count[:] = _bincount2d(phy2log, num_experts)
-    slot_w = (load / np.maximum(count, 1))[rows[:, None], phy2log]  # [L, P]
-    rank_of = np.arange(num_physical) // S
-    rank_load = slot_w.reshape(num_layers, num_ranks, S).sum(-1)
-    holds = _bincount2d(rank_of * num_experts + phy2log, GE).ravel()  # flat [L, G, E] copies
+    count = _bincount2d(phy2log, E)
+    p2l = np.array(phy2log, dtype=np.int64).ravel()  # a copy, [L * P]
+    sw = (load / np.maximum(count, 1))[rows[:, None], phy2log].ravel()  # slot weights [L * P]
+    rank_load = sw.reshape(num_layers, G, S).sum(-1)  # [L, G]
+    rl = rank_load.reshape(-1)  # a view: updates through it show in rank_load
+    rank_of = np.arange(P) // S
+    # Copies of expert e on rank g of layer l at [l*G*E + g*E + e]; a narrow type keeps the
+    # random gathers from it in cache.
+    hold_t = np.int16 if P < np.iinfo(np.int16).max else np.int64
+    holds = _bincount2d(rank_of * E + phy2log, GE).ravel().astype(hold_t)
     swaps = np.zeros(num_layers, dtype=np.int64)
     active = np.ones(num_layers, dtype=bool)
-    scale = np.maximum(load.sum(1), 1.0)
+    eps_l = 1e-12 * np.maximum(load.sum(1), 1.0)
     ar_s = np.arange(S)
-    near = min(num_ranks, 8)
+    near = min(G, 8)
+    nb = near * S
+    lev = None if levels is None else levels * (1 + _REL) + 1e-12
+    tgt = None if target is None else target * (1 + _REL) + 1e-12
     for _ in range(max_iters):
-        if levels is None:
+        if lev is None:
             g = rank_load.argmax(1)
         else:
             order = np.argsort(-rank_load, axis=1, kind="stable")
-            over = np.take_along_axis(rank_load, order, 1) > levels * (1 + _REL) + 1e-12
+            over = rank_load[rows[:, None], order] > lev
             active &= over.any(1)
             g = order[rows, over.argmax(1)]
         top = rank_load[rows, g]
-        if target is not None:
-            active &= top > target * (1 + _REL) + 1e-12
+        if tgt is not None:
+            active &= top > tgt
         if budget is not None:
             active &= swaps * 2 + 2 <= budget
         idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
         A = idx.size
+        if A == 0:
+            break
         gi, topi = g[idx], top[idx]
-        slots_a = gi[:, None] * S + ar_s  # [A, S]
+        base_p = idx * P
+        fa = (base_p + gi * S)[:, None] + ar_s  # [A, S] flat slots of the heavy rank
         loads_i = rank_load[idx]
-        if near < num_ranks:
+        if near < G:
             light = np.argpartition(loads_i, near - 1, axis=1)[:, :near]
         else:
-            light = np.broadcast_to(np.arange(num_ranks), (A, num_ranks))
-        slots_b = (light[:, :, None] * S + ar_s).reshape(A, -1)  # [A, near*S]
-        p2l, sw = phy2log[idx], slot_w[idx]
-        ea, wa = np.take_along_axis(p2l, slots_a, 1), np.take_along_axis(sw, slots_a, 1)
-        eb, wb = np.take_along_axis(p2l, slots_b, 1), np.take_along_axis(sw, slots_b, 1)
-        rb = slots_b // S
-        lh = np.take_along_axis(loads_i, rb, 1)
-        d = wa[:, :, None] - wb[:, None, :]  # [A, S, near*S]
+            light = np.broadcast_to(np.arange(G), (A, G))
+        rb = np.repeat(light, S, axis=1)  # [A, nb] rank of each candidate slot
+        fb = base_p[:, None] + rb * S + np.tile(ar_s, near)  # [A, nb] flat slots
+        ea, wa, eb, wb = p2l[fa], sw[fa], p2l[fb], sw[fb]
+        base_h = (idx * GE)[:, None]
+        # A candidate on rank g itself, or whose expert rank g already holds, is ruled out
+        # by an infinite partner load.
+        bad_b = (rb == gi[:, None]) | (holds[base_h + gi[:, None] * E + eb] != 0)
+        lh = np.where(bad_b, np.inf, np.take_along_axis(loads_i, rb, 1))
+        d = wa[:, :, None] - wb[:, None, :]  # [A, S, nb]
         new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
-        base = (idx * GE)[:, None]
-        a_free = holds[(base + rb * num_experts)[:, None, :] + ea[:, :, None]] == 0
-        b_free = holds[base + gi[:, None] * num_experts + eb] == 0  # rank g lacks b's expert
-        eps = 1e-12 * scale[idx][:, None, None]
-        ok = (
-            (d > eps)
-            & (rb != gi[:, None])[:, None, :]
-            & (new_max < topi[:, None, None] - eps)
-            & a_free
-            & b_free[:, None, :]
-        )
-        score = np.where(ok, new_max, np.inf).reshape(A, -1)
+        a_taken = holds[(base_h + rb * E)[:, None, :] + ea[:, :, None]] != 0
+        new_max[a_taken] = np.inf
+        score = new_max.reshape(A, -1)
         flat = score.argmin(1)
-        found = np.isfinite(score[np.arange(A), flat])
+        found = score[np.arange(A), flat] < topi - eps_l[idx]
         active[idx[~found]] = False
         if not found.any():
             break
         li, flat = idx[found], flat[found]
-        nb = slots_b.shape[1]
-        sa = slots_a[found, flat // nb]
-        sb = slots_b[found, flat % nb]
-        e_a, e_b = phy2log[li, sa], phy2log[li, sb]
-        w_a, w_b = slot_w[li, sa], slot_w[li, sb]
-        r_a, r_b = rank_of[sa], rank_of[sb]
-        phy2log[li, sa], phy2log[li, sb] = e_b, e_a
-        slot_w[li, sa], slot_w[li, sb] = w_b, w_a
-        rank_load[li, r_a] += w_b - w_a
-        rank_load[li, r_b] += w_a - w_b
+        sa = fa[found, flat // nb]
+        sb = fb[found, flat % nb]
+        e_a, e_b = p2l[sa], p2l[sb]
+        w_a, w_b = sw[sa], sw[sb]
+        r_a, r_b = gi[found], rb[found, flat % nb]
+        p2l[sa], p2l[sb] = e_b, e_a
+        sw[sa], sw[sb] = w_b, w_a
+        rl[li * G + r_a] += w_b - w_a
+        rl[li * G + r_b] += w_a - w_b
         hb = li * GE
-        holds[hb + r_a * num_experts + e_a] -= 1  # distinct cells: ranks differ, experts differ
-        holds[hb + r_a * num_experts + e_b] += 1
-        holds[hb + r_b * num_experts + e_b] -= 1
-        holds[hb + r_b * num_experts + e_a] += 1
+        holds[hb + r_a * E + e_a] -= 1  # distinct cells: ranks differ, experts differ
+        holds[hb + r_a * E + e_b] += 1
+        holds[hb + r_b * E + e_b] -= 1
+        holds[hb + r_b * E + e_a] += 1
         swaps[li] += 1
-    return phy2log, swaps
+    return p2l.reshape(num_layers, P), swaps
 
 
 def rank_loads_np(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
