@@ -40,9 +40,13 @@ def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarra
     num_layers, num_experts = load.shape
     count = np.ones((num_layers, num_experts))
     rows = np.arange(num_layers)
+    # Per-replica load, -inf once at the cap; only the changed entry is recomputed per step.
+    score = np.where(count < cap, load / count, -np.inf)
     for _ in range(num_physical - num_experts):
-        score = np.where(count < cap, load / count, -np.inf)
-        count[rows, score.argmax(1)] += 1
+        j = score.argmax(1)
+        c = count[rows, j] + 1
+        count[rows, j] = c
+        score[rows, j] = np.where(c < cap, load[rows, j] / c, -np.inf)
     return count.astype(np.int64)
 
 
@@ -194,18 +198,21 @@ def swap_search(
             light = np.argpartition(loads_i, near - 1, axis=1)[:, :near]
         else:
             light = np.broadcast_to(np.arange(G), (A, G))
-        rb = np.repeat(light, S, axis=1)  # [A, nb] rank of each candidate slot
-        fb = base_p[:, None] + rb * S + np.tile(ar_s, near)  # [A, nb] flat slots
+        fb = (base_p[:, None, None] + light[:, :, None] * S + ar_s).reshape(A, nb)  # flat slots
         ea, wa, eb, wb = p2l[fa], sw[fa], p2l[fb], sw[fb]
         base_h = (idx * GE)[:, None]
         # A candidate on rank g itself, or whose expert rank g already holds, is ruled out
-        # by an infinite partner load.
-        bad_b = (rb == gi[:, None]) | (holds[base_h + gi[:, None] * E + eb] != 0)
-        lh = np.where(bad_b, np.inf, np.take_along_axis(loads_i, rb, 1))
+        # by an infinite partner load ([A, near, S] views of the nb candidates).
+        bad_b = (light == gi[:, None])[:, :, None] | (
+            holds[base_h + gi[:, None] * E + eb] != 0).reshape(A, near, S)
+        lh = np.where(bad_b, np.inf, np.take_along_axis(loads_i, light, 1)[:, :, None])
+        lh = lh.reshape(A, nb)
         d = wa[:, :, None] - wb[:, None, :]  # [A, S, nb]
         new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
-        a_taken = holds[(base_h + rb * E)[:, None, :] + ea[:, :, None]] != 0
-        new_max[a_taken] = np.inf
+        # A light rank that already holds a's expert is ruled out for all its slots: one gather
+        # over [A, S, near], broadcast over the rank's S slots.
+        a_taken = holds[(base_h + light * E)[:, None, :] + ea[:, :, None]] != 0
+        new_max.reshape(A, S, near, S)[...] += np.where(a_taken, np.inf, 0.0)[..., None]
         score = new_max.reshape(A, -1)
         flat = score.argmin(1)
         found = score[np.arange(A), flat] < topi - eps_l[idx]
@@ -217,7 +224,7 @@ def swap_search(
         sb = fb[found, flat % nb]
         e_a, e_b = p2l[sa], p2l[sb]
         w_a, w_b = sw[sa], sw[sb]
-        r_a, r_b = gi[found], rb[found, flat % nb]
+        r_a, r_b = gi[found], light[found, (flat % nb) // S]
         p2l[sa], p2l[sb] = e_b, e_a
         sw[sa], sw[sb] = w_b, w_a
         rl[li * G + r_a] += w_b - w_a
@@ -359,9 +366,14 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return out.scatter(1, free_old, src)
 
 
-def max_load_bound(load: np.ndarray, num_physical: int, num_ranks: int) -> np.ndarray:
-    """``[L]``: no placement's max rank load is below this (see ``stats.lower_bound``)."""
-    per_rep = (load / replicate_capped(load, num_physical, num_physical)).max(1)
+def max_load_bound(
+    load: np.ndarray, num_physical: int, num_ranks: int, uncapped: np.ndarray | None = None
+) -> np.ndarray:
+    """``[L]``: no placement's max rank load is below this (see ``stats.lower_bound``).
+    ``uncapped``: ``replicate_capped(load, num_physical, num_physical)`` if already at hand."""
+    if uncapped is None:
+        uncapped = replicate_capped(load, num_physical, num_physical)
+    per_rep = (load / uncapped).max(1)
     return np.maximum(per_rep, load.sum(1) / num_ranks)
 
 
@@ -373,8 +385,10 @@ def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.nda
     num_layers, num_experts = w.shape
     num_physical = num_experts + num_redundant
     cap = max(num_ranks, -(-num_physical // num_experts))
-    bound = max_load_bound(w, num_physical, num_ranks)
-    count = replicate_capped(w, num_physical, cap)
+    uncapped = replicate_capped(w, num_physical, num_physical)
+    bound = max_load_bound(w, num_physical, num_ranks, uncapped)
+    # The cap only binds where some expert got more replicas than it allows.
+    count = uncapped if uncapped.max() <= cap else replicate_capped(w, num_physical, cap)
     best, _ = swap_search(greedy_pack_distinct(w, count, num_ranks), w, num_ranks, target=bound)
     best_max = max_rank_load(best, w, num_ranks)
     if not np.isfinite(SECOND_TRY):
@@ -382,8 +396,7 @@ def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.nda
     open_rows = np.flatnonzero(best_max > bound * (1 + SECOND_TRY))
     if open_rows.size:
         wo = w[open_rows]
-        other = greedy_pack_distinct(wo, replicate_capped(wo, num_physical, num_physical), num_ranks,
-                                     distinct=False)
+        other = greedy_pack_distinct(wo, uncapped[open_rows], num_ranks, distinct=False)
         other, _ = swap_search(other, wo, num_ranks, target=bound[open_rows])
         better = max_rank_load(other, wo, num_ranks) < best_max[open_rows] * (1 - _REL)
         best[open_rows[better]] = other[better]
