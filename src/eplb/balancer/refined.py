@@ -101,6 +101,16 @@ def greedy_pack_distinct(
             key[:] = np.inf
         start = G
     prev = items[:, start - 1] if start else np.full(num_layers, -1)
+    # Replica j can only find every open rank holding its expert when its earlier replicas
+    # (k of them) are at least as many as the ranks still open (>= ceil((P - j) / S)).
+    if distinct:
+        new_run = np.ones_like(items, dtype=bool)
+        new_run[:, 1:] = items[:, 1:] != items[:, :-1]
+        run_start = np.maximum.accumulate(np.where(new_run, np.arange(num_physical), 0), axis=1)
+        k_before = np.arange(num_physical) - run_start
+        may_stick = (k_before >= -(-(num_physical - np.arange(num_physical)) // S)).any(0)
+    else:
+        may_stick = np.zeros(num_physical, dtype=bool)
     if distinct and start:
         pen[:] = np.where(items[:, :G] == prev[:, None], np.inf, 0.0)
     for j in range(start, num_physical):
@@ -110,7 +120,7 @@ def greedy_pack_distinct(
         cand = key + pen
         r = cand.argmin(1)
         fr = row_g + r
-        if np.isinf(cand.reshape(-1)[fr]).any():
+        if may_stick[j] and np.isinf(cand.reshape(-1)[fr]).any():
             # Only when every open rank already holds this expert do we accept a second copy.
             stuck = np.isinf(cand.reshape(-1)[fr])
             r = np.where(stuck, key.argmin(1), r)
@@ -215,7 +225,7 @@ def swap_search(
         # by an infinite partner load ([A, near, S] views of the nb candidates).
         bad_b = (light == gi[:, None])[:, :, None] | (
             holds[base_h + gi[:, None] * E + eb] != 0).reshape(A, near, S)
-        lh = np.where(bad_b, np.inf, np.take_along_axis(loads_i, light, 1)[:, :, None])
+        lh = np.where(bad_b, np.inf, loads_i.reshape(-1)[(np.arange(A) * G)[:, None] + light][:, :, None])
         lh = lh.reshape(A, nb)
         d = wa[:, :, None] - wb[:, None, :]  # [A, S, nb]
         new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
@@ -235,15 +245,15 @@ def swap_search(
         e_a, e_b = p2l[sa], p2l[sb]
         w_a, w_b = sw[sa], sw[sb]
         r_a, r_b = gi[found], light[found, (flat % nb) // S]
-        p2l[sa], p2l[sb] = e_b, e_a
-        sw[sa], sw[sb] = w_b, w_a
-        rl[li * G + r_a] += w_b - w_a
-        rl[li * G + r_b] += w_a - w_b
-        hb = li * GE
-        holds[hb + r_a * E + e_a] -= 1  # distinct cells: ranks differ, experts differ
-        holds[hb + r_a * E + e_b] += 1
-        holds[hb + r_b * E + e_b] -= 1
-        holds[hb + r_b * E + e_a] += 1
+        # One fancy update per array: all cells are distinct (the two ranks and the two
+        # experts of a swap differ, and each layer swaps once per round).
+        s_ab = np.concatenate([sa, sb])
+        p2l[s_ab] = np.concatenate([e_b, e_a])
+        sw[s_ab] = np.concatenate([w_b, w_a])
+        rl[np.concatenate([li * G + r_a, li * G + r_b])] += np.concatenate([w_b - w_a, w_a - w_b])
+        h_a, h_b = li * GE + r_a * E, li * GE + r_b * E
+        holds[np.concatenate([h_a + e_a, h_b + e_b])] -= 1
+        holds[np.concatenate([h_a + e_b, h_b + e_a])] += 1
         swaps[li] += 1
     return p2l.reshape(num_layers, P), swaps
 
