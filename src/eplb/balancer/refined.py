@@ -344,14 +344,13 @@ def map_to_previous(new: torch.Tensor, old: torch.Tensor, num_ranks: int, num_ex
     rank_of = np.arange(num_physical) // S
     rows = np.arange(num_layers)
 
+    def holds(p2l: np.ndarray) -> torch.Tensor:
+        h = _bincount2d(rank_of * num_experts + p2l, num_ranks * num_experts)
+        return torch.from_numpy(h.astype(np.float32)).view(num_layers, num_ranks, num_experts)
+
     new_np, old_np = new.numpy(), old.numpy()
-    # overlap[l, p, r] = sum over pack p's slots of the copies rank r holds of that slot's expert
-    # (= the multiset product that a matmul of the two [G, E] holdings gives), from a gather
-    # of old holdings laid out [L, E, G].
-    held = np.bincount(((rows[:, None] * num_experts + old_np) * num_ranks + rank_of).ravel(),
-                       minlength=num_layers * num_experts * num_ranks)
-    held = held.reshape(num_layers * num_experts, num_ranks)
-    overlap = held[(rows[:, None] * num_experts + new_np).reshape(num_layers, num_ranks, S)].sum(2)
+    # torch.bmm: numpy's stacked matmul on a transposed operand falls back to a slow loop.
+    overlap = torch.bmm(holds(new_np), holds(old_np).transpose(1, 2)).numpy()  # [L, pack, rank]
     rank_to_pack = np.empty((num_layers, num_ranks), dtype=np.int64)
     for _ in range(num_ranks):
         k = overlap.reshape(num_layers, -1).argmax(1)
