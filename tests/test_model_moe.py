@@ -222,3 +222,21 @@ def test_loop_path_equals_grouped_path(monkeypatch):
     grouped = expert_forward(x, slots, w13, w2)
     monkeypatch.setattr(moe, "_grouped_mm", None)  # the per-slot loop (used off CPU)
     torch.testing.assert_close(expert_forward(x, slots, w13, w2), grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_cpu_expert_path_equals_per_token_reference():
+    """Enough rows (>= MIN_ROWS) and few slots so the padded batched-GEMM CPU path is taken."""
+    from eplb.model.cpu_experts import MIN_ROWS, padded_expert_forward
+
+    g = torch.Generator().manual_seed(7)
+    n = MIN_ROWS + 36
+    x = torch.randn(n, 16, generator=g)
+    slots = torch.randint(0, 4, (n,), generator=g)
+    w13, w2 = torch.randn(4, 16, 16, generator=g), torch.randn(4, 16, 8, generator=g)
+    got = padded_expert_forward(x, slots, w13, w2)
+    assert got is not None  # the path under test really ran
+    torch.testing.assert_close(expert_forward(x, slots, w13, w2), got)
+    for i in range(n):
+        gu = w13[slots[i]] @ x[i]
+        want = w2[slots[i]] @ (torch.nn.functional.silu(gu[:8]) * gu[8:])
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
