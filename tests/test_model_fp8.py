@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eplb.model import AttentionMetadata, CheckpointReader, load_model
+from eplb.model import CheckpointReader, load_model
 from eplb.model.checkpoint import dequantize_block_fp8
-from eplb.model.testing import load_reference, make_tiny_checkpoint
+from eplb.model.testing import load_reference, make_tiny_checkpoint, prefill_rel_errors
 
 torch.set_num_threads(1)
 BLOCK = 128
@@ -81,18 +81,8 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(fp8_ckpt):
     ref = load_reference(deq_dir)
     model, cfg = load_model(fp8_dir, dtype="float32", max_len=64)
     assert cfg.fp8_block_size == [128, 128]
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (9, 30)]
-    shape = (2, cfg.num_kv_heads, 64, cfg.head_dim)
-    kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
-    meta = AttentionMetadata.build([], [(i, 0, len(p)) for i, p in enumerate(prompts)])
-    with torch.no_grad():
-        ours = model.compute_logits(model(torch.cat(prompts), meta, kv))
-        off = 0
-        for p in prompts:
-            want = ref(p[None]).logits[0]
-            assert float((ours[off : off + len(p)] - want).abs().max() / want.abs().max()) < 1e-4
-            off += len(p)
+    errors = prefill_rel_errors(model, cfg, ref, [9, 30])
+    assert all(e < 1e-4 for e in errors), errors
     # expert tensors are stored dequantized in the compute dtype
     r = CheckpointReader(fp8_dir, dtype=torch.bfloat16)
     assert r.expert_tensors(0, 3)["w13"].dtype == torch.bfloat16

@@ -7,7 +7,7 @@ import torch
 
 from eplb.engine import LLM, SamplingParams
 from eplb.model import AttentionMetadata, load_model
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.testing import empty_kv_cache, make_tiny_checkpoint, prefill_rel_errors
 
 torch.set_num_threads(1)
 ARCHS = ["qwen3_moe", "mixtral", "olmoe"]
@@ -24,33 +24,19 @@ def ckpt(request, tmp_path_factory):
     return path, ref
 
 
-def _kv(cfg, slots: int, max_len: int):
-    shape = (slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
-
-
 def test_logits_match_transformers_for_a_batch_of_different_lengths(ckpt):
     path, ref = ckpt
     model, cfg = load_model(path, dtype="float32", max_len=64)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (1, 7, 23, 40)]
-    kv = _kv(cfg, len(prompts), 64)
-    # all prompts in one flattened forward
-    meta = AttentionMetadata.build([], [(i, 0, len(p)) for i, p in enumerate(prompts)])
-    with torch.no_grad():
-        ours = model.compute_logits(model(torch.cat(prompts), meta, kv))
-        off = 0
-        for p in prompts:
-            want = ref(p[None]).logits[0]
-            assert rel_err(ours[off : off + len(p)], want) < 1e-4
-            off += len(p)
+    # all prompts in one flattened forward, each compared with transformers run alone
+    errors = prefill_rel_errors(model, cfg, ref, [1, 7, 23, 40])
+    assert all(e < 1e-4 for e in errors), errors
 
 
 def test_chunked_prefill_then_decode_matches_transformers(ckpt):
     path, ref = ckpt
     model, cfg = load_model(path, dtype="float32", max_len=64)
     ids = torch.randint(3, 128, (30,), generator=torch.Generator().manual_seed(1))
-    kv = _kv(cfg, 3, 64)
+    kv = empty_kv_cache(cfg, 3, 64)
     got = []
     with torch.no_grad():
         # slot 2; chunks of 11 and 9 tokens, then 10 single-token decodes
