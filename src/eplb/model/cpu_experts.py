@@ -1,4 +1,4 @@
-"""Expert compute for the CPU at decode sizes: :func:`cpu_expert_forward`.
+"""Expert compute for the CPU at decode sizes: :func:`padded_expert_forward`.
 
 At a few rows per expert, MKL's per-expert sgemm runs on one thread far below the core's
 peak (the per-slot loop / ``torch._grouped_mm`` path). Laying the rows out as a padded
@@ -21,7 +21,12 @@ def padded_expert_forward(
     x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor | None:
     """x [N, H], local_slot [N] in [0, S), w13 [S, 2I, H], w2 [S, H, I] -> [N, H], or None
-    when the padded block would be mostly padding (the caller then uses per-expert GEMMs)."""
+    when the padded block would be mostly padding (the caller then uses per-expert GEMMs).
+
+    (A GEMV pair per row for a handful of rows measured 20% faster at batch 1, but its rows
+    differ in the last bit from the grouped GEMM's, which breaks the bitwise EP == single
+    process check; so small batches stay on the grouped GEMM.)
+    """
     n, h = x.shape
     num_slots, inter = w13.shape[0], w2.shape[2]
     if n < MIN_ROWS:
@@ -41,16 +46,3 @@ def padded_expert_forward(
     out = x.new_empty(n, h)
     out.index_copy_(0, order, y.view(num_slots * m, h).index_select(0, pos))
     return out
-
-
-
-def cpu_expert_forward(
-    x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor | None:
-    """The CPU fast path of ``expert_forward`` (same shapes), or None where it does not apply.
-
-    (A GEMV pair per row for a handful of rows measured 20% faster at batch 1, but its rows
-    differ in the last bit from the grouped GEMM's, which breaks the bitwise EP == single
-    process check; so small batches stay on the grouped GEMM.)
-    """
-    return padded_expert_forward(x, local_slot, w13, w2)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eplb.model.cpu_experts import cpu_expert_forward
+from eplb.model.cpu_experts import padded_expert_forward
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
 
@@ -43,7 +43,7 @@ def expert_forward(
         out = F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2[s])
         return out
     if x.device.type == "cpu" and n <= 1024:
-        y = cpu_expert_forward(x, local_slot, w13, w2)  # None: no CPU fast path for this size
+        y = padded_expert_forward(x, local_slot, w13, w2)  # None: mostly padding at this size
         if y is not None:
             return y
     order = torch.argsort(local_slot, stable=True)
