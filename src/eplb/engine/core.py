@@ -32,7 +32,7 @@ class EngineCore:
         self, model_path: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
         max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
         seed: int = 0, ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
-        kv_cache_memory_bytes: int | None = None,
+        kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
     ):
         from eplb.model.config import load_config
 
@@ -76,6 +76,11 @@ class EngineCore:
         self.generator = torch.Generator().manual_seed(seed)
         self.eos_token_ids = set(cfg.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
+        # CUDA graphs of decode steps (see eplb.engine.cuda_graphs): captured at the first
+        # decode-only step, when the runtime has installed its dispatchers
+        self.enforce_eager = bool(enforce_eager)
+        self._graphs = None
+        self._graphs_checked = False
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -124,6 +129,12 @@ class EngineCore:
             self.dummy_step()
             return []
         ids: list[int] = [s.token_at(s.num_tokens - 1) for s in batch.decodes]
+        graphs = self._decode_graphs() if not batch.prefills else None
+        if graphs is not None and graphs.fits(len(ids)):
+            logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes])
+            for s in batch.decodes:
+                s.num_computed += 1
+            return self._sample(list(batch.decodes), logits)
         sample_rows: list[int] = list(range(len(batch.decodes)))
         sampled: list[Sequence] = list(batch.decodes)
         prefills: list[tuple[int, int, int]] = []
@@ -152,6 +163,9 @@ class EngineCore:
         else:
             rows = torch.tensor(sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return self._sample(sampled, logits)
+
+    def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         outs = []
         for s, tok in zip(sampled, tokens):
@@ -160,6 +174,24 @@ class EngineCore:
                 s.request_id, s.prompt_ids, list(s.output_ids), s.text, s.finished, s.finish_reason
             ))
         return outs
+
+    def _decode_graphs(self):
+        """The CUDA-graph runner, or None: eager mode, not CUDA, or an EP dispatcher installed
+        (its collectives have data-dependent sizes and are not captured)."""
+        if not self._graphs_checked:
+            self._graphs_checked = True
+            from eplb.model.moe import local_dispatch
+
+            if (not self.enforce_eager and self.device.type == "cuda"
+                    and all(l.dispatcher is local_dispatch for l in self.model.moe_layers())):
+                from eplb.engine.cuda_graphs import DecodeGraphs
+
+                self._graphs = DecodeGraphs(
+                    self.model, self.kv.layers, max_batch=self.kv.num_slots,
+                    scratch_slot=self.kv.scratch_slot, device=self.device,
+                )
+                self._graphs.capture()
+        return self._graphs
 
     def _append(self, s: Sequence, tok: int) -> None:
         s.output_ids.append(tok)

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--json", action="store_true", help="print {text, token_ids, finish_reason}")
 
 
@@ -34,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
             top_k=args.top_k, seed=args.seed, stop=args.stop,
         )
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  max_num_seqs=1, max_num_batched_tokens=2048)
+                  max_num_seqs=1, max_num_batched_tokens=2048, enforce_eager=args.enforce_eager)
         if llm.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json")
         if args.chat:

@@ -2,7 +2,8 @@
 
 A sequence holds one slot from admission to finish, so decode attention is one batched
 SDPA over a contiguous range of slots. The lowest free slot is handed out first, which keeps
-running sequences packed at the front.
+running sequences packed at the front. One extra row, ``scratch_slot``, is never handed out:
+padding rows of a CUDA-graph decode batch write their (ignored) keys and values there.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ class KVCache:
         self, *, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str,
     ):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
         self.num_slots = num_slots
+        self.scratch_slot = num_slots
         self.max_len = max_len
         self._free = list(range(num_slots))
         heapq.heapify(self._free)

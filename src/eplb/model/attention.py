@@ -33,6 +33,17 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     decode_dense: bool = False  # decode_slots == arange(num_decode): no scatter/gather needed
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
+    # decode-only steps: keys [0, ctx_lens[b]) of slot token_slots[b] are attended. Set by
+    # ``for_decode`` (fixed buffers of a CUDA graph) and by ``build`` on CUDA (the Triton kernel)
+    ctx_lens: torch.Tensor | None = None
+    static: bool = False  # shapes fixed, values live in device buffers: no host-side branching
+
+    @classmethod
+    def for_decode(cls, slots: torch.Tensor, positions: torch.Tensor, ctx_lens: torch.Tensor) -> "AttentionMetadata":
+        """A decode-only step whose per-row slot/position/context length are tensors (e.g. the
+        static buffers of a CUDA graph); padding rows point at a scratch slot."""
+        return cls(token_slots=slots, positions=positions, num_decode=int(slots.shape[0]),
+                   decode_slots=slots, ctx_lens=ctx_lens, static=True)
 
     @classmethod
     def build(
@@ -66,6 +77,8 @@ class AttentionMetadata:
                     torch.arange(length, device=device)[None, :] < ctx_t[:, None]
                 ).view(hi, 1, 1, length)
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
+            if torch.device(device).type == "cuda":
+                meta.ctx_lens = torch.tensor([p + 1 for _, p in decodes], dtype=torch.int32, device=device)
         return meta
 
 
@@ -81,6 +94,15 @@ def attend(
     k_cache[meta.token_slots, :, meta.positions] = k
     v_cache[meta.token_slots, :, meta.positions] = v
     nd = meta.num_decode
+    if nd == n and meta.ctx_lens is not None:
+        from eplb.kernels import triton_usable
+
+        if triton_usable(q.device):
+            from eplb.kernels import decode_attention
+
+            return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
+        if meta.static:
+            return decode_attention_torch(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
     if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k_cache[:nd, :, : meta.decode_len], v_cache[:nd, :, : meta.decode_len],
@@ -116,3 +138,20 @@ def attend(
         out[off : off + cnt] = o[0].transpose(0, 1)
         off += cnt
     return out
+
+
+def decode_attention_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    ctx_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Decode attention in plain torch (CPU path and the reference of eplb.kernels.decode_attention).
+
+    q [B, Hq, D]; k/v_cache [S, Hkv, L, D]; slots [B]; ctx_lens [B]: row b attends keys
+    [0, ctx_lens[b]) of slot slots[b]. -> [B, Hq, D]. Reads keys up to max(ctx_lens) (host sync).
+    """
+    length = max(int(ctx_lens.max()), 1) if ctx_lens.numel() else 1
+    k = k_cache[slots.long(), :, :length]
+    v = v_cache[slots.long(), :, :length]
+    mask = (torch.arange(length, device=q.device)[None, :] < ctx_lens.to(q.device)[:, None]).view(-1, 1, 1, length)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)

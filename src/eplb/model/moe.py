@@ -139,7 +139,6 @@ class MoELayer(nn.Module):
         self.slot_end = self.slot_start + per
         self.layer_idx = layer_idx  # decoder layer index
         self.moe_idx = moe_idx  # index in model.moe_layers()
-        self.replica_offset = 0
         self.dispatcher: Dispatcher = local_dispatch
         self.gate_weight = nn.Parameter(
             torch.empty(num_experts, hidden_size, dtype=dtype, device=device), requires_grad=False
@@ -154,10 +153,19 @@ class MoELayer(nn.Module):
         )
         log2phy, count = maps_from_phy2log(phy2log.cpu().long(), num_experts)
         self.register_buffer("phy2log", phy2log.clone().long().to(device))
-        self.register_buffer("log2phy", log2phy.to(device))
+        # log2phy lives in a buffer of the widest possible shape [E, P - E + 1] (-1 padded) that
+        # set_placement overwrites in place: a captured CUDA graph keeps reading the right maps
+        # after an EPLB commit, with no re-capture
+        buf = torch.full((num_experts, p - num_experts + 1), -1, dtype=torch.long)
+        buf[:, : log2phy.shape[1]] = log2phy
+        self.register_buffer("log2phy_buf", buf.to(device))
+        self._max_replicas = int(log2phy.shape[1])
         self.register_buffer("replica_count", count.to(device))
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long, device=device))
+        self.register_buffer("_replica_offset", torch.zeros((), dtype=torch.long, device=device))
         self._all_single = bool((count == 1).all())
+        # True while CUDA graphs are captured/replayed: no Python branch may depend on the placement
+        self.static_maps = False
         self.fused_experts = True  # Triton kernels on CUDA bf16 (see use_fused)
 
     # -- contract -----------------------------------------------------------------------------
@@ -165,15 +173,32 @@ class MoELayer(nn.Module):
         """Every per-slot tensor (leading dim = local slot count)."""
         return {"w13": self.w13.data, "w2": self.w2.data}
 
+    @property
+    def log2phy(self) -> torch.Tensor:
+        """[E, M] slots of each expert ascending, -1 padded (M = current max replica count)."""
+        return self.log2phy_buf[:, : self._max_replicas]
+
+    @property
+    def replica_offset(self) -> int:
+        return int(self._replica_offset)
+
+    @replica_offset.setter
+    def replica_offset(self, value: int) -> None:
+        self._replica_offset.fill_(int(value))  # in place: graphs read the buffer
+
     def set_placement(
         self, phy2log: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor
     ) -> None:
         if phy2log.numel() != self.num_physical:
             raise ValueError(f"phy2log has {phy2log.numel()} slots, layer has {self.num_physical}")
+        m = log2phy.shape[1]
+        if m > self.log2phy_buf.shape[1]:
+            raise ValueError(f"log2phy has {m} replica columns, at most {self.log2phy_buf.shape[1]} fit")
         dev = self.phy2log.device
         self.phy2log.copy_(phy2log.to(dev))
-        # M (max replicas) may change between placements
-        self.log2phy = log2phy.to(device=dev, dtype=torch.long).clone()
+        self.log2phy_buf[:, :m].copy_(log2phy.to(device=dev, dtype=torch.long))
+        self.log2phy_buf[:, m:].fill_(-1)
+        self._max_replicas = int(m)
         self.replica_count.copy_(replica_count.to(dev))
         self._all_single = bool((replica_count == 1).all())
 
@@ -186,6 +211,14 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
         logits = F.linear(x, self.gate_weight)
+        if x.is_cuda and x.shape[0]:
+            from eplb.kernels import HAS_TRITON
+
+            if HAS_TRITON:  # softmax + top-k + renormalise in one launch (eplb.kernels.routing)
+                from eplb.kernels import softmax_topk
+
+                w, ids = softmax_topk(logits, self.top_k, self.norm_topk_prob)
+                return w.to(x.dtype), ids
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -194,17 +227,20 @@ class MoELayer(nn.Module):
 
     def choose_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """Logical ids [T, k] -> physical slots [T, k]; the j-th pair (in (t, k) order) routed
-        to expert e goes to replica (replica_offset + j) % replica_count[e]."""
-        if self._all_single:
-            return self.log2phy[:, 0][ids]
+        to expert e goes to replica (replica_offset + j) % replica_count[e].
+
+        No host sync and no placement-dependent branch under ``static_maps`` (CUDA graphs)."""
+        if self._all_single and not self.static_maps:
+            return self.log2phy_buf[:, 0][ids]
         flat = ids.reshape(-1)
         sorted_e, perm = torch.sort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        starts = torch.cumsum(counts, 0) - counts
+        # rank of each pair among the pairs of its expert = sorted position - first position
+        # of that expert (searchsorted instead of bincount: bincount syncs with the host on CUDA)
+        rank_sorted = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(sorted_e, sorted_e)
         j = torch.empty_like(flat)
-        j[perm] = torch.arange(flat.numel(), device=flat.device) - starts[sorted_e]
-        rep = (self.replica_offset + j) % self.replica_count[flat]
-        return self.log2phy[flat, rep].view_as(ids)
+        j[perm] = rank_sorted
+        rep = (self._replica_offset + j) % self.replica_count[flat]
+        return self.log2phy_buf[flat, rep].view_as(ids)
 
     def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):
@@ -221,12 +257,23 @@ class MoELayer(nn.Module):
         return (self.fused_experts and HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
                 and self.w13.dtype == torch.bfloat16)
 
-    def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
-        and dummy-step rows do not)."""
+        and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs)."""
         weights, ids = self.route(x)
-        n = x.shape[0] if num_real_tokens is None else num_real_tokens
-        if n > 0:
-            self.expert_load += torch.bincount(ids[:n].reshape(-1), minlength=self.num_experts)
+        self.count_load(ids, num_real_tokens)
         slots = self.choose_slots(ids)
         return self.dispatcher(x, slots, weights, self.expert_fn, self)
+
+    def count_load(self, ids: torch.Tensor, num_real_tokens: int | torch.Tensor | None) -> None:
+        """expert_load[e] += pairs of the first ``num_real_tokens`` rows of ids [T, k] routed to e."""
+        t = ids.shape[0]
+        if isinstance(num_real_tokens, torch.Tensor):
+            real = torch.arange(t, device=ids.device) < num_real_tokens
+            src = real[:, None].expand_as(ids).reshape(-1).long()
+            self.expert_load.scatter_add_(0, ids.reshape(-1), src)
+            return
+        n = t if num_real_tokens is None else num_real_tokens
+        if n > 0:
+            flat = ids[:n].reshape(-1)
+            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))

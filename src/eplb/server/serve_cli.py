@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto = cuda when available, else cpu (default: %(default)s)")
     e.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
     e.add_argument("--enforce-eager", action="store_true",
-                   help="accepted for vLLM compatibility; no CUDA graphs are captured yet")
+                   help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
+                        "when a rank runs without EP dispatchers)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; no remote code is ever run")
     e.add_argument("--chat-template", default=None,
@@ -165,7 +166,8 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     _check_port_free(args.host, args.port)
     engine_kwargs: dict[str, Any] = {"dtype": dtype, "device": device,
                                      "max_model_len": args.max_model_len,
-                                     "max_num_seqs": args.max_num_seqs, "seed": args.seed}
+                                     "max_num_seqs": args.max_num_seqs, "seed": args.seed,
+                                     "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     return {"model_path": model_path, "engine_kwargs": engine_kwargs, "parallel": parallel,

@@ -1,0 +1,115 @@
+"""Decode steps replayed from CUDA graphs captured at a fixed set of batch sizes.
+
+A decode-only step of n sequences runs the graph of the smallest captured size >= n: the first
+n rows of the static buffers hold the real tokens; padding rows read token 0 at position 0 of
+the KV cache's scratch slot (context length 1), and are not counted as expert load. Everything
+a step changes lives in those buffers (ids, slots, positions, context lengths, the real-row
+count); the EPLB maps of the MoE layers live in fixed device buffers too (``MoELayer.static_maps``),
+so a placement commit that copies new maps and weights in place needs no re-capture.
+
+On CPU (or with ``capture=False``) the same padded static forward runs eagerly: the tests check
+this path against the plain engine step without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from eplb.model.attention import AttentionMetadata
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """Batch sizes to capture, as vLLM does: 1, 2, 4, 8, then steps of 8 to 64, of 16 to 256,
+    of 32 beyond; always including ``max_batch``."""
+    sizes = [s for s in (1, 2, 4) if s <= max_batch]
+    s = 8
+    while s <= max_batch:
+        sizes.append(s)
+        s += 8 if s < 64 else 16 if s < 256 else 32
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    """model: MoEForCausalLM; kv_layers: the KV cache's per-layer (k, v); scratch_slot: a KV
+    slot no sequence owns. ``run(ids, slots, positions)`` -> logits [n, V] (a view into a static
+    buffer: consume it before the next call)."""
+
+    def __init__(self, model, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
+                 scratch_slot: int, device: torch.device, capture: bool = True):
+        self.model = model
+        self.kv_layers = kv_layers
+        self.sizes = capture_sizes(max_batch)
+        self.max_batch = max_batch
+        self.scratch_slot = scratch_slot
+        self.device = device
+        self.capture_enabled = capture and device.type == "cuda"
+        mb = max_batch
+        # rows: token ids, KV slots, positions, context lengths; filled by one copy per step
+        self._host = torch.zeros(4, mb, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(4, mb, dtype=torch.long, device=device)
+        self.ids, self.slots, self.positions, self.ctx_lens = self._dev.unbind(0)
+        self.num_real = torch.zeros((), dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        for layer in model.moe_layers():
+            layer.static_maps = True
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        meta = AttentionMetadata.for_decode(self.slots[:bs], self.positions[:bs], self.ctx_lens[:bs])
+        hidden = self.model(self.ids[:bs], meta, self.kv_layers, num_real_tokens=self.num_real)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per size, largest first, all in one memory pool. Padding-only inputs
+        (num_real 0): nothing is counted and only the scratch slot is written."""
+        if not self.capture_enabled or self.graphs:
+            return
+        self._fill([], [], [])
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: Triton compiles and cuBLAS picks its kernels
+            for bs in self.sizes:
+                self._forward(bs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        pool = None
+        for bs in reversed(self.sizes):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bs] = self._forward(bs)
+            pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize(self.device)
+
+    def _fill(self, ids: list[int], slots: list[int], positions: list[int]) -> None:
+        n = len(ids)
+        h = self._host
+        h[0, :n] = torch.tensor(ids, dtype=torch.long)
+        h[1, :n] = torch.tensor(slots, dtype=torch.long)
+        h[2, :n] = torch.tensor(positions, dtype=torch.long)
+        h[0, n:] = 0
+        h[1, n:] = self.scratch_slot
+        h[2, n:] = 0
+        h[3, :] = h[2, :] + 1  # context length = position + 1
+        self._dev.copy_(h, non_blocking=True)
+        self.num_real.fill_(n)
+
+    def fits(self, n: int) -> bool:
+        return 0 < n <= self.max_batch
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+        n = len(ids)
+        if not self.fits(n):
+            raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
+        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self._fill(ids, slots, positions)
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            return self.outputs[bs][:n]
+        return self._forward(bs)[:n]
