@@ -3,7 +3,8 @@ weights with Qwen3-30B-A3B's shapes and fewer layers.
 
 python bench/gpu_e2e.py [--layers 8] [--out DIR] [--tiny]   (--tiny: a few-MB model, CPU smoke test)
 Decode tokens/s at batch 1, 32 and 128 (prompts of 16 tokens, greedy, ignore_eos); prefill
-tokens/s of one 8192-token prompt. Ours runs eagerly (no CUDA graphs yet); transformers runs
+tokens/s of one 8192-token prompt. Ours: bf16 with CUDA graphs (and eager, for reference) and
+block-FP8 (the same weights quantized to 128x128 blocks, kept in FP8); transformers runs
 ``generate`` with ``_experts_implementation="grouped_mm"``. Writes gpu_e2e-<device>.json.
 """
 
@@ -151,8 +152,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefill", type=int, default=8192)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cudnn-sdpa", action="store_true", help="leave torch's cuDNN attention backend on")
-    ap.add_argument("--patch-fused", action="store_true",
-                    help="route MoELayer.expert_fn to the Triton kernel from here (for engines not wired yet)")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the block-FP8 engine")
     ap.add_argument("--profile", type=int, default=0,
                     help="only profile 5 decode steps of our engine at this batch size and exit")
 
@@ -176,11 +176,6 @@ def main(args: argparse.Namespace | None = None) -> int:
 
     from eplb.engine.core import EngineCore
 
-    if args.patch_fused:
-        from eplb.kernels import fused_experts
-        from eplb.model.moe import MoELayer
-
-        MoELayer.expert_fn = lambda self, x, slot: fused_experts(x, slot, self.w13, self.w2)
     cfg = qwen3_30b_config(args.layers, args.tiny)
     cfg._experts_implementation = "grouped_mm"
     prefill = min(args.prefill, 512) if args.tiny else args.prefill
@@ -195,31 +190,54 @@ def main(args: argparse.Namespace | None = None) -> int:
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "torch": torch.__version__, "layers": cfg.num_hidden_layers,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "note": "ours eager (no CUDA graphs); transformers generate with grouped_mm experts; "
+           "note": "ours: decode in CUDA graphs (bf16_eager: --enforce-eager); fp8: block-FP8 weights kept "
+                   "in FP8; transformers generate with grouped_mm experts; "
                    + ("cuDNN SDPA on" if args.cudnn_sdpa else "cuDNN SDPA backend off for both"),
            "decode_tok_s": {}, "prefill_tok_s": {}}
+    vocab = cfg.vocab_size
+    engines = [("bf16", None, False), ("bf16_eager", None, True)]
+    if not args.no_fp8 and dev == "cuda":
+        engines.append(("fp8", "fp8", False))
+    theirs_decode = {b: hf_decode(hf, b, args.steps, vocab, dev) for b in BATCHES}
+    theirs_prefill = hf_prefill(hf, prefill, vocab, dev)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         hf.save_pretrained(d)
         print(f"saved checkpoint in {time.perf_counter() - t0:.0f}s", flush=True)
-        t0 = time.perf_counter()
-        core = EngineCore(d, dtype="bfloat16", device=dev, max_model_len=prefill + 64,
-                          max_num_seqs=max(BATCHES), max_num_batched_tokens=max(prefill, 4096))
-        print(f"loaded our engine in {time.perf_counter() - t0:.0f}s", flush=True)
-    vocab = cfg.vocab_size
-    if args.profile:
-        return profile(core, args.profile, vocab, dev)
-    for b in BATCHES:
-        ours = ours_decode(core, b, args.steps, vocab, dev)
-        theirs = hf_decode(hf, b, args.steps, vocab, dev)
-        res["decode_tok_s"][str(b)] = {"ours_bf16": ours, "transformers": theirs, "ratio": ours / theirs}
-        print(f"  decode batch {b:4d}: ours {ours:9.1f} tok/s  transformers {theirs:9.1f} tok/s  "
-              f"x{ours / theirs:.2f}", flush=True)
-    ours = ours_prefill(core, prefill, vocab, dev)
-    theirs = hf_prefill(hf, prefill, vocab, dev)
-    res["prefill_tok_s"][str(prefill)] = {"ours_bf16": ours, "transformers": theirs, "ratio": ours / theirs}
-    print(f"  prefill {prefill} tokens: ours {ours:9.0f} tok/s  transformers {theirs:9.0f} tok/s  "
-          f"x{ours / theirs:.2f}", flush=True)
+        fp8_dir = os.path.join(d, "fp8")
+        if len(engines) == 3:
+            from eplb.model.testing import quantize_checkpoint_fp8
+
+            quantize_checkpoint_fp8(d, fp8_dir)
+        for name, quant, eager in engines:
+            t0 = time.perf_counter()
+            core = EngineCore(fp8_dir if quant else d, dtype="bfloat16", device=dev,
+                              max_model_len=prefill + 64, max_num_seqs=max(BATCHES),
+                              max_num_batched_tokens=max(prefill, 4096), enforce_eager=eager,
+                              **({"quantization": quant} if quant else {}))
+            print(f"loaded our engine ({name}) in {time.perf_counter() - t0:.0f}s", flush=True)
+            if args.profile:
+                return profile(core, args.profile, vocab, dev)
+            for b in BATCHES:
+                ours = ours_decode(core, b, args.steps, vocab, dev)
+                row = res["decode_tok_s"].setdefault(str(b), {"transformers": theirs_decode[b]})
+                row[f"ours_{name}"] = ours
+                row[f"ratio_{name}"] = ours / theirs_decode[b]
+                print(f"  decode batch {b:4d}: ours {name:10s} {ours:9.1f} tok/s  transformers "
+                      f"{theirs_decode[b]:9.1f} tok/s  x{ours / theirs_decode[b]:.2f}", flush=True)
+            if not eager:
+                ours = ours_prefill(core, prefill, vocab, dev)
+                row = res["prefill_tok_s"].setdefault(str(prefill), {"transformers": theirs_prefill})
+                row[f"ours_{name}"] = ours
+                row[f"ratio_{name}"] = ours / theirs_prefill
+                print(f"  prefill {prefill} tokens: ours {name:10s} {ours:9.0f} tok/s  transformers "
+                      f"{theirs_prefill:9.0f} tok/s  x{ours / theirs_prefill:.2f}", flush=True)
+            del core
+            torch.cuda.empty_cache() if dev == "cuda" else None
+    if "fp8" in {e[0] for e in engines}:
+        b32 = res["decode_tok_s"]["32"]
+        res["fp8_over_bf16_decode_b32"] = b32["ours_fp8"] / b32["ours_bf16"]
+        print(f"  FP8 / bf16 decode at batch 32: x{res['fp8_over_bf16_decode_b32']:.2f}")
     slug = res["device"].replace("NVIDIA ", "").replace(" ", "-").lower()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu_e2e-{slug}.json")
