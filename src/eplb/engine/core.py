@@ -141,7 +141,7 @@ class EngineCore:
         off = len(ids)
         for s, n in batch.prefills:
             start = s.num_computed
-            ids.extend(s.token_at(i) for i in range(start, start + n))
+            ids.extend(s.tokens(start, start + n))
             prefills.append((s.slot, start, n))
             off += n
             if start + n == s.num_tokens:

@@ -38,6 +38,14 @@ class Sequence:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + output (list slices: a long prefill chunk costs
+        no per-token Python call)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:n] + self.output_ids[max(start - n, 0) : end - n]
+
 
 @dataclass
 class ScheduledBatch:
