@@ -33,6 +33,7 @@ class EngineCore:
         max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
         seed: int = 0, ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
+        quantization: str | None = None,
     ):
         from eplb.model.config import load_config
 
@@ -52,7 +53,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.model, self.config = load_model(
             model_path, dtype=self.dtype, device=self.device, ep_rank=ep_rank, ep_size=ep_size,
-            phy2log=phy2log, max_len=max_model_len,
+            phy2log=phy2log, max_len=max_model_len, quantization=quantization,
         )
         self.tokenizer = load_tokenizer(model_path)
         cfg = self.config

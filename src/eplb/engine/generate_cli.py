@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--quantization", "-q", choices=("fp8",), default=None,
+                   help="fp8: keep a block-FP8 checkpoint's weights in FP8 (CUDA + triton, bfloat16); "
+                        "default: dequantize them to --dtype")
     p.add_argument("--json", action="store_true", help="print {text, token_ids, finish_reason}")
 
 
@@ -35,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
             top_k=args.top_k, seed=args.seed, stop=args.stop,
         )
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  max_num_seqs=1, max_num_batched_tokens=2048, enforce_eager=args.enforce_eager)
+                  max_num_seqs=1, max_num_batched_tokens=2048, enforce_eager=args.enforce_eager,
+                  quantization=args.quantization)
         if llm.tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer.json")
         if args.chat:

@@ -10,6 +10,8 @@ from eplb.model.moe import MoELayer
 from eplb.model.transformer import Attention, DecoderLayer, DenseMLP, MoEForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# load-time weight formats (vLLM's --quantization names); None = every weight in the compute dtype
+QUANTIZATIONS = ("fp8",)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -22,15 +24,64 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_quantization(
+    quantization: str | None, device: str | torch.device, dtype: torch.dtype, cfg: ModelConfig | None = None,
+) -> str | None:
+    """Validate the ``quantization`` load option (ValueError naming the field); returns it.
+
+    "fp8" keeps the block-FP8 weights of an FP8 checkpoint in FP8 for the Triton kernels
+    (fused MoE and :func:`eplb.kernels.fp8_linear`), so it needs a CUDA device of compute
+    capability >= 8.9 (FP8 tensor cores), triton, bfloat16 activations, 128x128 weight blocks and
+    every quantized linear's dims divisible by 128."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    from eplb.kernels import HAS_TRITON
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not HAS_TRITON or not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization={quantization!r} needs a CUDA device and triton (the FP8 weights run only "
+            f"in the Triton kernels); got device {str(dev)!r}, triton {'present' if HAS_TRITON else 'missing'}")
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        raise ValueError(f"quantization={quantization!r} needs FP8 tensor cores (compute capability >= 8.9), "
+                         f"got {torch.cuda.get_device_capability(dev)}")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"quantization={quantization!r} needs dtype bfloat16, got {dtype}")
+    if cfg is not None:
+        if cfg.fp8_block_size != [128, 128]:
+            raise ValueError(
+                f"quantization={quantization!r} needs a block-FP8 checkpoint (config.json "
+                f"quantization_config with weight_block_size [128, 128]), got {cfg.fp8_block_size}")
+        dims = {"hidden_size": cfg.hidden_size, "num_attention_heads * head_dim": cfg.num_heads * cfg.head_dim,
+                "num_key_value_heads * head_dim": cfg.num_kv_heads * cfg.head_dim}
+        if cfg.moe_layers:
+            dims["moe_intermediate_size"] = cfg.moe_intermediate_size
+        if len(cfg.moe_layers) < cfg.num_layers:
+            dims["intermediate_size"] = cfg.intermediate_size
+        bad = {k: v for k, v in dims.items() if v % 128}
+        if bad:
+            raise ValueError(f"quantization={quantization!r} needs these dims divisible by 128: {bad}")
+    return quantization
+
+
 def _load_attention(attn: Attention, r: CheckpointReader, p: str, cfg: ModelConfig) -> None:
     h, d = cfg.hidden_size, cfg.head_dim
     nq, nkv = cfg.num_heads * d, cfg.num_kv_heads * d
     a = f"{p}.self_attn"
-    attn.qkv.data.copy_(torch.cat([
-        r.get(f"{a}.q_proj.weight", [nq, h]), r.get(f"{a}.k_proj.weight", [nkv, h]),
-        r.get(f"{a}.v_proj.weight", [nkv, h]),
-    ]))
-    attn.o.data.copy_(r.get(f"{a}.o_proj.weight", [h, nq]))
+    qkv = [(f"{a}.q_proj.weight", [nq, h]), (f"{a}.k_proj.weight", [nkv, h]), (f"{a}.v_proj.weight", [nkv, h])]
+    if attn.qkv_scale is not None:
+        # block-FP8: q, k and v are each a whole number of 128-row blocks, so their scales stack too
+        parts = [r.get_fp8(n, shape) for n, shape in qkv]
+        attn.qkv.data.copy_(torch.cat([q for q, _ in parts]))
+        attn.qkv_scale.data.copy_(torch.cat([s for _, s in parts]))
+        q, s = r.get_fp8(f"{a}.o_proj.weight", [h, nq])
+        attn.o.data.copy_(q)
+        attn.o_scale.data.copy_(s)
+    else:
+        attn.qkv.data.copy_(torch.cat([r.get(n, shape) for n, shape in qkv]))
+        attn.o.data.copy_(r.get(f"{a}.o_proj.weight", [h, nq]))
     if cfg.attention_bias:
         attn.qkv_bias.data.copy_(torch.cat([
             r.get(f"{a}.q_proj.bias", [nq]), r.get(f"{a}.k_proj.bias", [nkv]), r.get(f"{a}.v_proj.bias", [nkv]),
@@ -50,15 +101,20 @@ def _load_attention(attn: Attention, r: CheckpointReader, p: str, cfg: ModelConf
 def load_model(
     path: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
     ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
-    max_len: int | None = None,
+    max_len: int | None = None, quantization: str | None = None,
 ) -> tuple[MoEForCausalLM, ModelConfig]:
     """Load ``path`` into a :class:`MoEForCausalLM`; with EP, only this rank's slots.
 
-    phy2log [L_moe, P] (None = identity, P = E). Errors (ValueError) name the missing or
-    mis-shaped tensor or config key.
+    phy2log [L_moe, P] (None = identity, P = E). ``quantization``: None dequantizes a block-FP8
+    checkpoint to ``dtype``; "fp8" keeps its expert, attention and dense-MLP weights in FP8 with
+    their scales (see :func:`check_quantization`; embeddings, lm_head, router and norms stay in
+    ``dtype``). Errors (ValueError) name the missing or mis-shaped tensor or config key.
     """
     dt = resolve_dtype(dtype)
+    if quantization is not None:
+        check_quantization(quantization, device, dt)  # the cheap checks before reading the folder
     cfg = load_config(path)
+    quantization = check_quantization(quantization, device, dt, cfg)
     if torch.device(device).type == "cuda":
         # cuDNN's SDPA re-plans for every new key length, i.e. every decode step (measured ~30 ms
         # per layer per step on an H100); the flash / memory-efficient kernels have no such cost.
@@ -85,20 +141,30 @@ def load_model(
                     hidden_size=h, intermediate_size=cfg.moe_intermediate_size, num_experts=e,
                     top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob, phy2log=phy2log[mi],
                     ep_rank=ep_rank, ep_size=ep_size, dtype=dt, device=device, layer_idx=li, moe_idx=mi,
+                    quantization=quantization,
                 )
                 mlp.gate_weight.data.copy_(r.router_weight(li))
+                dst = mlp.expert_tensors()  # w13, w2 (+ w13_scale, w2_scale with FP8)
                 for local, slot in enumerate(range(mlp.slot_start, mlp.slot_end)):
-                    t = r.expert_tensors(mi, int(phy2log[mi, slot]))
-                    mlp.w13.data[local].copy_(t["w13"])
-                    mlp.w2.data[local].copy_(t["w2"])
+                    t = r.expert_tensors(mi, int(phy2log[mi, slot]), fp8=quantization == "fp8")
+                    for k, v in t.items():
+                        dst[k][local].copy_(v)
             else:
-                mlp = DenseMLP(h, cfg.intermediate_size, dt, device)
+                mlp = DenseMLP(h, cfg.intermediate_size, dt, device, quantization=quantization)
                 i = cfg.intermediate_size
-                mlp.w13.data.copy_(torch.cat([
-                    r.get(f"{p}.mlp.gate_proj.weight", [i, h]), r.get(f"{p}.mlp.up_proj.weight", [i, h])
-                ]))
-                mlp.w2.data.copy_(r.get(f"{p}.mlp.down_proj.weight", [h, i]))
-            layer = DecoderLayer(cfg, mlp, dt, device)
+                gu = [(f"{p}.mlp.gate_proj.weight", [i, h]), (f"{p}.mlp.up_proj.weight", [i, h])]
+                down = (f"{p}.mlp.down_proj.weight", [h, i])
+                if mlp.w13_scale is not None:
+                    parts = [r.get_fp8(n, shape) for n, shape in gu]
+                    mlp.w13.data.copy_(torch.cat([q for q, _ in parts]))
+                    mlp.w13_scale.data.copy_(torch.cat([s for _, s in parts]))
+                    q, s = r.get_fp8(*down)
+                    mlp.w2.data.copy_(q)
+                    mlp.w2_scale.data.copy_(s)
+                else:
+                    mlp.w13.data.copy_(torch.cat([r.get(n, shape) for n, shape in gu]))
+                    mlp.w2.data.copy_(r.get(*down))
+            layer = DecoderLayer(cfg, mlp, dt, device, quantization=quantization)
             layer.input_norm.data.copy_(r.get(f"{p}.input_layernorm.weight", [h]))
             layer.post_norm.data.copy_(r.get(f"{p}.post_attention_layernorm.weight", [h]))
             _load_attention(layer.attn, r, p, cfg)

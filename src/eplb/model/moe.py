@@ -92,7 +92,8 @@ def local_dispatch(
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
         from eplb.kernels import fused_moe
 
-        return fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2)
+        return fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2,
+                         w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
@@ -125,8 +126,11 @@ class MoELayer(nn.Module):
         self, *, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
         norm_topk_prob: bool, phy2log: torch.Tensor, ep_rank: int, ep_size: int,
         dtype: torch.dtype, device: torch.device | str, layer_idx: int, moe_idx: int,
+        quantization: str | None = None,
     ):
         super().__init__()
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         p = int(phy2log.numel())
         if p % ep_size:
             raise ValueError(f"num physical slots {p} is not divisible by ep_size {ep_size}")
@@ -143,14 +147,27 @@ class MoELayer(nn.Module):
         self.gate_weight = nn.Parameter(
             torch.empty(num_experts, hidden_size, dtype=dtype, device=device), requires_grad=False
         )
+        # "fp8": block-FP8 weights (float8_e4m3fn) + float32 weight_scale_inv per 128x128 block
+        wdt = torch.float8_e4m3fn if quantization == "fp8" else dtype
         self.w13 = nn.Parameter(
-            torch.empty(per, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+            torch.empty(per, 2 * intermediate_size, hidden_size, dtype=wdt, device=device),
             requires_grad=False,
         )
         self.w2 = nn.Parameter(
-            torch.empty(per, hidden_size, intermediate_size, dtype=dtype, device=device),
+            torch.empty(per, hidden_size, intermediate_size, dtype=wdt, device=device),
             requires_grad=False,
         )
+        self.w13_scale: nn.Parameter | None = None
+        self.w2_scale: nn.Parameter | None = None
+        if quantization == "fp8":
+            if hidden_size % 128 or intermediate_size % 128:
+                raise ValueError(f"FP8 experts need hidden and intermediate sizes divisible by 128, "
+                                 f"got {hidden_size}, {intermediate_size}")
+            hb, ib = hidden_size // 128, intermediate_size // 128
+            self.w13_scale = nn.Parameter(
+                torch.empty(per, 2 * ib, hb, dtype=torch.float32, device=device), requires_grad=False)
+            self.w2_scale = nn.Parameter(
+                torch.empty(per, hb, ib, dtype=torch.float32, device=device), requires_grad=False)
         log2phy, count = maps_from_phy2log(phy2log.cpu().long(), num_experts)
         self.register_buffer("phy2log", phy2log.clone().long().to(device))
         # log2phy lives in a buffer of the widest possible shape [E, P - E + 1] (-1 padded) that
@@ -170,8 +187,12 @@ class MoELayer(nn.Module):
 
     # -- contract -----------------------------------------------------------------------------
     def expert_tensors(self) -> dict[str, torch.Tensor]:
-        """Every per-slot tensor (leading dim = local slot count)."""
-        return {"w13": self.w13.data, "w2": self.w2.data}
+        """Every per-slot tensor (leading dim = local slot count); with FP8 the scales too, so an
+        EPLB move carries them with their weights."""
+        t = {"w13": self.w13.data, "w2": self.w2.data}
+        if self.w13_scale is not None:
+            t["w13_scale"], t["w2_scale"] = self.w13_scale.data, self.w2_scale.data
+        return t
 
     @property
     def log2phy(self) -> torch.Tensor:
@@ -246,16 +267,25 @@ class MoELayer(nn.Module):
         if self.use_fused(x):
             from eplb.kernels import fused_experts
 
-            return fused_experts(x, local_slot, self.w13, self.w2)
+            return fused_experts(x, local_slot, self.w13, self.w2, w13_scale=self.w13_scale,
+                                 w2_scale=self.w2_scale)
+        if self.w13_scale is not None:
+            # FP8 off the Triton path (fused_experts off, e.g. as a reference): dequantize per call
+            from eplb.model.checkpoint import dequantize_block_fp8
+
+            w13 = dequantize_block_fp8(self.w13, self.w13_scale, [128, 128]).to(x.dtype)
+            w2 = dequantize_block_fp8(self.w2, self.w2_scale, [128, 128]).to(x.dtype)
+            return expert_forward(x, local_slot, w13, w2)
         return expert_forward(x, local_slot, self.w13, self.w2)
 
     def use_fused(self, x: torch.Tensor) -> bool:
-        """True when the Triton kernels (eplb.kernels) run this layer: CUDA, bf16, triton present
-        and ``self.fused_experts`` (set it False for the torch path, e.g. as a reference)."""
+        """True when the Triton kernels (eplb.kernels) run this layer: CUDA, bf16 activations,
+        bf16 or block-FP8 weights, triton present and ``self.fused_experts`` (set it False for the
+        torch path, e.g. as a reference)."""
         from eplb.kernels import HAS_TRITON
 
         return (self.fused_experts and HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
-                and self.w13.dtype == torch.bfloat16)
+                and (self.w13.dtype == torch.bfloat16 or self.w13_scale is not None))
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eplb.kernels import HAS_TRITON
 from eplb.model.attention import AttentionMetadata, attend
 from eplb.model.config import ModelConfig
 from eplb.model.moe import MoELayer
@@ -19,20 +20,60 @@ from eplb.model.moe import MoELayer
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """F.linear, but float32 on CPU goes through oneDNN: x [N, in] @ weight[out, in].T.
+
+    ``scale`` given: ``weight`` is block-FP8 (float8_e4m3fn) with ``weight_scale_inv`` [out/128,
+    in/128], run by the Triton kernel :func:`eplb.kernels.fp8_linear` (CUDA only).
 
     Why: at decode sizes (a few rows) MKL's sgemm runs one thread at ~8-15 GFLOP/s here,
     while oneDNN splits the output columns over the intra-op threads (lm_head at 8 rows:
     2.1 -> 1.0 ms on the 2-core bench machine). Results differ from MKL by float rounding only.
     """
+    if scale is not None:
+        from eplb.kernels import fp8_linear
+
+        y = fp8_linear(x, weight, scale)
+        return y if bias is None else y + bias
     if _onednn_linear is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2:
         return _onednn_linear(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Matches transformers: normalise in float32, cast back, then scale."""
+# The fused Triton norm/RoPE kernels (eplb.kernels.norm_rope) replace the torch ops below on CUDA
+# bf16/fp16 with the same rounding steps; False keeps the torch path (tests compare the two).
+FUSED_NORM_ROPE = True
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_norm_rope = None
+
+
+def _kernels(x: torch.Tensor):
+    """The norm_rope kernel module when it applies to ``x`` (imported on first use), else None."""
+    global _norm_rope
+    if not (FUSED_NORM_ROPE and HAS_TRITON and x.is_cuda and x.dtype in _KERNEL_DTYPES):
+        return None
+    if _norm_rope is None:
+        from eplb.kernels import norm_rope
+
+        _norm_rope = norm_rope
+    return _norm_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Matches transformers: normalise in float32, cast back, then scale.
+
+    With ``residual``: ``(rms_norm(x + residual), x + residual)``, the decoder layer's residual
+    add fused into the next norm (one launch on CUDA bf16/fp16; bit-identical to the torch ops).
+    """
+    k = _kernels(x)
+    if k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and weight.dtype == x.dtype:
+        return k.rms_norm_fused(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+        return rms_norm(x, weight, eps), x
     if x.dtype == torch.float32:
         return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -65,15 +106,21 @@ class Rope(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None):
         super().__init__()
         self.cfg = cfg
         h, d = cfg.hidden_size, cfg.head_dim
         self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, d
+        nqkv = (self.nq + 2 * self.nkv) * d
+        # "fp8": block-FP8 weights + float32 weight_scale_inv per 128x128 block (fp8_linear)
+        wdt = torch.float8_e4m3fn if quantization == "fp8" else dtype
         # q, k, v projections fused into one matmul
-        self.qkv = _param((self.nq + 2 * self.nkv) * d, h, dtype=dtype, device=device)
+        self.qkv = _param(nqkv, h, dtype=wdt, device=device)
         self.qkv_bias = _param((self.nq + 2 * self.nkv) * d, dtype=dtype, device=device) if cfg.attention_bias else None
-        self.o = _param(h, self.nq * d, dtype=dtype, device=device)
+        self.o = _param(h, self.nq * d, dtype=wdt, device=device)
+        fp8 = quantization == "fp8"
+        self.qkv_scale = _param(nqkv // 128, h // 128, dtype=torch.float32, device=device) if fp8 else None
+        self.o_scale = _param(h // 128, self.nq * d // 128, dtype=torch.float32, device=device) if fp8 else None
         self.o_bias = _param(h, dtype=dtype, device=device) if cfg.attention_bias else None
         if cfg.qk_norm == "head":
             self.q_norm = _param(d, dtype=dtype, device=device)
@@ -85,7 +132,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
         n = x.shape[0]
-        qkv = linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias, self.qkv_scale)
         sq, skv = self.nq * self.d, self.nkv * self.d
         q, k, v = qkv[:, :sq], qkv[:, sq : sq + skv], qkv[:, sq + skv :]
         eps = self.cfg.rms_norm_eps
@@ -93,15 +140,23 @@ class Attention(nn.Module):
             # q and k heads side by side: one norm and one RoPE for both (per-element math
             # is the same as doing them apart; half the ops per layer)
             nh = self.nq + self.nkv
-            qk = qkv[:, : sq + skv].reshape(n, nh, self.d)
-            if self.cfg.qk_norm == "head":
-                w = torch.cat([self.q_norm.expand(self.nq, self.d), self.k_norm.expand(self.nkv, self.d)])
-                qk = rms_norm(qk, w, eps)
-            qk = Rope.apply(qk, cos, sin)
-            q, k = qk[:, : self.nq], qk[:, self.nq :]
-            v = qkv[:, sq + skv :].reshape(n, self.nkv, self.d)
+            kern = _kernels(qkv)
+            if kern is not None and self.d % 8 == 0:
+                # per-head norm + RoPE in one Triton launch, same rounding steps as below
+                head = self.cfg.qk_norm == "head"
+                q, k, v = kern.qk_norm_rope(
+                    qkv, self.q_norm if head else None, self.k_norm if head else None, cos, sin, None,
+                    self.nq, self.nkv, self.d, eps)
+            else:
+                qk = qkv[:, : sq + skv].reshape(n, nh, self.d)
+                if self.cfg.qk_norm == "head":
+                    w = torch.cat([self.q_norm.expand(self.nq, self.d), self.k_norm.expand(self.nkv, self.d)])
+                    qk = rms_norm(qk, w, eps)
+                qk = Rope.apply(qk, cos, sin)
+                q, k = qk[:, : self.nq], qk[:, self.nq :]
+                v = qkv[:, sq + skv :].reshape(n, self.nkv, self.d)
             o = attend(q, k, v, kv[0], kv[1], meta, self.scale)
-            return linear(o.reshape(n, sq), self.o, self.o_bias)
+            return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale)
         if self.cfg.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
         if self.cfg.clip_qkv is not None:
@@ -114,33 +169,46 @@ class Attention(nn.Module):
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         o = attend(q, k, v, kv[0], kv[1], meta, self.scale)
-        return linear(o.reshape(n, sq), self.o, self.o_bias)
+        return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale)
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype, device):
+    def __init__(self, hidden: int, inter: int, dtype, device, quantization: str | None = None):
         super().__init__()
         self.inter = inter
-        self.w13 = _param(2 * inter, hidden, dtype=dtype, device=device)
-        self.w2 = _param(hidden, inter, dtype=dtype, device=device)
+        fp8 = quantization == "fp8"  # block-FP8 weights + weight_scale_inv, as in Attention
+        wdt = torch.float8_e4m3fn if fp8 else dtype
+        self.w13 = _param(2 * inter, hidden, dtype=wdt, device=device)
+        self.w2 = _param(hidden, inter, dtype=wdt, device=device)
+        self.w13_scale = _param(2 * inter // 128, hidden // 128, dtype=torch.float32, device=device) if fp8 else None
+        self.w2_scale = _param(hidden // 128, inter // 128, dtype=torch.float32, device=device) if fp8 else None
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
-        gu = linear(x, self.w13)
-        return linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.w2)
+        gu = linear(x, self.w13, scale=self.w13_scale)
+        return linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.w2, scale=self.w2_scale)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module, dtype, device):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, dtype, device, quantization: str | None = None):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.post_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.attn = Attention(cfg, dtype, device)
+        self.attn = Attention(cfg, dtype, device, quantization)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, meta, kv, num_real_tokens=None):
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, meta, kv)
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), num_real_tokens)
+    def forward(self, x, residual, cos, sin, meta, kv, num_real_tokens=None):
+        """x [N, H]: the previous layer's output (layer 0: the embeddings, residual None);
+        residual [N, H]: the residual stream it is to be added to. Returns (mlp output, residual
+        stream after attention): each residual add is left to the next norm, which fuses it (as
+        vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
+        if residual is None:
+            h, residual = rms_norm(x, self.input_norm, self.eps), x
+        else:
+            h, residual = rms_norm(x, self.input_norm, self.eps, residual)
+        h = self.attn(h, cos, sin, meta, kv)
+        h, residual = rms_norm(h, self.post_norm, self.eps, residual)
+        return self.mlp(h, num_real_tokens), residual
 
 
 class MoEForCausalLM(nn.Module):
@@ -167,9 +235,12 @@ class MoEForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope.tables(meta.positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv, num_real_tokens)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, residual = layer(x, residual, cos, sin, meta, kv, num_real_tokens)
+        if residual is None:
+            return rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head)

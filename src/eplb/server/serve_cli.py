@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
                         "when a rank runs without EP dispatchers)")
+    e.add_argument("--quantization", "-q", choices=("fp8",), default=None,
+                   help="fp8: keep a block-FP8 checkpoint's weights in FP8 (needs CUDA, triton and "
+                        "bfloat16); default: dequantize them to --dtype")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; no remote code is ever run")
     e.add_argument("--chat-template", default=None,
@@ -170,6 +173,14 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
                                      "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.quantization is not None:
+        from eplb.model.loader import check_quantization, resolve_dtype
+
+        try:  # device, triton, dtype and checkpoint checked here, before any rank starts
+            check_quantization(args.quantization, device, resolve_dtype(dtype), mcfg)
+        except ValueError as exc:
+            raise UsageError(f"--{exc}") from None
+        engine_kwargs["quantization"] = args.quantization
     return {"model_path": model_path, "engine_kwargs": engine_kwargs, "parallel": parallel,
             "eplb": eplb, "chat_template": chat_template, "vocab_size": mcfg.vocab_size,
             "served": args.served_model_name or [args.model or DEFAULT_MODEL]}
