@@ -40,14 +40,27 @@ def __getattr__(name: str):
         from eplb.kernels import linear_fp8
 
         return linear_fp8.fp8_linear
+    if name in ("rms_norm_fused", "qk_norm_rope"):
+        from eplb.kernels import norm_rope
+
+        return getattr(norm_rope, name)
     if name == "softmax_topk":
         from eplb.kernels import routing
 
         return routing.softmax_topk
+    if name in ("decode_attention", "decode_attention_torch"):
+        import importlib
+
+        # the submodule has the function's name: importing it binds the module as our attribute,
+        # so rebind the function (module code should import from eplb.kernels.decode_attention)
+        fn = getattr(importlib.import_module("eplb.kernels.decode_attention"), name)
+        globals()[name] = fn
+        return fn
     raise AttributeError(name)
 
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "fp8_linear", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "decode_attention", "decode_attention_torch", "moe_torch", "moe_pairs_torch",
+    "quant_dequant_act", "quantize_block_fp8",
 ]
