@@ -1,0 +1,238 @@
+"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, and q/k head norm + RoPE.
+
+Both reproduce the rounding steps of the torch path in ``eplb.model.transformer`` (bf16/fp16):
+
+* ``rms_norm_fused``: ``r = x + residual`` rounded to the dtype (the torch add); then float32
+  RMSNorm of ``r``, cast to the dtype, times the weight in float32, rounded (torch's bf16 * bf16).
+* ``qk_norm_rope``: per-head RMSNorm of q and k (Qwen3's "head" qk_norm, optional), then
+  rotate-half RoPE ``x * cos + rot(x) * sin`` with cos/sin cast to the dtype and a rounding to the
+  dtype after each of the three ops, as torch does.
+
+The float32 sum of squares is accumulated in the order of torch's CUDA RMSNorm kernel
+(``vectorized_layer_norm_kernel`` with rms_norm=true, reached by ``F.rms_norm``): per thread of a
+128-thread block, an FMA chain over its 4-element vectors (thread t reads vectors t, t + 128, ...),
+then a shuffle-down tree within each warp (offsets 16..1), then a tree over the 4 warps (offsets
+2, 1), divided by H, ``rsqrt(ms + eps)``. With that order the result is bit-identical to torch;
+``_TORCH_THREADS``/``_TORCH_FMA`` describe that kernel's launch (128 threads, nvcc's contraction
+of ``s + v * v`` into an FMA). ``EXACT=False`` uses a plain ``tl.sum`` (differs from torch by an
+ulp of the float32 rstd, i.e. a rare 1-ulp flip of a bf16 output).
+
+All launches take their grid from shapes only (no host syncs): CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
+_TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to fma(val, val, sigma2)
+EXACT = True  # reproduce torch's reduction order (see module docstring)
+
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _chain4(acc, v4, FMA: tl.constexpr):
+    """acc [...] += the squares of v4 [..., 2, 2] (element e = 2 * p + q), one after another in e."""
+    a, b = tl.split(v4)  # q = 0: e0, e2; q = 1: e1, e3
+    e0, e2 = tl.split(a)
+    e1, e3 = tl.split(b)
+    if FMA:
+        acc = tl.fma(e0, e0, acc)
+        acc = tl.fma(e1, e1, acc)
+        acc = tl.fma(e2, e2, acc)
+        acc = tl.fma(e3, e3, acc)
+    else:
+        acc = acc + e0 * e0
+        acc = acc + e1 * e1
+        acc = acc + e2 * e2
+        acc = acc + e3 * e3
+    return acc
+
+
+@triton.jit
+def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
+    """acc [R, LANES] per-thread partial sums -> [R]: torch's warp shuffle-down tree (lane l takes
+    l + 16, then + 8, ... + 1), then the tree over warps (warp w takes w + 2, then w + 1). Each step
+    adds exactly two values, so the order of a size-2 ``tl.sum`` cannot matter. Lanes past the data
+    hold exact zeros, as torch's idle threads do, so LANES may be any power of two in [32, 128]."""
+    W: tl.constexpr = LANES // 32
+    s = tl.sum(tl.reshape(acc, [R, W, 2, 16]), axis=2)
+    s = tl.sum(tl.reshape(s, [R, W, 2, 8]), axis=2)
+    s = tl.sum(tl.reshape(s, [R, W, 2, 4]), axis=2)
+    s = tl.sum(tl.reshape(s, [R, W, 2, 2]), axis=2)
+    s = tl.sum(tl.reshape(s, [R, W, 2, 1]), axis=2)
+    s = tl.reshape(s, [R, W])
+    if W == 4:
+        s = tl.sum(tl.reshape(s, [R, 2, 2]), axis=1)  # warp w += warp w + 2
+    return tl.sum(s, axis=1)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
+                     BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
+                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr):
+    """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES)."""
+    DP: tl.constexpr = 4 * LANES
+    dt = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < T
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, DP)
+    acc = tl.zeros([BR, LANES], dtype=tl.float32)
+    accp = tl.zeros([BR], dtype=tl.float32)
+    for j in tl.static_range(ITERS):
+        c = j * DP + cols
+        m = rm[:, None] & (c < H)[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(dt)  # the torch add rounds the sum to the dtype
+            tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], x, mask=m)
+            x = x.to(tl.float32)
+        if EXACT:
+            acc = _chain4(acc, tl.reshape(x, [BR, LANES, 2, 2]), FMA)
+        else:
+            accp += tl.sum(x * x, axis=1)
+    if EXACT:
+        ss = _tree(acc, BR, LANES)
+    else:
+        ss = accp
+    rstd = tl.math.rsqrt(ss / H + eps)
+    # second pass: re-read (L1/L2-hot) and recompute the sum rather than read back what this
+    # program just stored, which other threads of the block wrote
+    for j in tl.static_range(ITERS):
+        c = j * DP + cols
+        cm = c < H
+        m = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:
+            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        y = (x * rstd[:, None]).to(dt).to(tl.float32)
+        tl.store(out_ptr + rows64[:, None] * sout + c[None, :], (y * w[None, :]).to(dt), mask=m)
+
+
+def _lanes(h: int) -> tuple[int, int]:
+    """(lanes, iters): threads of torch's block that hold data for a row of h, and vectors each."""
+    nvec = h // 4
+    if nvec >= _TORCH_THREADS:
+        return _TORCH_THREADS, triton.cdiv(nvec, _TORCH_THREADS)
+    return max(32, triton.next_power_of_2(nvec)), 1
+
+
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None):
+    """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
+    [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
+    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [N, H] with a contiguous last dim, got {list(x.shape)} / {x.stride()}")
+    t, h = x.shape
+    if h % 4:
+        raise ValueError(f"H must be a multiple of 4 (torch's vectorized RMSNorm), got {h}")
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    rout = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+            raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
+        rout = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if t:
+        lanes, iters = _lanes(h)
+        br = max(1, min(16, 2048 // (4 * lanes * iters)))
+        res = residual if residual is not None else x
+        ro = rout if rout is not None else out
+        _rms_norm_kernel[(triton.cdiv(t, br),)](
+            x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
+            eps, BR=br, LANES=lanes, ITERS=iters, HAS_RES=residual is not None, EXACT=EXACT,
+            FMA=_TORCH_FMA, num_warps=4)
+    return out if residual is None else (out, rout)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr,
+                         HQ, NH, D, s_qkv, s_cs, s_out, eps,
+                         BH: tl.constexpr, LANES: tl.constexpr, HAS_NORM: tl.constexpr,
+                         HAS_POS: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr):
+    """One token x BH heads (of the HQ + HKV q/k heads) per program; tiles [BH, 4 * LANES >= D]."""
+    DP: tl.constexpr = 4 * LANES
+    dt = out_ptr.dtype.element_ty
+    tok = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    cols = tl.arange(0, DP)
+    half = D // 2
+    cm = cols < D
+    m = (heads < NH)[:, None] & cm[None, :]
+    rc = tl.where(cols < half, cols + half, cols - half)  # rotate-half partner column
+    base = qkv_ptr + tok * s_qkv + heads[:, None] * D
+    x = tl.load(base + cols[None, :], mask=m, other=0.0)
+    xr = tl.load(base + rc[None, :], mask=m, other=0.0)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        if EXACT:
+            ss = _tree(_chain4(tl.zeros([BH, LANES], dtype=tl.float32),
+                               tl.reshape(xf, [BH, LANES, 2, 2]), FMA), BH, LANES)
+        else:
+            ss = tl.sum(xf * xf, axis=1)
+        rstd = tl.math.rsqrt(ss / D + eps)[:, None]
+        is_q = (heads < HQ)[:, None]
+        w = tl.where(is_q, tl.load(qw_ptr + cols, mask=cm, other=0.0)[None, :],
+                     tl.load(kw_ptr + cols, mask=cm, other=0.0)[None, :]).to(tl.float32)
+        wr = tl.where(is_q, tl.load(qw_ptr + rc, mask=cm, other=0.0)[None, :],
+                      tl.load(kw_ptr + rc, mask=cm, other=0.0)[None, :]).to(tl.float32)
+        # norm in float32 -> cast -> * weight (rounded), as rms_norm(x, w) in the torch path
+        x = ((xf * rstd).to(dt).to(tl.float32) * w).to(dt)
+        xr = ((xr.to(tl.float32) * rstd).to(dt).to(tl.float32) * wr).to(dt)
+    rot = tl.where(cols < half, -xr, xr).to(tl.float32)  # cat([-x2, x1]); negation is exact
+    if HAS_POS:
+        p = tl.load(pos_ptr + tok).to(tl.int64)
+    else:
+        p = tok
+    cs = tl.load(cos_ptr + p * s_cs + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    sn = tl.load(sin_ptr + p * s_cs + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    a = (x.to(tl.float32) * cs[None, :]).to(dt).to(tl.float32)
+    b = (rot * sn[None, :]).to(dt).to(tl.float32)
+    tl.store(out_ptr + tok * s_out + heads[:, None] * D + cols[None, :], (a + b).to(dt), mask=m)
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
+                 hq: int, hkv: int, d: int, eps: float):
+    """qkv [N, (hq + 2 hkv) * d] (rows may be strided, last dim contiguous) -> (q [N, hq, d],
+    k [N, hkv, d], v [N, hkv, d]); q and k are views of one new [N, hq + hkv, d] tensor, v a view
+    of qkv.
+
+    q/k: per-head RMSNorm with q_norm_w / k_norm_w [d] (both None: no norm), then rotate-half RoPE.
+    cos/sin: with ``positions`` [N], tables [max_len, d] (float32) indexed by position; without,
+    per-token rows [N, d] (e.g. ``Rope.tables``' output). Either way cast to qkv's dtype first."""
+    n = qkv.shape[0]
+    nh = hq + hkv
+    if qkv.dim() != 2 or qkv.shape[1] != (nh + hkv) * d or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be [N, {(nh + hkv) * d}] with a contiguous last dim, got {list(qkv.shape)}")
+    if d % 8:
+        raise ValueError(f"head_dim must be a multiple of 8, got {d}")
+    if (q_norm_w is None) != (k_norm_w is None):
+        raise ValueError("give both q_norm_w and k_norm_w, or neither")
+    cos = cos.reshape(-1, d)
+    sin = sin.reshape(-1, d)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty((n, nh, d), dtype=qkv.dtype, device=qkv.device)
+    if n:
+        lanes = max(32, triton.next_power_of_2(triton.cdiv(d, 4)))
+        if lanes > _TORCH_THREADS:
+            raise ValueError(f"head_dim {d} too large")
+        bh = next(b for b in (16, 8, 4, 2, 1) if nh % b == 0 and b * 4 * lanes <= 4096)
+        has_norm = q_norm_w is not None
+        qw = q_norm_w if has_norm else qkv
+        kw = k_norm_w if has_norm else qkv
+        pos = positions if positions is not None else qkv
+        _qk_norm_rope_kernel[(n, triton.cdiv(nh, bh))](
+            qkv, qw, kw, cos, sin, pos, out, hq, nh, d, qkv.stride(0), cos.stride(0), out.stride(0),
+            eps, BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
+            FMA=_TORCH_FMA, num_warps=4)
+    v = qkv[:, nh * d:].unflatten(1, (hkv, d))  # a view, as the torch path's reshape
+    return out[:, :hq], out[:, hq:], v
