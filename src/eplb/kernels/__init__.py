@@ -48,7 +48,7 @@ def __getattr__(name: str):
         from eplb.kernels import routing
 
         return routing.softmax_topk
-    if name in ("decode_attention", "decode_attention_torch"):
+    if name == "decode_attention":
         import importlib
 
         # the submodule has the function's name: importing it binds the module as our attribute,
@@ -61,6 +61,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "decode_attention", "decode_attention_torch", "moe_torch", "moe_pairs_torch",
+    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "decode_attention", "moe_torch", "moe_pairs_torch",
     "quant_dequant_act", "quantize_block_fp8",
 ]

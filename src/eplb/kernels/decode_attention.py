@@ -14,7 +14,8 @@ keys ``0 .. ctx_lens[b]-1``. Two launches:
 
 Nothing on the host depends on ``ctx_lens`` values and nothing is read back, so a captured CUDA
 graph can be replayed with new ``ctx_lens``/``slots``/``q`` contents.
-``decode_attention_torch`` is the plain torch reference with the same arguments (CPU ok).
+The plain torch path with the same arguments is ``eplb.model.attention.decode_attention_torch``
+(CPU, and the reference of the tests).
 """
 
 from __future__ import annotations
@@ -201,23 +202,3 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
     return out
 
 
-def decode_attention_torch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-    ctx_lens: torch.Tensor, scale: float,
-) -> torch.Tensor:
-    """Same arguments and result as ``decode_attention``, in plain torch (float32 math, any device):
-    gather each row's slot, masked SDPA over keys ``[0, max ctx)``. Syncs (reads max ctx_len)."""
-    _check(q, k_cache, v_cache, slots, ctx_lens)
-    b, hq, d = q.shape
-    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
-    ctx = ctx_lens.long().clamp(0, max_len)
-    n = int(ctx.max()) if b else 0
-    if b == 0 or n == 0:
-        return q.new_zeros(b, hq, d)
-    k = k_cache[slots.long(), :, :n].float()  # [B, Hkv, n, D]
-    v = v_cache[slots.long(), :, :n].float()
-    qg = q.float().view(b, hkv, hq // hkv, d)  # head h = kvh * G + g  ->  kv head h // G
-    mask = (torch.arange(n, device=q.device)[None, :] < ctx[:, None]).view(b, 1, 1, n)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    o = torch.where((ctx > 0).view(b, 1, 1, 1), o, 0.0)  # all-masked rows: SDPA gives NaN
-    return o.reshape(b, hq, d).to(q.dtype)

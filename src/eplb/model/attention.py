@@ -98,7 +98,7 @@ def attend(
         from eplb.kernels import triton_usable
 
         if triton_usable(q.device):
-            from eplb.kernels import decode_attention
+            from eplb.kernels.decode_attention import decode_attention
 
             return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
         if meta.static:
@@ -144,14 +144,23 @@ def decode_attention_torch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     ctx_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Decode attention in plain torch (CPU path and the reference of eplb.kernels.decode_attention).
+    """Decode attention in plain torch: the CPU path of static (graph-shaped) decode steps and the
+    reference of ``eplb.kernels.decode_attention``, same arguments (float32 math, any device).
 
     q [B, Hq, D]; k/v_cache [S, Hkv, L, D]; slots [B]; ctx_lens [B]: row b attends keys
-    [0, ctx_lens[b]) of slot slots[b]. -> [B, Hq, D]. Reads keys up to max(ctx_lens) (host sync).
+    [0, ctx_lens[b]) of slot slots[b] (GQA: q head h uses kv head h // (Hq // Hkv)). -> [B, Hq, D].
+    Reads keys up to max(ctx_lens) (a host sync); rows with ctx_len 0 give zeros.
     """
-    length = max(int(ctx_lens.max()), 1) if ctx_lens.numel() else 1
-    k = k_cache[slots.long(), :, :length]
-    v = v_cache[slots.long(), :, :length]
-    mask = (torch.arange(length, device=q.device)[None, :] < ctx_lens.to(q.device)[:, None]).view(-1, 1, 1, length)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.squeeze(2)
+    b, hq, d = q.shape
+    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+    ctx = ctx_lens.long().clamp(0, max_len)
+    n = int(ctx.max()) if b else 0
+    if b == 0 or n == 0:
+        return q.new_zeros(b, hq, d)
+    k = k_cache[slots.long(), :, :n].float()  # [B, Hkv, n, D]
+    v = v_cache[slots.long(), :, :n].float()
+    qg = q.float().view(b, hkv, hq // hkv, d)  # head h = kvh * G + g  ->  kv head h // G
+    mask = (torch.arange(n, device=q.device)[None, :] < ctx[:, None]).view(b, 1, 1, 1, n)
+    o = F.scaled_dot_product_attention(qg.unsqueeze(3), k.unsqueeze(2), v.unsqueeze(2), attn_mask=mask, scale=scale)
+    o = torch.where((ctx > 0).view(b, 1, 1, 1, 1), o, 0.0)  # all-masked rows: SDPA gives NaN
+    return o.reshape(b, hq, d).to(q.dtype)
