@@ -50,10 +50,10 @@ def sample(
 ) -> list[int]:
     """logits [B, V] -> one token id per row. Greedy rows take the argmax; others are
     temperature-scaled, top-k then top-p filtered, and drawn with the row's generator."""
-    logits = logits.float()
     greedy = [p.greedy for p in params]
-    if all(greedy):
+    if all(greedy):  # argmax needs no float copy: bf16 -> float32 is exact and keeps the order
         return logits.argmax(dim=-1).tolist()
+    logits = logits.float()
     out = logits.argmax(dim=-1).tolist()
     rows = [i for i, g in enumerate(greedy) if not g]
     x = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]

@@ -251,7 +251,8 @@ class MoELayer(nn.Module):
         to expert e goes to replica (replica_offset + j) % replica_count[e].
 
         No host sync and no placement-dependent branch under ``static_maps`` (CUDA graphs)."""
-        if self._all_single and not self.static_maps:
+        # without redundant slots no placement can have replicas, so the shortcut is safe in graphs
+        if self.num_physical == self.num_experts or (self._all_single and not self.static_maps):
             return self.log2phy_buf[:, 0][ids]
         flat = ids.reshape(-1)
         sorted_e, perm = torch.sort(flat, stable=True)
