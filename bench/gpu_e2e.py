@@ -108,16 +108,29 @@ def hf_decode(model, batch: int, steps: int, vocab: int, dev) -> float:
 
 @torch.no_grad()
 def hf_prefill(model, n: int, vocab: int, dev) -> float:
+    """transformers' forward over one prompt (hidden states + the last row's logits). On CUDA the
+    best of two runs: SDPA with cuDNN attention first in priority, and without cuDNN (flash)."""
     ids = torch.randint(2, vocab, (1, n), generator=torch.Generator().manual_seed(7)).to(dev)
-    times = []
-    for _ in range(3):
-        sync(dev)
-        t0 = time.perf_counter()
-        h = model.model(ids).last_hidden_state
-        model.lm_head(h[:, -1])
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return n / min(times[1:])
+
+    def best(reps=3):
+        times = []
+        for _ in range(reps):
+            sync(dev)
+            t0 = time.perf_counter()
+            h = model.model(ids).last_hidden_state
+            model.lm_head(h[:, -1])
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    t = best()
+    if torch.device(dev).type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+            t = min(t, best())
+    return n / t
 
 
 def profile(core, batch: int, vocab: int, dev) -> int:
@@ -191,7 +204,7 @@ def main(args: argparse.Namespace | None = None) -> int:
            "torch": torch.__version__, "layers": cfg.num_hidden_layers,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "note": "ours: decode in CUDA graphs (bf16_eager: --enforce-eager); fp8: block-FP8 weights kept "
-                   "in FP8; transformers generate with grouped_mm experts; "
+                   "in FP8; transformers generate with grouped_mm experts (prefill: best of cuDNN and flash SDPA); "
                    + ("cuDNN SDPA on" if args.cudnn_sdpa else "cuDNN SDPA backend off for both"),
            "decode_tok_s": {}, "prefill_tok_s": {}}
     vocab = cfg.vocab_size

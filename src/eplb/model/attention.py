@@ -127,7 +127,9 @@ def attend(
         qp = q[off : off + cnt].transpose(0, 1).unsqueeze(0)  # [1, Hq, cnt, D]
         kp = k_cache[slot : slot + 1, :, : start + cnt]
         vp = v_cache[slot : slot + 1, :, : start + cnt]
-        if start == 0:
+        if start == 0 and cnt >= CUDNN_PREFILL_MIN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            o = _cudnn_causal_prefill(q[off : off + cnt], k_cache, v_cache, slot, scale)
+        elif start == 0:
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
             i = torch.arange(cnt, device=q.device)[:, None]
@@ -138,6 +140,36 @@ def attend(
         out[off : off + cnt] = o[0].transpose(0, 1)
         off += cnt
     return out
+
+
+# Long fresh prefills on CUDA use cuDNN's attention: on the device's H100 at 8192 tokens (32 q /
+# 4 kv heads, D 128, causal) 0.90 ms vs 1.73 ms for flash (scripts/dev/sdpa_prefill.py). cuDNN
+# builds a graph per new shape (~43 ms), so the length is padded up to a multiple of
+# CUDNN_PREFILL_BUCKET: at most max_len / bucket shapes are ever built.
+CUDNN_PREFILL_MIN = 1024
+CUDNN_PREFILL_BUCKET = 1024
+
+
+def _cudnn_causal_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int,
+                          scale: float) -> torch.Tensor:
+    """Causal attention of a prefill chunk starting at position 0. q [n, Hq, D] -> [1, Hq, n, D].
+
+    Queries are zero-padded to the bucket length; keys/values are the cache rows [0, padded) of
+    the slot as they are: rows past n are only ever seen by the padding queries (causal mask),
+    whose outputs are dropped."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, hq, d = q.shape
+    max_len = k_cache.shape[2]
+    padded = min(-(-n // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET, max_len)
+    qp = q.new_zeros(1, hq, padded, d)
+    qp[0, :, :n] = q.transpose(0, 1)
+    kp = k_cache[slot : slot + 1, :, :padded]
+    vp = v_cache[slot : slot + 1, :, :padded]
+    # cuDNN first; flash if cuDNN declines these strides/shapes
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+    return o[:, :, :n]
 
 
 def decode_attention_torch(
