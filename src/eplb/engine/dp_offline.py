@@ -111,7 +111,7 @@ def _verifier_catches_corruption(worker: RankWorker) -> bool:
     before = state.metrics.verify_mismatches
     w = next(iter(worker.layers[0].expert_tensors().values()))
     saved = w[0].clone()
-    w[0].view(-1)[0] += 1.0
+    w[0].view(torch.uint8).view(-1)[0] ^= 1  # flip one bit: any dtype, float8 included
     state._verify_weights(0)
     w[0].copy_(saved)
     caught = state.metrics.verify_mismatches == before + 1

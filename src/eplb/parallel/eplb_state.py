@@ -417,7 +417,7 @@ class EplbState:
             want = self._reader.expert_tensors(layer_idx, expert)
             self.metrics.verify_checks += 1
             if set(want) != set(tensors) or not all(
-                torch.equal(tensors[k][local].cpu(), want[k].to(tensors[k].dtype)) for k in want
+                _same_bits(tensors[k][local].cpu(), want[k].to(tensors[k].dtype)) for k in want
             ):
                 self.metrics.verify_mismatches += 1
                 log.error("EPLB verify: rank %d layer %d slot %d does not hold expert %d",
@@ -473,3 +473,8 @@ class EplbState:
             save_trace(f, load)
         del load
         os.remove(partial)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (works for float8, where torch.equal has no CPU kernel)."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
