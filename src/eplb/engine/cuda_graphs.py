@@ -86,17 +86,17 @@ class DecodeGraphs:
             self.graphs[bs] = g
         torch.cuda.synchronize(self.device)
 
-    def _fill(self, ids: list[int], slots: list[int], positions: list[int]) -> None:
+    def _fill(self, ids: list[int], slots: list[int], positions: list[int], bs: int | None = None) -> None:
+        """Rows [0, bs) of the static buffers: the n real rows, then padding (one tensor build,
+        one host-to-device copy)."""
         n = len(ids)
-        h = self._host
-        h[0, :n] = torch.tensor(ids, dtype=torch.long)
-        h[1, :n] = torch.tensor(slots, dtype=torch.long)
-        h[2, :n] = torch.tensor(positions, dtype=torch.long)
-        h[0, n:] = 0
-        h[1, n:] = self.scratch_slot
-        h[2, n:] = 0
-        h[3, :] = h[2, :] + 1  # context length = position + 1
-        self._dev.copy_(h, non_blocking=True)
+        bs = self.max_batch if bs is None else bs
+        pad = bs - n
+        rows = [ids + [0] * pad, slots + [self.scratch_slot] * pad, positions + [0] * pad,
+                [p + 1 for p in positions] + [1] * pad]  # context length = position + 1
+        h = self._host[:, :bs]
+        h.copy_(torch.tensor(rows, dtype=torch.long))
+        self._dev[:, :bs].copy_(h, non_blocking=True)
         self.num_real.fill_(n)
 
     def fits(self, n: int) -> bool:
@@ -108,7 +108,7 @@ class DecodeGraphs:
         if not self.fits(n):
             raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self._fill(ids, slots, positions)
+        self._fill(ids, slots, positions, bs)
         if bs in self.graphs:
             self.graphs[bs].replay()
             return self.outputs[bs][:n]
