@@ -75,6 +75,29 @@ def main() -> None:
               f" / {out.numel()} (sum differs {(r != ref_r).sum().item()}), q differs {(q != ref_q).sum().item()},"
               f" k differs {(k != ref_k).sum().item()}, max |dq| {(q.float() - ref_q.float()).abs().max().item():.3g}")
     norm_rope.EXACT, norm_rope._TORCH_FMA, norm_rope._TORCH_THREADS = True, True, 128
+    # where a q/k mismatch would come from: RoPE alone, norm alone (cos = 1, sin = 0)
+    qk = qkv[:, : (HQ + HKV) * D].reshape(N, HQ + HKV, D)
+    q, k, _ = norm_rope.qk_norm_rope(qkv, None, None, cos, sin, None, HQ, HKV, D, EPS)
+    want = Rope.apply(qk, cos, sin)
+    print(f"rope only: q differs {(q != want[:, :HQ]).sum().item()}, k differs {(k != want[:, HQ:]).sum().item()}")
+    one, zero = torch.ones_like(cos), torch.zeros_like(sin)
+    q, k, _ = norm_rope.qk_norm_rope(qkv, qw, kw, one, zero, None, HQ, HKV, D, EPS)
+    wq = qw * F.rms_norm(qk[:, :HQ].float(), (D,), eps=EPS).to(DT)
+    print(f"norm only: q differs {(q != wq).sum().item()}")
+    q, k, _ = norm_rope.qk_norm_rope(qkv, qw, kw, rope.cos, rope.sin, pos, HQ, HKV, D, EPS)
+    print(f"fp32 table + positions: q differs {(q != ref_q).sum().item()}, k differs {(k != ref_k).sum().item()}")
+
+    sweep = {}
+    for nw in (1, 2, 4, 8):
+        norm_rope.NUM_WARPS_RMS = nw
+        sweep[f"fused add+rms_norm nw={nw}"] = timeit(lambda: norm_rope.rms_norm_fused(x, w, EPS, res))
+        for bh in (4, 8, 16):
+            norm_rope.NUM_WARPS_QK, norm_rope.QK_HEADS_PER_PROGRAM = nw, bh
+            sweep[f"fused qk norm+rope nw={nw} bh={bh}"] = timeit(
+                lambda: norm_rope.qk_norm_rope(qkv, qw, kw, cos, sin, None, HQ, HKV, D, EPS))
+    norm_rope.NUM_WARPS_RMS = norm_rope.NUM_WARPS_QK = norm_rope.QK_HEADS_PER_PROGRAM = None
+    for k_, v_ in sweep.items():
+        print(f"  {k_:45s} {v_ * 1e3:8.1f} us")
 
     t = {}
     t["torch add+rms_norm"] = timeit(lambda: torch_rms(x, w, res))
@@ -102,5 +125,45 @@ def main() -> None:
           f"{4 * N * H * 2 / (t['fused add+rms_norm [exact]'] * 1e-3) / 1e9:.0f} GB/s")
 
 
+def layer_bench() -> None:
+    """One DecoderLayer at Qwen3-30B-A3B's attention shape (a dense MLP of 6144 stands in for
+    the MoE block), an N-token prefill: forward time and outputs with and without the kernels."""
+    from eplb.model import transformer
+    from eplb.model.attention import AttentionMetadata
+    from eplb.model.config import ModelConfig
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    cfg = ModelConfig(architecture="Qwen3MoeForCausalLM", family="qwen3_moe", vocab_size=1000,
+                      hidden_size=H, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                      num_experts=1, top_k=1, moe_intermediate_size=768, intermediate_size=6144,
+                      norm_topk_prob=True, rms_norm_eps=EPS, rope_theta=1e6, max_position_embeddings=N + 64,
+                      tie_word_embeddings=False, attention_bias=False, qk_norm="head", clip_qkv=None,
+                      moe_layers=[])
+    torch.manual_seed(1)
+    layer = transformer.DecoderLayer(cfg, transformer.DenseMLP(H, 6144, DT, dev), DT, dev)
+    with torch.no_grad():
+        for prm in layer.parameters():
+            prm.copy_(torch.randn_like(prm, dtype=torch.float32).mul_(0.02).to(DT))
+        for nrm in (layer.input_norm, layer.post_norm, layer.attn.q_norm, layer.attn.k_norm):
+            nrm.copy_((1 + 0.1 * torch.randn_like(nrm, dtype=torch.float32)).to(DT))
+    rope = Rope(D, 1e6, N + 64, dev)
+    meta = AttentionMetadata.build([], [(0, 0, N)], dev)
+    cos, sin = rope.tables(meta.positions, DT)
+    kv = (torch.zeros(1, HKV, N + 64, D, dtype=DT, device=dev), torch.zeros(1, HKV, N + 64, D, dtype=DT, device=dev))
+    x = torch.randn(N, H, device=dev).to(DT)
+    res = torch.randn(N, H, device=dev).to(DT)
+    outs = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            transformer.FUSED_NORM_ROPE = fused
+            outs[fused] = layer(x, res, cos, sin, meta, kv)
+            ms = timeit(lambda: layer(x, res, cos, sin, meta, kv), iters=20)
+            print(f"DecoderLayer forward (dense MLP 6144), {N} tokens, kernels {'on ' if fused else 'off'}: {ms:.3f} ms")
+    transformer.FUSED_NORM_ROPE = True
+    same = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+    print(f"layer outputs (mlp out, residual) bit-identical with/without kernels: {same}")
+
+
 if __name__ == "__main__":
     main()
+    layer_bench()

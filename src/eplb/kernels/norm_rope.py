@@ -13,11 +13,18 @@ The float32 sum of squares is accumulated in the order of torch's CUDA RMSNorm k
 128-thread block, an FMA chain over its 4-element vectors (thread t reads vectors t, t + 128, ...),
 then a shuffle-down tree within each warp (offsets 16..1), then a tree over the 4 warps (offsets
 2, 1), divided by H, ``rsqrt(ms + eps)``. With that order the result is bit-identical to torch;
-``_TORCH_THREADS``/``_TORCH_FMA`` describe that kernel's launch (128 threads, nvcc's contraction
-of ``s + v * v`` into an FMA). ``EXACT=False`` uses a plain ``tl.sum`` (differs from torch by an
-ulp of the float32 rstd, i.e. a rare 1-ulp flip of a bf16 output).
+``_TORCH_THREADS`` is that kernel's block size (128; with 256, 144 of 16.7M outputs differ on an
+H100). Whether ``s + v * v`` is an FMA does not matter for bf16/fp16 data (v * v is exact in
+float32). ``EXACT=False`` uses a plain ``tl.sum``: ~90 of 16.7M bf16 outputs then differ by an ulp.
+
+Both kernels are compiled with ``enable_fp_fusion=False``: otherwise LLVM may contract the
+RoPE's rounded ``x * cos`` and the add into one FMA (skipping torch's rounding of the product; on
+an H100 that changed ~20% of the bf16 outputs by an ulp). The sum of squares uses explicit FMAs.
 
 All launches take their grid from shapes only (no host syncs): CUDA-graph capturable.
+
+H100, Qwen3-30B-A3B shapes, 8192 tokens, bf16 (scripts/dev/bench_norm_rope.py): add + rms_norm
+229 -> ~64 us, q/k norm + RoPE ~1005 -> ~70-85 us; 0 differing elements against the torch path.
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ import triton
 import triton.language as tl
 
 _TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
-_TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to fma(val, val, sigma2)
+_TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to an FMA (same sums for bf16/fp16)
 EXACT = True  # reproduce torch's reduction order (see module docstring)
+# num_warps of the two kernels (None: from the tile size); the bench overrides them
+NUM_WARPS_RMS: int | None = None
+NUM_WARPS_QK: int | None = None
+QK_HEADS_PER_PROGRAM: int | None = None  # None: the largest of 16, 8, 4, 2, 1 dividing Hq + Hkv
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -116,6 +127,13 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], (y * w[None, :]).to(dt), mask=m)
 
 
+def _warps(elems: int) -> int:
+    """num_warps for a program over ``elems`` elements: ~16 per thread. H100, 8192 tokens, bf16
+    (scripts/dev/bench_norm_rope.py): add+rms_norm H=2048 best at 4 warps (64 us vs 70-72 at
+    1/2/8); q/k norm+RoPE with 4 heads x 128 best at 1 warp (69 us vs 75 / 87 / 157 at 2/4/8)."""
+    return max(1, min(8, elems // 512))
+
+
 def _lanes(h: int) -> tuple[int, int]:
     """(lanes, iters): threads of torch's block that hold data for a row of h, and vectors each."""
     nvec = h // 4
@@ -148,7 +166,7 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(triton.cdiv(t, br),)](
             x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
             eps, BR=br, LANES=lanes, ITERS=iters, HAS_RES=residual is not None, EXACT=EXACT,
-            FMA=_TORCH_FMA, num_warps=4)
+            FMA=_TORCH_FMA, num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
     return out if residual is None else (out, rout)
 
 
@@ -225,7 +243,7 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
         lanes = max(32, triton.next_power_of_2(triton.cdiv(d, 4)))
         if lanes > _TORCH_THREADS:
             raise ValueError(f"head_dim {d} too large")
-        bh = next(b for b in (16, 8, 4, 2, 1) if nh % b == 0 and b * 4 * lanes <= 4096)
+        bh = QK_HEADS_PER_PROGRAM or next(b for b in (16, 8, 4, 2, 1) if nh % b == 0 and b * 4 * lanes <= 4096)
         has_norm = q_norm_w is not None
         qw = q_norm_w if has_norm else qkv
         kw = k_norm_w if has_norm else qkv
@@ -233,6 +251,6 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
         _qk_norm_rope_kernel[(n, triton.cdiv(nh, bh))](
             qkv, qw, kw, cos, sin, pos, out, hq, nh, d, qkv.stride(0), cos.stride(0), out.stride(0),
             eps, BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
-            FMA=_TORCH_FMA, num_warps=4)
+            FMA=_TORCH_FMA, num_warps=NUM_WARPS_QK or _warps(bh * 4 * lanes), enable_fp_fusion=False)
     v = qkv[:, nh * d:].unflatten(1, (hkv, d))  # a view, as the torch path's reshape
     return out[:, :hq], out[:, hq:], v
