@@ -10,7 +10,7 @@ from eplb.engine.kv_cache import KVCache
 from eplb.engine.sampling import SamplingParams, sample
 from eplb.engine.scheduler import Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
-from eplb.model.attention import AttentionMetadata
+from eplb.model.attention import AttentionMetadata, long_tensor
 from eplb.model.loader import load_model, resolve_dtype
 
 
@@ -151,7 +151,7 @@ class EngineCore:
         meta = AttentionMetadata.build(
             [(s.slot, s.num_tokens - 1) for s in batch.decodes], prefills, device=self.device
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        input_ids = long_tensor(ids, self.device)
         hidden = self.model(input_ids, meta, self.kv.layers)
         for s in batch.decodes:
             s.num_computed += 1

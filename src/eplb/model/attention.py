@@ -7,10 +7,18 @@ slot for its lifetime. A step's tokens are flattened: first the ``num_decode`` d
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+def long_tensor(values: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 tensor of a Python int list: through array.array, ~7x faster than torch.tensor
+    for the 8192-token lists of a long prefill (1.3 -> 0.2 ms on the 2-core box)."""
+    t = torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
+    return t.to(device)
 
 
 @dataclass
@@ -57,8 +65,8 @@ class AttentionMetadata:
             slots.extend([s] * n)
             pos.extend(range(start, start + n))
         meta = cls(
-            token_slots=torch.tensor(slots, dtype=torch.long, device=device),
-            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            token_slots=long_tensor(slots, device),
+            positions=long_tensor(pos, device),
             num_decode=len(decodes),
             prefills=list(prefills),
         )
@@ -162,8 +170,11 @@ def _cudnn_causal_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     n, hq, d = q.shape
     max_len = k_cache.shape[2]
     padded = min(-(-n // CUDNN_PREFILL_BUCKET) * CUDNN_PREFILL_BUCKET, max_len)
-    qp = q.new_zeros(1, hq, padded, d)
-    qp[0, :, :n] = q.transpose(0, 1)
+    if padded == n:  # already a bucket length: the strided view, no copy
+        qp = q.transpose(0, 1).unsqueeze(0)
+    else:
+        qp = q.new_zeros(1, hq, padded, d)
+        qp[0, :, :n] = q.transpose(0, 1)
     kp = k_cache[slot : slot + 1, :, :padded]
     vp = v_cache[slot : slot + 1, :, :padded]
     # cuDNN first; flash if cuDNN declines these strides/shapes
