@@ -98,7 +98,7 @@ SERVE_ARGS+=(--host 127.0.0.1 --port "$PORT"
   --data-parallel-size "$DP_SIZE" --enable-expert-parallel
   --enable-eplb --eplb-config "$EPLB_CONFIG"
   --all2all-backend allgather_reducescatter
-  --max-model-len 2048 --enforce-eager --device "$DEVICE")
+  --max-model-len 2048 --device "$DEVICE")
 
 log "server: ${EPLB[*]} serve ${SERVE_ARGS[*]} (log: $SERVER_LOG)"
 START=$(date +%s)
