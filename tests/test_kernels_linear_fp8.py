@@ -46,7 +46,7 @@ def _case(m: int, n: int, k: int, seed: int):
 
 @pytest.mark.skipif(DEV == "cuda", reason="interpreter logic check (float32 dots would be tf32 on "
                     "the GPU); the fp8 tests below cover the same paths there")
-@pytest.mark.parametrize("reduce", [0, 1])
+@pytest.mark.parametrize("reduce", [0, 1, 2])
 @pytest.mark.parametrize("m,n,k,bm,bn,kb_per", [
     (1, 256, 512, 16, 64, 1), (5, 384, 640, 16, 128, 2), (40, 256, 384, 32, 64, 2),
     (70, 128, 1024, 64, 32, 3)])
@@ -61,6 +61,8 @@ def test_splitk_indexing_float32(m, n, k, bm, bn, kb_per, reduce):
     y = torch.full((m, n), float("nan"), device=DEV)
     linear_fp8._fp8_linear_splitk(x.to(DEV), w.to(DEV), s.to(DEV), y, cfg, q_dt=tl.float32)
     torch.testing.assert_close(y.cpu(), x @ d.T, rtol=1e-4, atol=1e-4)
+    if reduce == 2:  # counters are back to zero, so a second call (graph replay) works the same
+        assert int(linear_fp8._LOCKS[torch.device(DEV)].abs().sum()) == 0
 
 
 def _check_fp8(y: torch.Tensor, x: torch.Tensor, d: torch.Tensor) -> None:
@@ -87,8 +89,8 @@ def test_fp8_linear_both_paths(m, n, k):
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("pre_q", [False, True])
-@pytest.mark.parametrize("reduce", [0, 1])
-@pytest.mark.parametrize("bm,bn,kb_per", [(16, 64, 2), (32, 128, 1), (64, 32, 3), (64, 64, 8)])
+@pytest.mark.parametrize("reduce", [0, 1, 2])
+@pytest.mark.parametrize("bm,bn,kb_per", [(16, 64, 2), (32, 128, 1), (64, 32, 3)])
 def test_splitk_variants_fp8(bm, bn, kb_per, reduce, pre_q):
     m, n, k = 37, 384, 1024
     x, q, s, d = _case(m, n, k, seed=bm + bn)
@@ -106,19 +108,32 @@ def test_splitk_variants_fp8(bm, bn, kb_per, reduce, pre_q):
 
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
-@pytest.mark.parametrize("m,n,k", [(8, 2048, 4096), (32, 5120, 2048)])
-def test_small_path_cuda_graph_replay(m, n, k):
-    # split K (o shape) and unsplit (qkv shape) small paths replayed from a CUDA graph on new inputs
+@pytest.mark.parametrize("m,n,k,fresh_locks", [(8, 2048, 4096, False), (8, 2048, 4096, True),
+                                               (32, 5120, 2048, False)])
+def test_small_path_cuda_graph_replay(m, n, k, fresh_locks):
+    # the fused reduction's tile counters must be left at zero: replay many times on new inputs.
+    # fresh_locks: no counter buffer exists when capture starts, so the capture takes the
+    # two-launch reduction instead of allocating one
     from eplb.kernels import fp8_linear
 
     x, q, s, d = _case(m, n, k, seed=7)
     xd, qd, sd = x.to(torch.bfloat16).cuda(), q.cuda(), s.cuda()
-    assert linear_fp8._small_config(m, n, k) is not None
-    fp8_linear(xd, qd, sd)  # compile outside the capture
+    cfg = linear_fp8._small_config(m, n, k)
+    assert cfg is not None
+    y0 = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+    linear_fp8._fp8_linear_splitk(xd, qd, sd, y0, dict(cfg, REDUCE=1))  # compile outside capture
+    fp8_linear(xd, qd, sd)
+    saved = dict(linear_fp8._LOCKS)
+    if fresh_locks:
+        linear_fp8._LOCKS.clear()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = fp8_linear(xd, qd, sd)
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = fp8_linear(xd, qd, sd)
+        assert (torch.device("cuda", torch.cuda.current_device()) in linear_fp8._LOCKS) != fresh_locks
+    finally:
+        linear_fp8._LOCKS.update(saved)
     for i in range(20):
         xi = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + i)).to(torch.bfloat16)
         xd.copy_(xi)

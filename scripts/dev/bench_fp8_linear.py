@@ -86,7 +86,7 @@ def eager_ms(fn) -> float:
 
 def sweep_configs(m: int, kb: int):
     # BM=64 only: below 64 rows the e4m3 dot becomes fp16 mma.sync (first sweep: always slower)
-    for bn, pre_q, reduce in itertools.product([32, 64, 128], [False, True], [0, 1]):
+    for bn, pre_q, reduce in itertools.product([32, 64, 128], [False, True], [0, 1, 2]):
         for kb_per in ([kb] if reduce == 0 else [1, 2, 4, 8, 16]):
             if reduce and kb_per >= kb:
                 continue
@@ -169,6 +169,8 @@ def sweep(budget_s: float) -> None:
             print(f"{name} M={m}: default {td:.4f} ({dflt}); large-M path {tl_:.4f}")
             for t, cfg in res[:6]:
                 print(f"    {t:.4f}  {cfg}")
+            best_no_fuse = min((r for r in res if r[1]["REDUCE"] != 2), key=lambda r: r[0])
+            print(f"    best without fused reduce: {best_no_fuse[0]:.4f} {best_no_fuse[1]}", flush=True)
 
 
 def main() -> None:

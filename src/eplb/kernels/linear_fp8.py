@@ -7,11 +7,13 @@ MoE kernels), each 128-deep K step is an FP8 tensor-core dot scaled by activatio
 Two paths, chosen by the row count M (:func:`_small_config`):
 
 * large M (prefill): one launch quantizes x, a second runs an [M, N]-tiled GEMM looping over all of K.
-* small M (decode, M <= 256): the weight read dominates and BN=128 tiles leave most SMs idle (N=2048
-  is 16 programs for 132 SMs), so tiles are 64x64 and, where N/64 tiles are still too few, K is
-  split: grid (N tiles, K splits, M tiles), each program writes a float32 partial [SPLIT, M, N] and
-  a small kernel sums them in split order into y. Grid and buffers follow from shapes only, so
-  it is CUDA-graph capturable.
+* small M (decode): the weight read dominates and an [M, N] tiling leaves most SMs idle (N=2048
+  with BN=128 is 16 programs for 132 SMs), so the grid is (N tiles, K splits, M tiles): each
+  program quantizes its rows of x for its own K range in registers (same arithmetic as
+  ``_quant_act_kernel``, so the rounding is identical and no quantization launch is needed) and
+  writes a float32 partial [SPLIT, M, N]; the last program of each output tile to finish (an
+  atomic counter per tile, reset by that program) sums the partials in split order into y. Grid and
+  buffers depend on shapes only, so it is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _fp8_linear_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
 
 
 @triton.jit
-def _fp8_linear_splitk_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, p_ptr, y_ptr, M, N, KB, kb_per,
+def _fp8_linear_splitk_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, p_ptr, y_ptr, lock_ptr, M, N, KB, kb_per,
                               stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
                               BM: tl.constexpr, BN: tl.constexpr, PRE_Q: tl.constexpr,
                               REDUCE: tl.constexpr, Q_DT: tl.constexpr):
@@ -68,12 +70,10 @@ def _fp8_linear_splitk_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, p_ptr, y_ptr, M, N, 
     [s*kb_per, min((s+1)*kb_per, KB)) of 128 channels. BN <= 128 so one weight scale per K block.
 
     PRE_Q: x is already e4m3 with scales xs [M, KB]; else x is bf16/fp16/fp32 and each program
-    quantizes its [BM, 128] slices in registers (same arithmetic as ``_quant_act_kernel``, so the
-    same bits). Measured slower on an H100 at BM=64 (qkv M=1: 0.0153 vs 0.0067 ms with the extra
-    quantization launch), so fp8_linear uses PRE_Q; kept because it runs in triton's CPU
-    interpreter, which mishandles e4m3 conversions, for the indexing test.
-    REDUCE 0: one split, store y directly. 1: store the float32 partial p[s, M, N] for
-    ``_splitk_sum_kernel``."""
+    quantizes its [BM, 128] slices (one scale per row and block, as ``_quant_act_kernel``).
+    REDUCE 0: one split, store y directly. 1: store the float32 partial p[s, M, N] (a separate
+    reduction sums them). 2: store the partial, then the last program of this (n, m) tile to
+    arrive sums all partials in split order into y and resets the tile's counter in lock_ptr."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -108,6 +108,20 @@ def _fp8_linear_splitk_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, p_ptr, y_ptr, M, N, 
         offs_mn = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         mn_total = N.to(tl.int64) * M  # N is a multiple of 128, never a constexpr 1
         tl.store(p_ptr + pid_s * mn_total + offs_mn, acc, mask=mask)
+        if REDUCE == 2:
+            # all threads' partial stores precede the (release) counter bump; the program that
+            # sees SPLIT-1 acquires, so every other split's partial is visible (L2: .cg loads)
+            tile = pid_m * tl.num_programs(0) + pid_n
+            n_split = tl.num_programs(1)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if arrived == n_split - 1:
+                tot = tl.zeros((BM, BN), dtype=tl.float32)
+                for s in range(0, n_split):
+                    tot += tl.load(p_ptr + s * mn_total + offs_mn, mask=mask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -121,21 +135,36 @@ def _splitk_sum_kernel(p_ptr, y_ptr, MN, n_split, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tot.to(y_ptr.dtype.element_ty), mask=m)
 
 
+# Per-device int32 tile counters for REDUCE=2, all zero between calls (each is reset by the
+# program that consumes it). Grown only outside graph capture; replaced buffers stay referenced
+# because captured graphs keep their raw pointers.
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_OLD_LOCKS: list[torch.Tensor] = []
+
+
+def _locks(device: torch.device, need: int) -> torch.Tensor | None:
+    buf = _LOCKS.get(device)
+    if buf is not None and buf.numel() >= need:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # no allocation+memset inside a capture: caller uses the 2-launch reduction
+    if buf is not None:
+        _OLD_LOCKS.append(buf)
+    buf = torch.zeros(max(need, 8192), dtype=torch.int32, device=device)
+    _LOCKS[device] = buf
+    return buf
+
+
 def _small_config(m: int, n: int, k: int) -> dict | None:
     """Split-K launch parameters for M rows, or None for the large-M path. Chosen by
     scripts/dev/bench_fp8_linear.py on an H100 (CUDA-graph replay) at Qwen3-30B-A3B's qkv (N=5120,
     K=2048) and o (N=2048, K=4096) shapes.
 
     BM is 64 even for one row: below 64 rows triton lowers the e4m3 dot to fp16 mma.sync with both
-    tiles converted in registers (qkv at M=32: best BM=32 config 0.0092 ms, BM=64 0.0077), at 64 it
-    is a native e4m3 wgmma and the padding rows cost nothing that matters here.
+    tiles converted in registers (slower: qkv at M=32 BM=32 took 0.0092 ms vs 0.0079 at M=64
+    BM=64), at 64 it is a native e4m3 wgmma and the padding rows cost nothing that matters here.
     K is split only when the output tiles alone leave most of the 132 SMs idle, since partials
-    cost a [SPLIT, M, N] float32 round trip and a second launch (qkv, 80 tiles: no split is best;
-    o, 32 tiles: 4 splits beat 8 at every M <= 128).
-
-    Activations are quantized by a separate launch at every M: quantizing in the GEMM (PRE_Q off)
-    redoes it per N tile and was slower at BM=64 everywhere measured, and the in-kernel
-    last-program reduction (atomic tile counters) lost to the sum kernel, so neither is used."""
+    cost a [SPLIT, M, N] float32 round trip (and a second launch unless fused)."""
     if m > SMALL_M_MAX:
         return None
     bm, bn = 64, 64
@@ -143,10 +172,13 @@ def _small_config(m: int, n: int, k: int) -> dict | None:
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     split = 1
     if tiles < 80:
-        while split < kb and tiles * split < 128:
+        target = 256 if m <= 32 else 128
+        while split < kb and tiles * split < target:
             split *= 2
-    return {"BM": bm, "BN": bn, "kb_per": triton.cdiv(kb, split), "PRE_Q": True, "REDUCE": 1,
-            "num_warps": 4, "num_stages": 3}
+    # quantize x in the kernel (no extra launch) and sum partials in the kernel's last program
+    # while x/partials are a few rows; beyond that the redundant per-N-tile work outweighs a launch
+    return {"BM": bm, "BN": bn, "kb_per": triton.cdiv(kb, split), "PRE_Q": m > 16,
+            "REDUCE": 2 if m <= 16 else 1, "num_warps": 4, "num_stages": 3}
 
 
 SMALL_M_MAX = 256
@@ -164,6 +196,11 @@ def _fp8_linear_splitk(x2: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor,
     split = triton.cdiv(kb, kb_per)
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
     reduce = 0 if split == 1 else cfg["REDUCE"]
+    locks = None
+    if reduce == 2:
+        locks = _locks(x2.device, grid[0] * grid[2])
+        if locks is None:
+            reduce = 1
     if cfg["PRE_Q"]:
         xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
         xs = torch.empty((m, kb), dtype=torch.float32, device=x2.device)
@@ -173,7 +210,7 @@ def _fp8_linear_splitk(x2: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor,
         xa, xs, xs_stride = x2, x2, 0  # xs unused without PRE_Q
     part = y if reduce == 0 else torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
     _fp8_linear_splitk_kernel[grid](
-        xa, xs, weight, ws, part, y, m, n, kb, kb_per,
+        xa, xs, weight, ws, part, y, locks if locks is not None else part, m, n, kb, kb_per,
         xa.stride(0), xs_stride, weight.stride(0), ws.stride(0), y.stride(0),
         BM=bm, BN=bn, PRE_Q=cfg["PRE_Q"], REDUCE=reduce, Q_DT=q_dt,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
