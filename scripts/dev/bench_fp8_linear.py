@@ -161,12 +161,7 @@ def sweep(budget_s: float) -> None:
             res.sort(key=lambda r: r[0])
             dflt = linear_fp8._small_config(m, n, k)
             td = graph_ms(lambda: linear_fp8.fp8_linear(x, q, s))  # noqa: B023
-            old_max, linear_fp8.SMALL_M_MAX = linear_fp8.SMALL_M_MAX, 0
-            try:
-                tl_ = graph_ms(lambda: linear_fp8.fp8_linear(x, q, s))  # noqa: B023
-            finally:
-                linear_fp8.SMALL_M_MAX = old_max
-            print(f"{name} M={m}: default {td:.4f} ({dflt}); large-M path {tl_:.4f}")
+            print(f"{name} M={m}: default {td:.4f} ({dflt})")
             for t, cfg in res[:6]:
                 print(f"    {t:.4f}  {cfg}")
             best_no_fuse = min((r for r in res if r[1]["REDUCE"] != 2), key=lambda r: r[0])
