@@ -41,8 +41,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     decode_dense: bool = False  # decode_slots == arange(num_decode): no scatter/gather needed
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
-    # decode-only steps: keys [0, ctx_lens[b]) of slot token_slots[b] are attended. Set by
-    # ``for_decode`` (fixed buffers of a CUDA graph) and by ``build`` on CUDA (the Triton kernel)
+    # decode-only steps of fixed shape (``for_decode``: the static buffers of a CUDA graph): keys
+    # [0, ctx_lens[b]) of slot token_slots[b] are attended, through the Triton decode kernel on
+    # CUDA. Eager steps (``build``) keep SDPA: the Triton launch costs 70-130 us of host time
     ctx_lens: torch.Tensor | None = None
     static: bool = False  # shapes fixed, values live in device buffers: no host-side branching
 
@@ -85,8 +86,6 @@ class AttentionMetadata:
                     torch.arange(length, device=device)[None, :] < ctx_t[:, None]
                 ).view(hi, 1, 1, length)
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
-            if torch.device(device).type == "cuda":
-                meta.ctx_lens = torch.tensor([p + 1 for _, p in decodes], dtype=torch.int32, device=device)
         return meta
 
 
@@ -102,15 +101,14 @@ def attend(
     k_cache[meta.token_slots, :, meta.positions] = k
     v_cache[meta.token_slots, :, meta.positions] = v
     nd = meta.num_decode
-    if nd == n and meta.ctx_lens is not None:
+    if nd == n and meta.static:
         from eplb.kernels import triton_usable
 
         if triton_usable(q.device):
             from eplb.kernels.decode_attention import decode_attention
 
             return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
-        if meta.static:
-            return decode_attention_torch(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
+        return decode_attention_torch(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
     if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k_cache[:nd, :, : meta.decode_len], v_cache[:nd, :, : meta.decode_len],
