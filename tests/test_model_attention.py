@@ -41,6 +41,44 @@ def test_prefill_paths_match_reference_cpu():
     assert max(run_prefills([5, 300], "cpu", torch.float32)) < 1e-5
 
 
+def run_chunks(chunks, device, dtype, hq=8, hkv=2, d=64, max_len=2304):
+    """chunks: (slot, start, cnt). Reference per chunk from the cache after attend wrote it:
+    keys [0, start + cnt) of the slot, query i sees keys j <= start + i."""
+    torch.manual_seed(1)
+    kc = torch.randn(len(chunks), hkv, max_len, d, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    n = sum(c for _, _, c in chunks)
+    q = torch.randn(n, hq, d, device=device, dtype=dtype)
+    k = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    meta = AttentionMetadata.build([], chunks, device=device)
+    out = attend(q, k, v, kc, vc, meta, d**-0.5)
+    off, errs = 0, []
+    for slot, start, cnt in chunks:
+        g = hq // hkv
+        kk = kc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
+        vv = vc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
+        mask = torch.arange(start + cnt, device=device)[None, :] <= torch.arange(cnt, device=device)[:, None] + start
+        ref = F.scaled_dot_product_attention(q[off : off + cnt].float().transpose(0, 1), kk, vv,
+                                             attn_mask=mask, scale=d**-0.5).transpose(0, 1)
+        errs.append(((out[off : off + cnt].float() - ref).norm() / ref.norm()).item())
+        off += cnt
+    return errs
+
+
+def test_mixed_chunks_match_reference_cpu():
+    assert max(run_chunks([(0, 0, 16), (1, 5, 40), (2, 0, 9)], "cpu", torch.float32)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_chunks_varlen_cudnn_and_continuations_cuda():
+    """Consecutive fresh short chunks share one flash varlen call, a continuing chunk in between
+    splits the run, long fresh ones go to cuDNN: every chunk must match the reference."""
+    chunks = [(0, 0, 16), (1, 0, 300), (2, 5, 40), (3, 0, 77), (4, 0, 1100), (5, 0, 9)]
+    errs = run_chunks(chunks, "cuda", torch.bfloat16)
+    assert max(errs) < 1e-2, errs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_long_prefill_cudnn_bucketed_matches_reference():
     """Prompts >= CUDNN_PREFILL_MIN go through cuDNN with queries padded to the bucket and the

@@ -176,6 +176,11 @@ class EngineCore:
             ))
         return outs
 
+    def capture_cuda_graphs(self) -> bool:
+        """Capture the decode graphs now (startup) instead of at the first decode-only step;
+        call it after the runtime installed its dispatchers. True when graphs are in use."""
+        return self._decode_graphs() is not None
+
     def _decode_graphs(self):
         """The CUDA-graph runner, or None: eager mode, not CUDA, or an EP dispatcher installed
         (its collectives have data-dependent sizes and are not captured)."""

@@ -8,6 +8,7 @@ slot for its lifetime. A step's tokens are flattened: first the ``num_decode`` d
 from __future__ import annotations
 
 import array
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -129,11 +130,20 @@ def attend(
         )
         out[:nd] = o[:nd, :, 0] if meta.decode_dense else o[meta.decode_slots, :, 0]
     off = nd
+    gpu_half = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    run: list[int] = []  # lengths of consecutive fresh short chunks, attended by one varlen call
     for slot, start, cnt in meta.prefills:
+        if gpu_half and start == 0 and cnt < CUDNN_PREFILL_MIN and _varlen_attn is not None:
+            run.append(cnt)
+            off += cnt
+            continue
+        if run:
+            _varlen_prefill(q, k, v, out, off - sum(run), run, scale)
+            run = []
         qp = q[off : off + cnt].transpose(0, 1).unsqueeze(0)  # [1, Hq, cnt, D]
         kp = k_cache[slot : slot + 1, :, : start + cnt]
         vp = v_cache[slot : slot + 1, :, : start + cnt]
-        if start == 0 and cnt >= CUDNN_PREFILL_MIN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if start == 0 and cnt >= CUDNN_PREFILL_MIN and gpu_half:
             o = _cudnn_causal_prefill(q[off : off + cnt], k_cache, v_cache, slot, scale)
         elif start == 0:
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
@@ -145,7 +155,28 @@ def attend(
             )
         out[off : off + cnt] = o[0].transpose(0, 1)
         off += cnt
+    if run:
+        _varlen_prefill(q, k, v, out, off - sum(run), run, scale)
     return out
+
+
+try:  # flash varlen (torch >= 2.10): many fresh prefills in one launch, GQA native
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None
+
+
+def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, first: int,
+                    lengths: list[int], scale: float) -> None:
+    """Causal attention of consecutive fresh prefill chunks (rows [first, first + sum(lengths))
+    of this step, each starting at position 0): their keys are exactly this step's k/v rows, so
+    one flash varlen call covers them all (per-sequence SDPA: 0.46 vs 0.07 ms for 8 prompts of
+    16-512 tokens on the H100, launch-bound)."""
+    total = sum(lengths)
+    cu = long_tensor([0] + list(itertools.accumulate(lengths)), q.device).to(torch.int32)
+    rows = slice(first, first + total)
+    out[rows] = _varlen_attn(q[rows], k[rows], v[rows], cu, cu, max(lengths), max(lengths),
+                             scale=scale, window_size=(-1, 0))
 
 
 # Long fresh prefills on CUDA use cuDNN's attention: on the device's H100 at 8192 tokens (32 q /
