@@ -14,7 +14,7 @@ import triton.language as tl
 from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):

@@ -13,6 +13,10 @@ Pipeline of one call (6 launches, no host sync, so it can live inside a CUDA gra
 Calls of at most 128 pairs (decode) do 1-3 in one single-CTA launch (``_align_small_kernel``): 4
 launches in all, since at that size launch overhead, not bytes, is the cost.
 
+Size arguments (pair and block counts) are ``do_not_specialize``: Triton would otherwise compile
+a variant for each combination of their divisibility by 16, and serving steps, whose sizes change
+every step, paid that JIT time inside steps (17-90 ms per mixed step on the H100 before).
+
 Pairs whose slot is -1 (expert not on this rank) never enter the sorted list, so they cost nothing.
 Within a slot the order of pairs depends on atomics, but every output row is computed alone, so the
 result does not depend on that order.
@@ -38,7 +42,7 @@ from eplb.kernels.tile_table import TABLE
 
 # ----------------------------------------------------------------------------- alignment
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])
 def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -49,7 +53,7 @@ def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr):
     tl.store(rank_ptr + offs, r, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "max_blocks"])
 def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
                     n_pairs, n_slots, max_blocks,
                     BM: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
@@ -81,7 +85,7 @@ def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, 
         tl.store(sorted_ptr + pos, tl.zeros([S_PAD, BM], dtype=tl.int32) + n_pairs, mask=pm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "max_blocks"])
 def _align_small_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
                         n_pairs, n_slots, max_blocks,
                         BM: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr,
@@ -155,7 +159,7 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
     tl.store(s_ptr + t * stride_s + grp, sc, mask=grp < H // 128)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
 def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_xm, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
@@ -226,7 +230,7 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
 def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_hm, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_ym,

@@ -81,7 +81,7 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
     return tl.sum(s, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
                      BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
                      HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
                          K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                          BR: tl.constexpr, RENORM: tl.constexpr):
