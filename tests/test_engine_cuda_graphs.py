@@ -67,6 +67,16 @@ def test_static_runner_rejects_oversized_batch(path):
         core._graphs.run([1] * 7, [0] * 7, [0] * 7)
 
 
+def test_warm_prefill_leaves_no_trace(path):
+    """The startup warm-up forwards (scratch slot, no load) change neither the expert load nor
+    any later output."""
+    ref = run(make_core(path, False), 3)
+    core = make_core(path, False)
+    assert core.warm_prefill() == [64]  # capped by max_model_len 64
+    assert all(int(l.expert_load.sum()) == 0 for l in core.model.moe_layers())
+    assert run(core, 3) == ref
+
+
 def permute_slots(layer, perm: torch.Tensor) -> None:
     """Move the expert in slot perm[s] to slot s, in place (what an EPLB commit does)."""
     new_p2l = layer.phy2log[perm.to(layer.phy2log.device)].cpu()

@@ -177,9 +177,28 @@ class EngineCore:
         return outs
 
     def capture_cuda_graphs(self) -> bool:
-        """Capture the decode graphs now (startup) instead of at the first decode-only step;
-        call it after the runtime installed its dispatchers. True when graphs are in use."""
-        return self._decode_graphs() is not None
+        """Startup work on CUDA: capture the decode graphs now instead of at the first decode-only
+        step, and compile the prefill-sized kernel variants (``warm_prefill``). Call it after the
+        runtime installed its dispatchers. True when graphs are in use."""
+        if self._decode_graphs() is None:
+            return False
+        self.warm_prefill()
+        return True
+
+    @torch.inference_mode()
+    def warm_prefill(self) -> list[int]:
+        """One forward of padding tokens per size where the MoE kernels' tile config changes
+        (64, 256, 1024, 8192 tokens and the step budget, capped by it and by max_model_len), so
+        Triton compiles those variants (and cuDNN plans its prefill buckets) before serving instead
+        of inside the first steps that need them. The tokens sit in the KV cache's scratch slot and
+        count as no expert load. Returns the sizes run."""
+        cap = min(self.scheduler.max_num_batched_tokens, self.max_model_len)
+        sizes = sorted({n for n in (64, 256, 1024, 8192, cap) if n <= cap})
+        for n in sizes:
+            meta = AttentionMetadata.build([], [(self.kv.scratch_slot, 0, n)], device=self.device)
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            self.model(ids, meta, self.kv.layers, num_real_tokens=0)
+        return sizes
 
     def _decode_graphs(self):
         """The CUDA-graph runner, or None: eager mode, not CUDA, or an EP dispatcher installed
