@@ -6,21 +6,15 @@ under triton's interpreter (TRITON_INTERPRET=1, float32 data, small shapes), oth
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from eplb.model.attention import decode_attention_torch
 
-from eplb.kernels import HAS_TRITON
+from eplb.kernels import HAS_TRITON, triton_test_device
 
-if torch.cuda.is_available() and HAS_TRITON:
-    DEV = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
-    DEV = None
+DEV = triton_test_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1)")
 needs_cuda = pytest.mark.skipif(DEV != "cuda", reason="needs CUDA + triton (CUDA graphs)")
 

@@ -6,18 +6,14 @@ Runs on CUDA with triton. Without a GPU it runs only under triton's interpreter
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from eplb.kernels import HAS_TRITON, moe_pairs_torch, moe_torch, quantize_block_fp8
+from eplb.kernels import moe_pairs_torch, moe_torch, quantize_block_fp8, triton_test_device
 
-if torch.cuda.is_available() and HAS_TRITON:
-    DEV = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
+DEV = triton_test_device()
+if DEV is None:
     pytest.skip("needs CUDA + triton (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from eplb.kernels import fused_experts, fused_moe, fused_moe_pairs  # noqa: E402

@@ -8,22 +8,18 @@ float32 sum-of-squares order differs: there the bound is 1 ulp on a small fracti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from eplb.kernels import HAS_TRITON
+from eplb.kernels import triton_test_device
 from eplb.model import transformer
 from eplb.model.transformer import Rope
 
-if torch.cuda.is_available() and HAS_TRITON:
-    DEV = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
+DEV = triton_test_device()
+if DEV is None:
     pytest.skip("needs CUDA + triton (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from eplb.kernels import qk_norm_rope, rms_norm_fused  # noqa: E402

@@ -30,6 +30,20 @@ def triton_usable(device) -> bool:
     return HAS_TRITON and torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
+def triton_test_device() -> str | None:
+    """Where the Triton kernel tests run: "cuda" (GPU + triton), "cpu" under triton's interpreter
+    (``TRITON_INTERPRET=1`` with triton installed), None when neither (CI)."""
+    import os
+
+    import torch
+
+    if HAS_TRITON and torch.cuda.is_available():
+        return "cuda"
+    if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    return None
+
+
 def __getattr__(name: str):
     # the Triton module is imported on first use so that CPU-only installs never touch it
     if name in ("fused_moe", "fused_moe_pairs", "fused_experts", "get_config"):
@@ -48,19 +62,11 @@ def __getattr__(name: str):
         from eplb.kernels import routing
 
         return routing.softmax_topk
-    if name == "decode_attention":
-        import importlib
-
-        # the submodule has the function's name: importing it binds the module as our attribute,
-        # so rebind the function (module code should import from eplb.kernels.decode_attention)
-        fn = getattr(importlib.import_module("eplb.kernels.decode_attention"), name)
-        globals()[name] = fn
-        return fn
     raise AttributeError(name)
 
 
 __all__ = [
-    "HAS_TRITON", "triton_usable", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "decode_attention", "moe_torch", "moe_pairs_torch",
+    "HAS_TRITON", "triton_usable", "triton_test_device", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
+    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "moe_torch", "moe_pairs_torch",
     "quant_dequant_act", "quantize_block_fp8",
 ]

@@ -83,6 +83,16 @@ def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def _linear_params(out_f: int, in_f: int, dtype: torch.dtype, device,
+                   quantization: str | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """(weight [out, in], scale): with quantization "fp8" the weight is float8_e4m3fn and scale
+    its float32 weight_scale_inv [out/128, in/128] (run by fp8_linear); else scale is None."""
+    if quantization == "fp8":
+        return (_param(out_f, in_f, dtype=torch.float8_e4m3fn, device=device),
+                _param(out_f // 128, in_f // 128, dtype=torch.float32, device=device))
+    return _param(out_f, in_f, dtype=dtype, device=device), None
+
+
 class Rope(nn.Module):
     """Default RoPE (rotate-half layout); cos/sin tables [max_len, D] in float32."""
 
@@ -112,15 +122,10 @@ class Attention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, d
         nqkv = (self.nq + 2 * self.nkv) * d
-        # "fp8": block-FP8 weights + float32 weight_scale_inv per 128x128 block (fp8_linear)
-        wdt = torch.float8_e4m3fn if quantization == "fp8" else dtype
         # q, k, v projections fused into one matmul
-        self.qkv = _param(nqkv, h, dtype=wdt, device=device)
-        self.qkv_bias = _param((self.nq + 2 * self.nkv) * d, dtype=dtype, device=device) if cfg.attention_bias else None
-        self.o = _param(h, self.nq * d, dtype=wdt, device=device)
-        fp8 = quantization == "fp8"
-        self.qkv_scale = _param(nqkv // 128, h // 128, dtype=torch.float32, device=device) if fp8 else None
-        self.o_scale = _param(h // 128, self.nq * d // 128, dtype=torch.float32, device=device) if fp8 else None
+        self.qkv, self.qkv_scale = _linear_params(nqkv, h, dtype, device, quantization)
+        self.qkv_bias = _param(nqkv, dtype=dtype, device=device) if cfg.attention_bias else None
+        self.o, self.o_scale = _linear_params(h, self.nq * d, dtype, device, quantization)
         self.o_bias = _param(h, dtype=dtype, device=device) if cfg.attention_bias else None
         if cfg.qk_norm == "head":
             self.q_norm = _param(d, dtype=dtype, device=device)
@@ -176,12 +181,8 @@ class DenseMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, dtype, device, quantization: str | None = None):
         super().__init__()
         self.inter = inter
-        fp8 = quantization == "fp8"  # block-FP8 weights + weight_scale_inv, as in Attention
-        wdt = torch.float8_e4m3fn if fp8 else dtype
-        self.w13 = _param(2 * inter, hidden, dtype=wdt, device=device)
-        self.w2 = _param(hidden, inter, dtype=wdt, device=device)
-        self.w13_scale = _param(2 * inter // 128, hidden // 128, dtype=torch.float32, device=device) if fp8 else None
-        self.w2_scale = _param(hidden // 128, inter // 128, dtype=torch.float32, device=device) if fp8 else None
+        self.w13, self.w13_scale = _linear_params(2 * inter, hidden, dtype, device, quantization)
+        self.w2, self.w2_scale = _linear_params(hidden, inter, dtype, device, quantization)
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
         gu = linear(x, self.w13, scale=self.w13_scale)
