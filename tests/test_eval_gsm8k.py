@@ -63,25 +63,25 @@ class FakeOpenAI:
                     fake.bodies.append(body)
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    time.sleep(fake.delay_s)
-                    if fake.status != 200:
-                        self._send(fake.status, {"error": {"message": "bad model"}})
-                        return
-                    q = body["prompt"].rsplit("Question: ", 1)[1]
-                    i = int(q.split("Tom has ", 1)[1].split(" ", 1)[0])
-                    right = 2 * i + 2
-                    text = {0: f" {i} + {i + 2} = {right}\n#### {right}",
-                            1: f" so it is {right}",
-                            2: f" {i} + {i + 2} = 7\n#### {right + 1}",
-                            3: " I do not know"}[i % 4]
-                    self._send(200, {"id": "x", "object": "text_completion", "model": body["model"],
-                                     "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                                     "usage": {"prompt_tokens": 10, "completion_tokens": 3,
-                                               "total_tokens": 13}})
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                time.sleep(fake.delay_s)
+                # out of flight before the reply goes out: once the client has it, it may send
+                # its next request, which must not find this one still counted
+                with fake.lock:
+                    fake.in_flight -= 1
+                if fake.status != 200:
+                    self._send(fake.status, {"error": {"message": "bad model"}})
+                    return
+                q = body["prompt"].rsplit("Question: ", 1)[1]
+                i = int(q.split("Tom has ", 1)[1].split(" ", 1)[0])
+                right = 2 * i + 2
+                text = {0: f" {i} + {i + 2} = {right}\n#### {right}",
+                        1: f" so it is {right}",
+                        2: f" {i} + {i + 2} = 7\n#### {right + 1}",
+                        3: " I do not know"}[i % 4]
+                self._send(200, {"id": "x", "object": "text_completion", "model": body["model"],
+                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 3,
+                                           "total_tokens": 13}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
