@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eplb.engine.dp_offline import Scenario, run_scenarios  # noqa: E402
+from eplb.runtime.dp_offline import Scenario, run_scenarios  # noqa: E402
 from eplb.engine.sampling import SamplingParams  # noqa: E402
 from eplb.model.testing import make_tiny_checkpoint  # noqa: E402
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from eplb.engine import LLM, SamplingParams
-from eplb.engine.dp_offline import Scenario, run_scenarios
+from eplb.runtime.dp_offline import Scenario, run_scenarios
 from eplb.model.testing import make_tiny_checkpoint
 
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ import torch
 from eplb.cli import main as cli_main
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.engine import LLM, SamplingParams
-from eplb.engine.dp_client import DPEngineClient
+from eplb.runtime.dp_client import DPEngineClient
 from eplb.model.testing import make_tiny_checkpoint
 from eplb.parallel.all2all import make_dispatcher
 
@@ -187,7 +187,7 @@ def test_slot_count_must_divide_over_ranks(model):
 FRONT = textwrap.dedent("""
     import sys, time
     from eplb.config import ParallelConfig
-    from eplb.engine.dp_client import DPEngineClient
+    from eplb.runtime.dp_client import DPEngineClient
     if __name__ == "__main__":
         c = DPEngineClient(sys.argv[1], {"dtype": "float32", "max_model_len": 64},
                            ParallelConfig(data_parallel_size=2, enable_expert_parallel=True),

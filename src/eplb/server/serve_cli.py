@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from eplb.engine.dp_client import DPEngineClient
+    from eplb.runtime.dp_client import DPEngineClient
     from eplb.server.app import ServerSettings, create_app
 
     engine = DPEngineClient(str(cfg["model_path"]), cfg["engine_kwargs"], cfg["parallel"],

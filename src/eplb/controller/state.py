@@ -33,7 +33,7 @@ import torch.distributed as dist
 from eplb.balancer.placement import Placement
 from eplb.balancer.stats import LoadWindow, balancedness
 from eplb.config import EPLBConfig
-from eplb.parallel.async_worker import AsyncRebalance, InjectedTransferError
+from eplb.controller.async_rebalance import AsyncRebalance, InjectedTransferError
 from eplb.parallel.groups import DistContext, new_transfer_group
 from eplb.parallel.transfer import commit_layer, plan_bytes, stage_layer
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
-from eplb.engine.dp_worker import RankSpec, rank_main
+from eplb.runtime.dp_worker import RankSpec, rank_main
 from eplb.parallel.groups import find_free_port, resolve_rendezvous, set_nccl_env
 
 log = logging.getLogger("eplb.engine.dp")

@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
-from eplb.engine.dp_worker import RankSpec, RankWorker, exit_with_parent
+from eplb.runtime.dp_worker import RankSpec, RankWorker, exit_with_parent
 from eplb.parallel.groups import find_free_port
 
 

@@ -7,7 +7,7 @@ Loop, one iteration per step boundary:
    nothing to do anywhere last time blocks on its queue briefly instead of spinning;
 2. one all-reduce (SUM) over the EP group of ``[has_work, stop, eplb packet]``: whether any rank
    has work, whether the front asked to stop, and EPLB's failure/readiness flags and the previous
-   forward's expert load (see ``eplb.parallel.eplb_state``);
+   forward's expert load (see ``eplb.controller.state``);
 3. EPLB acts on it (record load, commit ready layers, abandon, trigger a rebalance);
 4. if any rank has work, every rank runs one forward: ``step()`` with work, ``dummy_step()``
    without (the MoE collectives need every rank), then outputs go back to the front.
@@ -104,7 +104,7 @@ class RankWorker:
         from eplb.engine.core import EngineCore
         from eplb.model.config import load_config
         from eplb.parallel.all2all import make_dispatcher
-        from eplb.parallel.eplb_state import EplbState, initial_placement
+        from eplb.controller.state import EplbState, initial_placement
         from eplb.parallel.groups import init_distributed
 
         self.spec = spec
