@@ -183,7 +183,7 @@ class EplbState:
         """One boundary of the rebalance in flight; the same steps in the same order everywhere."""
         g = self.ctx.world_size
         if int(summed[_FAILED]) > 0:
-            self._abandon("a rank reported a failed or timed-out rebalance")
+            self._abandon(f"a rank reported a failed or timed-out rebalance (phase {r.phase})")
             return
         if r.phase == "policy":
             state = int(summed[_POLICY])
