@@ -367,6 +367,7 @@ def main(a: argparse.Namespace) -> int:
             "date": now.strftime("%Y%m%d-%H%M%S"), "backend": a.backend, "model_id": model, "base_url": base,
             "dataset_name": a.dataset_name, "num_prompts": a.num_prompts, "random_input_len": a.random_input_len,
             "random_output_len": a.random_output_len, "random_range_ratio": a.random_range_ratio,
+            "random_vocab_size": vocab,
             "ignore_eos": a.ignore_eos, "request_rate": a.request_rate if not math.isinf(a.request_rate) else "inf",
             "burstiness": a.burstiness, "max_concurrency": a.max_concurrency, "seed": a.seed, **m,
             "errors": errors[:20],
