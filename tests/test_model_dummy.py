@@ -291,3 +291,15 @@ def test_serve_flags(small_dirs, capsys):
         "dummy", 1.5, None, "none")
     assert cfg["vocab_size"] == 1024
     assert "load_format" not in build_configs(p.parse_args([bf16, "--port", "0"]))["engine_kwargs"]
+
+
+def test_generate_cli_with_dummy_weights(small_dirs, capsys):
+    from eplb.cli import main as cli_main
+
+    _, fp8 = small_dirs
+    assert cli_main(["generate", fp8, "--load-format", "dummy", "--prompt", "t1 t2 t1000", "--max-tokens", "3",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 3 and out["text"] == " ".join(f"t{i}" for i in out["token_ids"])
+    assert cli_main(["generate", fp8, "--prompt", "t1"]) == 2
+    assert "--load-format dummy" in capsys.readouterr().err
