@@ -294,6 +294,8 @@ def out_path(res: dict, args) -> str:
     if args.device == "cpu":
         slug = "cpu"
     suffix = ("-small" if args.small else "") + (f"-{args.layers}layers" if args.layers else "")
+    if sorted(args.dtypes) != sorted(CONFIGS):  # a one-dtype run does not overwrite the full one
+        suffix += "-" + "-".join(args.dtypes)
     return os.path.join(args.out, f"full-size-{slug}{suffix}.json")
 
 
