@@ -87,9 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
                         "when a rank runs without EP dispatchers)")
-    e.add_argument("--quantization", "-q", choices=("fp8",), default=None,
-                   help="fp8: keep a block-FP8 checkpoint's weights in FP8 (needs CUDA, triton and "
-                        "bfloat16); default: dequantize them to --dtype")
+    e.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
+                   help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
+                        "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist "
+                        "on the FP8 kernels; none: always dequantize to --dtype")
+    e.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="auto: read the safetensors; dummy: random weights of config.json's shapes, "
+                        "made on the device (default: %(default)s)")
+    e.add_argument("--dummy-router-skew", type=float, nargs="?", const=1.5, default=None, metavar="ZIPF_S",
+                   help="with --load-format dummy: bias each router toward a Zipf(ZIPF_S)-ranked window "
+                        "of hot experts (given alone: 1.5, balancedness ~0.5 at EP 2; docs/model.md)")
+    e.add_argument("--dummy-router-drift", type=int, default=None, metavar="STEPS",
+                   help="forward steps per one-expert move of the hot window (default 200; 0 = static)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; no remote code is ever run")
     e.add_argument("--chat-template", default=None,
@@ -190,7 +199,22 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
                                      "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.quantization is not None:
+    if args.load_format != "auto":
+        engine_kwargs["load_format"] = args.load_format
+    if args.dummy_router_skew is not None or args.dummy_router_drift is not None:
+        if args.load_format != "dummy":
+            raise UsageError("--dummy-router-skew/--dummy-router-drift need --load-format dummy")
+        from eplb.model.dummy import router_skew
+
+        try:
+            router_skew(args.dummy_router_skew, args.dummy_router_drift)
+        except ValueError as exc:
+            raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+        engine_kwargs["dummy_router_skew"] = args.dummy_router_skew
+        engine_kwargs["dummy_router_drift"] = args.dummy_router_drift
+    if args.quantization == "none":
+        engine_kwargs["quantization"] = "none"
+    elif args.quantization is not None:
         from eplb.model.loader import check_quantization, resolve_dtype
 
         try:  # device, triton, dtype and checkpoint checked here, before any rank starts
