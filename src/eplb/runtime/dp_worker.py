@@ -153,7 +153,10 @@ class RankWorker:
             for layer in self.layers:
                 layer.dispatcher = self.dispatcher
         self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
-                               record_trace=spec.record_trace, checkpoint_path=spec.model_path,
+                               record_trace=spec.record_trace,
+                               # dummy weights have no checkpoint to verify commits against
+                               checkpoint_path=(None if kwargs.get("load_format") == "dummy"
+                                                else spec.model_path),
                                progress=self.beat)
         self.engine.capture_cuda_graphs()  # before serving (a no-op on CPU, eager or with EP)
         self.dummy_steps = 0
