@@ -19,10 +19,10 @@ import tempfile
 import time
 
 import torch
+from machine import device_name  # bench/machine.py (the script's folder is on sys.path)
 
 from eplb.engine import EngineCore, SamplingParams
-from machine import device_name  # bench/machine.py (the script's folder is on sys.path)
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 SHAPE = dict(num_hidden_layers=4, hidden_size=512, num_experts=32, num_experts_per_tok=4,
              moe_intermediate_size=256, intermediate_size=1024, num_attention_heads=8,
@@ -118,7 +118,7 @@ def bench_fixed(path, ref, device, dtype, batch, prompt_len, new_tokens, reps=5,
     theirs = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
     wbytes, kvbytes = bytes_per_decode_step(eng, plist, new_tokens - 1)
     step_s = best / (new_tokens - 1)
-    del eng
+    eng = None  # free its KV cache before the next run
     return dict(batch=batch, ours_tok_s=round(ours, 1), transformers_tok_s=round(theirs, 1),
                 ratio=round(ours / theirs, 3), weight_bytes_per_step=int(wbytes),
                 kv_bytes_per_step=int(kvbytes), ours_step_ms=round(step_s * 1e3, 3))

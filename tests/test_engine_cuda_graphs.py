@@ -9,7 +9,7 @@ import torch
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from eplb.model.moe import maps_from_phy2log
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,6 @@ Runs on CUDA with triton. Without a GPU it runs only under triton's interpreter
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -21,7 +20,8 @@ from eplb.model.checkpoint import dequantize_block_fp8  # noqa: E402
 
 # triton's CPU interpreter gets bf16 dots wrong, so under it the kernels run on float32 data
 BF16 = torch.bfloat16 if DEV == "cuda" else torch.float32
-# bf16 operands: relative error between 1e-3 and 1e-2 (METHOD.md); we take the top of that range
+# bf16 operands (8 significant bits) summed in float32 give a relative error between 1e-3 and 1e-2;
+# we take the top of that range (docs/gpu.md, Tests)
 BF16_TOL = 1e-2
 
 

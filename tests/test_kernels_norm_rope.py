@@ -8,7 +8,6 @@ float32 sum-of-squares order differs: there the bound is 1 ulp on a small fracti
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,7 +72,10 @@ def test_rms_norm_fused_matches_torch(dtype, n, h) -> None:
     assert_close_bits(rms_norm_fused(x, w, eps), torch_rms_norm(x, w, eps)[0])
     out, r = rms_norm_fused(x, w, eps, residual=res)
     ref, ref_r = torch_rms_norm(x, w, eps, res)
-    assert torch.equal(r, ref_r) if CUDA else (r.float() - ref_r.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref_r.float().abs().max()
+    if CUDA:
+        assert torch.equal(r, ref_r)
+    else:
+        assert (r.float() - ref_r.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref_r.float().abs().max()
     assert_close_bits(out, ref)
 
 

@@ -34,11 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
 from eplb.kernels.tile_table import TABLE
 
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 # ----------------------------------------------------------------------------- alignment
 

@@ -16,7 +16,6 @@ from eplb.model.attention import AttentionMetadata, attend
 from eplb.model.config import ModelConfig
 from eplb.model.moe import MoELayer
 
-
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
