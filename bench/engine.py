@@ -80,7 +80,7 @@ def bench_fixed(path, ref, device, dtype, batch, prompt_len, new_tokens, reps=5,
     prompts = torch.randint(3, SHAPE["vocab_size"], (batch, prompt_len), generator=g)
     eng = EngineCore(path, dtype=dtype, device=device, max_model_len=prompt_len + new_tokens + 8,
                      max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len))
-    eng.capture_cuda_graphs()  # startup work, not timed
+    eng.warm_up()  # startup work, not timed
     plist = prompts.tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     ids = prompts.to(device)
@@ -134,7 +134,7 @@ def bench_serving(path, ref, device, dtype, reqs, running=32, seed=0):
     prompts = [torch.randint(3, SHAPE["vocab_size"], (pl,), generator=g).tolist() for pl, _ in reqs]
     eng = EngineCore(path, dtype=dtype, device=device, max_model_len=800, max_num_seqs=running,
                      max_num_batched_tokens=2048)
-    eng.capture_cuda_graphs()  # startup work (as a server does it before serving), not timed
+    eng.warm_up()  # startup work (as a server does it before serving), not timed
     sync(device)
     t = time.perf_counter()
     for i, (p, (_, ol)) in enumerate(zip(prompts, reqs)):

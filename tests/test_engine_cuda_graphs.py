@@ -77,6 +77,16 @@ def test_warm_prefill_leaves_no_trace(path):
     assert run(core, 3) == ref
 
 
+def test_warm_up_on_cpu_does_nothing(path, monkeypatch):
+    """warm_up() captures graphs and warms prefill only where decode graphs are used: on the CPU
+    (eager or not) it runs no forward and says False."""
+    for eager in (True, False):
+        core = make_core(path, False, eager=eager)
+        monkeypatch.setattr(core, "warm_prefill", lambda: pytest.fail("warm_prefill ran on the CPU"))
+        assert core.warm_up() is False
+        assert core._graphs is None
+
+
 def permute_slots(layer, perm: torch.Tensor) -> None:
     """Move the expert in slot perm[s] to slot s, in place (what an EPLB commit does)."""
     new_p2l = layer.phy2log[perm.to(layer.phy2log.device)].cpu()

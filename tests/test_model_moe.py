@@ -99,7 +99,9 @@ def test_replica_choice_routes_to_holders_and_spreads_evenly(counts, tokens, off
     assert torch.equal(phy2log[slots], ids)  # every pair lands on a slot holding its expert
     for ex in range(e):
         per_slot = torch.bincount(slots[ids == ex], minlength=len(phy2log))[phy2log == ex]
-        assert int(per_slot.max() - per_slot.min()) <= 1 if per_slot.numel() else True
+        assert per_slot.numel() == counts[ex]  # every expert has >= 1 replica here
+        assert int(per_slot.sum()) == int((ids == ex).sum())
+        assert int(per_slot.max() - per_slot.min()) <= 1  # spread evenly over its replicas
 
 
 def test_redundant_placement_gives_the_same_output():

@@ -137,7 +137,7 @@ class RankWorker:
                 layer.dispatcher = self.dispatcher
         self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
                                record_trace=spec.record_trace, checkpoint_path=spec.model_path)
-        self.engine.capture_cuda_graphs()  # before serving (a no-op on CPU, eager or with EP)
+        self.engine.warm_up()  # graphs + prefill kernels, before serving (a no-op on CPU, eager or with EP)
         self.steps = 0  # forward steps (every rank runs the same number)
         self.dummy_steps = 0
         self.requests_added = 0
