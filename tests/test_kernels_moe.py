@@ -1,7 +1,7 @@
 """Triton fused MoE (bf16 and block-FP8) against the plain torch path.
 
-Runs on CUDA with triton. Without a GPU it runs only under triton's interpreter
-(TRITON_INTERPRET=1 with triton installed), otherwise it skips: CI has neither.
+Runs on CUDA with triton. Without a GPU it runs under triton's interpreter (TRITON_INTERPRET=1
+with triton installed: what CI does, scripts/run_tests.sh sets it), otherwise it skips.
 """
 
 from __future__ import annotations

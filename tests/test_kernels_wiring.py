@@ -1,5 +1,5 @@
 """The engine's MoE layer routes its expert compute to the Triton kernel on CUDA bf16 and gets
-the same outputs as its torch path. Skips without CUDA + triton (CI has neither)."""
+the same outputs as its torch path. Needs CUDA + triton (skips in CI, which has no GPU)."""
 
 from __future__ import annotations
 
