@@ -205,8 +205,7 @@ def prefill(core, n: int, reps: int, timer: StepTimer, vocab: int) -> float:
         fwd()
     sync(dev)
     times = [timer(fwd)[0] for _ in range(reps)]
-    del kv
-    return statistics.median(times)
+    return statistics.median(times)  # kv is freed with this frame
 
 
 def prefill_flops_per_token(cfg, n: int) -> tuple[float, float]:
@@ -235,7 +234,7 @@ def run_dtype(kind: str, args, dev: torch.device, ceil: dict, tmp: str, res: dic
     load_s = time.perf_counter() - t0
     core.tokenizer = None  # engine alone: token ids only, no detokenization
     t0 = time.perf_counter()
-    graphs = core.capture_cuda_graphs()
+    graphs = core.warm_up()
     sync(dev)
     capture_s = time.perf_counter() - t0
     cfg = core.config
@@ -249,7 +248,8 @@ def run_dtype(kind: str, args, dev: torch.device, ceil: dict, tmp: str, res: dic
            "kv_bytes_per_token": kvt, "decode": [], "prefill": None}
     res["runs"][kind] = out
     print(f"[{kind}] loaded in {load_s:.1f}s (experts {wdt}), graphs {graphs} captured in {capture_s:.1f}s; "
-          f"non-expert weights {w['dense_bytes'] / 1e9:.2f} GB, {w['expert_bytes'] / 1e6:.2f} MB per expert", flush=True)
+          f"non-expert weights {w['dense_bytes'] / 1e9:.2f} GB, "
+          f"{w['expert_bytes'] / 1e6:.2f} MB per expert", flush=True)
     timer = StepTimer(dev)
     for b in batches:
         r = decode(core, b, args, timer, cfg.vocab_size)
@@ -379,7 +379,8 @@ def main(argv=None) -> int:
            "runs": {}}
     print(f"{res['device']}, torch {res['torch']}, triton {triton_version}, {res['date']}", flush=True)
     res["ceilings"] = ceilings(dev, args.small)
-    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in res["ceilings"].items() if isinstance(v, float)), flush=True)
+    print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in res["ceilings"].items()
+                                   if isinstance(v, float)), flush=True)
     write(res, args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.dtypes:

@@ -41,9 +41,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eplb.runtime.dp_offline import Scenario, run_scenarios  # noqa: E402
 from eplb.engine.sampling import SamplingParams  # noqa: E402
-from eplb.model.testing import make_tiny_checkpoint  # noqa: E402
+from eplb.model.tiny import make_tiny_checkpoint  # noqa: E402
+from eplb.runtime.dp_offline import Scenario, run_scenarios  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(hidden_size=256, num_hidden_layers=8, num_experts=16, moe_intermediate_size=512,

@@ -90,7 +90,7 @@ def test_bench_serve_against_the_shipped_model(tmp_path):
                      "--random-output-len", "5", "--max-concurrency", "3", "--ignore-eos", "--seed", "3",
                      "--metadata", "note=ci")
         _check_consistent(res, 6, 12, 5)
-        assert res["model_id"] == "models/tiny-qwen3-moe" and res["max_concurrency"] == 3 and res["note"] == "ci"
+        assert res["model_id"] == "tiny-qwen3-moe" and res["max_concurrency"] == 3 and res["note"] == "ci"
         # the vocabulary came from the served folder's config.json (576 ids), not the 256 fallback
         assert res["random_vocab_size"] == 576
         # Poisson arrivals at a finite rate

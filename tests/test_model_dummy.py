@@ -4,7 +4,6 @@ FP8-by-default resolution, and the dummy router skew (issue: the seed's model at
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -279,8 +278,9 @@ def test_serve_flags(small_dirs, capsys):
     assert rc == 2 and "--dummy-router-skew/--dummy-router-drift need --load-format dummy" in err
     rc, err = run(["serve", bf16, "--port", "0", "--load-format", "dummy", "--dummy-router-skew", "-2"])
     assert rc == 2 and "--dummy-router-skew must be a number > 0" in err
-    from eplb.server.serve_cli import add_arguments, build_configs
     import argparse
+
+    from eplb.server.serve_cli import add_arguments, build_configs
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from eplb.engine import LLM, SamplingParams
+from eplb.model.tiny import make_tiny_checkpoint
 from eplb.runtime.dp_offline import Scenario, run_scenarios
-from eplb.model.testing import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}

@@ -9,7 +9,7 @@
 # environment (all optional):
 #   OUT_DIR          where server.log, gsm8k.json, outputs.jsonl, metrics.txt go
 #                    (default: out/dp4_async_eplb)
-#   MODEL            model directory (default: the shipped models/tiny-qwen3-moe)
+#   MODEL            model directory (default: the shipped tiny-qwen3-moe)
 #   DEVICE           auto | cpu | cuda (default: auto)
 #   DP_SIZE          data-parallel ranks (default: 4)
 #   EPLB_CONFIG      --eplb-config JSON (default: the reference one above)

@@ -33,7 +33,7 @@ log() { echo "[gpu_soak $(date -u +%H:%M:%S)] $*" >&2; }
 FP8_MODEL="$OUT_DIR/tiny-qwen3-moe-fp8"
 BF16_MODEL=$("$PY" -c "from eplb.server.serve_cli import resolve_model; print(resolve_model(None))")
 [ -d "$FP8_MODEL" ] || "$PY" -c "
-from eplb.model.testing import quantize_checkpoint_fp8
+from eplb.model.quantize import quantize_checkpoint_fp8
 quantize_checkpoint_fp8('$BF16_MODEL', '$FP8_MODEL')"
 
 one_run() {  # name model dp port [extra env...]

@@ -38,7 +38,8 @@ class RequestResult:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:8000 (default: from --host/--port)")
+    p.add_argument("--base-url", default=None,
+                   help="server URL, e.g. http://127.0.0.1:8000 (default: from --host/--port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--endpoint", default="/v1/completions", help="completions endpoint (default: %(default)s)")
@@ -107,7 +108,8 @@ def check_args(a: argparse.Namespace) -> None:
     try:
         ps = [float(x) for x in a.metric_percentiles.split(",")]
     except ValueError:
-        raise ValueError(f"--metric-percentiles must be numbers separated by commas, got {a.metric_percentiles!r}") from None
+        raise ValueError("--metric-percentiles must be numbers separated by commas, "
+                         f"got {a.metric_percentiles!r}") from None
     if not all(0 < x <= 100 for x in ps):
         raise ValueError(f"--metric-percentiles must be in (0, 100], got {a.metric_percentiles!r}")
 

@@ -38,7 +38,7 @@ from eplb.controller.async_rebalance import (
     AsyncRebalance,
     PolicyJob,
 )
-from eplb.controller.faults import CommitVerifier, Fault, take_fault
+from eplb.controller.faults import CommitVerifier, take_fault
 from eplb.controller.load_recorder import LoadRecorder
 from eplb.controller.metrics import EplbMetrics
 from eplb.parallel.groups import DistContext, new_transfer_group, retire_transfer_group

@@ -179,9 +179,11 @@ class EngineCore:
             ))
         return outs
 
-    def capture_cuda_graphs(self) -> bool:
-        """Startup work on CUDA: capture the decode graphs now instead of at the first decode-only
-        step, and compile the prefill-sized kernel variants (``warm_prefill``). Call it after the
+    def warm_up(self) -> bool:
+        """Startup work before serving, two jobs: capture the decode CUDA graphs now instead of at
+        the first decode-only step, and compile the prefill-sized kernel variants
+        (``warm_prefill``). Does either only where decode graphs are used (CUDA, not
+        ``enforce_eager``, no EP dispatcher: an EP forward needs every rank); call it after the
         runtime installed its dispatchers. True when graphs are in use."""
         if self._decode_graphs() is None:
             return False

@@ -211,10 +211,6 @@ def load_model(
         check_quantization(quantization, device, dt)  # the cheap checks before reading the folder
     cfg = load_config(path)
     quantization = resolve_quantization(quantization, device, dt, cfg)
-    if torch.device(device).type == "cuda":
-        # cuDNN's SDPA re-plans for every new key length, i.e. every decode step (measured ~30 ms
-        # per layer per step on an H100); the flash / memory-efficient kernels have no such cost.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     if ep_size < 1 or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank}")
     n_moe, e = cfg.num_moe_layers, cfg.num_experts

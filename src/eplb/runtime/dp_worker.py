@@ -115,10 +115,10 @@ class RankWorker:
     def __init__(self, spec: RankSpec, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
         """Joins the job (or reuses the process group already joined) and loads this rank's
         part of the model."""
+        from eplb.controller.state import EplbState, initial_placement
         from eplb.engine.core import EngineCore
         from eplb.model.config import load_config
         from eplb.parallel.all2all import make_dispatcher
-        from eplb.controller.state import EplbState, initial_placement
         from eplb.parallel.groups import init_distributed
 
         self.spec = spec
@@ -158,7 +158,7 @@ class RankWorker:
                                checkpoint_path=(None if kwargs.get("load_format") == "dummy"
                                                 else spec.model_path),
                                progress=self.beat)
-        self.engine.capture_cuda_graphs()  # before serving (a no-op on CPU, eager or with EP)
+        self.engine.warm_up()  # graphs + prefill kernels, before serving (no-op on CPU, eager, EP)
         self.dummy_steps = 0
         self.requests_added = 0
         # (seconds, phase) of every iteration that ran a forward, boundary included; phase is

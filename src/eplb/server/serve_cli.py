@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
-from eplb.evals.gsm8k import repo_root
+from eplb.resources import DEFAULT_MODEL_NAME, default_model_path
 
-DEFAULT_MODEL = "models/tiny-qwen3-moe"  # relative to the repo root
+DEFAULT_MODEL = DEFAULT_MODEL_NAME  # the shipped model, installed with the package
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(model: str | None) -> Path:
-    path = Path(model) if model is not None else repo_root() / DEFAULT_MODEL
+    path = Path(model) if model is not None else default_model_path()
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"MODEL {str(path)!r} is not a model directory (no config.json there)")
     return path
