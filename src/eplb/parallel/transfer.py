@@ -56,6 +56,11 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def _byte_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[n, ...]`` contiguous -> the same memory as ``[n, row_bytes]`` uint8 (a view)."""
+    return t.reshape(t.shape[0], -1).view(torch.uint8)
+
+
 class PendingLayer:
     """One layer's posted transfers on one rank (``start_layer_transfer``).
 
@@ -64,52 +69,43 @@ class PendingLayer:
     it does not block (on CUDA it only orders the caller's stream after the side stream).
     """
 
-    def __init__(self, staged: StagedLayer, works: list, recv_views: list, stream,
-                 keep: list, start_event=None) -> None:
+    def __init__(self, staged: StagedLayer, works: list, stream, keep: list,
+                 start_event=None) -> None:
         self._staged = staged
         self._works = works
-        self._keep = keep  # send payloads: alive until the transfer is done
+        self._keep = keep  # send payloads and pinned indices: alive until the transfer is done
+        self._stream = stream
         self._start_event = start_event
         self._posted = time.perf_counter()
         self._done_at: float | None = None
-        self._recv_views = recv_views
-        self._stream = stream
         self._error: BaseException | None = None
         self._finished = False
         self._event = None
         self._ready = threading.Event()
-        if stream is not None:  # CUDA: the side stream waits for NCCL, then unpacks
+        cuda = stream is not None or any(r.is_cuda for r in staged.rows.values())
+        if stream is not None:  # CUDA: the side stream waits for NCCL; poll an event
             with torch.cuda.stream(stream):
                 for work in works:
                     work.wait()  # a stream wait, not a host wait (NCCL)
-                self._unpack()
                 self._event = torch.cuda.Event(enable_timing=start_event is not None)
                 self._event.record(stream)
-        elif works and not any(b.is_cuda for b, _, _ in recv_views) and not any(
-                op.tensor.is_cuda for op in keep):  # gloo: completion is visible only via wait()
+        elif works and not cuda:  # gloo: completion is visible only through wait()
             threading.Thread(target=self._wait_gloo, name=f"eplb-recv-{staged.layer_idx}",
                              daemon=True).start()
         else:  # nothing to wait for, or CUDA without a side stream: order on the current stream
             for work in works:
                 work.wait()
-            self._unpack()
+            self._done_at = time.perf_counter()
             self._ready.set()
 
     @property
     def layer_idx(self) -> int:
         return self._staged.layer_idx
 
-    def _unpack(self) -> None:
-        staging = self._staged.rows
-        for buf, n, in_idx in self._recv_views:
-            rows = buf.view(staging[n].dtype).view((in_idx.numel(),) + tuple(staging[n].shape[1:]))
-            staging[n][in_idx.to(rows.device)] = rows
-
     def _wait_gloo(self) -> None:
         try:
             for work in self._works:
                 work.wait()
-            self._unpack()
         except BaseException as exc:  # noqa: BLE001 - reported by done()
             self._error = exc
         self._done_at = time.perf_counter()
@@ -169,11 +165,26 @@ def start_layer_transfer(
     the copies and the receives' completion (None on CPU); it first waits for the caller's
     stream, so it sees every earlier commit. Every rank must post the same layer at the same
     point of its sequence of collectives (the caller's schedule guarantees it).
+
+    No host sync: indices reach the GPU from pinned memory without blocking, and each peer's
+    rows are received straight into one contiguous block of the staging buffers.
     """
     base = rank * slots_per_rank
     names = sorted(tensors)
-    incoming = [t for t in transfers if t.dst_rank == rank]
+    device = tensors[names[0]].device
+    # incoming rows grouped by source rank: each peer's rows are one contiguous staging block
+    incoming = sorted((t for t in transfers if t.dst_rank == rank), key=lambda t: t.src_rank)
     dst_local = torch.tensor([t.dst_slot - base for t in incoming], dtype=torch.long)
+    keep: list = []
+
+    def index(values: list[int]) -> torch.Tensor:
+        idx = torch.tensor(values, dtype=torch.long)
+        if device.type != "cuda":
+            return idx
+        idx = idx.pin_memory()
+        keep.append(idx)
+        return idx.to(device, non_blocking=True)
+
     ctx = nullcontext()
     start_event = None
     if stream is not None:
@@ -186,43 +197,36 @@ def start_layer_transfer(
         # staging[name] : [n_in, *row_shape], filled by local copies now and receives later
         staging = {
             n: torch.empty((len(incoming),) + tuple(tensors[n].shape[1:]),
-                           dtype=tensors[n].dtype, device=tensors[n].device)
+                           dtype=tensors[n].dtype, device=device)
             for n in names
         }
+        local = [(i, t.src_slot - base) for i, t in enumerate(incoming) if t.src_rank == rank]
+        if local:
+            dst_i, src_i = index([i for i, _ in local]), index([s for _, s in local])
+            for n in names:  # on byte rows: index_copy_ has no float8 kernel on CPU
+                _byte_rows(staging[n]).index_copy_(0, dst_i, _byte_rows(
+                    tensors[n]).index_select(0, src_i))
         ops: list[dist.P2POp] = []
-        recv_views: list[tuple[torch.Tensor, str, torch.Tensor]] = []
-        peers = sorted({t.src_rank for t in transfers} | {t.dst_rank for t in transfers})
         received = 0
-        for peer in peers:
+        for peer in sorted({t.src_rank for t in transfers} | {t.dst_rank for t in transfers}):
             if peer == rank:
-                for i, t in enumerate(incoming):
-                    if t.src_rank == rank:
-                        for n in names:
-                            staging[n][i] = tensors[n][t.src_slot - base]
                 continue
-            out_rows = torch.tensor(
-                [t.src_slot - base for t in transfers if t.src_rank == rank and t.dst_rank == peer],
-                dtype=torch.long,
-            )
-            in_idx = torch.tensor(
-                [i for i, t in enumerate(incoming) if t.src_rank == peer], dtype=torch.long
-            )
+            out_rows = [t.src_slot - base for t in transfers
+                        if t.src_rank == rank and t.dst_rank == peer]
+            in_rows = [i for i, t in enumerate(incoming) if t.src_rank == peer]
+            src_i = index(out_rows) if out_rows else None
             for tag, n in enumerate(names):
-                if out_rows.numel():
-                    payload = _as_bytes(tensors[n].index_select(0, out_rows.to(tensors[n].device)))
+                if src_i is not None:
+                    payload = _as_bytes(tensors[n].index_select(0, src_i))
+                    keep.append(payload)
                     ops.append(dist.P2POp(dist.isend, payload, peer, group, tag))
-                if in_idx.numel():
-                    buf = torch.empty(
-                        in_idx.numel() * tensors[n][0].numel() * tensors[n].element_size(),
-                        dtype=torch.uint8, device=tensors[n].device,
-                    )
-                    ops.append(dist.P2POp(dist.irecv, buf, peer, group, tag))
-                    recv_views.append((buf, n, in_idx))
-                    received += buf.numel()
+                if in_rows:
+                    block = staging[n][in_rows[0]:in_rows[-1] + 1]  # contiguous: a view
+                    ops.append(dist.P2POp(dist.irecv, _as_bytes(block), peer, group, tag))
+                    received += block.numel() * block.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
     staged = StagedLayer(layer_idx, dst_local, staging, received)
-    return PendingLayer(staged, list(works), recv_views, stream, keep=ops,
-                        start_event=start_event)
+    return PendingLayer(staged, list(works), stream, keep, start_event)
 
 
 def stage_layer(
