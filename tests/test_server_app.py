@@ -380,3 +380,32 @@ def test_drain_ends_open_requests_cleanly(srv):
     assert len(srv.engine.aborted) >= 2  # the engine requests were aborted too
     r = srv.post("/v1/completions", {"prompt": "ab"})  # new work during the drain
     assert r.status_code == 503
+
+
+def test_a_handler_runs_without_the_http_app():
+    from eplb.server.context import ServingContext
+    from eplb.server.handlers import CompletionHandler
+    from eplb.server.protocol import CompletionRequest
+    from eplb.server.responses import CompletionResponse
+
+    ctx = ServingContext(FakeEngine(), ServerSettings(served_model_names=["fake"], max_model_len=64))
+    ctx.on_ready()
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def go():
+        handler = CompletionHandler(ctx)
+        full = await handler(CompletionRequest(prompt=[3, 4], max_tokens=3, n=2, seed=1), never)
+        stream = await handler(CompletionRequest(prompt=[3, 4], max_tokens=3, stream=True), never)
+        return full, [line async for line in stream]
+
+    try:
+        full, lines = asyncio.run(go())
+    finally:
+        ctx.prep.close()
+    assert isinstance(full, CompletionResponse)
+    assert [c.text for c in full.choices] == ["456", "567"]
+    assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens == 2
+    assert lines[-1] == "data: [DONE]\n\n"
+    assert "".join(e["choices"][0]["text"] for e in _sse("".join(lines))[:-1]) == "345"

@@ -78,7 +78,7 @@ def _procs_in_session(sid: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, eplb_config: dict = EPLB_CONFIG):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -86,7 +86,7 @@ class Server:
         cmd = [sys.executable, "-m", "eplb", "serve", str(model), "--port", str(self.port),
                "--served-model-name", self.name, "--api-key", API_KEY,
                "--data-parallel-size", "2", "--enable-expert-parallel", "--enable-eplb",
-               "--eplb-config", json.dumps(EPLB_CONFIG), "--all2all-backend",
+               "--eplb-config", json.dumps(eplb_config), "--all2all-backend",
                "allgather_reducescatter", "--max-model-len", str(MAX_MODEL_LEN),
                "--max-num-seqs", "16", "--device", "cpu", "--enforce-eager",
                "--drain-timeout", "1"]
@@ -303,8 +303,12 @@ async def _load(url: str, bodies: list[dict], headers: dict) -> list:
 def test_200_concurrent_equal_one_by_one_during_async_rebalances(server):
     """200 requests at once (half streaming; 20 greedy prompts and the feature requests, each
     many times) while async rebalances commit: every answer equals the one-by-one answer."""
+    check_load_equals_one_by_one(server, 200, 20)
+
+
+def check_load_equals_one_by_one(server: Server, total: int, num_greedy: int) -> None:
     greedy = [{"model": server.name, "prompt": f"Question: Tom has {i} apples and {i % 7} pears.",
-               "max_tokens": 6, "temperature": 0, "ignore_eos": True} for i in range(20)]
+               "max_tokens": 6, "temperature": 0, "ignore_eos": True} for i in range(num_greedy)]
     distinct = greedy + [{"model": server.name, **b} for b in FEATURE_BODIES]
     one_by_one = []
     for body in distinct:
@@ -312,14 +316,14 @@ def test_200_concurrent_equal_one_by_one_during_async_rebalances(server):
         assert r.status_code == 200, r.text
         one_by_one.append(r.json())
     before = server.metric("eplb_rebalances_total")
-    order = [i % len(distinct) for i in range(200)]
+    order = [i % len(distinct) for i in range(total)]
     answers = asyncio.run(_load(server.url, [distinct[i] for i in order], server.headers))
     for i, got in zip(order, answers):
         assert _choices(got) == _choices(one_by_one[i]), distinct[i]
         for a, b in zip(_logprob_values(got), _logprob_values(one_by_one[i])):
             assert a == pytest.approx(b, abs=1e-4)
     after = server.metric("eplb_rebalances_total")
-    assert after > before, "no async rebalance completed while the 200 requests ran"
+    assert after > before, f"no rebalance completed while the {total} requests ran"
     assert server.metric("eplb_expert_copies_moved_total") > 0
     assert server.metric("eplb_rebalances_failed_total") == 0
     assert "EPLB rebalance completed" in server.log_path.read_text()  # reaches the server log
