@@ -403,7 +403,7 @@ def test_a_handler_runs_without_the_http_app():
     try:
         full, lines = asyncio.run(go())
     finally:
-        ctx.prep.close()
+        ctx.close()
     assert isinstance(full, CompletionResponse)
     assert [c.text for c in full.choices] == ["456", "567"]
     assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens == 2

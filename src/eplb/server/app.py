@@ -117,8 +117,7 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if ctx.prep is not None:
-                ctx.prep.close()
+            ctx.close()
             logger.info("shutting down the engine")
             await asyncio.to_thread(engine.shutdown)
 
@@ -158,12 +157,15 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
                                for name in settings.served_model_names]).body()
 
     # ---- generation ------------------------------------------------------------------------
+    # bodies are parsed by ctx.parse (off the event loop), not by FastAPI
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        req = await ctx.parse(CompletionRequest, await request.body())
         return _reply(await completions_handler(req, lambda: _wait_disconnect(request)))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        req = await ctx.parse(ChatCompletionRequest, await request.body())
         return _reply(await chat_handler(req, lambda: _wait_disconnect(request)))
 
     return app

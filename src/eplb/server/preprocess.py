@@ -1,6 +1,6 @@
 """Prompts -> token ids, off the event loop, with the length checks done before the costly part.
 
-Tokenizing (and rendering a chat template) runs in a small thread pool of its own, so a large
+Tokenizing (and rendering a chat template) runs in the server's own small thread pool, so a large
 prompt never blocks the event loop (``/health`` keeps answering) and never takes the threads that
 run the sync endpoints. A text longer than ``max_model_len`` tokens could possibly be is refused
 without being tokenized at all.
@@ -42,7 +42,7 @@ def longest_token_chars(tok: Any) -> int | None:
 
 class Preprocessor:
     def __init__(self, tokenizer: Any, formatter: ChatFormatter | None, max_model_len: int,
-                 vocab: int | None, threads: int = 2) -> None:
+                 vocab: int | None, pool: ThreadPoolExecutor) -> None:
         self.tokenizer = tokenizer
         self.formatter = formatter
         self.max_model_len = max_model_len
@@ -50,11 +50,8 @@ class Preprocessor:
         longest = longest_token_chars(tokenizer) if tokenizer is not None else None
         self.max_chars = (None if longest is None
                           else max_model_len * longest * NORMALIZATION_SLACK)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eplb-tokenize")
+        self.pool = pool
         self._token_text: dict[int, str] = {}
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
