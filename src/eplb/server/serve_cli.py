@@ -218,7 +218,10 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     server = _draining_server(app, args)
 
-    def fatal(_: BaseException) -> None:
+    fatal_errors: list[BaseException] = []
+
+    def fatal(exc: BaseException) -> None:  # the engine failed (at start or later): exit 1
+        fatal_errors.append(exc)
         server.should_exit = True
 
     settings.on_fatal = fatal
@@ -233,6 +236,9 @@ def main(args: argparse.Namespace) -> int:
     state = app.state.eplb
     if state.start_error is not None:
         print(f"eplb serve: error: engine failed to start: {state.start_error!r}", file=sys.stderr)
+        return 1
+    if fatal_errors:
+        print(f"eplb serve: error: the engine failed: {fatal_errors[0]!r}", file=sys.stderr)
         return 1
     if server.exit_signal is not None:
         return 128 + server.exit_signal  # as a process killed by it would, but after cleanup
