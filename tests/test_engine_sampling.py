@@ -178,3 +178,26 @@ def test_engine_min_tokens_holds_back_eos(engine):
     p = SamplingParams(max_tokens=6, temperature=0, min_tokens=4, logit_bias={eos: 100.0})
     out = _run(engine, [("m", [4, 5, 6], p)])["m"]
     assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and out.finish_reason == "stop"
+
+
+def test_prompt_logprobs_score_each_prompt_token_across_chunks(tmp_path_factory, engine):
+    path = str(tmp_path_factory.mktemp("tiny_pl"))
+    make_tiny_checkpoint(path, "qwen3_moe", seed=5)
+    whole = EngineCore(path, dtype="float32", max_model_len=64, max_num_seqs=4,
+                       max_num_batched_tokens=64)
+    prompt = [4, 5, 6, 7, 8, 9, 10, 11]
+    # the model's own greedy continuation, appended to the prompt: at those positions the
+    # prompt token is the argmax, so its logprob is the top one (a shift by one would show)
+    gen = _run(whole, [("g", prompt, SamplingParams(max_tokens=12, temperature=0,
+                                                    ignore_eos=True))])["g"].token_ids
+    long_prompt = prompt + gen  # 20 tokens: two chunks of 16 in ``engine``
+    p = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    a = _run(engine, [("a", long_prompt, p)])["a"].prompt_logprobs
+    b = _run(whole, [("b", long_prompt, p)])["b"].prompt_logprobs
+    assert len(a) == len(b) == len(long_prompt) and a[0] is None and b[0] is None
+    for x, y in zip(a[1:], b[1:]):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        assert [t for t, _ in x.top] == [t for t, _ in y.top]
+    for i in range(len(prompt), len(long_prompt)):
+        assert a[i].top[0][0] == long_prompt[i]
+        assert a[i].logprob == pytest.approx(a[i].top[0][1], abs=1e-6)

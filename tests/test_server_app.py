@@ -93,9 +93,13 @@ class FakeEngine:
             if params.logprobs is not None:
                 lps.append(TokenLogprob(-0.5, [(tok, -0.5), ((tok + 1) % VOCAB, -1.5)][:params.logprobs]))
             done = i + 1 == params.max_tokens
+            plp = None
+            if params.prompt_logprobs is not None:
+                plp = [None] + [TokenLogprob(-2.0, [(t, -2.0)][:params.prompt_logprobs])
+                                for t in prompt_ids[1:]]
             yield RequestOutput(request_id, list(prompt_ids), list(ids),
                                 self.tokenizer.decode(ids), done, "length" if done else None,
-                                list(lps) if params.logprobs is not None else None)
+                                list(lps) if params.logprobs is not None else None, plp)
 
 
 class Running:
@@ -309,6 +313,21 @@ def test_n_echo_and_completion_logprobs(srv):
     assert "".join(lp["tokens"]) == r["choices"][0]["text"]
     assert lp["text_offset"] == [0, 1, 2]
     assert all(len(t) == 2 for t in lp["top_logprobs"]) and lp["token_logprobs"] == [-0.5] * 3
+
+
+def test_echo_with_logprobs_scores_the_prompt(srv):
+    body = {"prompt": "abc", "max_tokens": 2, "echo": True, "logprobs": 1}
+    r = srv.post("/v1/completions", body).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"].startswith("abc")
+    assert lp["token_logprobs"][:3] == [None, -2.0, -2.0] and lp["top_logprobs"][0] is None
+    assert len(lp["tokens"]) == 5 and lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert srv.engine.params[-1].prompt_logprobs == 1
+    events = _sse(srv.post("/v1/completions", {**body, "stream": True}).text)
+    assert events[0]["choices"][0]["text"] == "abc"  # the echo, with the prompt's logprobs
+    assert events[0]["choices"][0]["logprobs"]["token_logprobs"] == [None, -2.0, -2.0]
+    streamed = [v for e in events[:-1] for v in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
 
 
 def test_chat_logprobs_and_streamed_logprobs(srv):

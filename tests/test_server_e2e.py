@@ -263,6 +263,8 @@ FEATURE_BODIES = [
      "min_tokens": 4, "stop_token_ids": [9, 10], "echo": True},
     {"prompt": "Question: Tom", "max_tokens": 6, "temperature": 0.7, "top_k": 20, "min_p": 0.05,
      "seed": 5, "logprobs": 0},
+    {"prompt": "Tom has 3 apples.", "max_tokens": 4, "temperature": 0, "echo": True,
+     "logprobs": 2, "ignore_eos": True},
 ]
 
 
@@ -273,7 +275,8 @@ def _choices(body: dict) -> list:
 
 
 def _logprob_values(body: dict) -> list:
-    return [c["logprobs"]["token_logprobs"] for c in body["choices"] if c["logprobs"]]
+    return [[v for v in c["logprobs"]["token_logprobs"] if v is not None]
+            for c in body["choices"] if c["logprobs"]]
 
 
 async def _load(url: str, bodies: list[dict], headers: dict) -> list:

@@ -23,7 +23,6 @@ def test_completion_request_checks_name_the_param():
              ({"prompt": "x", "seed": 2**64}, "seed"),
              ({"prompt": "x", "suffix": "y"}, "suffix"),
              ({"prompt": "x", "logprobs": 21}, "logprobs"),
-             ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
              ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
              ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
              ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.engine.kv_cache import KVCache
-from eplb.engine.sampling import SampleRow, Sampler, SamplingParams, TokenLogprob
+from eplb.engine.sampling import SampleRow, Sampler, SamplingParams, TokenLogprob, token_logprobs
 from eplb.engine.scheduler import Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
 from eplb.model.attention import AttentionMetadata, long_tensor
@@ -24,6 +24,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | None
     # one per generated token when SamplingParams.logprobs is set, else None
     logprobs: list[TokenLogprob] | None = None
+    # one per prompt token (None for the first) when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineCore:
@@ -147,9 +149,12 @@ class EngineCore:
         sample_rows: list[int] = list(range(len(batch.decodes)))
         sampled: list[Sequence] = list(batch.decodes)
         prefills: list[tuple[int, int, int]] = []
+        scored: list[tuple[Sequence, int, int, int]] = []  # prompt logprobs: seq, row, start, n
         off = len(ids)
         for s, n in batch.prefills:
             start = s.num_computed
+            if s.params.prompt_logprobs is not None:
+                scored.append((s, off, start, n))
             ids.extend(s.tokens(start, start + n))
             prefills.append((s.slot, start, n))
             off += n
@@ -161,6 +166,8 @@ class EngineCore:
         )
         input_ids = long_tensor(ids, self.device)
         hidden = self.model(input_ids, meta, self.kv.layers)
+        for s, row, start, n in scored:
+            self._score_prompt(s, hidden, row, start, n)
         for s in batch.decodes:
             s.num_computed += 1
         for s, n in batch.prefills:
@@ -173,6 +180,18 @@ class EngineCore:
             rows = torch.tensor(sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         return self._sample(sampled, logits)
+
+    def _score_prompt(self, s: Sequence, hidden: torch.Tensor, row: int, start: int, n: int) -> None:
+        """Log-probabilities of the prompt tokens this chunk predicts (position p predicts p + 1;
+        the chunk's last row of the prompt predicts the first generated token: not scored here)."""
+        if start == 0:
+            s.prompt_logprobs = [None]
+        end = min(start + n, len(s.prompt_ids) - 1)
+        if end > start:
+            logits = self.model.compute_logits(hidden[row : row + end - start])
+            s.prompt_logprobs.extend(token_logprobs(
+                logits, s.prompt_ids[start + 1 : end + 1], s.params.prompt_logprobs,
+                self.sampler.valid_vocab))
 
     def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         rows = [SampleRow(s.params, s.generator, s.slot,
@@ -187,6 +206,7 @@ class EngineCore:
             outs.append(RequestOutput(
                 s.request_id, s.prompt_ids, list(s.output_ids), s.text, s.finished, s.finish_reason,
                 list(s.logprobs) if s.params.logprobs is not None else None,
+                s.prompt_logprobs,
             ))
         return outs
 

@@ -50,6 +50,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -89,6 +90,10 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                             f"{self.prompt_logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -273,6 +278,19 @@ class Sampler:
         y = torch.where(seen, torch.where(y > 0, y / rep, y * rep), y)
         y = y - freq * counts - pres * (counts > 0)
         x.index_copy_(0, idx, y)
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int, valid_vocab: int
+                   ) -> list[TokenLogprob]:
+    """Row i of ``logits``: the log-probability of ``targets[i]`` (raw log-softmax over the whole
+    row: a prompt may hold any embedding id) and the ``k`` most likely tokens of the tokenizer."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [TokenLogprob(c, []) for c in chosen]
+    top = lp[:, :valid_vocab].topk(min(k, valid_vocab), dim=-1)
+    return [TokenLogprob(c, list(zip(i, v)))
+            for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:

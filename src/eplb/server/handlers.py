@@ -53,16 +53,30 @@ class _NewLogprobs:
 
 def completion_logprobs(prep: Preprocessor, pairs: list[tuple[int, Any]], offset: int
                         ) -> CompletionLogprobs:
-    """The legacy completions format; ``offset``: characters of text before the first token."""
+    """The legacy completions format; ``offset``: characters of text before the first token.
+    A pair's logprob may be None (the first token of an echoed prompt)."""
     out = CompletionLogprobs()
     for tid, lp in pairs:
         text = prep.token_text(tid)
         out.tokens.append(text)
-        out.token_logprobs.append(_lp(lp.logprob))
-        out.top_logprobs.append({prep.token_text(i): _lp(v) for i, v in lp.top})
+        out.token_logprobs.append(None if lp is None else _lp(lp.logprob))
+        out.top_logprobs.append(None if lp is None else
+                                {prep.token_text(i): _lp(v) for i, v in lp.top})
         out.text_offset.append(offset)
         offset += len(text)
     return out
+
+
+def echo_logprobs(prep: Preprocessor, out: Any) -> CompletionLogprobs:
+    """Log-probabilities of an echoed prompt, from the engine's ``prompt_logprobs``."""
+    return completion_logprobs(prep, list(zip(out.prompt_token_ids, out.prompt_logprobs or [])), 0)
+
+
+def _joined(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens,
+                              token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs,
+                              text_offset=a.text_offset + b.text_offset)
 
 
 def chat_logprobs(prep: Preprocessor, pairs: list[tuple[int, Any]]) -> ChatLogprobs:
@@ -108,6 +122,8 @@ class CompletionHandler:
             lp = None
             if out.logprobs is not None:
                 lp = completion_logprobs(prep, list(zip(out.token_ids, out.logprobs)), len(prefix))
+                if req.echo:
+                    lp = _joined(echo_logprobs(prep, out), lp)
             choices.append(CompletionChoice(index=k, text=prefix + out.text, logprobs=lp,
                                             finish_reason=out.finish_reason or "stop"))
         return CompletionResponse(**head, choices=choices, usage=ctx.usage(prompt_tokens, finals))
@@ -125,12 +141,21 @@ class CompletionHandler:
             return sse(CompletionResponse(**head, choices=[CompletionChoice(
                 index=k, text=text, logprobs=lp, finish_reason=finish)]).body())
 
+        def echo_chunk(k: int, out: Any = None) -> str:
+            lp = echo_logprobs(prep, out) if out is not None else None
+            return sse(CompletionResponse(**head, choices=[CompletionChoice(
+                index=k, text=echo[k], logprobs=lp)]).body())
+
+        # the prompt's log-probabilities come with the first output: its echo waits for that
+        echo_waits = [bool(e) and req.logprobs is not None for e in echo]
         for k, e in enumerate(echo):
-            if e:
-                yield sse(CompletionResponse(**head, choices=[CompletionChoice(
-                    index=k, text=e)]).body())
+            if e and not echo_waits[k]:
+                yield echo_chunk(k)
         try:
             async for k, out in ctx.generator.stream(jobs):
+                if echo_waits[k]:
+                    echo_waits[k] = False
+                    yield echo_chunk(k, out)
                 base = offset[k]
                 delta = deltas.delta(k, out.text, out.finished)
                 pairs = new_lps.take(k, out)

@@ -143,6 +143,9 @@ class _SamplingFields(BaseModel):
     def num_logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def num_prompt_logprobs(self) -> int | None:
+        return None
+
     def sampling_params(self, max_tokens: int, index: int = 0) -> Any:
         """An ``eplb.engine.SamplingParams`` for choice ``index`` of a prompt (as vLLM, a seeded
         request with n > 1 seeds choice j with seed + j). Imported here: the protocol has no torch
@@ -169,6 +172,7 @@ class _SamplingFields(BaseModel):
             logit_bias={int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias
             else None,
             logprobs=self.num_logprobs(),
+            prompt_logprobs=self.num_prompt_logprobs(),
         )
 
 
@@ -198,9 +202,6 @@ class CompletionRequest(_SamplingFields):
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
                            param="logprobs")
-        if self.echo and self.logprobs is not None:
-            raise APIError("echo with logprobs is not supported (no prompt log-probabilities)",
-                           param="echo")
         if isinstance(self.prompt, list) and not self.prompt:
             raise APIError("prompt must not be an empty list", param="prompt")
         if len(self.prompts()) * self.n > MAX_CHOICES:
@@ -209,6 +210,9 @@ class CompletionRequest(_SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None  # echoed tokens come with theirs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

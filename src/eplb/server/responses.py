@@ -28,11 +28,12 @@ class _Body(BaseModel):
 
 # ---- completions ---------------------------------------------------------------------------
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per token."""
+    """The legacy completions format: parallel lists, one entry per token (None for the first
+    token of an echoed prompt, which nothing predicts)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
