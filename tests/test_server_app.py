@@ -387,7 +387,7 @@ def test_drain_ends_open_requests_cleanly(srv):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while len(srv.ctx.lifecycle._queues) < 2 and time.monotonic() < deadline:
+    while srv.ctx.lifecycle.in_flight < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     srv.ctx.lifecycle.begin_drain(0.1)
     for t in threads:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from eplb.server.chat_template import ChatFormatter
 from eplb.server.errors import APIError
-from eplb.server.generation import Generator
+from eplb.server.generation import EngineRunner
 from eplb.server.lifecycle import Lifecycle
 from eplb.server.metrics import ServerMetrics
 from eplb.server.preprocess import Preprocessor, vocab_size
@@ -49,7 +49,7 @@ class ServingContext:
         self.engine = engine
         self.settings = settings
         self.lifecycle = Lifecycle()
-        self.generator = Generator(engine, self.lifecycle)
+        self.runner = EngineRunner(engine, self.lifecycle)
         self.metrics = ServerMetrics(self._stats)
         self.prep: Preprocessor | None = None
         self.start_error: BaseException | None = None

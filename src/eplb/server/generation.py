@@ -24,7 +24,7 @@ class Job:
     params: Any
 
 
-class Generator:
+class EngineRunner:
     def __init__(self, engine: Any, lifecycle: Lifecycle) -> None:
         self.engine = engine
         self.lifecycle = lifecycle

@@ -13,7 +13,7 @@ from typing import Any
 from eplb.server.context import ServingContext
 from eplb.server.generation import Job
 from eplb.server.preprocess import Preprocessor
-from eplb.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from eplb.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from eplb.server.responses import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse,
                                    ChatDelta, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
                                    ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
@@ -31,7 +31,7 @@ def _lp(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
-def _jobs(req: _SamplingFields, prefix: str, ids_list: list[list[int]], max_tokens: int
+def _jobs(req: SamplingFields, prefix: str, ids_list: list[list[int]], max_tokens: int
           ) -> list[Job]:
     """n choices per prompt; choice index = prompt index * n + j."""
     return [Job(f"{prefix}-{i * req.n + j}", ids, req.sampling_params(max_tokens, j))
@@ -115,7 +115,7 @@ class CompletionHandler:
         if req.stream:
             return self._stream(req, jobs, head, [echo[k // n] for k in range(len(jobs))],
                                 prompt_tokens)
-        finals = await ctx.generator.collect(jobs, disconnected)
+        finals = await ctx.runner.collect(jobs, disconnected)
         choices = []
         for k, out in enumerate(finals):
             prefix = echo[k // n]
@@ -152,7 +152,7 @@ class CompletionHandler:
             if e and not echo_waits[k]:
                 yield echo_chunk(k)
         try:
-            async for k, out in ctx.generator.stream(jobs):
+            async for k, out in ctx.runner.stream(jobs):
                 if echo_waits[k]:
                     echo_waits[k] = False
                     yield echo_chunk(k, out)
@@ -166,7 +166,7 @@ class CompletionHandler:
                 elif delta or pairs:
                     yield chunk(k, delta, None, lp)
         except Exception as exc:
-            yield sse(ctx.generator.error(exc).body())
+            yield sse(ctx.runner.error(exc).body())
             yield DONE
             return
         usage = ctx.usage(prompt_tokens, finals)
@@ -194,7 +194,7 @@ class ChatHandler:
         head = {"id": rid, "created": int(time.time()), "model": model}
         if req.stream:
             return self._stream(req, jobs, head, len(ids))
-        finals = await ctx.generator.collect(jobs, disconnected)
+        finals = await ctx.runner.collect(jobs, disconnected)
         choices = [ChatChoice(
             index=k, message=ChatMessageOut(content=out.text),
             logprobs=(chat_logprobs(prep, list(zip(out.token_ids, out.logprobs)))
@@ -217,7 +217,7 @@ class ChatHandler:
         for k in range(len(jobs)):
             yield chunk(k, ChatDelta(role="assistant", content=""))
         try:
-            async for k, out in ctx.generator.stream(jobs):
+            async for k, out in ctx.runner.stream(jobs):
                 text = deltas.delta(k, out.text, out.finished)
                 pairs = new_lps.take(k, out)
                 lp = chat_logprobs(prep, pairs) if out.logprobs is not None else None
@@ -228,7 +228,7 @@ class ChatHandler:
                 elif text or pairs:
                     yield chunk(k, delta, None, lp)
         except Exception as exc:
-            yield sse(ctx.generator.error(exc).body())
+            yield sse(ctx.runner.error(exc).body())
             yield DONE
             return
         usage = ctx.usage(prompt_tokens, finals)

@@ -45,6 +45,11 @@ class Lifecycle:
     def unregister(self, q: asyncio.Queue) -> None:
         self._queues.discard(q)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests generating now."""
+        return len(self._queues)
+
     # ---- the signal's side ---------------------------------------------------------------
     def begin_drain(self, drain_s: float) -> None:
         """Safe to call from a signal handler: the work happens on the event loop."""
@@ -57,8 +62,8 @@ class Lifecycle:
         if self.draining:
             return
         self.draining = True
-        n = len(self._queues)
-        logger.info("shutting down: %d request(s) in flight get %.1f s to finish", n, drain_s)
+        logger.info("shutting down: %d request(s) in flight get %.1f s to finish",
+                    self.in_flight, drain_s)
         asyncio.get_running_loop().call_later(drain_s, self.expire)
 
     def expire(self) -> None:

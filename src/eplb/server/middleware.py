@@ -78,7 +78,8 @@ class FrontDoor:
                                                           type="server_error", code="500"))
         finally:
             if path.startswith("/v1/"):
-                self.metrics.requests.labels(endpoint_label(path), str(status[0] or 500)).inc()
+                # no answer at all: the client went away while sending its body
+                self.metrics.requests.labels(endpoint_label(path), str(status[0] or 499)).inc()
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = [(k.lower(), v) for k, v in scope.get("headers", [])]

@@ -43,7 +43,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     """Fields common to completions and chat."""
 
     model_config = ConfigDict(extra="ignore")
@@ -184,7 +184,7 @@ def _range(value: float | None, name: str, lo: float, hi: float) -> None:
 PromptType = Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: PromptType
     echo: StrictBool = False
     logprobs: StrictInt | None = None
@@ -244,7 +244,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
@@ -263,7 +263,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Any = None
     echo: Any = None  # vLLM's chat extension
 
-    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {**_SamplingFields.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",),
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {**SamplingFields.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",),
                    "functions": ([],), "function_call": ("none",),
                    "response_format": ({"type": "text"},), "audio": (),
                    "modalities": (["text"],), "prediction": (), "web_search_options": (),
