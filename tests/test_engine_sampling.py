@@ -108,10 +108,12 @@ def test_processing_matches_a_per_row_reference(data):
 
 def test_logprobs_are_the_raw_log_softmax():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
-    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0),
-              SamplingParams(temperature=0.9, logprobs=0, presence_penalty=1.0)]
+    params = [SamplingParams(temperature=0, logprobs=3, logit_bias={5: 50.0}),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0.9, logprobs=0, repetition_penalty=2.0)]
+    ref = torch.log_softmax(logits, -1)  # before the bias and the penalty
     tokens, lps = Sampler(V, set(), 3, "cpu")(logits, _rows(params))
-    ref = torch.log_softmax(logits, -1)
+    assert tokens[0] == 5
     assert lps[1] is None and lps[2].top == []
     assert lps[0].logprob == pytest.approx(ref[0, tokens[0]].item(), abs=1e-5)
     assert [t for t, _ in lps[0].top] == ref[0].topk(3).indices.tolist()

@@ -181,7 +181,9 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         dev = logits.device
         params = [r.params for r in rows]
-        x = logits.float()  # a copy: the processing below writes in place
+        # a copy (even of float32 logits): the processing below writes in place, and the raw
+        # logits stay for the log-probabilities
+        x = logits.to(torch.float32, copy=True)
         self._process(x, rows)
         x = _finite(x)
         greedy_ids = x.argmax(dim=-1)

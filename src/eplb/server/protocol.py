@@ -152,6 +152,9 @@ class SamplingFields(BaseModel):
         import."""
         from eplb.engine import SamplingParams
 
+        if self.min_tokens > max_tokens:  # max_tokens came from a default or the context left
+            raise APIError(f"min_tokens ({self.min_tokens}) is more than the {max_tokens} tokens "
+                           f"this request may generate", param="min_tokens")
         top_k = self.top_k if self.top_k not in (None, 0) else -1
         seed = None if self.seed is None else (self.seed + index) % 2**64
         return SamplingParams(
@@ -164,7 +167,7 @@ class SamplingFields(BaseModel):
             stop=self.stop_list() or None,
             stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids else None,
             ignore_eos=self.ignore_eos,
-            min_tokens=min(self.min_tokens, max_tokens),
+            min_tokens=self.min_tokens,
             presence_penalty=float(self.presence_penalty or 0.0),
             frequency_penalty=float(self.frequency_penalty or 0.0),
             repetition_penalty=float(1.0 if self.repetition_penalty is None
