@@ -31,6 +31,8 @@ def test_completion_request_checks_name_the_param():
              ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
              ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
              ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+             ({"prompt": "x", "stop": ["a"] * 65}, "stop"),
+             ({"prompt": "x", "stop_token_ids": [1] * 65}, "stop_token_ids"),
              ({"prompt": "x", "temperature": float("nan")}, "temperature"),
              ({"prompt": "x", "temperature": 2.5}, "temperature"),
              ({"prompt": "x", "top_p": 0}, "top_p"),

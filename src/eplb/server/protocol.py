@@ -19,6 +19,7 @@ from eplb.server.errors import APIError
 MAX_CHOICES = 128  # prompts x n of one request: each choice is one engine request
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_STOPS = 64  # stop strings, and stop token ids: each is checked at every generated token
 SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed takes, negative ones folded in
 
 
@@ -113,6 +114,9 @@ class SamplingFields(BaseModel):
                            param="min_tokens")
         if any(s == "" for s in self.stop_list()):
             raise APIError("stop strings must be non-empty", param="stop")
+        for name, values in (("stop", self.stop_list()), ("stop_token_ids", self.stop_token_ids or [])):
+            if len(values) > MAX_STOPS:
+                raise APIError(f"{name} has {len(values)} entries; at most {MAX_STOPS}", param=name)
         if self.logit_bias is not None:
             if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
                 raise APIError(f"logit_bias has {len(self.logit_bias)} entries; at most "
