@@ -245,7 +245,7 @@ def test_fp8_kept_model_matches_dequantized_model(fp8_128, monkeypatch):
 
     _, dst = fp8_128
     q_model, cfg = load_model(dst, dtype="bfloat16", device="cuda", quantization="fp8", max_len=64)
-    d_model, _ = load_model(dst, dtype="bfloat16", device="cuda", max_len=64)
+    d_model, _ = load_model(dst, dtype="bfloat16", device="cuda", quantization="none", max_len=64)
     assert q_model.layers[0].mlp.w13.dtype == torch.float8_e4m3fn
     assert q_model.layers[1].mlp.w13.dtype == torch.float8_e4m3fn  # dense MLP
     assert q_model.layers[2].attn.qkv.dtype == torch.float8_e4m3fn
@@ -310,7 +310,7 @@ def test_fp8_kept_engine_greedy_tokens_mostly_match(fp8_128):
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 16, 3, 12, 7)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     runs = []
-    for quant in ("fp8", None):
+    for quant in ("fp8", "none"):
         llm = LLM(dst, dtype="bfloat16", device="cuda", max_model_len=64, max_num_seqs=8, quantization=quant)
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
         del llm
