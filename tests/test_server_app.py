@@ -275,6 +275,8 @@ def test_bad_text_and_seed_name_the_field(srv, path, raw, param):
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"verbosity": "low"}, "verbosity"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logit_bias": {"999": 1}}, "logit_bias"),
     ("/v1/chat/completions", {"stop_token_ids": [64]}, "stop_token_ids"),

@@ -268,13 +268,14 @@ class ChatCompletionRequest(SamplingFields):
     prediction: Any = None
     web_search_options: Any = None
     reasoning_effort: Any = None
+    verbosity: Any = None
     echo: Any = None  # vLLM's chat extension
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {**SamplingFields.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",),
                    "functions": ([],), "function_call": ("none",),
                    "response_format": ({"type": "text"},), "audio": (),
                    "modalities": (["text"],), "prediction": (), "web_search_options": (),
-                   "reasoning_effort": (), "echo": (False,)}
+                   "reasoning_effort": (), "verbosity": (), "echo": (False,)}
 
     def check(self) -> None:
         if self.max_tokens is None and self.max_completion_tokens is not None:
