@@ -45,6 +45,8 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
         (["--port", "70000"], "--port"),
         (["--port", "abc"], "invalid int value"),
         (["--dtype", "int8"], "invalid choice"),
+        (["--max-request-bytes", "0"], "--max-request-bytes"),
+        (["--drain-timeout", "-1"], "--drain-timeout"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(fake_model_dir, flags, needle, capsys):
@@ -85,5 +87,6 @@ def test_help_documents_every_issue_flag(capsys):
     for flag in ("--host", "--port", "--data-parallel-size", "--enable-expert-parallel",
                  "--enable-eplb", "--eplb-config", "--all2all-backend", "--max-model-len",
                  "--max-num-seqs", "--dtype", "--device", "--seed", "--served-model-name",
-                 "--api-key", "--enforce-eager", "--trust-remote-code"):
+                 "--api-key", "--enforce-eager", "--trust-remote-code", "--max-request-bytes",
+                 "--drain-timeout"):
         assert flag in out, flag

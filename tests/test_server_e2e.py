@@ -78,7 +78,7 @@ def _procs_in_session(sid: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, eplb_config: dict = EPLB_CONFIG):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -86,10 +86,11 @@ class Server:
         cmd = [sys.executable, "-m", "eplb", "serve", str(model), "--port", str(self.port),
                "--served-model-name", self.name, "--api-key", API_KEY,
                "--data-parallel-size", "2", "--enable-expert-parallel", "--enable-eplb",
-               "--eplb-config", json.dumps(EPLB_CONFIG), "--all2all-backend",
+               "--eplb-config", json.dumps(eplb_config), "--all2all-backend",
                "allgather_reducescatter", "--max-model-len", str(MAX_MODEL_LEN),
-               "--max-num-seqs", "16", "--device", "cpu", "--enforce-eager"]
-        self.log = open(log, "w")
+               "--max-num-seqs", "16", "--device", "cpu", "--enforce-eager",
+               "--drain-timeout", "1"]
+        self.log = open(log, "w")  # noqa: SIM115 - the server's log, closed in stop()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         # its own session: every process it starts can be found (and must be gone) afterwards
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -122,6 +123,11 @@ class Server:
             if line.startswith(name + " "):
                 return float(line.split()[-1])
         raise KeyError(name)
+
+    def metric_sum(self, name: str) -> float:
+        """Sum of every labelled series of ``name`` (0 when there is none yet)."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + "{"))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -247,27 +253,80 @@ def test_stop_strings_and_seeded_sampling(server, client):
     assert a == b  # a seed makes one request reproducible
 
 
-async def _complete_all(url: str, bodies: list[dict], headers: dict) -> list[httpx.Response]:
+# requests that use every sampling feature; seeded, so each has one right answer
+FEATURE_BODIES = [
+    {"prompt": "Tom has 3 apples", "max_tokens": 8, "temperature": 0, "presence_penalty": 1.5,
+     "frequency_penalty": 0.5, "repetition_penalty": 1.3, "ignore_eos": True},
+    {"prompt": "Answer: 12", "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 11,
+     "logit_bias": {"5": 5.0, "7": -100}, "logprobs": 3, "ignore_eos": True},
+    {"prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2,
+     "min_tokens": 4, "stop_token_ids": [9, 10], "echo": True},
+    {"prompt": "Question: Tom", "max_tokens": 6, "temperature": 0.7, "top_k": 20, "min_p": 0.05,
+     "seed": 5, "logprobs": 0},
+    {"prompt": "Tom has 3 apples.", "max_tokens": 4, "temperature": 0, "echo": True,
+     "logprobs": 2, "ignore_eos": True},
+]
+
+
+def _choices(body: dict) -> list:
+    return [(c["text"], c["finish_reason"],
+             c["logprobs"]["tokens"] if c["logprobs"] else None)
+            for c in sorted(body["choices"], key=lambda c: c["index"])]
+
+
+def _logprob_values(body: dict) -> list:
+    return [[v for v in c["logprobs"]["token_logprobs"] if v is not None]
+            for c in body["choices"] if c["logprobs"]]
+
+
+async def _load(url: str, bodies: list[dict], headers: dict) -> list:
+    """Every body at once; odd ones stream (their chunks joined back into one completion)."""
     limits = httpx.Limits(max_connections=len(bodies))
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as c:
-        return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+        async def one(i: int, body: dict) -> dict:
+            if i % 2 == 0 or body.get("n", 1) > 1 or "logprobs" in body:
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()
+            text, finish = "", None
+            async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        text += chunk["choices"][0]["text"]
+                        finish = chunk["choices"][0]["finish_reason"] or finish
+            return {"choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                 "logprobs": None}]}
+
+        return await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
 
 
-def test_64_concurrent_equal_one_by_one_during_async_rebalances(server):
-    bodies = [{"model": server.name, "prompt": f"Question: Tom has {i} apples and {i % 7} pears.",
-               "max_tokens": 10, "temperature": 0, "ignore_eos": True} for i in range(64)]
+def test_200_concurrent_equal_one_by_one_during_async_rebalances(server):
+    """200 requests at once (half streaming; 20 greedy prompts and the feature requests, each
+    many times) while async rebalances commit: every answer equals the one-by-one answer."""
+    check_load_equals_one_by_one(server, 200, 20)
+
+
+def check_load_equals_one_by_one(server: Server, total: int, num_greedy: int) -> None:
+    greedy = [{"model": server.name, "prompt": f"Question: Tom has {i} apples and {i % 7} pears.",
+               "max_tokens": 6, "temperature": 0, "ignore_eos": True} for i in range(num_greedy)]
+    distinct = greedy + [{"model": server.name, **b} for b in FEATURE_BODIES]
     one_by_one = []
-    for body in bodies:
+    for body in distinct:
         r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60)
         assert r.status_code == 200, r.text
-        one_by_one.append(r.json()["choices"][0]["text"])
+        one_by_one.append(r.json())
     before = server.metric("eplb_rebalances_total")
-    responses = asyncio.run(_complete_all(server.url, bodies, server.headers))
-    assert [r.status_code for r in responses] == [200] * 64
-    together = [r.json()["choices"][0]["text"] for r in responses]
-    assert together == one_by_one
+    order = [i % len(distinct) for i in range(total)]
+    answers = asyncio.run(_load(server.url, [distinct[i] for i in order], server.headers))
+    for i, got in zip(order, answers):
+        assert _choices(got) == _choices(one_by_one[i]), distinct[i]
+        for a, b in zip(_logprob_values(got), _logprob_values(one_by_one[i])):
+            assert a == pytest.approx(b, abs=1e-4)
     after = server.metric("eplb_rebalances_total")
-    assert after > before, "no async rebalance completed while the 64 requests ran"
+    assert after > before, f"no rebalance completed while the {total} requests ran"
     assert server.metric("eplb_expert_copies_moved_total") > 0
     assert server.metric("eplb_rebalances_failed_total") == 0
     assert "EPLB rebalance completed" in server.log_path.read_text()  # reaches the server log
@@ -290,7 +349,15 @@ BAD_REQUESTS = [
     ("prompt + max_tokens too long", "/v1/completions",
      {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
-    ("n 2", "/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("n 0", "/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("lone surrogate", "/v1/completions", b'{"prompt": "a\\ud800b"}', "prompt"),
+    ("lone surrogate in chat", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+    ("seed 2^64", "/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                       "tools": [{"type": "function"}]}, "tools"),
+    ("stop token id out of vocab", "/v1/completions", {"prompt": "x", "stop_token_ids": [10**6]},
+     "stop_token_ids"),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]},
      "messages.0.role"),
     ("messages type", "/v1/chat/completions", {"messages": "hello"}, "messages"),
@@ -345,12 +412,44 @@ def test_eval_client_against_our_server(server, tmp_path):
     assert 0.0 <= res["accuracy"] <= 1.0 and res["questions_per_second"] > 0
 
 
-def test_sigterm_stops_every_process_and_frees_the_port(server):
+def _open_request(url: str, headers: dict, stream: bool, out: dict) -> None:
+    body = {"prompt": "Tom has", "max_tokens": MAX_MODEL_LEN - 8, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    try:
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+        out["status"], out["text"] = r.status_code, r.text
+    except httpx.HTTPError as exc:  # a connection cut mid-answer: what must not happen
+        out["status"], out["text"] = None, repr(exc)
+
+
+def test_sigterm_ends_open_requests_cleanly_and_stops_every_process(server):
     # runs last in this module: it stops the shared server
+    import threading
+
     sid = server.proc.pid
     assert len(_procs_in_session(sid)) >= 3  # the front and its two ranks (at least)
+    results: list[dict] = [{}, {}]
+    threads = [threading.Thread(target=_open_request, args=(server.url, server.headers, s, r))
+               for s, r in zip((False, True), results)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30  # both requests are generating
+    while server.metric_sum("eplb_num_requests_running") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(30)
+    for t in threads:
+        t.join(60)
+    plain, streamed = results
+    # each either finished in the 1 s drain or ended with the OpenAI error shape
+    assert plain["status"] in (200, 503), plain
+    if plain["status"] == 503:
+        assert "shutting down" in json.loads(plain["text"])["error"]["message"]
+    assert streamed["status"] == 200, streamed
+    events = [ln for ln in streamed["text"].splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert "error" in last or last["choices"][0]["finish_reason"] == "length", last
+    assert server.proc.wait(30) == 128 + signal.SIGTERM
     deadline = time.monotonic() + 10
     while _procs_in_session(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -360,4 +459,6 @@ def test_sigterm_stops_every_process_and_frees_the_port(server):
     with socket.socket() as s:  # and a new server can bind the port (as uvicorn does)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port))
-    assert "shutting down the engine" in server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert "shutting down the engine" in log
+    assert "Traceback" not in log and "leaked semaphore" not in log, server.tail()

@@ -7,21 +7,37 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from eplb.server import app as app_mod
 from eplb.server.chat_template import FALLBACK_TEMPLATE, ChatFormatter, encode, load_template
+from eplb.server.errors import APIError, param_from_loc
 from eplb.server.metrics import ServerMetrics, per_rank
-from eplb.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, param_from_loc
+from eplb.server.protocol import ChatCompletionRequest, CompletionRequest
+from eplb.server.streaming import TextDeltas
 
 
 def test_completion_request_checks_name_the_param():
     cases = [({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-             ({"prompt": "x", "n": 3}, "n"),
+             ({"prompt": "x", "n": 0}, "n"),
+             ({"prompt": "x", "n": 1000}, "n"),
+             ({"prompt": ["a"] * 100, "n": 2}, "prompt"),
+             ({"prompt": "x", "best_of": 3}, "best_of"),
+             ({"prompt": "x", "seed": 2**64}, "seed"),
+             ({"prompt": "x", "suffix": "y"}, "suffix"),
+             ({"prompt": "x", "logprobs": 21}, "logprobs"),
+             ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+             ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+             ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+             ({"prompt": "x", "min_p": 1.5}, "min_p"),
+             ({"prompt": "x", "max_tokens": 3, "min_tokens": 4}, "min_tokens"),
+             ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+             ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+             ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+             ({"prompt": "x", "stop": ["a"] * 65}, "stop"),
+             ({"prompt": "x", "stop_token_ids": [1] * 65}, "stop_token_ids"),
+             ({"prompt": "x", "temperature": float("nan")}, "temperature"),
              ({"prompt": "x", "temperature": 2.5}, "temperature"),
              ({"prompt": "x", "top_p": 0}, "top_p"),
              ({"prompt": "x", "top_k": -2}, "top_k"),
              ({"prompt": "x", "stop": ["", "a"]}, "stop"),
-             ({"prompt": "x", "echo": True}, "echo"),
-             ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
              ({"prompt": []}, "prompt")]
     for body, param in cases:
         with pytest.raises(APIError) as info:
@@ -70,9 +86,30 @@ def test_param_from_loc():
     assert param_from_loc(("body",)) is None
 
 
-@given(st.lists(st.text(min_size=1, max_size=6), max_size=4))
-def test_holdback_is_longest_stop_minus_one(stops):
-    assert app_mod._holdback(stops) == max((len(s) for s in stops), default=1) - 1
+@given(final=st.text(alphabet="ab\ufffd", max_size=12),
+       stop=st.text(alphabet="ab", min_size=1, max_size=4),
+       tail=st.text(alphabet="ab\ufffd", max_size=6),
+       cuts=st.lists(st.integers(0, 30), max_size=8))
+def test_streamed_deltas_never_take_back_and_add_up_to_the_final_text(final, stop, tail, cuts):
+    """The engine's text grows as final + stop + tail until the stop string shows up, then it
+    is cut to ``final``; a trailing U+FFFD may still turn into another character. Whatever the
+    engine reports in between, what was sent is a prefix of the final text, and all of it adds
+    up to exactly the final text."""
+    if stop in final:  # the engine would have stopped earlier
+        return
+    full = final + stop + tail
+    first_hit = full.find(stop)  # where the engine cuts the text
+    final = full[:first_hit]
+    deltas = TextDeltas(1, [stop])
+    sent = ""
+    for m in sorted(cuts):
+        partial = full[:m]
+        if stop in partial:  # that output would already be the final one
+            break
+        sent += deltas.delta(0, partial, finished=False)
+        assert final.startswith(sent), (sent, final)
+    sent += deltas.delta(0, final, finished=True)
+    assert sent == final
 
 
 class _Tok:
@@ -117,7 +154,7 @@ def test_metrics_render_engine_stats():
              "rebalances": 4, "rebalances_failed": 1, "copies_moved": 30, "bytes_moved": 4096,
              "last_rebalance_s": 0.25, "mean_rebalance_s": 0.2, "balancedness": 0.93, "steps": 400}
     m = ServerMetrics(lambda: stats)
-    m.requests.labels("/v1/completions", "200").inc(3)
+    m.requests.labels("/v1/completions", "200").inc(3)  # labels as the middleware sets them
     m.generation_tokens.inc(17)
     text = m.render().decode()
     for line in ['eplb_num_requests_waiting{rank="0"} 5.0', 'eplb_num_requests_running{rank="1"} 1.0',

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.engine.kv_cache import KVCache
-from eplb.engine.sampling import SamplingParams, sample
+from eplb.engine.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, token_logprobs
 from eplb.engine.scheduler import Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
 from eplb.model.attention import AttentionMetadata, long_tensor
@@ -23,6 +23,10 @@ class RequestOutput:
     text: str  # all generated so far
     finished: bool
     finish_reason: str | None  # "stop" | "length" | None
+    # one per generated token when SamplingParams.logprobs is set, else None
+    logprobs: list[TokenLogprob] | None = None
+    # one per prompt token (None for the first) when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineCore:
@@ -77,8 +81,12 @@ class EngineCore:
             num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=self.dtype, device=self.device,
         )
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens)
-        self.generator = torch.Generator().manual_seed(seed)
+        # generators live on the logits' device, so sampling never copies probabilities to the host
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_token_ids = set(cfg.eos_token_ids)
+        # ids past the tokenizer's size are embedding padding: never sampled
+        valid = cfg.vocab_size if self.tokenizer is None else min(cfg.vocab_size, len(self.tokenizer))
+        self.sampler = Sampler(valid, self.eos_token_ids, self.kv.num_slots, self.device, self.generator)
         self._seqs: dict[str, Sequence] = {}
         # CUDA graphs of decode steps (see eplb.engine.cuda_graphs): captured at the first
         # decode-only step, when the runtime has installed its dispatchers
@@ -103,7 +111,9 @@ class EngineCore:
             raise ValueError(f"prompt_token_ids must be in [0, {v})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; the model folder has no tokenizer.json")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        gen = None  # None: the engine's shared generator
+        if params.seed is not None:  # manual_seed takes [0, 2^64): fold negative seeds into it
+            gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
         seq = Sequence(request_id, ids, params, generator=gen)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -142,9 +152,12 @@ class EngineCore:
         sample_rows: list[int] = list(range(len(batch.decodes)))
         sampled: list[Sequence] = list(batch.decodes)
         prefills: list[tuple[int, int, int]] = []
+        scored: list[tuple[Sequence, int, int, int]] = []  # prompt logprobs: seq, row, start, n
         off = len(ids)
         for s, n in batch.prefills:
             start = s.num_computed
+            if s.params.prompt_logprobs is not None:
+                scored.append((s, off, start, n))
             ids.extend(s.tokens(start, start + n))
             prefills.append((s.slot, start, n))
             off += n
@@ -156,6 +169,8 @@ class EngineCore:
         )
         input_ids = long_tensor(ids, self.device)
         hidden = self.model(input_ids, meta, self.kv.layers)
+        for s, row, start, n in scored:
+            self._score_prompt(s, hidden, row, start, n)
         for s in batch.decodes:
             s.num_computed += 1
         for s, n in batch.prefills:
@@ -169,13 +184,32 @@ class EngineCore:
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         return self._sample(sampled, logits)
 
+    def _score_prompt(self, s: Sequence, hidden: torch.Tensor, row: int, start: int, n: int) -> None:
+        """Log-probabilities of the prompt tokens this chunk predicts (position p predicts p + 1;
+        the chunk's last row of the prompt predicts the first generated token: not scored here)."""
+        if start == 0:
+            s.prompt_logprobs = [None]
+        end = min(start + n, len(s.prompt_ids) - 1)
+        if end > start:
+            logits = self.model.compute_logits(hidden[row : row + end - start])
+            s.prompt_logprobs.extend(token_logprobs(
+                logits, s.prompt_ids[start + 1 : end + 1], s.params.prompt_logprobs,
+                self.sampler.valid_vocab))
+
     def _sample(self, sampled: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        rows = [SampleRow(s.params, s.generator, s.slot,
+                          s.prompt_ids if not s.output_ids else None, len(s.output_ids))
+                for s in sampled]
+        tokens, lps = self.sampler(logits, rows)
         outs = []
-        for s, tok in zip(sampled, tokens):
+        for s, tok, lp in zip(sampled, tokens, lps):
+            if lp is not None:
+                s.logprobs.append(lp)
             self._append(s, tok)
             outs.append(RequestOutput(
-                s.request_id, s.prompt_ids, list(s.output_ids), s.text, s.finished, s.finish_reason
+                s.request_id, s.prompt_ids, list(s.output_ids), s.text, s.finished, s.finish_reason,
+                list(s.logprobs) if s.params.logprobs is not None else None,
+                s.prompt_logprobs,
             ))
         return outs
 
@@ -231,7 +265,8 @@ class EngineCore:
             reason = "stop"
         if self.tokenizer is not None:
             s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
-            if p.stop and reason is None:
+            # as vLLM: no stop string ends a request before min_tokens
+            if p.stop and reason is None and len(s.output_ids) >= p.min_tokens:
                 hits = [i for i in (s.text.find(x) for x in p.stop) if i >= 0]
                 if hits:
                     s.text = s.text[: min(hits)]

@@ -29,6 +29,8 @@ class Sequence:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, if asked
+    prompt_logprobs: list | None = None  # [None, TokenLogprob per later prompt token], if asked
 
     @property
     def num_tokens(self) -> int:

@@ -54,7 +54,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterable[Any]:
         try:
             stats = self._stats_fn() or {}
-        except Exception:  # engine not started or gone: /metrics still answers
+        except Exception:  # noqa: BLE001 - engine not started or gone: /metrics still answers
             stats = {}
         for key, name, doc in (("running", "eplb_num_requests_running", "requests being decoded"),
                                ("waiting", "eplb_num_requests_waiting", "requests queued")):

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
 from eplb.resources import DEFAULT_MODEL_NAME, default_model_path
+from eplb.server.context import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL = DEFAULT_MODEL_NAME  # the shipped model, installed with the package
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -108,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="log level (default: %(default)s)")
     o.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    o.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   metavar="N", help="larger request bodies answer 413 unread "
+                                     "(default: %(default)s = 4 MiB)")
+    o.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, time open requests get to finish before each ends "
+                        "with a 503 error (default: %(default)s)")
 
 
 def resolve_model(model: str | None) -> Path:
@@ -136,6 +143,10 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("data_parallel_size", "max_model_len", "max_num_seqs"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_request_bytes < 1:
+        raise UsageError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if not 0 <= args.drain_timeout <= 3600:
+        raise UsageError(f"--drain-timeout must be in [0, 3600] seconds, got {args.drain_timeout}")
     if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 1:
         raise UsageError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
     if args.enable_eplb and not args.enable_expert_parallel:
@@ -235,8 +246,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from eplb.runtime.dp_client import DPEngineClient
     from eplb.server.app import ServerSettings, create_app
 
@@ -247,13 +256,13 @@ def main(args: argparse.Namespace) -> int:
         return _run_headless(engine)
     settings = ServerSettings(served_model_names=cfg["served"],
                               max_model_len=args.max_model_len, api_key=args.api_key,
-                              chat_template=cfg["chat_template"], vocab_size=cfg["vocab_size"])
+                              chat_template=cfg["chat_template"], vocab_size=cfg["vocab_size"],
+                              max_request_bytes=args.max_request_bytes,
+                              drain_s=args.drain_timeout)
     app = create_app(engine, settings)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level,
-        access_log=args.access_log, timeout_graceful_shutdown=5, lifespan="on"))
+    server = _draining_server(app, args)
 
-    def fatal(_: object) -> None:
+    def fatal(_: object) -> None:  # the engine failed (at start or later): stop, exit 1
         server.should_exit = True
 
     settings.on_fatal = fatal
@@ -263,16 +272,41 @@ def main(args: argparse.Namespace) -> int:
         args.data_parallel_size, cfg["model_path"], "on" if args.enable_expert_parallel else "off",
         cfg["eplb"].to_dict() if cfg["eplb"] else "off", args.all2all_backend, args.host, args.port)
     try:
-        server.run()  # uvicorn turns SIGTERM/SIGINT into a graceful exit (the app stops the ranks)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its shutdown: no traceback
-        return 130
+        server.run()  # SIGTERM/SIGINT: drain, then the app's shutdown stops the ranks
     finally:
         engine.shutdown()  # idempotent; the app's shutdown already did it on a clean exit
     state = app.state.eplb
     if state.start_error is not None:
         print(f"eplb serve: error: engine failed to start: {state.start_error!r}", file=sys.stderr)
         return 1
-    return _engine_exit_code(engine)
+    code = _engine_exit_code(engine)
+    if code == 0 and server.exit_signal is not None:
+        return 128 + server.exit_signal  # as a process killed by it would, but after cleanup
+    return code
+
+
+def _draining_server(app: Any, args: argparse.Namespace) -> Any:
+    """uvicorn's server, changed in two ways: a signal starts the app's drain (open requests get
+    ``--drain-timeout`` seconds, then each ends with a 503 / SSE error event), and the signal is
+    not raised again after shutdown (uvicorn does that, and the process then dies before its exit
+    handlers run: multiprocessing's semaphores leak). main() returns 128 + signal instead."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        exit_signal: int | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.exit_signal is None:
+                self.exit_signal = int(sig)
+                app.state.eplb.lifecycle.begin_drain(args.drain_timeout)
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    # uvicorn's own grace period only backs up the drain: requests end by themselves before it
+    return DrainingServer(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=args.access_log, timeout_graceful_shutdown=args.drain_timeout + 10,
+        lifespan="on"))
 
 
 def _engine_exit_code(engine: Any) -> int:
