@@ -36,10 +36,11 @@ BF16_MODEL=$("$PY" -c "from eplb.server.serve_cli import resolve_model; print(re
 from eplb.model.quantize import quantize_checkpoint_fp8
 quantize_checkpoint_fp8('$BF16_MODEL', '$FP8_MODEL')"
 
-one_run() {  # name model dp port [extra env...]
+one_run() {  # name model dp port [EPLB_CONFIG]
   local name=$1 model=$2 dp=$3 port=$4
   local dir="$OUT_DIR/$name"
   mkdir -p "$dir"
+  EPLB_CONFIG=${5:-'{"window_size":20,"step_interval":100,"use_async":true}'} \
   OUT_DIR="$dir" MODEL="$model" DP_SIZE="$dp" \
     REQUIRE_REBALANCE=$([ "$dp" -gt 1 ] && echo "${REQUIRE_REBALANCE:-1}" || echo 0) \
     timeout -k 15 "$RUN_TIMEOUT" "$ROOT/scripts/integration/dp4_async_eplb.sh" "$THRESHOLD" \
@@ -47,10 +48,19 @@ one_run() {  # name model dp port [extra env...]
   echo $? >"$dir/rc"
 }
 
-log "DP 1 baselines (bf16, fp8)"
+# baselines: DP 1 of each model, and DP 2 of the FP8 model with EPLB that never rebalances (the
+# FP8 kernels' rounding differs between the one-process and the EP path; EPLB must add nothing)
+log "baselines: DP 1 (bf16, fp8), DP 2 fp8 without rebalances"
 one_run dp1-bf16 "$BF16_MODEL" 1 "$BASE_PORT" &
 one_run dp1-fp8 "$FP8_MODEL" 1 $((BASE_PORT + 1)) &
+REQUIRE_REBALANCE=0 one_run dp2norebalance-fp8 "$FP8_MODEL" 2 $((BASE_PORT + 2)) \
+  '{"window_size":20,"step_interval":100000000,"use_async":true}' &
 wait
+for b in dp1-bf16 dp1-fp8; do
+  if [ "$(cat "$OUT_DIR/$b/rc")" != 0 ]; then
+    log "baseline $b failed: stopping"; tail -20 "$OUT_DIR/$b/run.log" >&2; exit 1
+  fi
+done
 
 i=0
 while [ "$i" -lt "$RUNS" ]; do
@@ -64,16 +74,25 @@ while [ "$i" -lt "$RUNS" ]; do
   wait
 done
 
-for j in $(seq 1 "$TWO_NODE_RUNS"); do
-  log "two-node run $j"
-  dir="$OUT_DIR/twonode$j-bf16"
+two_node_run() {  # j
+  local dir="$OUT_DIR/twonode$1-bf16"
   timeout -k 15 "$RUN_TIMEOUT" "$PY" "$ROOT/scripts/integration/two_node.py" --device "$DEVICE" \
     --dp-size 2 --num-questions "$NUM_QUESTIONS" --threshold "$THRESHOLD" \
-    --concurrency "$CONCURRENCY" --port $((BASE_PORT + 60 + 3 * j)) --out-dir "$dir" \
+    --concurrency "$CONCURRENCY" --port $((BASE_PORT + 60 + 3 * $1)) --out-dir "$dir" \
     >"$dir.log" 2>&1
-  rc=$?
+  local rc=$?
   mkdir -p "$dir"
   echo $rc >"$dir/rc"
+}
+j=1
+while [ "$j" -le "$TWO_NODE_RUNS" ]; do
+  for _ in $(seq 1 "$PARALLEL"); do
+    [ "$j" -le "$TWO_NODE_RUNS" ] || break
+    log "two-node run $j"
+    two_node_run "$j" &
+    j=$((j + 1))
+  done
+  wait
 done
 
 "$PY" - "$OUT_DIR" "$THRESHOLD" <<'PYEOF'
@@ -92,6 +111,10 @@ def metric(path, name):
     return None
 
 base = {k: texts(out / f"dp1-{k}" / "outputs.jsonl") for k in ("bf16", "fp8")}
+ep_fp8 = texts(out / "dp2norebalance-fp8" / "outputs.jsonl")
+
+def differing(a, b):
+    return None if a is None or b is None else sum(x != y for x, y in zip(a, b))
 runs = []
 for d in sorted(out.iterdir()):
     if not d.is_dir() or not (d.name.startswith("run") or d.name.startswith("twonode")):
@@ -106,8 +129,13 @@ for d in sorted(out.iterdir()):
                      rebalances_failed=metric(d / "metrics.txt", "eplb_rebalances_failed_total"),
                      rank_died="died" in (d / "server.log").read_text()
                      if (d / "server.log").exists() else None)
-        entry["same_completions_as_dp1"] = (texts(d / "outputs.jsonl") == base[kind]
-                                            and base[kind] is not None)
+        mine = texts(d / "outputs.jsonl")
+        entry["same_completions_as_dp1"] = mine == base[kind] and base[kind] is not None
+        entry["answers_differing_from_dp1"] = differing(mine, base[kind])
+        if kind == "fp8":
+            entry["same_completions_as_dp2_without_rebalances"] = mine == ep_fp8
+        same = entry["same_completions_as_dp1"] or entry.get(
+            "same_completions_as_dp2_without_rebalances", False)
     else:
         rep = json.loads((d / "two_node.json").read_text()) if (d / "two_node.json").exists() else {}
         entry.update(two_node=rep, accuracy=min((e.get("accuracy") or 0)
@@ -115,8 +143,11 @@ for d in sorted(out.iterdir()):
                      same_completions_as_dp1=all(
                          texts(d / f"outputs-node{n}.jsonl") == base["bf16"] for n in (0, 1)),
                      rebalances=rep.get("rebalances"), rebalances_failed=rep.get("rebalances_failed"))
-    entry["passed"] = (rc == 0 and (entry["accuracy"] or 0) >= threshold
-                       and entry["same_completions_as_dp1"])
+        same = entry["same_completions_as_dp1"]
+    # bf16: exactly DP 1's completions; fp8: exactly those of DP 2 without rebalances (EPLB
+    # changes nothing), whose distance to DP 1 is reported beside it
+    entry["passed"] = (rc == 0 and (entry["accuracy"] or 0) >= threshold and same
+                       and not entry["rebalances_failed"])
     runs.append(entry)
 summary = {
     "runs": len(runs), "passed": sum(r["passed"] for r in runs),
@@ -124,13 +155,15 @@ summary = {
     "rank_deaths": sum(bool(r.get("rank_died")) for r in runs),
     "same_completions_as_dp1": sum(bool(r["same_completions_as_dp1"]) for r in runs),
     "min_accuracy": min((r["accuracy"] or 0) for r in runs) if runs else None,
+    "fp8_dp2_without_rebalances_vs_dp1_differing_answers": differing(ep_fp8, base["fp8"]),
     "dp1": {k: (json.loads((out / f"dp1-{k}" / "gsm8k.json").read_text())
                 if (out / f"dp1-{k}" / "gsm8k.json").exists() else None) for k in ("bf16", "fp8")},
 }
 json.dump({"summary": summary, "runs": runs}, open(out / "soak.json", "w"), indent=2)
 print(json.dumps(summary))
 for r in runs:
-    print(f"{r['name']:18s} rc={r['rc']} acc={r['accuracy']} same={r['same_completions_as_dp1']} "
+    print(f"{r['name']:18s} rc={r['rc']} acc={r['accuracy']} same_dp1={r['same_completions_as_dp1']} "
+          f"same_dp2_norebalance={r.get('same_completions_as_dp2_without_rebalances')} "
           f"rebalances={r['rebalances']} failed={r['rebalances_failed']} passed={r['passed']}")
 sys.exit(0 if summary["passed"] == len(runs) and runs else 1)
 PYEOF
