@@ -22,6 +22,8 @@ class EplbMetrics:
     # (CUDA: measured on the transfer stream), and the bytes this rank received in them
     transfer_seconds: float = 0.0
     transfer_bytes_received: int = 0
+    # per committed layer, the last MAX_EVENTS: (bytes received here, seconds of its transfer)
+    layer_transfers: list[tuple[int, float]] = field(default_factory=list)
     balancedness: float | None = None  # mean per-step balancedness of the last interval
     balancedness_history: list[float] = field(default_factory=list)  # one per interval
     verify_checks: int = 0
@@ -44,6 +46,12 @@ class EplbMetrics:
         self.copies_moved += copies
         self.bytes_moved += nbytes
 
+    def count_transfer(self, nbytes: int, seconds: float) -> None:
+        self.transfer_seconds += seconds
+        self.transfer_bytes_received += nbytes
+        self.layer_transfers.append((nbytes, seconds))
+        del self.layer_transfers[:-MAX_EVENTS]
+
     def count_verify(self, mismatch: bool) -> None:
         self.verify_checks += 1
         self.verify_mismatches += int(mismatch)
@@ -53,4 +61,5 @@ class EplbMetrics:
         d["mean_rebalance_s"] = self.total_rebalance_s / self.rebalances if self.rebalances else 0.0
         d["balancedness_history"] = list(self.balancedness_history[-MAX_EVENTS:])
         d["events"] = [dict(e) for e in self.events]
+        d["layer_transfers"] = [list(t) for t in self.layer_transfers]
         return d

@@ -337,8 +337,7 @@ class EplbState:
             p.replica_count[layer_idx].clone(),
         )
         self.metrics.count_commit(len(moved), plan_bytes(moved, tensors))
-        self.metrics.transfer_seconds += pending.seconds()
-        self.metrics.transfer_bytes_received += staged.bytes_received
+        self.metrics.count_transfer(staged.bytes_received, pending.seconds())
         if self.cfg.debug_verify_commits:
             self.verifier.verify_layer(layer_idx, self.layers[layer_idx], self.placement,
                                        self.ctx.rank)

@@ -174,6 +174,19 @@ def new_transfer_group(ctx: DistContext) -> dist.ProcessGroup:
     # NCCL needs every rank in a group's first op; a barrier-like all-reduce does it for both.
     warm = torch.zeros(1, device=ctx.comm_device)
     dist.all_reduce(warm, group=group)
+    # NCCL connects each pair for point-to-point lazily, at its first send/recv: about 0.25 s on
+    # two H200s, which would land in the middle of the first rebalance (and of a serving step).
+    # One tiny exchange with every peer pays it here, at start-up.
+    if ctx.world_size > 1:
+        send = torch.zeros(ctx.world_size, device=ctx.comm_device)
+        recv = torch.empty_like(send)
+        ops = []
+        for peer in range(ctx.world_size):
+            if peer != ctx.rank:
+                ops.append(dist.P2POp(dist.isend, send[peer:peer + 1], peer, group))
+                ops.append(dist.P2POp(dist.irecv, recv[peer:peer + 1], peer, group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
     return group
 
 
