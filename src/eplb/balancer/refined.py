@@ -27,12 +27,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.balancer.counts import search_counts
+
 _REL = 1e-9  # relative tolerance for "no worse" between float loads
 # A warm start may be this much (relative max rank load on the window) worse than a fresh
 # solution: the window's own routing noise is larger, and every avoided move is real.
 TOLERANCE = 0.005
 # A layer whose first packing ends this far above the bound also tries the second one.
 SECOND_TRY = 0.01
+# A layer takes the counts searched with the packing only when its max rank load is this much
+# lower than with greedy counts: at equal fit, greedy's spare replicas on hot experts hold up
+# better on the next steps' traffic.
+COUNT_GAIN = 0.002
 
 
 def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarray:
@@ -398,10 +404,11 @@ def max_load_bound(
 
 
 def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.ndarray:
-    """Best of two packings per layer, each refined by swaps: capped replication packed with
-    distinct experts per rank, and (only for layers that one leaves more than ``SECOND_TRY``
-    above the bound) DeepSeek's uncapped replication packed without that rule; the first wins
-    ties."""
+    """Best of three packings per layer, each refined by swaps: capped replication packed with
+    distinct experts per rank; for layers that one leaves more than ``SECOND_TRY`` above the
+    bound, DeepSeek's uncapped replication packed without that rule (kept only when strictly
+    better), then replica counts searched with the packing (``counts.search_counts``, kept only
+    when ``COUNT_GAIN`` better)."""
     num_layers, num_experts = w.shape
     num_physical = num_experts + num_redundant
     cap = max(num_ranks, -(-num_physical // num_experts))
@@ -418,8 +425,21 @@ def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.nda
         wo = w[open_rows]
         other = greedy_pack_distinct(wo, uncapped[open_rows], num_ranks, distinct=False)
         other, _ = swap_search(other, wo, num_ranks, target=bound[open_rows])
-        better = max_rank_load(other, wo, num_ranks) < best_max[open_rows] * (1 - _REL)
+        other_max = max_rank_load(other, wo, num_ranks)
+        better = other_max < best_max[open_rows] * (1 - _REL)
         best[open_rows[better]] = other[better]
+        best_max[open_rows[better]] = other_max[better]
+    # Greedy's replica counts are the limit on layers still open: choose counts with the packing.
+    open_rows = np.flatnonzero(best_max > bound * (1 + SECOND_TRY))
+    if open_rows.size:
+        cand, cand_max = search_counts(w[open_rows], bound[open_rows], best_max[open_rows],
+                                       num_ranks, num_physical // num_ranks)
+        hit = np.flatnonzero(np.isfinite(cand_max))
+        if hit.size:
+            rows, wr = open_rows[hit], w[open_rows[hit]]
+            cand, _ = swap_search(cand[hit], wr, num_ranks, target=bound[rows])
+            better = max_rank_load(cand, wr, num_ranks) < best_max[rows] * (1 - COUNT_GAIN)
+            best[rows[better]] = cand[better]
     return best
 
 
