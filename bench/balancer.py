@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from eplb.balancer.policies import get_policy  # noqa: E402
-from eplb.balancer.stats import balancedness, lower_bound  # noqa: E402
+from eplb.balancer.stats import balancedness, balancedness_upper_bound  # noqa: E402
 from eplb.sim.simulate import simulate  # noqa: E402
 from eplb.sim.traces import SyntheticSpec, synthetic_trace  # noqa: E402
 
@@ -74,7 +74,7 @@ def static_case(c: dict, skew: float, seed: int) -> dict:
                          drift=0.0, shift_at=-1, seed=seed)
     trace = torch.from_numpy(synthetic_trace(spec))
     fit, held = trace[:WINDOW].sum(0), trace[WINDOW:]
-    row = {"bound": float(lower_bound(fit, c["G"], c["R"]).mean())}
+    row = {"bound": float(balancedness_upper_bound(fit, c["G"], c["R"]).mean())}
     variants = [("deepseek", c["N"], c["K"]), ("refined", c["N"], c["K"])]
     if c["N"] > 1:
         variants.append(("deepseek_global", 1, 1))

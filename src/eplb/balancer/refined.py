@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from eplb.balancer.counts import search_counts
+from eplb.balancer.swap import REL as _REL
+from eplb.balancer.swap import bincount2d as _bincount2d
+from eplb.balancer.swap import swap_search
 
-_REL = 1e-9  # relative tolerance for "no worse" between float loads
 # A warm start may be this much (relative max rank load on the window) worse than a fresh
 # solution: the window's own routing noise is larger, and every avoided move is real.
 TOLERANCE = 0.005
@@ -54,13 +56,6 @@ def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarra
         count[rows, j] = c
         score[rows, j] = np.where(c < cap, load[rows, j] / c, -np.inf)
     return count.astype(np.int64)
-
-
-def _bincount2d(index: np.ndarray, size: int) -> np.ndarray:
-    """``index [L, n]`` with values in ``[0, size)`` -> ``[L, size]`` counts per row."""
-    rows = index.shape[0]
-    flat = (index + (np.arange(rows) * size)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * size).reshape(rows, size)
 
 
 def _expand(count: np.ndarray) -> np.ndarray:
@@ -141,127 +136,6 @@ def greedy_pack_distinct(
             pen_f[fr] = np.inf
         prev = e
     return out.reshape(num_layers, num_physical)
-
-
-def swap_search(
-    phy2log: np.ndarray,
-    load: np.ndarray,
-    num_ranks: int,
-    target: np.ndarray | None = None,
-    budget: np.ndarray | None = None,
-    levels: np.ndarray | None = None,
-    max_iters: int = 10_000,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Swap local search on the max rank load, on a copy of ``phy2log [L, P]``.
-
-    Each round, every still-active layer swaps one replica of its heaviest rank with one replica
-    on one of the 8 lightest ranks (never creating a second copy of an expert on a rank), the swap
-    that minimises the larger of the two new loads; a layer stops when no swap lowers its max,
-    when its max is <= ``target [L]``, or when ``budget [L]`` (copies it may still move; 2 per
-    swap) runs out. With ``levels [L, G]`` (descending), the rank worked on is instead the
-    heaviest one whose load exceeds the level at its position in the descending order of rank
-    loads, and a layer stops when none does: this matches a whole load profile (e.g. a fresh
-    placement's), not only its max. Returns ``(phy2log, swaps done per layer [L])``.
-    """
-    # All state is kept flat and indexed with precomputed flat offsets: the arrays are small, so
-    # the cost is numpy call overhead and gathers, not arithmetic.
-    num_layers, num_physical = phy2log.shape
-    num_experts = load.shape[1]
-    G, E, P = num_ranks, num_experts, num_physical
-    S = P // G
-    GE = G * E
-    rows = np.arange(num_layers)
-    count = _bincount2d(phy2log, E)
-    p2l = np.array(phy2log, dtype=np.int64).ravel()  # a copy, [L * P]
-    sw = (load / np.maximum(count, 1))[rows[:, None], phy2log].ravel()  # slot weights [L * P]
-    rank_load = sw.reshape(num_layers, G, S).sum(-1)  # [L, G]
-    rl = rank_load.reshape(-1)  # a view: updates through it show in rank_load
-    rank_of = np.arange(P) // S
-    # Copies of expert e on rank g of layer l at [l*G*E + g*E + e]; a narrow type keeps the
-    # random gathers from it in cache.
-    hold_t = np.int16 if P < np.iinfo(np.int16).max else np.int64
-    holds = _bincount2d(rank_of * E + phy2log, GE).ravel().astype(hold_t)
-    swaps = np.zeros(num_layers, dtype=np.int64)
-    active = np.ones(num_layers, dtype=bool)
-    eps_l = 1e-12 * np.maximum(load.sum(1), 1.0)
-    ar_s = np.arange(S)
-    near = min(G, 8)
-    nb = near * S
-    lev = None if levels is None else levels * (1 + _REL) + 1e-12
-    tgt = None if target is None else target * (1 + _REL) + 1e-12
-    for _ in range(max_iters):
-        if lev is None:
-            g = rank_load.argmax(1)
-        else:
-            # The heaviest rank over the level at its position in the stable descending order,
-            # from sorted values (np.sort is several times cheaper than a stable argsort): the
-            # k-th position holds the (k - #heavier)-th rank, by index, of those with its load.
-            desc = np.sort(rank_load, axis=1)[:, ::-1]
-            over = desc > lev
-            active &= over.any(1)
-            k = over.argmax(1)
-            v = desc[rows, k][:, None]
-            eq = rank_load == v
-            m = k - (rank_load > v).sum(1)
-            g = eq.argmax(1)
-            tied = np.flatnonzero(m > 0)
-            if tied.size:
-                g[tied] = (eq[tied] & (np.cumsum(eq[tied], 1) == m[tied, None] + 1)).argmax(1)
-        top = rank_load[rows, g]
-        if tgt is not None:
-            active &= top > tgt
-        if budget is not None:
-            active &= swaps * 2 + 2 <= budget
-        idx = np.flatnonzero(active)
-        A = idx.size
-        if A == 0:
-            break
-        gi, topi = g[idx], top[idx]
-        base_p = idx * P
-        fa = (base_p + gi * S)[:, None] + ar_s  # [A, S] flat slots of the heavy rank
-        loads_i = rank_load[idx]
-        if near < G:
-            light = np.argpartition(loads_i, near - 1, axis=1)[:, :near]
-        else:
-            light = np.broadcast_to(np.arange(G), (A, G))
-        fb = (base_p[:, None, None] + light[:, :, None] * S + ar_s).reshape(A, nb)  # flat slots
-        ea, wa, eb, wb = p2l[fa], sw[fa], p2l[fb], sw[fb]
-        base_h = (idx * GE)[:, None]
-        # A candidate on rank g itself, or whose expert rank g already holds, is ruled out
-        # by an infinite partner load ([A, near, S] views of the nb candidates).
-        bad_b = (light == gi[:, None])[:, :, None] | (
-            holds[base_h + gi[:, None] * E + eb] != 0).reshape(A, near, S)
-        lh = np.where(bad_b, np.inf, loads_i.reshape(-1)[(np.arange(A) * G)[:, None] + light][:, :, None])
-        lh = lh.reshape(A, nb)
-        d = wa[:, :, None] - wb[:, None, :]  # [A, S, nb]
-        new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
-        # A light rank that already holds a's expert is ruled out for all its slots: one gather
-        # over [A, S, near], broadcast over the rank's S slots.
-        a_taken = holds[(base_h + light * E)[:, None, :] + ea[:, :, None]] != 0
-        new_max.reshape(A, S, near, S)[...] += np.where(a_taken, np.inf, 0.0)[..., None]
-        score = new_max.reshape(A, -1)
-        flat = score.argmin(1)
-        found = score[np.arange(A), flat] < topi - eps_l[idx]
-        active[idx[~found]] = False
-        if not found.any():
-            break
-        li, flat = idx[found], flat[found]
-        sa = fa[found, flat // nb]
-        sb = fb[found, flat % nb]
-        e_a, e_b = p2l[sa], p2l[sb]
-        w_a, w_b = sw[sa], sw[sb]
-        r_a, r_b = gi[found], light[found, (flat % nb) // S]
-        # One fancy update per array: all cells are distinct (the two ranks and the two
-        # experts of a swap differ, and each layer swaps once per round).
-        s_ab = np.concatenate([sa, sb])
-        p2l[s_ab] = np.concatenate([e_b, e_a])
-        sw[s_ab] = np.concatenate([w_b, w_a])
-        rl[np.concatenate([li * G + r_a, li * G + r_b])] += np.concatenate([w_b - w_a, w_a - w_b])
-        h_a, h_b = li * GE + r_a * E, li * GE + r_b * E
-        holds[np.concatenate([h_a + e_a, h_b + e_b])] -= 1
-        holds[np.concatenate([h_a + e_b, h_b + e_a])] += 1
-        swaps[li] += 1
-    return p2l.reshape(num_layers, P), swaps
 
 
 def rank_loads_np(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -395,7 +269,7 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 def max_load_bound(
     load: np.ndarray, num_physical: int, num_ranks: int, uncapped: np.ndarray | None = None
 ) -> np.ndarray:
-    """``[L]``: no placement's max rank load is below this (see ``stats.lower_bound``).
+    """``[L]``: no placement's max rank load is below this (see ``stats.balancedness_upper_bound``).
     ``uncapped``: ``replicate_capped(load, num_physical, num_physical)`` if already at hand."""
     if uncapped is None:
         uncapped = replicate_capped(load, num_physical, num_physical)

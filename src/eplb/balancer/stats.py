@@ -78,7 +78,7 @@ def min_max_replica_load(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     return torch.from_numpy((w / count).max(1))
 
 
-def lower_bound(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
+def balancedness_upper_bound(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
     """``[L, E]`` -> ``[L]``: the best balancedness any placement can reach for this load.
 
     It is mean rank load divided by a lower bound on the max rank load,

@@ -17,7 +17,7 @@ import torch
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import num_moves, plan
 from eplb.balancer.policies import get_policy
-from eplb.balancer.stats import LoadWindow, balancedness, lower_bound
+from eplb.balancer.stats import LoadWindow, balancedness, balancedness_upper_bound
 
 
 @dataclass
@@ -77,4 +77,4 @@ def simulate(
 def step_bound(trace: np.ndarray, num_ranks: int, num_redundant: int) -> np.ndarray:
     """``[steps, L]``: the best balancedness any placement could reach on each step's own load
     (an oracle that re-places every step; no real policy can beat it)."""
-    return np.stack([lower_bound(torch.from_numpy(x), num_ranks, num_redundant).numpy() for x in trace])
+    return np.stack([balancedness_upper_bound(torch.from_numpy(x), num_ranks, num_redundant).numpy() for x in trace])
