@@ -45,6 +45,16 @@ class LoadWindow:
         self._total.zero_()
         self.num_recorded = 0
 
+    def keep_last(self, steps: int) -> None:
+        """Forget every step but the last ``min(steps, window_size)`` (after a load shift the
+        older steps mislead the next placement); ``num_recorded`` is unchanged."""
+        n = min(steps, self.window_size, self.num_recorded)
+        newest = self.num_recorded - 1
+        keep = torch.zeros(self.window_size, dtype=torch.bool)
+        keep[[(newest - age) % self.window_size for age in range(n)]] = True
+        self.buffer[~keep] = 0
+        self._total = self.buffer.sum(0)
+
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:
     """``load [..., L, E]`` -> ``[..., L, G]``: each rank's load, an expert's load split evenly
