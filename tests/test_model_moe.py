@@ -261,7 +261,8 @@ def test_load_aware_replica_dispatch_keeps_outputs_identical(tokens):
     layer.replica_dispatch = "load_aware"
     slots = layer.choose_slots(ids)
     assert torch.equal(phy2log[slots], ids)  # the same logical expert computes every pair
-    assert not torch.equal(slots, static_slots)  # the load-aware split really ran
+    if tokens > 1:
+        assert not torch.equal(slots, static_slots)  # the load-aware split really ran
     # Batched CPU GEMMs round a row differently with other rows beside it, as any change of
     # replica does (test_redundant_placement_gives_the_same_output): equal to rounding.
     torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
