@@ -13,7 +13,8 @@ Use, once per forward step, at the step boundary::
         trigger.started()                      # the gap and the reference restart here
 
 ``"shift"``: the balancedness of each of the last ``shift_steps`` steps below ``shift_threshold``
-times the reference (the mean of the steps since the last rebalance before those) starts a
+times the reference (the larger of the mean of the steps since the last rebalance before
+those, and the mean of the period before that rebalance) starts a
 rebalance fitted on those last steps, at least ``min_gap`` steps after the previous one; a
 follow-up ``min_gap`` steps later refits on every step since the shift (more tokens, less
 sampling noise). The interval rule stays in force.
@@ -56,6 +57,7 @@ class RebalanceTrigger:
         self._recent: deque[float] = deque(maxlen=shift_steps)
         self._ref_sum = 0.0  # sum and count of the steps since the last rebalance, minus recent
         self._ref_n = 0
+        self._prev_ref = 0.0  # mean balancedness of the previous period (between rebalances)
         self._followup_at: int | None = None  # step of a pending follow-up refit
         self._shift_step = 0  # step at which the last shift rebalance started
 
@@ -76,16 +78,21 @@ class RebalanceTrigger:
             return Decision(False)
         if self._followup_at is not None and self.steps >= self._followup_at:
             return Decision(True, "shift-followup", self.steps - self._shift_step + self.shift_steps)
-        if (self._since >= self.min_gap and len(self._recent) == self.shift_steps
-                and self._ref_n >= self.shift_steps):
+        if self._since >= self.min_gap and len(self._recent) == self.shift_steps:
+            # The reference also remembers the previous period: a shift that lands together
+            # with a rebalance would otherwise become its own reference.
+            ref = max(self._prev_ref, self._ref_sum / self._ref_n if self._ref_n else 0.0)
             # Every recent step below (not their mean): one bad step does not fire, and the
             # steps fit on are all after the drop.
-            if max(self._recent) < self.shift_threshold * (self._ref_sum / self._ref_n):
+            if max(self._recent) < self.shift_threshold * ref:
                 return Decision(True, "shift", self.shift_steps)
         return Decision(False)
 
     def started(self, decision: Decision | None = None) -> None:
         """A rebalance started now: measure the gap and the reference from here."""
+        seen = self._ref_n + len(self._recent)
+        if seen:
+            self._prev_ref = (self._ref_sum + sum(self._recent)) / seen
         self._since = 0
         self._recent.clear()
         self._ref_sum, self._ref_n = 0.0, 0
