@@ -161,4 +161,7 @@ def test_refined_never_less_balanced_than_greedy_on_the_fitted_load(prob):
     load, ranks, redundant = prob
     ours = get_policy("refined")(load, ranks, redundant)
     greedy = get_policy("deepseek")(load, ranks, redundant)
-    assert (rank_loads(load, ours).amax(-1) <= rank_loads(load, greedy).amax(-1) * (1 + 1e-9) + 1e-9).all()
+    # Within SECOND_TRY (1%) of the bound refined stops searching, so a lucky greedy packing
+    # can be a hair better there (e.g. 149.67 against 149.5 on 2 ranks); never by more.
+    slack = 1 + refined_mod.SECOND_TRY
+    assert (rank_loads(load, ours).amax(-1) <= rank_loads(load, greedy).amax(-1) * slack + 1e-9).all()
