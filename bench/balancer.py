@@ -10,7 +10,8 @@ Writes bench/results/balancer.json, bench/results/balancer.md and docs/balancer-
    of it. Variants: ``deepseek`` (DeepSeek's greedy, global mode: the policy vLLM and SGLang
    ship), ``refined`` (the server's default: our policy, window estimator, interval trigger),
    ``refined+ewma``, ``refined+shift`` (EWMA estimate and the shift trigger), and ``hindsight``
-   (refined fit on each interval's own traffic: an oracle). Scored steps: every step after the
+   (refined fit on each interval's own traffic, and on shift traces on the steps from the
+   shift on: an oracle). Scored steps: every step after the
    first rebalance. Standard errors of the paired per-step difference to ``deepseek`` come from
    means of blocks of ``BLOCK`` steps (steps are correlated). Layers are independent, so the
    traces have ``LAYERS`` layers, not the model's.
@@ -115,7 +116,9 @@ def run_case(trace: np.ndarray, G: int, R: int, shift_at: int) -> dict:
             "copies_moved": r.copies_moved, "rebalances": r.rebalances,
             "early_rebalances": sum(1 for _, why in r.events if why != "interval"),
         }
-    per_step["hindsight"] = hindsight(trace, "refined", G, R, step_interval=INTERVAL).mean(1)
+    cuts = (shift_at,) if shift_at > 0 else ()
+    per_step["hindsight"] = hindsight(trace, "refined", G, R, step_interval=INTERVAL,
+                                      extra_cuts=cuts).mean(1)
     scored = slice(INTERVAL, None)  # every policy serves the default placement before that
     for name, b in per_step.items():
         v = row["variants"].setdefault(name, {})
@@ -124,19 +127,17 @@ def run_case(trace: np.ndarray, G: int, R: int, shift_at: int) -> dict:
         if name != "deepseek":
             v["diff"], v["se"] = paired(b[scored], per_step["deepseek"][scored])
     if shift_at > 0:
-        row["recovery_steps"] = recovery(trace, per_step["refined+shift"], G, R, shift_at)
+        row["recovery_steps"] = recovery(per_step["refined+shift"], per_step["hindsight"], shift_at)
         row["per_step"] = {k: v.tolist() for k, v in per_step.items()}
     return row
 
 
-def recovery(trace: np.ndarray, b: np.ndarray, G: int, R: int, shift_at: int) -> int | None:
-    """Steps after the shift until the 5-step mean is within 2 points of hindsight fit on the
-    steps from the shift to the next interval boundary (None: never before that boundary)."""
+def recovery(b: np.ndarray, best: np.ndarray, shift_at: int) -> int | None:
+    """Steps after the shift until the 5-step mean of ``b`` is within 2 points of hindsight's
+    (fit on the steps from the shift to the next interval boundary); None: not before then."""
     end = (shift_at // INTERVAL + 1) * INTERVAL
-    seg = torch.from_numpy(trace[shift_at:end])
-    best = balancedness(seg, get_policy("refined")(seg.sum(0), G, R)).mean(1).numpy()
     for s in range(0, end - shift_at - 5):
-        if b[shift_at + s: shift_at + s + 5].mean() >= best[s: s + 5].mean() - 0.02:
+        if b[shift_at + s: shift_at + s + 5].mean() >= best[shift_at + s: shift_at + s + 5].mean() - 0.02:
             return s
     return None
 

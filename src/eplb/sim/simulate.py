@@ -107,17 +107,20 @@ def replay(
 
 
 def hindsight(trace: np.ndarray, policy: str, num_ranks: int, num_redundant: int, *,
-              step_interval: int, num_nodes: int = 1, num_groups: int = 1) -> np.ndarray:
+              step_interval: int, num_nodes: int = 1, num_groups: int = 1,
+              extra_cuts: tuple[int, ...] = ()) -> np.ndarray:
     """``[steps, L]``: balancedness of each interval of ``step_interval`` steps under ``policy``
-    fit on that very interval (an oracle that knows the interval's traffic in advance)."""
+    fit on that very interval (an oracle that knows the interval's traffic in advance);
+    ``extra_cuts``: more steps where a segment starts (e.g. a known load shift)."""
     fn = get_policy(policy)
     steps, num_layers, _ = trace.shape
     loads = torch.from_numpy(np.ascontiguousarray(trace))
     out = np.empty((steps, num_layers))
-    for a in range(0, steps, step_interval):
-        chunk = loads[a:a + step_interval]
+    cuts = sorted({*range(0, steps, step_interval), *(c for c in extra_cuts if 0 < c < steps)}) + [steps]
+    for a, b in zip(cuts, cuts[1:]):
+        chunk = loads[a:b]
         p = fn(chunk.sum(0), num_ranks, num_redundant, num_nodes=num_nodes, num_groups=num_groups)
-        out[a:a + step_interval] = balancedness(chunk, p).numpy()
+        out[a:b] = balancedness(chunk, p).numpy()
     return out
 
 
