@@ -8,19 +8,22 @@ Writes bench/results/balancer.json, bench/results/balancer.md and docs/balancer-
    128 decode tokens per rank and step) the server is replayed step by step
    (``eplb.sim.simulate.replay``): fit on the window, serve the next interval, score every step
    of it. Variants: ``deepseek`` (DeepSeek's greedy, global mode: the policy vLLM and SGLang
-   ship), ``refined`` (the server's default: our policy, window estimator, interval trigger),
+   ship), ``refined`` (the server's default: our policy, window estimator, interval trigger,
+   the window's steps passed as ``history``),
    ``refined+ewma``, ``refined+shift`` (EWMA estimate and the shift trigger), and ``hindsight``
    (refined fit on each interval's own traffic, and on shift traces on the steps from the
    shift on: an oracle). Scored steps: every step after the
    first rebalance. Standard errors of the paired per-step difference to ``deepseek`` come from
    means of blocks of ``BLOCK`` steps (steps are correlated). Layers are independent, so the
-   traces have ``LAYERS`` layers, not the model's.
+   traces have ``LAYERS`` layers, not the model's. Recorded traces (``bench/traces/*.npz``,
+   written by ``eplb serve --record-trace``) run the same way at EP 2 and 4.
 2. Shift recovery: on the shift traces, steps after the shift until the 5-step mean of
    ``refined+shift`` is within 2 points of hindsight fit on the steps after the shift.
 3. Load-aware replica dispatch against the static split at decode-size steps (32-256 tokens per
    rank): every DP rank splits its own pairs (``eplb.balancer.dispatch``), ranks' loads summed.
-4. Policy time at DeepSeek-V3's full shape (58 x 256, EP 64, R 64), CPU time of one thread, and
-   the toy (600, 560, 120, 120, 20, 10, 10, 10 on 8 ranks, 8 redundant slots).
+4. Policy time at DeepSeek-V3's full shape (58 x 256, EP 64, R 64), CPU time of one thread
+   (fresh; warm from the previous placement; warm with 100 steps of history), and the toy
+   (600, 560, 120, 120, 20, 10, 10, 10 on 8 ranks, 8 redundant slots).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from eplb.sim.traces import SyntheticSpec, load_trace, synthetic_trace  # noqa: 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "balancer-shift.png"
+TRACES = ROOT / "bench" / "traces"  # recorded by eplb serve --record-trace; all run by default
 TOKENS_PER_RANK = 128  # decode tokens per EP rank and step
 LAYERS = 4
 WINDOW = INTERVAL = 100
@@ -189,9 +193,12 @@ def timing(repeats: int) -> dict:
 
             fresh = [cpu_ms(a, G, R) for _ in range(repeats)]
             warm = [cpu_ms(b, G, R, previous=fresh[0][0]) for _ in range(repeats)]
+            # as the server calls it: with the window's steps as history
+            hist = [cpu_ms(b, G, R, previous=fresh[0][0], history=trace[100:]) for _ in range(repeats)]
             out[f"{name} zipf {skew}"] = {
                 "fresh_cpu_ms": statistics.median(x[1] for x in fresh),
                 "warm_cpu_ms": statistics.median(x[1] for x in warm),
+                "warm_history_cpu_ms": statistics.median(x[1] for x in hist),
                 "fit_balancedness": float(balancedness(a, fresh[0][0]).mean()),
             }
     return out
@@ -208,7 +215,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="three shapes, shorter traces (development)")
     ap.add_argument("--steps", type=int, default=None, help="steps per trace (default 500, quick 300)")
     ap.add_argument("--trace", action="append", default=[],
-                    help="a recorded trace (.npz from eplb serve --record-trace); repeatable")
+                    help="a recorded trace (.npz from eplb serve --record-trace); repeatable; "
+                         "default: every bench/traces/*.npz")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -224,7 +232,7 @@ def main() -> int:
             cases.append({"case": f"{c['model']} EP{c['G']} R={c['R']}", "trace": kind, **row})
         print(f"done {c['model']} EP{c['G']} R={c['R']} ({time.perf_counter() - t_start:.0f} s)",
               file=sys.stderr, flush=True)
-    for path in args.trace:
+    for path in args.trace or sorted(str(x) for x in TRACES.glob("*.npz")):
         trace = load_trace(path)
         E = trace.shape[2]
         for G in (2, 4):
@@ -312,11 +320,12 @@ def render(res: dict) -> str:
         lines.append(f"| {d['case']} | {d['tokens_per_rank']} | {d['static']:.4f} | {d['load_aware']:.4f} | "
                      f"{100 * d['diff']:+.2f} +- {200 * d['se']:.2f} |")
     lines += ["", "Policy time, DeepSeek-V3 shape (58 x 256, EP 64, R 64), CPU ms of one thread (median):", "",
-              "| policy | load | fresh | warm | fit balancedness |", "|---|---|---|---|---|"]
+              "| policy | load | fresh | warm | warm + 100 steps of history | fit balancedness |",
+              "|---|---|---|---|---|---|"]
     for k, x in res["timing_ds_v3_ep64"].items():
         name, load = k.split(" ", 1)
         lines.append(f"| {name} | {load} | {x['fresh_cpu_ms']:.0f} | {x['warm_cpu_ms']:.0f} | "
-                     f"{x['fit_balancedness']:.4f} |")
+                     f"{x['warm_history_cpu_ms']:.0f} | {x['fit_balancedness']:.4f} |")
     toy_ = res["toy"]
     lines += ["", f"Toy (loads {TOY}, 8 ranks, 8 redundant): max rank load deepseek "
               f"{toy_['deepseek']['max_rank_load']:.1f} (counts {toy_['deepseek']['replica_count']}), refined "

@@ -165,3 +165,38 @@ def test_refined_never_less_balanced_than_greedy_on_the_fitted_load(prob):
     # can be a hair better there (e.g. 149.67 against 149.5 on 2 ranks); never by more.
     slack = 1 + refined_mod.SECOND_TRY
     assert (rank_loads(load, ours).amax(-1) <= rank_loads(load, greedy).amax(-1) * slack + 1e-9).all()
+
+
+def test_history_picks_greedy_per_layer_only_when_it_is_better_step_by_step():
+    from eplb.balancer.select import best_per_layer
+
+    g = torch.Generator().manual_seed(1)
+    # Two regimes: calm steps favour experts 0-3, bursts favour 4-7 (one layer each way).
+    calm = torch.tensor([40, 30, 20, 10, 1, 1, 1, 1]).repeat(2, 1)
+    burst = torch.tensor([1, 1, 1, 1, 40, 30, 20, 10]).repeat(2, 1)
+    history = torch.stack([calm if t % 5 else burst for t in range(20)])
+    history = torch.poisson(history.double() * 10, generator=g).long()
+    a = get_policy("refined")(history.sum(0), 4, 4)
+    b = get_policy("deepseek")(history.sum(0), 4, 4)
+    per_a = balancedness(history, a).mean(0)
+    per_b = balancedness(history, b).mean(0)
+    assert (per_b > per_a).all()  # the regimes make the tight fit worse step by step
+    chosen = best_per_layer(history, [a, b], 0.0)
+    want = torch.where((per_b > per_a)[:, None], b.phy2log, a.phy2log)
+    assert torch.equal(chosen.phy2log, want)
+    assert (balancedness(history, chosen).mean(0) >= torch.maximum(per_a, per_b) - 1e-12).all()
+    # a margin above every difference keeps the first candidate
+    assert best_per_layer(history, [a, b], 1.0) is a
+    p = get_policy("refined")(history.sum(0), 4, 4, history=history)
+    assert (balancedness(history, p).mean(0) >= per_a - 1e-12).all()
+    with pytest.raises(ValueError, match="history must be"):
+        get_policy("refined")(history.sum(0), 4, 4, history=history[:, :1])
+
+
+def test_window_steps_oldest_first():
+    from eplb.balancer.stats import LoadWindow
+
+    w = LoadWindow(3, 1, 2)
+    for t in range(5):
+        w.record(torch.tensor([[t, 0]]))
+    assert w.steps()[:, 0, 0].tolist() == [2, 3, 4]

@@ -4,7 +4,7 @@ Every estimator follows ``LoadEstimator``: ``record(load[L, E])`` once per forwa
 summed over DP ranks, the same on every rank), ``total() -> Tensor[L, E]`` (what the policy
 fits; only its proportions matter to a policy), ``num_recorded``, ``reset()`` and
 ``keep_last(steps)`` (forget all but the last ``steps`` steps: after a load shift the past
-misleads). Deterministic: every rank that records the same loads gets the same total.
+misleads) and ``steps() -> Tensor[n, L, E]`` (recent raw steps, for judging placements per step). Deterministic: every rank that records the same loads gets the same total.
 
 - ``LoadWindow`` (``stats.py``): the flat sum of the last ``window_size`` steps (vLLM's).
 - ``EwmaLoad``: an exponentially weighted sum, ``sum_k 0.5 ** (k / half_life) * load[t - k]``:
@@ -34,6 +34,8 @@ class LoadEstimator(Protocol):
     def reset(self) -> None: ...
 
     def keep_last(self, steps: int) -> None: ...
+
+    def steps(self) -> torch.Tensor: ...
 
 
 def _check_load(load: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -74,6 +76,12 @@ class EwmaLoad:
         self._total.zero_()
         self._recent.zero_()
         self.num_recorded = 0
+
+    def steps(self) -> torch.Tensor:
+        """``[n, L, E]``: the last ``n = min(recorded, keep)`` raw steps, oldest first."""
+        keep = self._recent.shape[0]
+        n = min(self.num_recorded, keep)
+        return self._recent[[(self.num_recorded - n + i) % keep for i in range(n)]]
 
     def keep_last(self, steps: int) -> None:
         """Forget every step but the last ``min(steps, keep, num_recorded)``."""

@@ -45,6 +45,12 @@ class LoadWindow:
         self._total.zero_()
         self.num_recorded = 0
 
+    def steps(self) -> torch.Tensor:
+        """``[n, L, E]``: the steps in the window, oldest first (n = min(recorded, window))."""
+        n = min(self.num_recorded, self.window_size)
+        idx = [(self.num_recorded - n + i) % self.window_size for i in range(n)]
+        return self.buffer[idx]
+
     def keep_last(self, steps: int) -> None:
         """Forget every step but the last ``min(steps, window_size)`` (after a load shift the
         older steps mislead the next placement); ``num_recorded`` is unchanged."""

@@ -62,12 +62,13 @@ def simulate(
 
 def replay(
     trace: np.ndarray, cfg: EPLBConfig, num_ranks: int, *, num_nodes: int = 1,
-    num_groups: int = 1, label: str | None = None,
+    num_groups: int = 1, label: str | None = None, use_history: bool = True,
 ) -> SimResult:
     """Replay ``trace [steps, L, E]`` as a server with ``cfg`` lives it, step by step: score the
     step with the placement in force, record its load in the estimator
     (``make_load_estimator``), feed its balancedness to the trigger (``make_trigger``) and, when
-    it fires, fit ``cfg.policy`` on the estimate with the current placement as ``previous``,
+    it fires, fit ``cfg.policy`` on the estimate with the current placement as ``previous`` (and
+    the estimator's recent steps as ``history`` unless ``use_history`` is False),
     keep only layers worth their moves (``cfg.skip_gain_threshold``) and serve the result from
     the next step on (a rebalance that lands at once; async EPLB lands some steps later)."""
     fn = get_policy(cfg.policy)
@@ -94,7 +95,8 @@ def replay(
             continue
         t0 = time.perf_counter()
         new = fn(estimate, num_ranks, num_redundant, num_nodes=num_nodes, num_groups=num_groups,
-                 previous=placement, max_moves=cfg.max_moves_per_rebalance)
+                 previous=placement, max_moves=cfg.max_moves_per_rebalance,
+                 history=estimator.steps() if use_history else None)
         new = keep_worthwhile(estimate, placement, new, cfg.skip_gain_threshold)
         result.policy_ms.append((time.perf_counter() - t0) * 1000)
         transfers = plan(placement, new)
