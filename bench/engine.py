@@ -19,10 +19,10 @@ import tempfile
 import time
 
 import torch
+from machine import device_name  # bench/machine.py (the script's folder is on sys.path)
 
 from eplb.engine import EngineCore, SamplingParams
-from machine import device_name  # bench/machine.py (the script's folder is on sys.path)
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 SHAPE = dict(num_hidden_layers=4, hidden_size=512, num_experts=32, num_experts_per_tok=4,
              moe_intermediate_size=256, intermediate_size=1024, num_attention_heads=8,
@@ -80,7 +80,7 @@ def bench_fixed(path, ref, device, dtype, batch, prompt_len, new_tokens, reps=5,
     prompts = torch.randint(3, SHAPE["vocab_size"], (batch, prompt_len), generator=g)
     eng = EngineCore(path, dtype=dtype, device=device, max_model_len=prompt_len + new_tokens + 8,
                      max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len))
-    eng.capture_cuda_graphs()  # startup work, not timed
+    eng.warm_up()  # startup work, not timed
     plist = prompts.tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     ids = prompts.to(device)
@@ -118,7 +118,7 @@ def bench_fixed(path, ref, device, dtype, batch, prompt_len, new_tokens, reps=5,
     theirs = batch * (new_tokens - 1) / max(tn - t1, 1e-9)
     wbytes, kvbytes = bytes_per_decode_step(eng, plist, new_tokens - 1)
     step_s = best / (new_tokens - 1)
-    del eng
+    eng = None  # free its KV cache before the next run
     return dict(batch=batch, ours_tok_s=round(ours, 1), transformers_tok_s=round(theirs, 1),
                 ratio=round(ours / theirs, 3), weight_bytes_per_step=int(wbytes),
                 kv_bytes_per_step=int(kvbytes), ours_step_ms=round(step_s * 1e3, 3))
@@ -134,7 +134,7 @@ def bench_serving(path, ref, device, dtype, reqs, running=32, seed=0):
     prompts = [torch.randint(3, SHAPE["vocab_size"], (pl,), generator=g).tolist() for pl, _ in reqs]
     eng = EngineCore(path, dtype=dtype, device=device, max_model_len=800, max_num_seqs=running,
                      max_num_batched_tokens=2048)
-    eng.capture_cuda_graphs()  # startup work (as a server does it before serving), not timed
+    eng.warm_up()  # startup work (as a server does it before serving), not timed
     sync(device)
     t = time.perf_counter()
     for i, (p, (_, ol)) in enumerate(zip(prompts, reqs)):

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused MoE kernels against the hardware's ceilings and other MoE paths.
 
-One command on the device tool:  python bench/gpu.py [--tune] [--out DIR]
+One command on a CUDA machine:  python bench/gpu.py [--tune] [--out DIR]
   ceilings   read rate of a >= 1 GiB reduction, device copy, bf16 matmul, FP8 matmul (8192^3)
   moe        Qwen3-30B-A3B's MoE layer (hidden 2048, 128 experts, top-8, intermediate 768) at
              1..8192 tokens: ours bf16/FP8 (Triton), the plain torch path, transformers'
@@ -65,7 +65,7 @@ def ceilings() -> dict:
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), reps=20)
     out["copy_GBps_read_plus_write"] = 2 * x.numel() * 2 / t / 1e9
-    del x, y
+    x = y = None  # free the 6 GiB before the matmuls
     m = 8192
     a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
@@ -161,15 +161,20 @@ def moe_bench(ceil: dict) -> list[dict]:
             return it["i"]
 
         impls = {
-            "ours_bf16": (lambda: (lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16"),
+            "ours_bf16": (lambda: (lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), layer.w13, layer.w2))(
+                nxt()), bytes_bf16, "bf16"),
             "ours_fp8": (lambda: (lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), layer.q13, layer.q2,
-                                                      w13_scale=layer.s13, w2_scale=layer.s2))(nxt()), bytes_fp8, "fp8"),
+                                                      w13_scale=layer.s13, w2_scale=layer.s2))(nxt()),
+                         bytes_fp8, "fp8"),
             "hf_grouped_mm": (lambda: hf_call(blk, xs[nxt()]), bytes_bf16, "bf16"),
         }
         # eager experts only (routing given): separates our launches from the router's
-        impls["ours_bf16_experts"] = (lambda: (lambda j: fused_moe(xs[j], routes[j][0], routes[j][1], layer.w13, layer.w2))(nxt()), bytes_bf16, "bf16")
+        impls["ours_bf16_experts"] = (
+            lambda: (lambda j: fused_moe(xs[j], routes[j][0], routes[j][1], layer.w13, layer.w2))(nxt()),
+            bytes_bf16, "bf16")
         if t <= 1024:  # the per-expert python loop gets slow; enough to show the gap
-            impls["torch_plain"] = (lambda: (lambda j: torch_path(xs[j], *layer.route(xs[j]), layer))(nxt()), bytes_bf16, "bf16")
+            impls["torch_plain"] = (lambda: (lambda j: torch_path(xs[j], *layer.route(xs[j]), layer))(nxt()),
+                                    bytes_bf16, "bf16")
         # correctness on set 0 against the plain torch path (float32 reference)
         ids, w = routes[0]
         ref = moe_torch(xs[0].float(), ids, w.float(), layer.w13.float(), layer.w2.float())
@@ -203,7 +208,8 @@ def moe_bench(ceil: dict) -> list[dict]:
         if True:
             for name, wargs, kw, nbytes in (
                     ("ours_bf16_graph", (layer.w13, layer.w2), {}, bytes_bf16),
-                    ("ours_fp8_graph", (layer.q13, layer.q2), {"w13_scale": layer.s13, "w2_scale": layer.s2}, bytes_fp8)):
+                    ("ours_fp8_graph", (layer.q13, layer.q2), {"w13_scale": layer.s13, "w2_scale": layer.s2},
+                     bytes_fp8)):
                 try:
                     sec = graph_time_fn(lambda j: fused_moe(xs[j], *layer.route_fused(xs[j]), *wargs, **kw))
                     mm = ceil["bf16_matmul_TFLOPs"] if "bf16" in name else ceil["fp8_matmul_TFLOPs"]
@@ -265,7 +271,6 @@ def _cands(t: int, fp8: bool):
 
 @torch.no_grad()
 def tune(tokens=TOKENS) -> dict:
-    from eplb.kernels import fused_moe
     from eplb.kernels.tile_table import TABLE
 
     layer = Layer()
@@ -397,8 +402,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
     dev_slug = name.replace("NVIDIA ", "").replace(" ", "-").lower()
-    import triton
     import transformers
+    import triton
 
     res = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
            "transformers": transformers.__version__,

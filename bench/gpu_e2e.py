@@ -134,12 +134,14 @@ def hf_prefill(model, n: int, vocab: int, dev) -> float:
 
 
 def profile(core, batch: int, vocab: int, dev) -> int:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     from eplb.engine import SamplingParams
 
     for b in range(batch):
-        core.add_request(f"q{b}", list(range(2, 2 + PROMPT)), SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+        core.add_request(f"q{b}", list(range(2, 2 + PROMPT)),
+                         SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
     for _ in range(4):
         core.step()
     sync(dev)
@@ -219,7 +221,7 @@ def main(args: argparse.Namespace | None = None) -> int:
         print(f"saved checkpoint in {time.perf_counter() - t0:.0f}s", flush=True)
         fp8_dir = os.path.join(d, "fp8")
         if len(engines) == 3:
-            from eplb.model.testing import quantize_checkpoint_fp8
+            from eplb.model.quantize import quantize_checkpoint_fp8
 
             quantize_checkpoint_fp8(d, fp8_dir)
         for name, quant, eager in engines:

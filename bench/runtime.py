@@ -1,8 +1,15 @@
-"""Runtime benchmark: forward-step time of 4 DP+EP ranks on CPU (gloo), steady and while EPLB
-rebalances, sync against async.
+"""Runtime benchmark: forward-step time of DP+EP ranks, steady and while EPLB rebalances, sync
+against async; on GPUs also the rebalance transfers' bandwidth against NCCL point-to-point.
 
-Run: .venv/bin/python bench/runtime.py [--ranks 4] [--quick]
-Writes bench/results/runtime.json and prints a table.
+Run: .venv/bin/python bench/runtime.py [--ranks 4] [--quick]            (CPU, gloo)
+     python3 bench/runtime.py --device cuda --ranks 2 [--layers 8]      (GPUs, NCCL)
+Writes bench/results/runtime.json (CPU) or runtime-<gpu>.json and prints a table.
+
+On GPUs the model is Qwen3-30B-A3B's shape (configs/Qwen3-30B-A3B, bf16, ``--layers`` of its 48
+layers) with random weights made on the device (``load_format="dummy"``) and skewed, drifting
+routers (``dummy_router_skew``), so EPLB has real imbalance to fix and each expert is 9.4 MB.
+The same call measures NCCL send/recv between the two GPUs (both directions at once, as a
+rebalance does) at the per-layer message size the rebalances moved, and at 9.4 MB and 64 MB.
 
 One group of spawned ranks runs three scenarios on the same requests (a random Qwen3-MoE with
 experts big enough that moving them takes time: 8 layers, hidden 256, 16 experts, expert
@@ -34,9 +41,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eplb.runtime.dp_offline import Scenario, run_scenarios  # noqa: E402
 from eplb.engine.sampling import SamplingParams  # noqa: E402
-from eplb.model.testing import make_tiny_checkpoint  # noqa: E402
+from eplb.model.tiny import make_tiny_checkpoint  # noqa: E402
+from eplb.runtime.dp_offline import Scenario, run_scenarios  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(hidden_size=256, num_hidden_layers=8, num_experts=16, moe_intermediate_size=512,
@@ -62,16 +69,87 @@ def summarize(log: list[tuple[float, str]], phase: str) -> dict:
             "mean_ms": statistics.mean(ms) if ms else float("nan")}
 
 
+def _p2p_worker(rank: int, port: int, sizes: list[int], q) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, device_id=torch.device("cuda", rank))
+    peer = 1 - rank
+    out = {}
+    for size in sizes:
+        send = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+        recv = torch.empty_like(send)
+        times = []
+        for i in range(25):
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer),
+                                             dist.P2POp(dist.irecv, recv, peer)]):
+                w.wait()
+            end.record()
+            end.synchronize()
+            if i >= 5:  # warm-up first
+                times.append(start.elapsed_time(end) / 1e3)
+        out[size] = size / statistics.median(times) / 1e9  # one direction, GB/s
+    q.put((rank, out))
+    dist.destroy_process_group()
+
+
+def p2p_bandwidth(sizes: list[int]) -> dict[int, float]:
+    """NCCL send/recv GB/s per direction between GPU 0 and 1, both directions at once."""
+    import torch.multiprocessing as mp
+
+    from eplb.parallel.groups import find_free_port, set_nccl_env
+
+    set_nccl_env()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = find_free_port()
+    procs = [ctx.Process(target=_p2p_worker, args=(r, port, sizes, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return {s: min(res[0][s], res[1][s]) for s in sizes}
+
+
+def gpu_model_dir(tmp: str, layers: int) -> str:
+    """configs/Qwen3-30B-A3B with ``layers`` layers (weights: --load-format dummy)."""
+    import shutil
+
+    src = Path(__file__).resolve().parents[1] / "configs" / "Qwen3-30B-A3B"
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    cfg = json.loads((Path(tmp) / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+    return tmp
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--layers", type=int, default=8, help="GPU: Qwen3-30B-A3B layers to build")
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-    ap.add_argument("--out", default=str(RESULTS / "runtime.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     g = args.ranks
+    gpu = args.device == "cuda"
     max_tokens = 60 if args.quick else 240
     interval = 20 if args.quick else 40
-    reqs = requests(4 * g, max_tokens)
+    if gpu:
+        reqs = [(torch.randint(0, 150000, (256,), generator=torch.Generator().manual_seed(i))
+                 .tolist(), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                for i in range(32 * g)]
+        engine = {"dtype": "bfloat16", "device": "cuda", "max_model_len": 512,
+                  "max_num_seqs": 64, "load_format": "dummy", "dummy_router_skew": 1.5,
+                  "dummy_router_drift": 100}
+    else:
+        reqs = requests(4 * g, max_tokens)
+        engine = ENGINE
     eplb = {"window_size": interval, "step_interval": interval, "num_redundant_experts": g,
             "policy": "deepseek"}
     scenarios = [
@@ -80,8 +158,12 @@ def main() -> int:
         Scenario("async", eplb={**eplb, "use_async": True}, requests=reqs, record_steps=True),
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        make_tiny_checkpoint(tmp, "qwen3_moe", seed=0, tokenizer=True, **MODEL)
-        res = run_scenarios(tmp, g, scenarios, ENGINE, timeout_s=1800)
+        if gpu:
+            model_dir = gpu_model_dir(tmp, args.layers)
+        else:
+            make_tiny_checkpoint(tmp, "qwen3_moe", seed=0, tokenizer=True, **MODEL)
+            model_dir = tmp
+        res = run_scenarios(model_dir, g, scenarios, engine, timeout_s=1800)
     by = {sc.name: r for sc, r in zip(scenarios, res)}
     steady = summarize(by["off"][0]["step_log"], "steady")
     rows = {
@@ -97,20 +179,42 @@ def main() -> int:
     for name in ("sync", "async"):
         st = by[name][0]["stats"]
         figures[name] = {k: st[k] for k in ("rebalances", "rebalances_failed", "copies_moved",
-                                            "bytes_moved", "mean_rebalance_s", "steps")}
+                                            "bytes_moved", "mean_rebalance_s", "steps",
+                                            "balancedness_history")}
         figures[name]["steps_in_flight"] = [e["steps_in_flight"] for e in st["events"]]
+        # transfers: bytes each rank received over the seconds its layer transfers took
+        recv = [r["stats"]["transfer_bytes_received"] for r in by[name]]
+        secs = [r["stats"]["transfer_seconds"] for r in by[name]]
+        layers = max(st["layers_committed"], 1)
+        figures[name]["transfer_gb_per_s"] = (
+            min(b / s / 1e9 for b, s in zip(recv, secs)) if all(secs) else None)
+        figures[name]["bytes_received_per_layer_per_rank"] = int(min(recv) / layers)
+    if gpu:
+        per_layer = max(1, min(f["bytes_received_per_layer_per_rank"] for f in figures.values()))
+        sizes = sorted({per_layer, 9_437_184, 64 * 2**20})
+        p2p = p2p_bandwidth(sizes)
+        for f in figures.values():
+            ref = p2p[per_layer]
+            f["p2p_gb_per_s_same_size"] = ref
+            f["transfer_vs_p2p"] = (f["transfer_gb_per_s"] / ref
+                                    if f["transfer_gb_per_s"] else None)
     tokens_equal = all(
         {k: v for r in by[n] for k, v in r["tokens"].items()}
         == {k: v for r in by["off"] for k, v in r["tokens"].items()} for n in ("sync", "async"))
     async_ratio = rows["during async rebalance"]["p99_vs_steady"]
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "python": sys.version.split()[0], "load_avg_at_end": os.getloadavg()}
+    if gpu:
+        machine["gpu"] = torch.cuda.get_device_name(0)
+        machine["gpus"] = torch.cuda.device_count()
     result = {
         "benchmark": "runtime",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "python": sys.version.split()[0],
-                    "load_avg_at_end": os.getloadavg()},
-        "setup": {"ranks": g, "backend": "allgather_reducescatter", "model": MODEL,
-                  "engine": ENGINE, "requests": len(reqs), "max_tokens": max_tokens,
+        "machine": machine,
+        "setup": {"ranks": g, "backend": "allgather_reducescatter",
+                  "model": (f"Qwen3-30B-A3B shape, {args.layers} layers, dummy weights, "
+                            "router skew 1.5 drifting every 100 steps") if gpu else MODEL,
+                  "engine": engine, "requests": len(reqs), "max_tokens": max_tokens,
                   "eplb": eplb, "threads_per_rank": 1},
         "step_time": rows,
         "rebalances": figures,
@@ -118,9 +222,16 @@ def main() -> int:
         "target": {"async_p99_within_1.25x_steady": async_ratio <= 1.25,
                    "async_p99_vs_steady": async_ratio},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{g} ranks, CPU ({cpu_model()}), torch {torch.__version__}")
+    if gpu:
+        result["p2p_gb_per_s"] = {str(k): v for k, v in p2p.items()}
+        result["target"]["async_transfers_at_least_half_p2p"] = (
+            (figures["async"]["transfer_vs_p2p"] or 0) >= 0.5)
+    out = args.out or str(RESULTS / (
+        "runtime.json" if not gpu else
+        f"runtime-{torch.cuda.get_device_name(0).lower().replace(' ', '-')}x{g}.json"))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{g} ranks, {machine.get('gpu', 'CPU ' + cpu_model())}, torch {torch.__version__}")
     print(f"{'phase':42s} {'steps':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'p50 x':>6s} {'p99 x':>6s}")
     for name, row in rows.items():
         print(f"{name:42s} {row['steps']:6d} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
@@ -128,8 +239,10 @@ def main() -> int:
     for name, f in figures.items():
         print(f"{name}: {f['rebalances']} rebalances, {f['copies_moved']} copies, "
               f"{f['bytes_moved'] / 2**20:.1f} MiB, mean {f['mean_rebalance_s'] * 1e3:.0f} ms, "
-              f"steps in flight {f['steps_in_flight']}")
-    print(f"tokens equal across scenarios: {tokens_equal}; wrote {args.out}")
+              f"steps in flight {f['steps_in_flight']}, transfers "
+              f"{f['transfer_gb_per_s'] or 0:.1f} GB/s"
+              + (f" ({f['transfer_vs_p2p'] or 0:.2f}x NCCL P2P of the same size)" if gpu else ""))
+    print(f"tokens equal across scenarios: {tokens_equal}; wrote {out}")
     return 0
 
 

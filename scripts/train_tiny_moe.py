@@ -1,13 +1,13 @@
-"""Train the tiny Qwen3-MoE word-problem model shipped in models/tiny-qwen3-moe.
+"""Train the tiny Qwen3-MoE word-problem model shipped in src/eplb/assets/models/tiny-qwen3-moe.
 
 One run does everything: builds the tokenizer, trains from scratch on the train split of
 ``eplb.evals.problems`` in the exact few-shot format of ``eplb.evals.prompt``, saves the model in
-the HF layout (bf16), evaluates greedy accuracy on data/synthetic_gsm8k_test.jsonl with
+the HF layout (bf16), evaluates greedy accuracy on the shipped synthetic_gsm8k_test.jsonl with
 transformers' ``generate`` (the reference), measures the per-layer expert load skew on that test
 traffic, and optionally the accuracy with our engine (``eplb.engine.LLM``).
 
     python scripts/train_tiny_moe.py --out OUTDIR [--seed 0] [--steps 2422]   # the shipped run
-    python scripts/train_tiny_moe.py --eval-only models/tiny-qwen3-moe --out OUTDIR [--engine]
+    python scripts/train_tiny_moe.py --eval-only src/eplb/assets/models/tiny-qwen3-moe --out OUTDIR [--engine]
     python scripts/train_tiny_moe.py --smoke --out /tmp/x     # minutes on a CPU, for a check
 
 Training sequences are windows of a stream of solved problems (``Question: ..\\nAnswer: ..\\n\\n``)
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from eplb.evals import problems  # noqa: E402
 from eplb.evals.prompt import STOP_STRINGS, build_prompt, extract_answer, format_shot  # noqa: E402
+from eplb.resources import data_dir  # noqa: E402
 
 NUM_SHOTS = 5
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -186,7 +187,7 @@ def train(args, out: Path, device: str) -> dict:
 
     torch.manual_seed(args.seed)
     t0 = time.time()
-    shots = problems.read_jsonl(ROOT / "data" / problems.TRAIN_FILE)[:NUM_SHOTS]
+    shots = problems.read_jsonl(data_dir() / problems.TRAIN_FILE)[:NUM_SHOTS]
     tok_records = problems.generate("train", 20000, args.seed + 10**6)
     tok = build_tokenizer([format_shot(p["question"], p["answer"]) for p in tok_records], args.vocab)
     prefix = "".join(format_shot(s["question"], s["answer"]) for s in shots)
@@ -314,8 +315,8 @@ def _truncate(text: str) -> str:
 
 
 def eval_prompts(limit: int | None = None) -> tuple[list[str], list[float]]:
-    shots = problems.read_jsonl(ROOT / "data" / problems.TRAIN_FILE)[:NUM_SHOTS]
-    test = problems.read_jsonl(ROOT / "data" / problems.TEST_FILE)[:limit]
+    shots = problems.read_jsonl(data_dir() / problems.TRAIN_FILE)[:NUM_SHOTS]
+    test = problems.read_jsonl(data_dir() / problems.TEST_FILE)[:limit]
     from eplb.evals.prompt import reference_answer
 
     return [build_prompt(shots, r["question"]) for r in test], [reference_answer(r["answer"]) for r in test]

@@ -10,7 +10,7 @@ import torch
 from eplb.cli import main as cli_main
 from eplb.engine import LLM, EngineCore, SamplingParams
 from eplb.engine.sampling import sample
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -55,8 +55,14 @@ def test_each_step_calls_every_moe_layer_once_and_dummy_counts_no_load(engine):
     calls = []
     layers = engine.model.moe_layers()
     orig = [l.dispatcher for l in layers]
+    def counting(d):
+        def dispatch(h, s, w, f, lay):
+            calls.append((lay.moe_idx, h.shape[0]))
+            return d(h, s, w, f, lay)
+        return dispatch
+
     for l, d in zip(layers, orig):
-        l.dispatcher = (lambda d: lambda h, s, w, f, lay: (calls.append((lay.moe_idx, h.shape[0])), d(h, s, w, f, lay))[1])(d)
+        l.dispatcher = counting(d)
     try:
         for l in layers:
             l.take_load()

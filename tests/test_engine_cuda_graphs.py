@@ -9,7 +9,7 @@ import torch
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from eplb.model.moe import maps_from_phy2log
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -75,6 +75,16 @@ def test_warm_prefill_leaves_no_trace(path):
     assert core.warm_prefill() == [64]  # capped by max_model_len 64
     assert all(int(l.expert_load.sum()) == 0 for l in core.model.moe_layers())
     assert run(core, 3) == ref
+
+
+def test_warm_up_on_cpu_does_nothing(path, monkeypatch):
+    """warm_up() captures graphs and warms prefill only where decode graphs are used: on the CPU
+    (eager or not) it runs no forward and says False."""
+    for eager in (True, False):
+        core = make_core(path, False, eager=eager)
+        monkeypatch.setattr(core, "warm_prefill", lambda: pytest.fail("warm_prefill ran on the CPU"))
+        assert core.warm_up() is False
+        assert core._graphs is None
 
 
 def permute_slots(layer, perm: torch.Tensor) -> None:

@@ -208,11 +208,10 @@ def test_gsm8k_uses_cache_without_network(tmp_path, monkeypatch):
     assert shots == [_record(9)] and questions == [_record(3)]
 
 
-def test_synthetic_uses_repo_data_files(monkeypatch, tmp_path):
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "synthetic_gsm8k_train.jsonl").write_text(json.dumps(_record(5)) + "\n")
-    (tmp_path / "data" / "synthetic_gsm8k_test.jsonl").write_text(json.dumps(_record(6)) + "\n")
-    monkeypatch.setattr(gsm8k, "repo_root", lambda: tmp_path)
+def test_synthetic_uses_shipped_data_files(monkeypatch, tmp_path):
+    (tmp_path / "synthetic_gsm8k_train.jsonl").write_text(json.dumps(_record(5)) + "\n")
+    (tmp_path / "synthetic_gsm8k_test.jsonl").write_text(json.dumps(_record(6)) + "\n")
+    monkeypatch.setattr(gsm8k, "data_dir", lambda: tmp_path)
     assert gsm8k.resolve_data("synthetic", None, None, 1) == ([_record(5)], [_record(6)])
 
 

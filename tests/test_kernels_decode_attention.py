@@ -1,18 +1,17 @@
 """Triton split-K decode attention against the plain torch reference, and the reference itself.
 
-The torch reference (eplb.model.attention.decode_attention_torch) test runs everywhere. The Triton tests run on CUDA; without a GPU they run
-under triton's interpreter (TRITON_INTERPRET=1, float32 data, small shapes), otherwise they skip.
+The torch reference (eplb.model.attention.decode_attention_torch) test runs everywhere. The Triton
+tests run on CUDA; without a GPU they run under triton's interpreter (TRITON_INTERPRET=1, float32
+data, small shapes: what CI does), otherwise they skip.
 """
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from eplb.model.attention import decode_attention_torch
-
 from eplb.kernels import HAS_TRITON, triton_test_device
+from eplb.model.attention import decode_attention_torch
 
 DEV = triton_test_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="needs CUDA + triton (or TRITON_INTERPRET=1)")
@@ -105,7 +104,7 @@ def test_decode_attention_matches_reference(shape, num_slots, max_len, b, dtype)
 def test_split_extremes(shape, target):
     """num_splits 1 (the split kernel writes the output, no combine) and as many as max_len allows."""
     hq, hkv, d = shape
-    dtype, max_len, b = DTYPES[0], 300, 5
+    dtype, max_len = DTYPES[0], 300
     ctx = [1, 300, 64, 65, 0]
     q, k, v, slots, ctx = make_case(hq, hkv, d, 7, max_len, ctx, dtype, DEV)
     _check(q, k, v, slots, ctx, dtype, target_programs=target)

@@ -1,11 +1,10 @@
 """Triton fused MoE (bf16 and block-FP8) against the plain torch path.
 
-Runs on CUDA with triton. Without a GPU it runs only under triton's interpreter
-(TRITON_INTERPRET=1 with triton installed), otherwise it skips: CI has neither.
+Runs on CUDA with triton. Without a GPU it runs under triton's interpreter (TRITON_INTERPRET=1
+with triton installed: what CI does, scripts/run_tests.sh sets it), otherwise it skips.
 """
 
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from eplb.model.checkpoint import dequantize_block_fp8  # noqa: E402
 
 # triton's CPU interpreter gets bf16 dots wrong, so under it the kernels run on float32 data
 BF16 = torch.bfloat16 if DEV == "cuda" else torch.float32
-# bf16 operands: relative error between 1e-3 and 1e-2 (METHOD.md); we take the top of that range
+# bf16 operands (8 significant bits) summed in float32 give a relative error between 1e-3 and 1e-2;
+# we take the top of that range (docs/gpu.md, Tests)
 BF16_TOL = 1e-2
 
 

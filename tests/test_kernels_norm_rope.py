@@ -8,8 +8,6 @@ float32 sum-of-squares order differs: there the bound is 1 ulp on a small fracti
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from eplb.kernels import triton_test_device
 from eplb.model import transformer
 from eplb.model.transformer import Rope
+from eplb.resources import default_model_path
 
 DEV = triton_test_device()
 if DEV is None:
@@ -27,7 +26,7 @@ from eplb.kernels import qk_norm_rope, rms_norm_fused  # noqa: E402
 CUDA = DEV == "cuda"
 DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16]
 NS = [1, 7, 8192] if CUDA else [1, 7]  # 8192 rows take minutes in the interpreter
-MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-qwen3-moe"
+MODEL = default_model_path()
 
 
 def torch_rms_norm(x, w, eps, residual=None):
@@ -73,7 +72,10 @@ def test_rms_norm_fused_matches_torch(dtype, n, h) -> None:
     assert_close_bits(rms_norm_fused(x, w, eps), torch_rms_norm(x, w, eps)[0])
     out, r = rms_norm_fused(x, w, eps, residual=res)
     ref, ref_r = torch_rms_norm(x, w, eps, res)
-    assert torch.equal(r, ref_r) if CUDA else (r.float() - ref_r.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref_r.float().abs().max()
+    if CUDA:
+        assert torch.equal(r, ref_r)
+    else:
+        assert (r.float() - ref_r.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref_r.float().abs().max()
     assert_close_bits(out, ref)
 
 
@@ -98,7 +100,7 @@ def test_rms_norm_fused_strided_rows_and_model_wrapper() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("shape", [(32, 4, 128), (4, 2, 64)])  # Qwen3-30B-A3B; models/tiny-qwen3-moe
+@pytest.mark.parametrize("shape", [(32, 4, 128), (4, 2, 64)])  # Qwen3-30B-A3B; tiny-qwen3-moe
 @pytest.mark.parametrize("norm", [True, False])
 def test_qk_norm_rope_matches_torch(dtype, n, shape, norm) -> None:
     hq, hkv, d = shape
@@ -172,7 +174,7 @@ def test_cuda_graph_capture() -> None:
 
 @pytest.mark.skipif(not CUDA, reason="the whole-model check runs the tiny model in bf16 on CUDA")
 def test_tiny_model_logits_with_and_without_kernels() -> None:
-    """models/tiny-qwen3-moe, bf16 on CUDA: two prompts prefilled in one flattened step, then a
+    """The shipped tiny-qwen3-moe, bf16 on CUDA: two prompts prefilled in one flattened step, then a
     decode step; logits with the kernels equal those of the torch path bit for bit."""
     from eplb.model import AttentionMetadata, load_model
 

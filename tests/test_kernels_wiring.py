@@ -1,5 +1,5 @@
 """The engine's MoE layer routes its expert compute to the Triton kernel on CUDA bf16 and gets
-the same outputs as its torch path. Skips without CUDA + triton (CI has neither)."""
+the same outputs as its torch path. Needs CUDA + triton (skips in CI, which has no GPU)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_layer_uses_kernel_and_matches_torch_path(t, monkeypatch):
         layer.fused_experts = False  # the torch path, the reference
         ref = layer(x)
     assert len(calls) == 1
-    # both round to bf16 at different points: bf16 tolerance (METHOD.md: 1e-3..1e-2)
+    # both round to bf16 at different points: bf16 tolerance, 1e-3..1e-2 (docs/gpu.md, Tests)
     assert rel_err(fused, ref) < 1e-2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from eplb.model import CheckpointReader, load_model
 from eplb.model.checkpoint import dequantize_block_fp8
-from eplb.model.testing import load_reference, make_tiny_checkpoint, prefill_rel_errors
+from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import load_reference, prefill_rel_errors
 
 torch.set_num_threads(1)
 BLOCK = 128
@@ -47,7 +49,7 @@ def fp8_ckpt(tmp_path_factory):
                          moe_intermediate_size=144, head_dim=40, num_attention_heads=4,
                          num_key_value_heads=2)
     sd = load_file(os.path.join(src, "model.safetensors"))
-    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg = json.loads(Path(src, "config.json").read_text())
     qsd, deq = {}, {}
     for k, v in sd.items():
         if _quantized(k):
@@ -100,7 +102,7 @@ def test_fp8_scale_errors_name_the_tensor(fp8_ckpt, tmp_path, case, expect):
     else:
         del sd["model.layers.1.self_attn.q_proj.weight_scale_inv"]
     save_file(sd, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(open(os.path.join(fp8_dir, "config.json")).read())
+    (tmp_path / "config.json").write_text(Path(fp8_dir, "config.json").read_text())
     with pytest.raises(ValueError, match=expect):
         load_model(str(tmp_path))
 
@@ -110,7 +112,7 @@ def test_fp8_scale_errors_name_the_tensor(fp8_ckpt, tmp_path, case, expect):
 
 from eplb.kernels.reference import quant_dequant_act  # noqa: E402
 from eplb.model.moe import MoELayer, expert_forward  # noqa: E402
-from eplb.model.testing import quantize_checkpoint_fp8  # noqa: E402
+from eplb.model.quantize import quantize_checkpoint_fp8  # noqa: E402
 
 CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 try:
@@ -137,7 +139,7 @@ def fp8_128(tmp_path_factory):
 def test_quantize_checkpoint_fp8_layout(fp8_128):
     src, dst = fp8_128
     sd, src_sd = load_file(os.path.join(dst, "model.safetensors")), load_file(os.path.join(src, "model.safetensors"))
-    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg = json.loads(Path(dst, "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                           "weight_block_size": [128, 128]}
     w = "model.layers.0.mlp.experts.3.down_proj.weight"
@@ -245,7 +247,7 @@ def test_fp8_kept_model_matches_dequantized_model(fp8_128, monkeypatch):
 
     _, dst = fp8_128
     q_model, cfg = load_model(dst, dtype="bfloat16", device="cuda", quantization="fp8", max_len=64)
-    d_model, _ = load_model(dst, dtype="bfloat16", device="cuda", max_len=64)
+    d_model, _ = load_model(dst, dtype="bfloat16", device="cuda", quantization="none", max_len=64)
     assert q_model.layers[0].mlp.w13.dtype == torch.float8_e4m3fn
     assert q_model.layers[1].mlp.w13.dtype == torch.float8_e4m3fn  # dense MLP
     assert q_model.layers[2].attn.qkv.dtype == torch.float8_e4m3fn
@@ -310,7 +312,7 @@ def test_fp8_kept_engine_greedy_tokens_mostly_match(fp8_128):
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 16, 3, 12, 7)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     runs = []
-    for quant in ("fp8", None):
+    for quant in ("fp8", "none"):
         llm = LLM(dst, dtype="bfloat16", device="cuda", max_model_len=64, max_num_seqs=8, quantization=quant)
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
         del llm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from eplb.model import AttentionMetadata, CheckpointReader, MoELayer, load_model
 from eplb.model.moe import combine, expert_forward, maps_from_phy2log
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -98,7 +99,9 @@ def test_replica_choice_routes_to_holders_and_spreads_evenly(counts, tokens, off
     assert torch.equal(phy2log[slots], ids)  # every pair lands on a slot holding its expert
     for ex in range(e):
         per_slot = torch.bincount(slots[ids == ex], minlength=len(phy2log))[phy2log == ex]
-        assert int(per_slot.max() - per_slot.min()) <= 1 if per_slot.numel() else True
+        assert per_slot.numel() == counts[ex]  # every expert has >= 1 replica here
+        assert int(per_slot.sum()) == int((ids == ex).sum())
+        assert int(per_slot.max() - per_slot.min()) <= 1  # spread evenly over its replicas
 
 
 def test_redundant_placement_gives_the_same_output():
@@ -155,7 +158,7 @@ def test_fused_3d_expert_tensors_and_sharded_index(qwen, tmp_path):
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     assert "model.layers.0.mlp.experts.gate_up_proj" in sd
     save_file(sd, str(fused / "model.safetensors"))
-    (fused / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    (fused / "config.json").write_text(Path(path, "config.json").read_text())
     assert float((_forward_logits(str(fused), ids) - want).abs().max() / want.abs().max()) < 1e-4
     # sharded: model.safetensors.index.json
     sharded = tmp_path / "sharded"
@@ -180,7 +183,7 @@ def _copy_ckpt(src: str, dst, mutate_tensors=None, mutate_config=None) -> str:
     if mutate_tensors:
         mutate_tensors(sd)
     save_file(sd, str(dst / "model.safetensors"))
-    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg = json.loads(Path(src, "config.json").read_text())
     if mutate_config:
         mutate_config(cfg)
     (dst / "config.json").write_text(json.dumps(cfg))

@@ -7,7 +7,8 @@ import torch
 
 from eplb.engine import LLM, SamplingParams
 from eplb.model import AttentionMetadata, load_model
-from eplb.model.testing import empty_kv_cache, make_tiny_checkpoint, prefill_rel_errors
+from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import empty_kv_cache, prefill_rel_errors
 
 torch.set_num_threads(1)
 ARCHS = ["qwen3_moe", "mixtral", "olmoe"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from eplb.engine import LLM, SamplingParams
+from eplb.model.tiny import make_tiny_checkpoint
 from eplb.runtime.dp_offline import Scenario, run_scenarios
-from eplb.model.testing import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}
@@ -88,6 +88,12 @@ SCENARIOS_2 = [
     # rank 1 never reports its layer staged: only the timeout ends the rebalance
     Scenario("agrs-async-stall", "allgather_reducescatter",
              _eplb(True, 2, debug_fail_rank=1, debug_fail_mode="stall", transfer_timeout_s=1.5)),
+    # the policy itself raises (rank 0 reports it in the packet) or never returns (timeout)
+    Scenario("naive-async-policy-raise", "naive",
+             _eplb(True, 2, debug_fail_rank=0, debug_fail_phase="policy", transfer_timeout_s=1.5)),
+    Scenario("agrs-async-policy-stall", "allgather_reducescatter",
+             _eplb(True, 2, debug_fail_rank=0, debug_fail_phase="policy", debug_fail_mode="stall",
+                   transfer_timeout_s=1.5)),
 ]
 SCENARIOS_4 = [
     Scenario("naive-off", "naive", None),
@@ -168,13 +174,17 @@ def test_async_rebalance_overlaps_forward_steps(runs):
 
 
 @pytest.mark.parametrize("world,name", [(2, "agrs-sync-fault"), (2, "naive-async-fault"),
-                                        (2, "agrs-async-stall"), (4, "agrs-async-fault")])
+                                        (2, "agrs-async-stall"), (4, "agrs-async-fault"),
+                                        (2, "naive-async-policy-raise"),
+                                        (2, "agrs-async-policy-stall")])
 def test_failed_transfer_keeps_old_placement_everywhere(runs, world, name):
     stats = [r["stats"] for r in runs[world][name]]
     for s in stats:
         assert s["rebalances_failed"] == 1
         first = s["events"][0]
         assert first["ok"] is False and first["layers_committed"] == 0 and first["copies"] == 0
+        if "policy-stall" in name:
+            assert "phase policy" in first["why"], first["why"]
         assert s["verify_mismatches"] == 0
         if "stall" in name:  # the run's requests finish during the stall (tokens checked above)
             assert not s["rebalance_in_flight"]

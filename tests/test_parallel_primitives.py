@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 
 import pytest
@@ -21,7 +22,13 @@ from eplb.config import ALL2ALL_BACKENDS
 from eplb.model.moe import expert_forward, local_dispatch
 from eplb.parallel.all2all import make_dispatcher
 from eplb.parallel.groups import find_free_port, init_distributed
-from eplb.parallel.transfer import commit_layer, plan_bytes, row_bytes, stage_layer
+from eplb.parallel.transfer import (
+    commit_layer,
+    plan_bytes,
+    row_bytes,
+    stage_layer,
+    start_layer_transfer,
+)
 
 LAYERS, EXPERTS = 3, 8
 
@@ -77,6 +84,7 @@ def _worker(rank: int, world: int, port: int, result_q) -> None:
                 moved += len(transfers[layer])
                 assert plan_bytes(transfers[layer], tensors[layer]) == (
                     len(transfers[layer]) * row_bytes(tensors[layer]))
+        _check_posting_never_blocks(rank, world, ctx)
         dispatched = _check_dispatchers(rank, world, ctx)
         result_q.put((rank, checked, moved, dispatched, None))
     except BaseException:  # noqa: BLE001
@@ -84,6 +92,30 @@ def _worker(rank: int, world: int, port: int, result_q) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_posting_never_blocks(rank: int, world: int, ctx) -> None:
+    """The async runtime posts a layer at a boundary and polls it later: posting returns at once
+    and ``done()`` stays False while a peer has not posted its side (here rank 0 posts 0.5 s
+    before the others), then turns True and the rows are right."""
+    old = Placement.default(1, EXPERTS, world, 0)
+    s = old.slots_per_rank
+    new = Placement.from_phy2log(old.phy2log.roll(s, dims=1), EXPERTS, world)  # all remote
+    mine = slice(rank * s, (rank + 1) * s)
+    tensors = identity_rows(old.phy2log[0, mine], 0)
+    if rank != 0:
+        time.sleep(0.5)
+    pending = start_layer_transfer(0, plan(old, new)[0], rank, tensors, s, ctx.transfer_group)
+    if rank == 0:
+        assert not pending.done(), "rank 0's receive finished before its peer posted"
+    deadline = time.monotonic() + 30
+    while not pending.done():
+        assert time.monotonic() < deadline, "a posted transfer never completed"
+        time.sleep(0.01)
+    dist.barrier()
+    commit_layer(tensors, pending.finish())
+    want = identity_rows(new.phy2log[0, mine], 0)
+    assert all(torch.equal(tensors[k].float(), want[k].float()) for k in want)
 
 
 class _Layer:

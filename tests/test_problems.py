@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +11,9 @@ from hypothesis import strategies as st
 
 from eplb.evals import problems
 from eplb.evals.prompt import build_prompt, extract_answer, reference_answer
+from eplb.resources import data_dir
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = data_dir()
 _EQ = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 
 

@@ -18,9 +18,9 @@ import torch
 from eplb.cli import main as cli_main
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.engine import LLM, SamplingParams
-from eplb.runtime.dp_client import DPEngineClient
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 from eplb.parallel.all2all import make_dispatcher
+from eplb.runtime.dp_client import DPEngineClient
 
 torch.set_num_threads(1)
 ENGINE = {"dtype": "float32", "max_model_len": 128, "max_num_seqs": 8}

@@ -1,9 +1,8 @@
-"""The shipped models/tiny-qwen3-moe checkpoint, checked with transformers on the CPU."""
+"""The shipped tiny-qwen3-moe checkpoint (eplb/assets/models/), checked with transformers on the CPU."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +10,10 @@ from safetensors import safe_open
 
 from eplb.evals import problems
 from eplb.evals.prompt import STOP_STRINGS, build_prompt, extract_answer, reference_answer
+from eplb.resources import data_dir, default_model_path
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "tiny-qwen3-moe"
+MODEL = default_model_path()
+DATA = data_dir()
 NUM_SOLVED = 6  # a handful of test problems, greedy: keeps this file fast on 2 CPU cores
 
 
@@ -34,7 +34,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def shots():
-    return problems.read_jsonl(ROOT / "data" / problems.TRAIN_FILE)[:5]
+    return problems.read_jsonl(DATA / problems.TRAIN_FILE)[:5]
 
 
 def test_architecture_and_size(model) -> None:
@@ -66,14 +66,14 @@ def test_tokenizer(tok, shots) -> None:
     assert tok.decode(ids) == text
     digit_tokens = [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()]
     assert digit_tokens and all(len(t) == 1 for t in digit_tokens)  # one token per digit
-    test = problems.read_jsonl(ROOT / "data" / problems.TEST_FILE)
+    test = problems.read_jsonl(DATA / problems.TEST_FILE)
     lens = [len(x) for x in tok([build_prompt(shots, r["question"]) for r in test],
                                 add_special_tokens=False)["input_ids"]]
     assert max(lens) <= 600
 
 
 def test_solves_test_problems_greedily(tok, model, shots) -> None:
-    test = problems.read_jsonl(ROOT / "data" / problems.TEST_FILE)[:NUM_SOLVED]
+    test = problems.read_jsonl(DATA / problems.TEST_FILE)[:NUM_SOLVED]
     tok.padding_side = "left"
     enc = tok([build_prompt(shots, r["question"]) for r in test], return_tensors="pt",
               padding=True, add_special_tokens=False)
@@ -89,7 +89,7 @@ def test_solves_test_problems_greedily(tok, model, shots) -> None:
 
 def test_routing_is_skewed(tok, model, shots) -> None:
     """max/mean tokens per expert >= 2 in most layers, on a few real prompts."""
-    test = problems.read_jsonl(ROOT / "data" / problems.TEST_FILE)[:2]
+    test = problems.read_jsonl(DATA / problems.TEST_FILE)[:2]
     num_experts = model.config.num_experts
     load = torch.zeros(len(model.model.layers), num_experts)
 

@@ -86,7 +86,7 @@ def main() -> None:
             ns = da.split_plan(b, HKV, MAX_LEN)
             print(f"{b:>4} {ctx:>5} {ns:>4} {tg:>9.1f} {kv_gb(b, ctx) / tg * 1e6:>7.0f} {te:>9.1f} "
                   f"{ts:>8.1f} {kv_gb(b, ctx) / ts * 1e6:>9.0f} {err:>7.4f}")
-            del q, k, v, ks, vs
+            q = k = v = ks = vs = None  # free the cache before the next case
             torch.cuda.empty_cache()
     if args.sweep:
         sweep(scale)

@@ -158,7 +158,8 @@ def layer_bench() -> None:
             transformer.FUSED_NORM_ROPE = fused
             outs[fused] = layer(x, res, cos, sin, meta, kv)
             ms = timeit(lambda: layer(x, res, cos, sin, meta, kv), iters=20)
-            print(f"DecoderLayer forward (dense MLP 6144), {N} tokens, kernels {'on ' if fused else 'off'}: {ms:.3f} ms")
+            on = "on " if fused else "off"
+            print(f"DecoderLayer forward (dense MLP 6144), {N} tokens, kernels {on}: {ms:.3f} ms")
     transformer.FUSED_NORM_ROPE = True
     same = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
     print(f"layer outputs (mlp out, residual) bit-identical with/without kernels: {same}")

@@ -1,8 +1,10 @@
 """Dev: flash vs cuDNN SDPA for one causal prefill at Qwen3-30B-A3B's attention shape."""
 import time
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
 
 def ev(fn, n=10):
     for _ in range(3): fn()
@@ -31,7 +33,8 @@ for L in (8192, 2048, 512):
                 torch.cuda.synchronize(); first = (time.perf_counter() - t0) * 1e3
                 t = ev(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa))
             err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-            print(f"L={L} cudnn gqa={gqa}: first call {first:.1f} ms, then {t:.3f} ms {fl / t / 1e9:.0f} TF/s rel err {err:.2e}")
+            print(f"L={L} cudnn gqa={gqa}: first call {first:.1f} ms, then {t:.3f} ms "
+                  f"{fl / t / 1e9:.0f} TF/s rel err {err:.2e}")
         except Exception as exc:
             print(f"L={L} cudnn gqa={gqa}: {type(exc).__name__}: {str(exc)[:200]}")
     # a new length right after: the graph build cost
@@ -46,8 +49,9 @@ for L in (8192, 2048, 512):
     except Exception as exc:
         print("  new length:", type(exc).__name__)
 try:
-    from torch.nn.attention import varlen
     import inspect
+
+    from torch.nn.attention import varlen
     print("varlen_attn", inspect.signature(varlen.varlen_attn))
 except Exception as exc:
     print("no varlen:", exc)

@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import gpu  # noqa: E402
+
 from eplb.kernels import fused_moe, moe_torch  # noqa: E402
 from eplb.kernels import moe_triton as mt  # noqa: E402
 
@@ -43,7 +44,8 @@ def c(bn: int, w: int, s: int, g: int = 8) -> dict:
 
 def short(cfg: dict) -> str:
     def p(d):
-        return ("" if "BM" not in d else f"bm{d['BM']}/") + f"{d['BN']}/w{d['num_warps']}/s{d['num_stages']}/g{d['GROUP_M']}"
+        bm = "" if "BM" not in d else f"bm{d['BM']}/"
+        return bm + f"{d['BN']}/w{d['num_warps']}/s{d['num_stages']}/g{d['GROUP_M']}"
     return f"BM={cfg['BM']} g1={p(cfg['gemm1'])} g2={p(cfg['gemm2'])}"
 
 

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
+
 from eplb.kernels.moe_triton import get_config  # noqa: E402
 
 layer = gpu.Layer()
@@ -36,5 +37,6 @@ for t in (16, 32, 64, 128):
     res.sort(key=lambda r: r[0])
     print(f"t={t}: table {base * 1e3:.4f} ms; best:", flush=True)
     for sec, cfg in res[:4]:
-        print(f"   {sec * 1e3:.4f} ms  BM={cfg['BM']} g1={cfg['gemm1']['BN']}/w{cfg['gemm1']['num_warps']}/s{cfg['gemm1']['num_stages']} "
+        g1 = cfg["gemm1"]
+        print(f"   {sec * 1e3:.4f} ms  BM={cfg['BM']} g1={g1['BN']}/w{g1['num_warps']}/s{g1['num_stages']} "
               f"g2={cfg['gemm2']['BN']}/w{cfg['gemm2']['num_warps']}/s{cfg['gemm2']['num_stages']}", flush=True)

@@ -7,8 +7,9 @@
 #
 # usage: scripts/integration/dp4_async_eplb.sh [THRESHOLD=0.8] [NUM_QUESTIONS=1319] [PORT=8050]
 # environment (all optional):
-#   OUT_DIR          where server.log, gsm8k.json, metrics.txt go (default: out/dp4_async_eplb)
-#   MODEL            model directory (default: the shipped models/tiny-qwen3-moe)
+#   OUT_DIR          where server.log, gsm8k.json, outputs.jsonl, metrics.txt go
+#                    (default: out/dp4_async_eplb)
+#   MODEL            model directory (default: the shipped tiny-qwen3-moe)
 #   DEVICE           auto | cpu | cuda (default: auto)
 #   DP_SIZE          data-parallel ranks (default: 4)
 #   EPLB_CONFIG      --eplb-config JSON (default: the reference one above)
@@ -17,6 +18,7 @@
 #                    steps per question, so 200 questions see ~5 rebalances at step_interval 100)
 #   EVAL_MAX_TOKENS  max tokens per answer (default: 256)
 #   HEALTH_TIMEOUT   seconds to wait for /health (default: 600)
+#   EXTRA_SERVE_ARGS more `eplb serve` flags, word-split (e.g. "--enforce-eager")
 #   REQUIRE_REBALANCE  1 = fail without a completed rebalance, 0 = only report,
 #                    auto (default) = require it when the run took >= 2 x step_interval steps
 #                    (or, when the server does not report steps, NUM_QUESTIONS >= 100)
@@ -98,7 +100,7 @@ SERVE_ARGS+=(--host 127.0.0.1 --port "$PORT"
   --data-parallel-size "$DP_SIZE" --enable-expert-parallel
   --enable-eplb --eplb-config "$EPLB_CONFIG"
   --all2all-backend allgather_reducescatter
-  --max-model-len 2048 --device "$DEVICE")
+  --max-model-len 2048 --device "$DEVICE" ${EXTRA_SERVE_ARGS:-})
 
 log "server: ${EPLB[*]} serve ${SERVE_ARGS[*]} (log: $SERVER_LOG)"
 START=$(date +%s)
@@ -139,7 +141,8 @@ log "server healthy after $((READY - START))s"
 log "eval: $NUM_QUESTIONS questions ($DATASET), concurrency $CONCURRENCY"
 "${EPLB[@]}" eval gsm8k --host http://127.0.0.1 --port "$PORT" --dataset "$DATASET" \
   --num-questions "$NUM_QUESTIONS" --num-shots 5 --max-tokens "$EVAL_MAX_TOKENS" \
-  --temperature 0 --seed 42 --concurrency "$CONCURRENCY" --save-results "$RESULTS"
+  --temperature 0 --seed 42 --concurrency "$CONCURRENCY" --save-results "$RESULTS" \
+  --save-outputs "$OUT_DIR/outputs.jsonl"
 EVAL_END=$(date +%s)
 
 "$PY" - "$PORT" "$METRICS" <<'EOF'

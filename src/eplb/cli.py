@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("eplb.engine.generate_cli", "generate text offline with the engine"),
     "serve": ("eplb.server.serve_cli", "start the OpenAI-compatible server"),
     "eval": ("eplb.evals.eval_cli", "evaluate a server (gsm8k)"),
+    "bench": ("eplb.benchmarks.cli", "benchmarks: `eplb bench serve` load-tests a server"),
 }
 
 

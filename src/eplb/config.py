@@ -81,10 +81,13 @@ class EPLBConfig:
     replica_dispatch: str = "static"
     # ours: artificial delay per transferred layer, for tests that need a slow transfer
     debug_transfer_delay_s: float = 0.0
-    # ours, tests only: this rank's transfer fails in the first rebalance (-1 = never), by
-    # raising ("raise") or by never finishing ("stall": only the timeout can end it)
+    # ours, tests only: this rank fails in the first rebalance (-1 = never), in phase
+    # "transfer" (its first layer) or "policy" (rank 0's policy computation), by raising
+    # ("raise"), by never finishing ("stall": only the timeout can end it) or by hanging its
+    # main loop ("freeze": the serving group is broken; the front must notice and exit)
     debug_fail_rank: int = -1
     debug_fail_mode: str = "raise"
+    debug_fail_phase: str = "transfer"
     # ours, tests only: after every commit compare each rank's expert weights with the
     # checkpoint and the maps across ranks (counted in stats as verify_checks/verify_mismatches)
     debug_verify_commits: bool = False
@@ -129,8 +132,12 @@ class EPLBConfig:
                 f"debug_transfer_delay_s must be a number >= 0, got {self.debug_transfer_delay_s!r}"
             )
         _check_int("debug_fail_rank", self.debug_fail_rank, -1)
-        if self.debug_fail_mode not in ("raise", "stall"):
-            raise ValueError(f"debug_fail_mode must be one of raise, stall, got {self.debug_fail_mode!r}")
+        if self.debug_fail_mode not in ("raise", "stall", "freeze"):
+            raise ValueError("debug_fail_mode must be one of raise, stall, freeze, got "
+                             f"{self.debug_fail_mode!r}")
+        if self.debug_fail_phase not in ("transfer", "policy"):
+            raise ValueError("debug_fail_phase must be one of transfer, policy, got "
+                             f"{self.debug_fail_phase!r}")
         _check_bool("debug_verify_commits", self.debug_verify_commits)
 
     @classmethod
@@ -169,6 +176,7 @@ class ParallelConfig:
     data_parallel_rpc_port: int = 0  # 0 = pick a free port
     data_parallel_size_local: int | None = None  # ranks on this node (None = all)
     node_rank: int = 0
+    data_parallel_start_rank: int | None = None  # first rank of this node (None = node_rank * local)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -182,3 +190,5 @@ class ParallelConfig:
         _check_int("node_rank", self.node_rank, 0)
         if self.data_parallel_size_local is not None:
             _check_int("data_parallel_size_local", self.data_parallel_size_local, 1)
+        if self.data_parallel_start_rank is not None:
+            _check_int("data_parallel_start_rank", self.data_parallel_start_rank, 0)

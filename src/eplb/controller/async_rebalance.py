@@ -1,14 +1,22 @@
-"""The background half of an async EPLB rebalance on one rank.
+"""One async EPLB rebalance on one rank: a state machine the rank's MAIN thread drives at step
+boundaries.
 
-A thread, on its own process group (and its own CUDA stream on GPU), computes the new placement
-(rank 0 computes, every rank receives it), plans the transfers and stages the moving layers one
-by one into at most ``max_staged_layers`` staging buffers, while the main loop keeps serving with
-the old placement. The main loop reads ``ready_count()`` into its per-step all-reduce, commits a
-layer once every rank has staged it, and only then hands its staging slot back (``take``), so a
-staging buffer is never reused before its rows were copied out.
+Phases (each transition is decided from the reduced per-step packet, so every rank makes it at
+the same boundary):
 
-The thread never touches the live maps or weights except to read the rows it sends (which stay
-valid until the layer is committed on every rank, i.e. after every rank's sends are done).
+1. ``policy``: rank 0 runs the policy on a CPU thread (``PolicyJob``: pure CPU work, no
+   torch.distributed, no CUDA) while serving goes on. Rank 0 reports the job's state in the
+   packet; at the boundary where the reduced packet says "done", every rank's main thread
+   receives the new ``phy2log`` by a broadcast over the EP group (``EplbState``) and plans.
+2. ``transfer``: at each boundary the main thread posts the next moving layer's P2P ops
+   (``post_next``; at most ``max_staged_layers`` posted and not committed) on the transfer group
+   (and, on CUDA, a side stream) and polls the posted layers without blocking
+   (``ready_count``). A layer every rank reported done is committed by every rank at the same
+   boundary (``EplbState``).
+
+No thread but the main one enqueues a collective or P2P op, and each enqueue is a function of
+the reduced packet and of counters that advance identically everywhere, so every rank enqueues
+the same operations in the same order (docs/runtime.md has the argument).
 """
 
 from __future__ import annotations
@@ -17,179 +25,162 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
-from eplb.parallel.transfer import StagedLayer, stage_layer
+from eplb.balancer.placement import Placement
+from eplb.controller.faults import Fault
+from eplb.parallel.transfer import PendingLayer, start_layer_transfer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("eplb.controller")
+
+POLICY_PENDING, POLICY_DONE, POLICY_FAILED = 0, 1, 2
 
 
-class InjectedTransferError(RuntimeError):
-    """Raised on purpose by ``debug_fail_rank`` to test that a failed transfer is survivable."""
+class PolicyJob:
+    """Rank 0's policy computation on a daemon thread (CPU only)."""
+
+    def __init__(self, compute: Callable[[], Placement], fault: Fault | None) -> None:
+        self._compute = compute
+        self._fault = fault if fault is not None and fault.phase == "policy" else None
+        self._cancelled = threading.Event()
+        self.result: Placement | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="eplb-policy", daemon=True).start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            if self._fault is not None and self._fault.mode == "stall":
+                self._cancelled.wait()  # never finishes: only the timeout ends the rebalance
+                return
+            if self._fault is not None and self._fault.mode == "raise":
+                raise self._fault.error("the policy raises on rank 0")
+            self.result = self._compute()
+        except BaseException as exc:  # noqa: BLE001 - reported through the packet
+            log.warning("EPLB policy failed: %s", exc)
+            self.error = exc
+        self.seconds = time.monotonic() - t0
+        self._done.set()
+
+    def state(self) -> int:
+        if not self._done.is_set():
+            return POLICY_PENDING
+        return POLICY_FAILED if self.error is not None or self.result is None else POLICY_DONE
+
+    def cancel(self) -> None:
+        self._cancelled.set()
 
 
 class AsyncRebalance:
-    """One async rebalance on one rank (see the module docstring).
+    """See the module docstring. ``policy`` is rank 0's ``PolicyJob`` (None elsewhere)."""
 
-    ``compute_new(group)`` returns the new placement, identical on every rank (it runs the
-    policy on rank 0 and broadcasts over ``group``); ``plan_fn(old, new)`` gives per-layer
-    transfers; ``tensors_of(layer)`` the live ``expert_tensors()`` of a layer.
-    """
-
-    def __init__(
-        self,
-        *,
-        generation: int,
-        rank: int,
-        slots_per_rank: int,
-        group: dist.ProcessGroup | None,
-        old,
-        compute_new: Callable,
-        plan_fn: Callable,
-        tensors_of: Callable[[int], dict[str, torch.Tensor]],
-        max_staged_layers: int,
-        delay_per_layer_s: float = 0.0,
-        fail_at_layer: int | None = None,
-        fail_mode: str = "raise",
-        device: torch.device | None = None,
-    ) -> None:
+    def __init__(self, *, generation: int, old: Placement, policy: PolicyJob | None,
+                 max_staged_layers: int, fault: Fault | None) -> None:
         self.generation = generation
-        self.rank = rank
-        self.slots_per_rank = slots_per_rank
-        self.group = group
         self.old = old
-        self.compute_new = compute_new
-        self.plan_fn = plan_fn
-        self.tensors_of = tensors_of
-        self.delay_per_layer_s = delay_per_layer_s
-        self.fail_at_layer = fail_at_layer
-        self.fail_mode = fail_mode
-        self.device = device
-        self.new = None
+        self.policy = policy
+        self.max_staged_layers = max_staged_layers
+        self.fault = fault if fault is not None and fault.phase == "transfer" else None
+        self.phase = "policy"
+        self.new: Placement | None = None
         self.transfers: list[list] = []
-        self.moving: list[int] = []  # layer indices with at least one transfer, in commit order
-        self.planned = False
-        self.error: BaseException | None = None
-        self.policy_s = 0.0
+        self.moving: list[int] = []  # layers with at least one transfer, in commit order
+        self.posted: list[PendingLayer] = []  # index i = moving[i]; None once committed
+        self.committed = 0
         self.started = time.monotonic()
-        # last time this rebalance moved forward here (plan known, a layer staged or committed);
-        # the timeout runs from it, so a long but steadily paced rebalance never times out
+        # the timeout runs from the last time the rebalance moved forward (planned, a layer
+        # committed): a long but steadily paced rebalance never times out
         self.last_progress = self.started
-        self._staged: dict[int, StagedLayer] = {}
-        self._n_staged = 0
-        self._lock = threading.Lock()
-        self._slots = threading.Semaphore(max_staged_layers)
-        # pacing: one layer per step boundary, so each forward step overlaps at most one layer's
-        # transfer instead of the whole rebalance landing on a few steps (CPU ranks share cores)
-        self._tick = threading.Event()
-        self._cancelled = threading.Event()
-        # GPU: the worker's stream must see every write the main stream made before the start
-        # (e.g. the previous rebalance's last commit), so it waits on this event first
-        self._start_event = None
-        if device is not None and device.type == "cuda":
-            self._start_event = torch.cuda.Event()
-            self._start_event.record(torch.cuda.current_stream(device))
-        self._thread = threading.Thread(
-            target=self._run, name=f"eplb-async-{generation}", daemon=True
-        )
+        self.error: BaseException | None = None
+        self.steps_in_flight = 0
+        self.copies = 0
 
-    # ----- main-thread API -------------------------------------------------------------------
-    def start(self) -> "AsyncRebalance":
-        self._thread.start()
-        return self
-
-    def tick(self) -> None:
-        """Called by the main loop at every step boundary: lets the thread stage one more layer."""
-        self._tick.set()
+    # ----- packet ----------------------------------------------------------------------------
+    def policy_state(self) -> int:
+        return self.policy.state() if self.policy is not None else POLICY_PENDING
 
     def ready_count(self) -> int:
-        """0 until the plan is known, then 1 + the number of layers staged (in ``moving`` order)."""
-        with self._lock:
-            return (1 + self._n_staged) if self.planned else 0
+        """Layers committed plus the posted ones done here, counted in commit order."""
+        n = self.committed
+        for pending in self.posted[self.committed:]:
+            if self.fault is not None and self.fault.mode == "stall":
+                break  # injected: this rank never reports its first layer done
+            try:
+                if not pending.done():
+                    break
+            except BaseException as exc:  # noqa: BLE001 - a failed transfer: flag it
+                self.error = exc
+                break
+            n += 1
+        return n
 
-    def failed(self) -> bool:
-        return self.error is not None
+    def failed_here(self, timeout_s: float) -> str | None:
+        """Why this rank wants the rebalance abandoned, or None."""
+        if self.error is not None:
+            return f"{type(self.error).__name__}: {self.error}"
+        idle = time.monotonic() - self.last_progress
+        if idle > timeout_s:
+            return f"no progress for {idle:.1f}s in phase {self.phase} (transfer_timeout_s)"
+        return None
 
-    def take(self, index: int) -> StagedLayer:
-        """The staged rows of ``moving[index]``; frees its staging slot for the next layer."""
-        with self._lock:
-            staged = self._staged.pop(index)
-            self.last_progress = time.monotonic()
-        self._slots.release()
-        return staged
+    # ----- boundary actions (main thread, same order on every rank) --------------------------
+    def set_plan(self, new: Placement, transfers: list[list]) -> None:
+        self.new = new
+        self.transfers = transfers
+        self.moving = [layer for layer, t in enumerate(transfers) if t]
+        self.phase = "transfer"
+        self.last_progress = time.monotonic()
 
-    def cancel(self) -> None:
-        """Abandon: the thread stops at its next check (a P2P op in flight ends by its timeout)."""
-        self._cancelled.set()
-        with self._lock:
-            self._staged.clear()
-        self._slots.release()
-        self._tick.set()
+    def post_next(self, rank: int, tensors_of: Callable[[int], dict[str, torch.Tensor]],
+                  slots_per_rank: int, group, stream) -> None:
+        """Post the next moving layer if the staging window allows (a pure function of
+        ``committed`` and ``len(posted)``, which are the same on every rank)."""
+        if len(self.posted) >= len(self.moving):
+            return
+        if len(self.posted) - self.committed >= self.max_staged_layers:
+            return
+        index = len(self.posted)
+        layer = self.moving[index]
+        if self.fault is not None and self.fault.mode == "raise" and index == 0:
+            self.error = self.fault.error(f"this rank fails to post layer {layer}")
+            self.posted.append(_NeverDone(layer))
+            return
+        self.posted.append(start_layer_transfer(
+            layer, self.transfers[layer], rank, tensors_of(layer), slots_per_rank, group, stream))
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    def take(self) -> tuple[int, PendingLayer]:
+        """The next layer to commit (every rank reported it done); frees its staging slot."""
+        index = self.committed
+        pending = self.posted[index]
+        self.posted[index] = None  # type: ignore[call-overload]
+        self.committed += 1
+        self.last_progress = time.monotonic()
+        return self.moving[index], pending
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def complete(self) -> bool:
+        return self.phase == "transfer" and self.committed == len(self.moving)
 
-    # ----- the thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        stream = None
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_event(self._start_event)
-        try:
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                t0 = time.monotonic()
-                new = self.compute_new(self.group)
-                self.policy_s = time.monotonic() - t0
-                transfers = self.plan_fn(self.old, new)
-                with self._lock:
-                    self.new = new
-                    self.transfers = transfers
-                    self.moving = [layer for layer, t in enumerate(transfers) if t]
-                    self.planned = True
-                    self.last_progress = time.monotonic()
-                for index, layer in enumerate(self.moving):
-                    while not self._slots.acquire(timeout=0.05):
-                        if self._cancelled.is_set():
-                            return
-                    while not self._tick.wait(timeout=0.05):
-                        if self._cancelled.is_set():
-                            return
-                    self._tick.clear()
-                    if self._cancelled.is_set():
-                        return
-                    if self.fail_at_layer is not None and index == self.fail_at_layer:
-                        if self.fail_mode == "stall":  # never report ready; only a timeout ends it
-                            while not self._cancelled.wait(0.05):
-                                pass
-                            return
-                        raise InjectedTransferError(
-                            f"debug_fail_rank: rank {self.rank} fails its transfer of layer {layer}"
-                        )
-                    staged = stage_layer(
-                        layer, transfers[layer], self.rank, self.tensors_of(layer),
-                        self.slots_per_rank, self.group,
-                    )
-                    if stream is not None:
-                        stream.synchronize()  # rows are complete before the main loop copies them
-                    if self.delay_per_layer_s:
-                        time.sleep(self.delay_per_layer_s)
-                    with self._lock:
-                        if self._cancelled.is_set():
-                            return
-                        self._staged[index] = staged
-                        self._n_staged += 1
-                        self.last_progress = time.monotonic()
-        except BaseException as exc:  # noqa: BLE001 - reported to every rank via the all-reduce
-            if not self._cancelled.is_set():
-                log.warning("EPLB async rebalance %d failed on rank %d: %s",
-                            self.generation, self.rank, exc)
-            self.error = exc
+    def unfinished(self) -> list[PendingLayer]:
+        """Posted layers not committed (on abandon or shutdown the caller drains them)."""
+        return [p for p in self.posted[self.committed:] if p is not None]
 
+    def cancel(self) -> None:
+        if self.policy is not None:
+            self.policy.cancel()
+
+
+class _NeverDone:
+    """Stands in for a layer a rank failed to post (it never completes)."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer_idx = layer
+
+    def done(self) -> bool:
+        return False
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        return None

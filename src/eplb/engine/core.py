@@ -11,6 +11,7 @@ from eplb.engine.sampling import SamplingParams, sample
 from eplb.engine.scheduler import Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
 from eplb.model.attention import AttentionMetadata, long_tensor
+from eplb.model.dummy import router_skew
 from eplb.model.loader import load_model, resolve_dtype
 
 
@@ -33,7 +34,8 @@ class EngineCore:
         max_model_len: int | None = None, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
         seed: int = 0, ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
-        quantization: str | None = None,
+        quantization: str | None = None, load_format: str = "auto",
+        dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
     ):
         from eplb.model.config import load_config
 
@@ -53,7 +55,8 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.model, self.config = load_model(
             model_path, dtype=self.dtype, device=self.device, ep_rank=ep_rank, ep_size=ep_size,
-            phy2log=phy2log, max_len=max_model_len, quantization=quantization,
+            phy2log=phy2log, max_len=max_model_len, quantization=quantization, load_format=load_format,
+            seed=seed, router_skew=router_skew(dummy_router_skew, dummy_router_drift, seed),
         )
         self.tokenizer = load_tokenizer(model_path)
         cfg = self.config
@@ -176,9 +179,11 @@ class EngineCore:
             ))
         return outs
 
-    def capture_cuda_graphs(self) -> bool:
-        """Startup work on CUDA: capture the decode graphs now instead of at the first decode-only
-        step, and compile the prefill-sized kernel variants (``warm_prefill``). Call it after the
+    def warm_up(self) -> bool:
+        """Startup work before serving, two jobs: capture the decode CUDA graphs now instead of at
+        the first decode-only step, and compile the prefill-sized kernel variants
+        (``warm_prefill``). Does either only where decode graphs are used (CUDA, not
+        ``enforce_eager``, no EP dispatcher: an EP forward needs every rank); call it after the
         runtime installed its dispatchers. True when graphs are in use."""
         if self._decode_graphs() is None:
             return False

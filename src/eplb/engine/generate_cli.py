@@ -21,9 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    p.add_argument("--quantization", "-q", choices=("fp8",), default=None,
-                   help="fp8: keep a block-FP8 checkpoint's weights in FP8 (CUDA + triton, bfloat16); "
-                        "default: dequantize them to --dtype")
+    p.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
+                   help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
+                        "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist; "
+                        "none: always dequantize to --dtype")
+    p.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="auto: read the safetensors; dummy: random weights of config.json's shapes")
     p.add_argument("--json", action="store_true", help="print {text, token_ids, finish_reason}")
 
 
@@ -39,9 +42,9 @@ def main(args: argparse.Namespace) -> int:
         )
         llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   max_num_seqs=1, max_num_batched_tokens=2048, enforce_eager=args.enforce_eager,
-                  quantization=args.quantization)
+                  quantization=args.quantization, load_format=args.load_format)
         if llm.tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.json")
+            raise ValueError(f"{args.model} has no tokenizer.json (nor id_tokenizer.json)")
         if args.chat:
             prompt = apply_chat_template(llm.tokenizer, [{"role": "user", "content": args.prompt}])
         else:

@@ -5,8 +5,8 @@ It follows vLLM's ``tests/evals/gsm8k/gsm8k_eval.py``: a few-shot prompt of
 ``Question:`` or blank line, score the number after ``####`` (else the last number).
 
 Data sources:
-- ``synthetic``: the repo's ``data/synthetic_gsm8k_{train,test}.jsonl`` (what the shipped model
-  was trained on; works offline).
+- ``synthetic``: the shipped ``eplb/assets/data/synthetic_gsm8k_{train,test}.jsonl`` (what the
+  shipped model was trained on; installed with the package, works offline).
 - ``gsm8k``: the public test/train split, downloaded once into a cache directory.
 - a local JSONL file in the GSM8K format (``{"question": ..., "answer": "... #### N"}``).
 """
@@ -26,7 +26,9 @@ from typing import Any
 
 import httpx
 
+from eplb.evals.problems import TEST_FILE, TRAIN_FILE
 from eplb.evals.prompt import STOP_STRINGS, build_prompt, extract_answer, reference_answer
+from eplb.resources import data_dir
 
 GSM8K_URLS = {
     "test": "https://raw.githubusercontent.com/openai/grade-school-math/master/"
@@ -35,11 +37,6 @@ GSM8K_URLS = {
     "grade_school_math/data/train.jsonl",
 }
 DATASETS = ("gsm8k", "synthetic")
-
-
-def repo_root() -> Path:
-    """The checkout root (src/eplb/evals/gsm8k.py -> three levels up from ``eplb``)."""
-    return Path(__file__).resolve().parents[3]
 
 
 def cache_dir() -> Path:
@@ -124,9 +121,9 @@ def resolve_data(
                 shots, questions = questions[:num_shots], questions[num_shots:]
                 return shots, questions
     elif dataset == "synthetic":
-        questions = load_jsonl(repo_root() / "data" / "synthetic_gsm8k_test.jsonl")
+        questions = load_jsonl(data_dir() / TEST_FILE)
         if shots_path is None:
-            shots_path = str(repo_root() / "data" / "synthetic_gsm8k_train.jsonl")
+            shots_path = str(data_dir() / TRAIN_FILE)
     else:
         questions = load_jsonl(download_gsm8k("test"))
         if shots_path is None:

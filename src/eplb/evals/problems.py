@@ -8,7 +8,8 @@ number, sums and differences stay within 3 digits, and no result is negative.
 The train/test split is a property of the question text (a stable hash), so the two splits are
 disjoint by construction whatever seeds and counts are used to draw them.
 
-Regenerate the shipped files with ``python -m eplb.evals.problems --out data``.
+Regenerate the shipped files (from the repo root) with ``python -m eplb.evals.problems``; they
+live in ``src/eplb/assets/data/`` (``eplb.resources.data_dir()``).
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ def shipped_files() -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the shipped synthetic GSM8K files.")
-    parser.add_argument("--out", default="data", help="output folder")
+    parser.add_argument("--out", default="src/eplb/assets/data",
+                        help="output folder (default: %(default)s, the shipped files, from the repo root)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ The plain torch path with the same arguments is ``eplb.model.attention.decode_at
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 

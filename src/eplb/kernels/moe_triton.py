@@ -34,11 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
 from eplb.kernels.tile_table import TABLE
 
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 # ----------------------------------------------------------------------------- alignment
 
@@ -297,8 +296,9 @@ def _sum_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.co
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         s = tl.load(slot_ptr + t * TOP_K + j)
-        v = tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=hm & (s >= 0), other=0.0)
-        acc += v.to(tl.float32)
+        if s >= 0:  # a pair of another rank (slot -1) adds nothing
+            v = tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=hm, other=0.0)
+            acc += v.to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 

@@ -41,9 +41,6 @@ NUM_WARPS_RMS: int | None = None
 NUM_WARPS_QK: int | None = None
 QK_HEADS_PER_PROGRAM: int | None = None  # None: the largest of 16, 8, 4, 2, 1 dividing Hq + Hkv
 
-_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
 @triton.jit
 def _chain4(acc, v4, FMA: tl.constexpr):
     """acc [...] += the squares of v4 [..., 2, 2] (element e = 2 * p + q), one after another in e."""

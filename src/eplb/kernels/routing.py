@@ -21,6 +21,7 @@ def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
     cm = cols < E
     lg = tl.load(logit_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
                  mask=rm[:, None] & cm[None, :], other=float("-inf")).to(tl.float32)
+    lg = tl.where(rm[:, None], lg, 0.0)  # rows past T finite: no all-NaN row (numpy's argmax rejects one)
     mx = tl.max(lg, axis=1)
     p = tl.where(cm[None, :], tl.exp(lg - mx[:, None]), 0.0)
     p = p / tl.sum(p, axis=1)[:, None]

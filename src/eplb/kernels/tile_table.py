@@ -1,10 +1,10 @@
-"""Tile sizes of the fused MoE kernels per call size, tuned on the device tool's GPU.
+"""Tile sizes of the fused MoE kernels per call size, tuned on an H100 (``TUNED_ON``).
 
 Keys are the number of (token, k) pairs in a call (Qwen3-30B-A3B: 8 pairs per token); a call uses
 the entry with the largest key <= its pair count. ``BM`` is the row block of the slot-sorted pairs
 (shared by both GEMMs); ``gemm1`` is gate/up + SwiGLU, ``gemm2`` is down + routing weight. FP8
 entries always use BK = 128 (one activation quantization group per K step).
-Regenerate with ``python bench/gpu.py --tune`` on the device (it prints a new TABLE).
+Regenerate with ``python bench/gpu.py --tune`` on the GPU to tune for (it prints a new TABLE).
 """
 
 TUNED_ON = 'NVIDIA H100 80GB HBM3, triton 3.6, torch 2.11 (bench/gpu.py --tune, CUDA-graph timing), 2026-11-24'

@@ -8,6 +8,7 @@ slot for its lifetime. A step's tokens are flattened: first the ``num_decode`` d
 from __future__ import annotations
 
 import array
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -88,6 +89,22 @@ class AttentionMetadata:
                 ).view(hi, 1, 1, length)
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
         return meta
+
+
+def sdpa_backends(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The SDPA backends our attention runs with, as a context (the model's forward enters it once
+    per step): on CUDA every backend but cuDNN, elsewhere torch's defaults.
+
+    cuDNN's SDPA builds a new plan for every new key length, i.e. every decode step (~30 ms per
+    layer per step measured on an H100); flash and memory-efficient attention have no such cost.
+    Long fresh prefills still pick cuDNN explicitly (``_cudnn_causal_prefill``, lengths padded to
+    buckets so few plans are built). Scoped: the process's global SDPA settings are left as they
+    are, so other code in the process (transformers, say) keeps its own choice."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def attend(
@@ -179,7 +196,7 @@ def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
                              scale=scale, window_size=(-1, 0))
 
 
-# Long fresh prefills on CUDA use cuDNN's attention: on the device's H100 at 8192 tokens (32 q /
+# Long fresh prefills on CUDA use cuDNN's attention: on an H100 at 8192 tokens (32 q /
 # 4 kv heads, D 128, causal) 0.90 ms vs 1.73 ms for flash (scripts/dev/sdpa_prefill.py). cuDNN
 # builds a graph per new shape (~43 ms), so the length is padded up to a multiple of
 # CUDNN_PREFILL_BUCKET: at most max_len / bucket shapes are ever built.

@@ -67,7 +67,8 @@ class CheckpointReader:
                 for name in f.keys():
                     self._file_of[name] = single
         else:
-            raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+            raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
+                             "(--load-format dummy makes random weights from config.json alone)")
         self._handles: dict[str, object] = {}
         self._expert_layout = self._detect_expert_layout()
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from eplb.model.checkpoint import CheckpointReader
 from eplb.model.config import ModelConfig, load_config
+from eplb.model.dummy import RouterSkew, init_dummy_weights, install_router_skew
 from eplb.model.moe import MoELayer
 from eplb.model.transformer import Attention, DecoderLayer, DenseMLP, MoEForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # load-time weight formats (vLLM's --quantization names); None = every weight in the compute dtype
 QUANTIZATIONS = ("fp8",)
+# --load-format values (vLLM's names): "auto" reads the safetensors, "dummy" makes random weights
+LOAD_FORMATS = ("auto", "dummy")
+
+log = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -36,7 +43,8 @@ def check_quantization(
     if quantization is None:
         return None
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r} "
+                         "(or 'none' to dequantize)")
     from eplb.kernels import HAS_TRITON
 
     dev = torch.device(device)
@@ -98,27 +106,111 @@ def _load_attention(attn: Attention, r: CheckpointReader, p: str, cfg: ModelConf
         attn.k_norm.data.copy_(r.get(f"{a}.k_norm.weight", [nkv]))
 
 
+def resolve_quantization(
+    quantization: str | None, device: str | torch.device, dtype: torch.dtype, cfg: ModelConfig,
+) -> str | None:
+    """The weight format to load, as vLLM picks it: None (the default) follows the checkpoint --
+    a block-FP8 one ([128, 128] blocks) keeps its weights in FP8 wherever the FP8 kernels run
+    (CUDA of compute capability >= 8.9, triton, bfloat16) and is dequantized to ``dtype``
+    elsewhere (CPU included); "fp8" insists on FP8 (ValueError when it cannot run); "none" always
+    dequantizes. Returns "fp8" or None."""
+    if quantization == "none":
+        return None
+    if quantization is not None:
+        return check_quantization(quantization, device, dtype, cfg)
+    if cfg.fp8_block_size is None:
+        return None
+    try:
+        return check_quantization("fp8", device, dtype, cfg)
+    except ValueError as exc:
+        log.info("block-FP8 checkpoint dequantized to %s: %s", dtype, exc)
+        return None
+
+
+def build_model(
+    cfg: ModelConfig, *, dtype: torch.dtype, device: str | torch.device, ep_rank: int, ep_size: int,
+    phy2log: torch.Tensor, max_len: int, quantization: str | None,
+) -> MoEForCausalLM:
+    """The model's modules with uninitialised tensors (this rank's expert slots only)."""
+    h = cfg.hidden_size
+    layers: list[DecoderLayer] = []
+    for li in range(cfg.num_layers):
+        if li in cfg.moe_layers:
+            mi = cfg.moe_layers.index(li)
+            mlp: torch.nn.Module = MoELayer(
+                hidden_size=h, intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+                top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob, phy2log=phy2log[mi],
+                ep_rank=ep_rank, ep_size=ep_size, dtype=dtype, device=device, layer_idx=li, moe_idx=mi,
+                quantization=quantization,
+            )
+        else:
+            mlp = DenseMLP(h, cfg.intermediate_size, dtype, device, quantization=quantization)
+        layers.append(DecoderLayer(cfg, mlp, dtype, device, quantization=quantization))
+    return MoEForCausalLM(cfg, layers, dtype, device, max_len)
+
+
+def _load_checkpoint(model: MoEForCausalLM, r: CheckpointReader, cfg: ModelConfig, fp8: bool) -> None:
+    """Copy every tensor of the checkpoint into ``model`` (this rank's expert slots only)."""
+    h = cfg.hidden_size
+    for li, layer in enumerate(model.layers):
+        p = f"model.layers.{li}"
+        mlp = layer.mlp
+        if isinstance(mlp, MoELayer):
+            mlp.gate_weight.data.copy_(r.router_weight(li))
+            dst = mlp.expert_tensors()  # w13, w2 (+ w13_scale, w2_scale with FP8)
+            phy2log = mlp.phy2log.tolist()
+            for local, slot in enumerate(range(mlp.slot_start, mlp.slot_end)):
+                for k, v in r.expert_tensors(mlp.moe_idx, phy2log[slot], fp8=fp8).items():
+                    dst[k][local].copy_(v)
+        else:
+            i = cfg.intermediate_size
+            gu = [(f"{p}.mlp.gate_proj.weight", [i, h]), (f"{p}.mlp.up_proj.weight", [i, h])]
+            down = (f"{p}.mlp.down_proj.weight", [h, i])
+            if mlp.w13_scale is not None:
+                parts = [r.get_fp8(n, shape) for n, shape in gu]
+                mlp.w13.data.copy_(torch.cat([q for q, _ in parts]))
+                mlp.w13_scale.data.copy_(torch.cat([s for _, s in parts]))
+                q, s = r.get_fp8(*down)
+                mlp.w2.data.copy_(q)
+                mlp.w2_scale.data.copy_(s)
+            else:
+                mlp.w13.data.copy_(torch.cat([r.get(n, shape) for n, shape in gu]))
+                mlp.w2.data.copy_(r.get(*down))
+        layer.input_norm.data.copy_(r.get(f"{p}.input_layernorm.weight", [h]))
+        layer.post_norm.data.copy_(r.get(f"{p}.post_attention_layernorm.weight", [h]))
+        _load_attention(layer.attn, r, p, cfg)
+    model.embed.data.copy_(r.get("model.embed_tokens.weight", [cfg.vocab_size, h]))
+    model.norm.data.copy_(r.get("model.norm.weight", [h]))
+    if not cfg.tie_word_embeddings:
+        model.lm_head.data.copy_(r.get("lm_head.weight", [cfg.vocab_size, h]))
+
+
 def load_model(
     path: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
     ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
-    max_len: int | None = None, quantization: str | None = None,
+    max_len: int | None = None, quantization: str | None = None, load_format: str = "auto",
+    seed: int = 0, router_skew: RouterSkew | None = None,
 ) -> tuple[MoEForCausalLM, ModelConfig]:
     """Load ``path`` into a :class:`MoEForCausalLM`; with EP, only this rank's slots.
 
-    phy2log [L_moe, P] (None = identity, P = E). ``quantization``: None dequantizes a block-FP8
-    checkpoint to ``dtype``; "fp8" keeps its expert, attention and dense-MLP weights in FP8 with
-    their scales (see :func:`check_quantization`; embeddings, lm_head, router and norms stay in
-    ``dtype``). Errors (ValueError) name the missing or mis-shaped tensor or config key.
+    phy2log [L_moe, P] (None = identity, P = E). ``quantization``: see
+    :func:`resolve_quantization` (None: FP8 kernels for a block-FP8 checkpoint where they run,
+    "fp8": insist, "none": dequantize to ``dtype``); kept in FP8 are the expert, attention and
+    dense-MLP weights with their scales (embeddings, lm_head, router and norms stay in ``dtype``).
+    ``load_format``: "auto" reads the safetensors; "dummy" makes random weights of the config's
+    shapes on the device (:mod:`eplb.model.dummy`, seeded by ``seed``), optionally with a skewed
+    router (``router_skew``, dummy only). Errors (ValueError) name the missing or mis-shaped
+    tensor, config key or bad argument.
     """
     dt = resolve_dtype(dtype)
-    if quantization is not None:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    if router_skew is not None and load_format != "dummy":
+        raise ValueError("dummy_router_skew needs load_format='dummy' (it biases random routers only)")
+    if quantization not in (None, "none"):
         check_quantization(quantization, device, dt)  # the cheap checks before reading the folder
     cfg = load_config(path)
-    quantization = check_quantization(quantization, device, dt, cfg)
-    if torch.device(device).type == "cuda":
-        # cuDNN's SDPA re-plans for every new key length, i.e. every decode step (measured ~30 ms
-        # per layer per step on an H100); the flash / memory-efficient kernels have no such cost.
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    quantization = resolve_quantization(quantization, device, dt, cfg)
     if ep_size < 1 or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank must be in [0, ep_size={ep_size}), got {ep_rank}")
     n_moe, e = cfg.num_moe_layers, cfg.num_experts
@@ -129,50 +221,15 @@ def load_model(
         raise ValueError(f"phy2log must have shape [{n_moe}, P], got {list(phy2log.shape)}")
     if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= e):
         raise ValueError(f"phy2log values must be logical experts in [0, {e})")
-    r = CheckpointReader(path, dtype=dt, config=cfg)
-    h = cfg.hidden_size
-    layers: list[DecoderLayer] = []
+    reader = None if load_format == "dummy" else CheckpointReader(path, dtype=dt, config=cfg)
     with torch.no_grad():
-        for li in range(cfg.num_layers):
-            p = f"model.layers.{li}"
-            if li in cfg.moe_layers:
-                mi = cfg.moe_layers.index(li)
-                mlp = MoELayer(
-                    hidden_size=h, intermediate_size=cfg.moe_intermediate_size, num_experts=e,
-                    top_k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob, phy2log=phy2log[mi],
-                    ep_rank=ep_rank, ep_size=ep_size, dtype=dt, device=device, layer_idx=li, moe_idx=mi,
-                    quantization=quantization,
-                )
-                mlp.gate_weight.data.copy_(r.router_weight(li))
-                dst = mlp.expert_tensors()  # w13, w2 (+ w13_scale, w2_scale with FP8)
-                for local, slot in enumerate(range(mlp.slot_start, mlp.slot_end)):
-                    t = r.expert_tensors(mi, int(phy2log[mi, slot]), fp8=quantization == "fp8")
-                    for k, v in t.items():
-                        dst[k][local].copy_(v)
-            else:
-                mlp = DenseMLP(h, cfg.intermediate_size, dt, device, quantization=quantization)
-                i = cfg.intermediate_size
-                gu = [(f"{p}.mlp.gate_proj.weight", [i, h]), (f"{p}.mlp.up_proj.weight", [i, h])]
-                down = (f"{p}.mlp.down_proj.weight", [h, i])
-                if mlp.w13_scale is not None:
-                    parts = [r.get_fp8(n, shape) for n, shape in gu]
-                    mlp.w13.data.copy_(torch.cat([q for q, _ in parts]))
-                    mlp.w13_scale.data.copy_(torch.cat([s for _, s in parts]))
-                    q, s = r.get_fp8(*down)
-                    mlp.w2.data.copy_(q)
-                    mlp.w2_scale.data.copy_(s)
-                else:
-                    mlp.w13.data.copy_(torch.cat([r.get(n, shape) for n, shape in gu]))
-                    mlp.w2.data.copy_(r.get(*down))
-            layer = DecoderLayer(cfg, mlp, dt, device, quantization=quantization)
-            layer.input_norm.data.copy_(r.get(f"{p}.input_layernorm.weight", [h]))
-            layer.post_norm.data.copy_(r.get(f"{p}.post_attention_layernorm.weight", [h]))
-            _load_attention(layer.attn, r, p, cfg)
-            layers.append(layer)
-        model = MoEForCausalLM(cfg, layers, dt, device, max_len or cfg.max_position_embeddings)
-        model.embed.data.copy_(r.get("model.embed_tokens.weight", [cfg.vocab_size, h]))
-        model.norm.data.copy_(r.get("model.norm.weight", [h]))
-        if not cfg.tie_word_embeddings:
-            model.lm_head.data.copy_(r.get("lm_head.weight", [cfg.vocab_size, h]))
+        model = build_model(cfg, dtype=dt, device=device, ep_rank=ep_rank, ep_size=ep_size, phy2log=phy2log,
+                            max_len=max_len or cfg.max_position_embeddings, quantization=quantization)
+        if reader is None:
+            init_dummy_weights(model, seed=seed)
+            if router_skew is not None:
+                install_router_skew(model, router_skew)
+        else:
+            _load_checkpoint(model, reader, cfg, fp8=quantization == "fp8")
     model.eval()
     return model, cfg

@@ -187,6 +187,10 @@ class MoELayer(nn.Module):
         self.fused_experts = True  # Triton kernels on CUDA bf16 (see use_fused)
         # "static" (round robin over replicas) or "load_aware" (EPLBConfig.replica_dispatch)
         self.replica_dispatch = "static"
+        # dummy weights only (eplb.model.dummy.RouterSkew): a bias [E] added to the router logits
+        # and a hook run before routing (advances the skew's device step counter); None otherwise
+        self.router_bias: torch.Tensor | None = None
+        self.before_route: Callable[[], None] | None = None
 
     # -- contract -----------------------------------------------------------------------------
     def expert_tensors(self) -> dict[str, torch.Tensor]:
@@ -234,7 +238,9 @@ class MoELayer(nn.Module):
     # -- compute ------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
-        logits = F.linear(x, self.gate_weight)
+        if self.before_route is not None:
+            self.before_route()
+        logits = F.linear(x, self.gate_weight, self.router_bias)
         if x.is_cuda and x.shape[0]:
             from eplb.kernels import HAS_TRITON
 

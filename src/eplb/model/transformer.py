@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from eplb.kernels import HAS_TRITON
-from eplb.model.attention import AttentionMetadata, attend
+from eplb.model.attention import AttentionMetadata, attend, sdpa_backends
 from eplb.model.config import ModelConfig
 from eplb.model.moe import MoELayer
-
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -237,8 +236,9 @@ class MoEForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope.tables(meta.positions, x.dtype)
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, meta, kv, num_real_tokens)
+        with sdpa_backends(x.device):  # no cuDNN SDPA but where attend asks for it (see there)
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, cos, sin, meta, kv, num_real_tokens)
         if residual is None:
             return rms_norm(x, self.norm, self.config.rms_norm_eps)
         return rms_norm(x, self.norm, self.config.rms_norm_eps, residual)[0]

@@ -57,12 +57,13 @@ def find_free_port(address: str = "127.0.0.1") -> int:
 @dataclass
 class Rendezvous:
     """Where this node's ranks meet the others: ``tcp://address:port``; this node holds ranks
-    ``node_rank * local_size .. + local_size``."""
+    ``start_rank .. start_rank + local_size``."""
 
     address: str
     port: int  # 0 = pick a free local port at start (single node only)
     node_rank: int
     local_size: int
+    start_rank: int = 0
 
 
 def resolve_rendezvous(parallel, env: dict[str, str] | None = None) -> Rendezvous:
@@ -80,16 +81,26 @@ def resolve_rendezvous(parallel, env: dict[str, str] | None = None) -> Rendezvou
         raise ValueError(
             f"data_parallel_size_local ({parallel.data_parallel_size_local or local}) must divide "
             f"data_parallel_size ({size})")
+    def start(node: int) -> int:
+        first = parallel.data_parallel_start_rank
+        first = node * local if first is None else first
+        if first + local > size:
+            raise ValueError(f"data_parallel_start_rank ({first}) + data_parallel_size_local "
+                             f"({local}) must not exceed data_parallel_size ({size})")
+        return first
+
     if parallel.data_parallel_rpc_port:
         return Rendezvous(parallel.data_parallel_address, parallel.data_parallel_rpc_port,
-                          parallel.node_rank, local)
+                          parallel.node_rank, local, start(parallel.node_rank))
     if torchrun:
         node = parallel.node_rank or int(env.get("GROUP_RANK", env.get("NODE_RANK", "0")))
-        return Rendezvous(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, node, local)
+        return Rendezvous(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, node, local,
+                          start(node))
     if local < size:
         raise ValueError("data_parallel_rpc_port must be set when ranks span several nodes "
                          "(data_parallel_size_local < data_parallel_size)")
-    return Rendezvous(parallel.data_parallel_address, 0, parallel.node_rank, local)
+    return Rendezvous(parallel.data_parallel_address, 0, parallel.node_rank, local,
+                      start(parallel.node_rank))
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -164,6 +175,23 @@ def new_transfer_group(ctx: DistContext) -> dist.ProcessGroup:
     warm = torch.zeros(1, device=ctx.comm_device)
     dist.all_reduce(warm, group=group)
     return group
+
+
+def retire_transfer_group(ctx: DistContext, group: dist.ProcessGroup | None) -> None:
+    """Stop a transfer group that may hold posted ops a peer will never match (a rank failed
+    before posting its side). NCCL: abort its communicator so those kernels stop spinning on the
+    GPU. gloo: nothing to do (its pending ops fail at the group's timeout)."""
+    if group is None or ctx.backend != "nccl":
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group(group)
+    except Exception as exc:  # noqa: BLE001 - best effort: the group is never used again
+        import logging
+
+        logging.getLogger("eplb.parallel").warning("could not abort the old transfer group: %s",
+                                                   exc)
 
 
 def destroy() -> None:

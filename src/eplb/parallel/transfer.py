@@ -4,11 +4,17 @@ Moving an expert means moving row ``s`` of EVERY tensor in ``layer.expert_tensor
 and, for block-FP8, their scales), so nothing derived from a moved expert is left stale.
 
 A layer is moved in two phases so the old placement stays usable until every rank is ready:
-``stage_layer`` receives the incoming rows into staging buffers (and copies local rows the same
-way) while the live tensors stay untouched (the old owners may still be sending from them, and
-the forward pass still reads them); ``commit_layer`` then writes the staged rows in place. Sync
-mode calls both back to back (the staging is the temporary of an in-place move); async mode
-stages on a worker thread and commits on the main thread at a step boundary.
+``start_layer_transfer`` posts this rank's sends and receives (and copies local rows into
+staging) and returns at once with a ``PendingLayer``; the live tensors stay untouched (the old
+owners may still be sending from them, and the forward pass still reads them). ``commit_layer``
+then writes the staged rows in place. Sync mode finishes each layer before the next
+(``stage_layer``); async mode posts a layer at a step boundary, polls ``done()`` at later
+boundaries and commits once every rank reported it done.
+
+Posting is the only step that enqueues communication, and the caller does it from the rank's
+main thread (docs/runtime.md says why). What runs in the background never enqueues anything:
+on CUDA the receives complete on a side stream (polled with an event); on gloo, whose P2P works
+report completion only through ``wait()``, a daemon thread waits on the already-posted works.
 
 Rows travel as raw bytes, so any dtype (float8 included) works on gloo and NCCL alike; between
 each pair of ranks, one message per tensor name carries all rows of that layer, in plan order.
@@ -16,7 +22,10 @@ each pair of ranks, one message per tensor name carries all rows of that layer, 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +56,175 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+class PendingLayer:
+    """One layer's posted transfers on one rank (``start_layer_transfer``).
+
+    ``done()`` never blocks: True once this rank's receives (and sends) are complete; it raises
+    the transfer's error if one failed. ``finish()`` returns the staged rows; after ``done()``
+    it does not block (on CUDA it only orders the caller's stream after the side stream).
+    """
+
+    def __init__(self, staged: StagedLayer, works: list, recv_views: list, stream,
+                 keep: list, start_event=None) -> None:
+        self._staged = staged
+        self._works = works
+        self._keep = keep  # send payloads: alive until the transfer is done
+        self._start_event = start_event
+        self._posted = time.perf_counter()
+        self._done_at: float | None = None
+        self._recv_views = recv_views
+        self._stream = stream
+        self._error: BaseException | None = None
+        self._finished = False
+        self._event = None
+        self._ready = threading.Event()
+        if stream is not None:  # CUDA: the side stream waits for NCCL, then unpacks
+            with torch.cuda.stream(stream):
+                for work in works:
+                    work.wait()  # a stream wait, not a host wait (NCCL)
+                self._unpack()
+                self._event = torch.cuda.Event(enable_timing=start_event is not None)
+                self._event.record(stream)
+        elif works and not any(b.is_cuda for b, _, _ in recv_views) and not any(
+                op.tensor.is_cuda for op in keep):  # gloo: completion is visible only via wait()
+            threading.Thread(target=self._wait_gloo, name=f"eplb-recv-{staged.layer_idx}",
+                             daemon=True).start()
+        else:  # nothing to wait for, or CUDA without a side stream: order on the current stream
+            for work in works:
+                work.wait()
+            self._unpack()
+            self._ready.set()
+
+    @property
+    def layer_idx(self) -> int:
+        return self._staged.layer_idx
+
+    def _unpack(self) -> None:
+        staging = self._staged.rows
+        for buf, n, in_idx in self._recv_views:
+            rows = buf.view(staging[n].dtype).view((in_idx.numel(),) + tuple(staging[n].shape[1:]))
+            staging[n][in_idx.to(rows.device)] = rows
+
+    def _wait_gloo(self) -> None:
+        try:
+            for work in self._works:
+                work.wait()
+            self._unpack()
+        except BaseException as exc:  # noqa: BLE001 - reported by done()
+            self._error = exc
+        self._done_at = time.perf_counter()
+        self._ready.set()
+
+    def done(self) -> bool:
+        if self._event is not None:
+            return bool(self._event.query())
+        if self._ready.is_set() and self._error is not None:
+            raise self._error
+        return self._ready.is_set()
+
+    def seconds(self) -> float:
+        """Time from posting to completion (CUDA: measured on the side stream); call after done."""
+        if self._event is not None and self._start_event is not None:
+            return self._start_event.elapsed_time(self._event) / 1e3
+        if self._done_at is None:
+            self._done_at = time.perf_counter()
+        return self._done_at - self._posted
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until done (sync rebalances); TimeoutError after ``timeout_s``."""
+        if self._event is not None:
+            self._event.synchronize()
+            return
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"transfer of layer {self.layer_idx} not done after {timeout_s}s")
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> StagedLayer:
+        """The staged rows, ordered after the transfer on the caller's current stream."""
+        if not self._finished:
+            self._finished = True
+            if self._event is not None:
+                current = torch.cuda.current_stream(self._stream.device)
+                current.wait_event(self._event)
+                for rows in self._staged.rows.values():
+                    rows.record_stream(current)
+        return self._staged
+
+
+def start_layer_transfer(
+    layer_idx: int,
+    transfers: Sequence,
+    rank: int,
+    tensors: dict[str, torch.Tensor],
+    slots_per_rank: int,
+    group: dist.ProcessGroup | None,
+    stream: "torch.cuda.Stream | None" = None,
+) -> PendingLayer:
+    """Post this rank's part of one layer's transfers; return without waiting for them.
+
+    ``transfers``: the planner's ``Transfer(src_rank, src_slot, dst_rank, dst_slot, expert)``
+    list for the layer (global slots), identical on every rank. ``tensors``: the layer's
+    ``expert_tensors()`` (leading dim = ``slots_per_rank``). ``stream``: CUDA side stream for
+    the copies and the receives' completion (None on CPU); it first waits for the caller's
+    stream, so it sees every earlier commit. Every rank must post the same layer at the same
+    point of its sequence of collectives (the caller's schedule guarantees it).
+    """
+    base = rank * slots_per_rank
+    names = sorted(tensors)
+    incoming = [t for t in transfers if t.dst_rank == rank]
+    dst_local = torch.tensor([t.dst_slot - base for t in incoming], dtype=torch.long)
+    ctx = nullcontext()
+    start_event = None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        ctx = torch.cuda.stream(stream)
+        start_event = torch.cuda.Event(enable_timing=True)
+    with ctx:
+        if start_event is not None:
+            start_event.record(stream)
+        # staging[name] : [n_in, *row_shape], filled by local copies now and receives later
+        staging = {
+            n: torch.empty((len(incoming),) + tuple(tensors[n].shape[1:]),
+                           dtype=tensors[n].dtype, device=tensors[n].device)
+            for n in names
+        }
+        ops: list[dist.P2POp] = []
+        recv_views: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        peers = sorted({t.src_rank for t in transfers} | {t.dst_rank for t in transfers})
+        received = 0
+        for peer in peers:
+            if peer == rank:
+                for i, t in enumerate(incoming):
+                    if t.src_rank == rank:
+                        for n in names:
+                            staging[n][i] = tensors[n][t.src_slot - base]
+                continue
+            out_rows = torch.tensor(
+                [t.src_slot - base for t in transfers if t.src_rank == rank and t.dst_rank == peer],
+                dtype=torch.long,
+            )
+            in_idx = torch.tensor(
+                [i for i, t in enumerate(incoming) if t.src_rank == peer], dtype=torch.long
+            )
+            for tag, n in enumerate(names):
+                if out_rows.numel():
+                    payload = _as_bytes(tensors[n].index_select(0, out_rows.to(tensors[n].device)))
+                    ops.append(dist.P2POp(dist.isend, payload, peer, group, tag))
+                if in_idx.numel():
+                    buf = torch.empty(
+                        in_idx.numel() * tensors[n][0].numel() * tensors[n].element_size(),
+                        dtype=torch.uint8, device=tensors[n].device,
+                    )
+                    ops.append(dist.P2POp(dist.irecv, buf, peer, group, tag))
+                    recv_views.append((buf, n, in_idx))
+                    received += buf.numel()
+        works = dist.batch_isend_irecv(ops) if ops else []
+    staged = StagedLayer(layer_idx, dst_local, staging, received)
+    return PendingLayer(staged, list(works), recv_views, stream, keep=ops,
+                        start_event=start_event)
+
+
 def stage_layer(
     layer_idx: int,
     transfers: Sequence,
@@ -54,61 +232,12 @@ def stage_layer(
     tensors: dict[str, torch.Tensor],
     slots_per_rank: int,
     group: dist.ProcessGroup | None,
+    timeout_s: float | None = None,
 ) -> StagedLayer:
-    """Run this rank's part of one layer's transfers; return the rows it must commit.
-
-    ``transfers``: the planner's ``Transfer(src_rank, src_slot, dst_rank, dst_slot, expert)``
-    list for the layer (global slots), identical on every rank. ``tensors``: the layer's
-    ``expert_tensors()`` (leading dim = ``slots_per_rank``). Blocks until this rank's sends and
-    receives are done (a peer that never shows up raises after the group's timeout).
-    """
-    base = rank * slots_per_rank
-    names = sorted(tensors)
-    incoming = [t for t in transfers if t.dst_rank == rank]
-    dst_local = torch.tensor([t.dst_slot - base for t in incoming], dtype=torch.long)
-    # staging[name] : [n_in, *row_shape], filled by local copies and receives below
-    staging = {
-        n: torch.empty((len(incoming),) + tuple(tensors[n].shape[1:]), dtype=tensors[n].dtype,
-                       device=tensors[n].device)
-        for n in names
-    }
-    ops: list[dist.P2POp] = []
-    recv_views: list[tuple[torch.Tensor, str, torch.Tensor]] = []
-    peers = sorted({t.src_rank for t in transfers} | {t.dst_rank for t in transfers})
-    received = 0
-    for peer in peers:
-        if peer == rank:
-            for i, t in enumerate(incoming):
-                if t.src_rank == rank:
-                    for n in names:
-                        staging[n][i] = tensors[n][t.src_slot - base]
-            continue
-        out_rows = torch.tensor(
-            [t.src_slot - base for t in transfers if t.src_rank == rank and t.dst_rank == peer],
-            dtype=torch.long,
-        )
-        in_idx = torch.tensor(
-            [i for i, t in enumerate(incoming) if t.src_rank == peer], dtype=torch.long
-        )
-        for tag, n in enumerate(names):
-            if out_rows.numel():
-                payload = _as_bytes(tensors[n].index_select(0, out_rows.to(tensors[n].device)))
-                ops.append(dist.P2POp(dist.isend, payload, peer, group, tag))
-            if in_idx.numel():
-                buf = torch.empty(
-                    in_idx.numel() * tensors[n][0].numel() * tensors[n].element_size(),
-                    dtype=torch.uint8, device=tensors[n].device,
-                )
-                ops.append(dist.P2POp(dist.irecv, buf, peer, group, tag))
-                recv_views.append((buf, n, in_idx))
-                received += buf.numel()
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-    for buf, n, in_idx in recv_views:
-        rows = buf.view(tensors[n].dtype).view((in_idx.numel(),) + tuple(tensors[n].shape[1:]))
-        staging[n][in_idx.to(rows.device)] = rows
-    return StagedLayer(layer_idx, dst_local, staging, received)
+    """``start_layer_transfer`` and wait for it (sync rebalances, tests)."""
+    pending = start_layer_transfer(layer_idx, transfers, rank, tensors, slots_per_rank, group)
+    pending.wait(timeout_s)
+    return pending.finish()
 
 
 def commit_layer(tensors: dict[str, torch.Tensor], staged: StagedLayer) -> None:

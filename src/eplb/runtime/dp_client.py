@@ -2,8 +2,11 @@
 
 It spawns one process per rank (torch.multiprocessing, spawn context), sends each new request to
 the least-loaded rank, and streams that rank's ``RequestOutput``s back to the caller's asyncio
-loop. A reader thread owns the shared output queue; it also notices a rank that died, after
-which the client is unhealthy and every open stream raises.
+loop. A reader thread owns the shared output queue. A monitor thread watches the local ranks:
+a rank that died, or whose heartbeat (``eplb.runtime.heartbeat``) is older than
+``stall_timeout_s``, makes the client broken for good: it logs every local rank's last
+operation, every open stream raises, new requests are refused, and the ``on_fatal`` callbacks
+run (``eplb serve`` then exits non-zero so a supervisor restarts it).
 
 Ranks exit by themselves when the front process disappears (they watch their parent pid), so a
 killed server leaves no orphan processes; ``shutdown()`` stops them cleanly and is idempotent.
@@ -24,13 +27,32 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
-from eplb.runtime.dp_worker import RankSpec, rank_main
 from eplb.parallel.groups import find_free_port, resolve_rendezvous, set_nccl_env
+from eplb.runtime.dp_worker import RankSpec, rank_main
+from eplb.runtime.heartbeat import Heartbeats
+from eplb.runtime.messages import (
+    AbortRequest,
+    AddRequest,
+    RankError,
+    RankExit,
+    RankOutputs,
+    RankReady,
+    RequestRejected,
+    Shutdown,
+    StatsQuery,
+    StatsReply,
+    Wake,
+)
 
 log = logging.getLogger("eplb.engine.dp")
 
 _ABORTED = object()
-STATS_TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 3.0  # a healthy rank answers at its next step boundary
+# A rank whose heartbeat is older than this is hung (or waits on one that is). Far above any
+# step of ours (CPU steps take milliseconds, a GPU step under 0.1 s, a sync rebalance beats per
+# layer) and well under the process groups' 1800 s timeout.
+DEFAULT_STALL_TIMEOUT_S = 10.0
+MONITOR_PERIOD_S = 0.25
 
 
 class DPEngineClient:
@@ -46,6 +68,7 @@ class DPEngineClient:
         *,
         num_threads: int | None = None,
         start_timeout_s: float = 600.0,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         if eplb is not None and not parallel.enable_expert_parallel:
             raise ValueError("eplb needs enable_expert_parallel=True (EPLB moves experts between "
@@ -57,6 +80,9 @@ class DPEngineClient:
         self.record_trace = record_trace
         self.num_threads = num_threads
         self.start_timeout_s = start_timeout_s
+        if stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {stall_timeout_s}")
+        self.stall_timeout_s = stall_timeout_s
         size = parallel.data_parallel_size
         self.rendezvous = resolve_rendezvous(parallel)
         self.world_size = size
@@ -71,15 +97,19 @@ class DPEngineClient:
                     f"({experts} experts + num_redundant_experts {redundant})")
         # ranks of this node (multi-node: one client per node; requests are served by the ranks
         # of the node whose front received them)
-        first = self.rendezvous.node_rank * self.rendezvous.local_size
+        first = self.rendezvous.start_rank
         self.rank_ids = list(range(first, first + self.rendezvous.local_size))
         if self.rank_ids[-1] >= size:
-            raise ValueError(f"node_rank {self.rendezvous.node_rank} has no ranks: "
-                             f"data_parallel_size is {size}")
+            raise ValueError(f"data_parallel_start_rank {first} + data_parallel_size_local "
+                             f"{self.rendezvous.local_size} exceeds data_parallel_size {size}")
         self._procs: dict[int, Any] = {}
         self._in_qs: dict[int, Any] = {}
         self._out_q = None
         self._reader: threading.Thread | None = None
+        self._monitor: threading.Thread | None = None
+        self._heartbeats: Heartbeats | None = None
+        self._fatal_callbacks: list = []
+        self.remote_stopped = False  # another node's front stopped the job
         self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._load = {r: 0 for r in self.rank_ids}
@@ -94,6 +124,16 @@ class DPEngineClient:
         self.rank_info: dict[int, dict] = {}
 
     # ----- life cycle ------------------------------------------------------------------------
+    def on_fatal(self, callback) -> None:
+        """Run ``callback(reason: str)`` once if the engine breaks (a rank died or hung) or
+        another node stops the job (then ``remote_stopped`` is True)."""
+        self._fatal_callbacks.append(callback)
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine broke (None while it is healthy or after a clean stop)."""
+        return self._error
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -115,6 +155,7 @@ class DPEngineClient:
         port = self.rendezvous.port or find_free_port(address)
         ctx = mp.get_context("spawn")
         self._out_q = ctx.Queue()
+        self._heartbeats = Heartbeats(ctx, self.rank_ids)
         level = logging.getLogger().getEffectiveLevel()
         for i, rank in enumerate(self.rank_ids):
             spec = RankSpec(
@@ -125,7 +166,8 @@ class DPEngineClient:
                 num_threads=self.num_threads, log_level=level,
             )
             in_q = ctx.Queue()
-            proc = ctx.Process(target=rank_main, args=(spec, in_q, self._out_q),
+            proc = ctx.Process(target=rank_main,
+                               args=(spec, in_q, self._out_q, self._heartbeats.writer(rank)),
                                name=f"eplb-dp-rank{rank}", daemon=True)
             proc.start()
             self._procs[rank], self._in_qs[rank] = proc, in_q
@@ -143,20 +185,23 @@ class DPEngineClient:
                         raise RuntimeError(
                             f"DP ranks not ready after {self.start_timeout_s:.0f}s") from None
                     continue
-                if msg[0] == "ready":
-                    ready.add(msg[1])
-                    self.rank_info[msg[1]] = msg[2]
-                elif msg[0] == "error":
-                    raise RuntimeError(f"DP rank {msg[1]} failed to start:\n{msg[2]}")
+                if isinstance(msg, RankReady):
+                    ready.add(msg.rank)
+                    self.rank_info[msg.rank] = msg.info
+                elif isinstance(msg, RankError):
+                    raise RuntimeError(f"DP rank {msg.rank} failed to start:\n{msg.text}")
         except BaseException:
             self.shutdown()
             raise
         self._reader = threading.Thread(target=self._read, name="dp-client-reader", daemon=True)
         self._reader.start()
+        self._monitor = threading.Thread(target=self._watch, name="dp-client-monitor",
+                                         daemon=True)
+        self._monitor.start()
 
     def is_healthy(self) -> bool:
         return (self._started and not self._shut and self._error is None
-                and all(p.is_alive() for p in self._procs.values()))
+                and not self.remote_stopped and all(p.is_alive() for p in self._procs.values()))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop every rank process (idempotent). Ranks stop together at a step boundary; any
@@ -166,9 +211,11 @@ class DPEngineClient:
                 return
             self._shut = True
             self._stopping = True
+        if self._error is not None:  # hung or dead ranks never reach a boundary: do not wait
+            timeout_s = 0.0
         for q in self._in_qs.values():
             try:
-                q.put(("shutdown",))
+                q.put(Shutdown())
             except (ValueError, OSError):
                 pass
         deadline = time.monotonic() + timeout_s
@@ -182,8 +229,9 @@ class DPEngineClient:
             if p.is_alive():
                 p.kill()
                 p.join(2.0)
-        if self._reader is not None:
-            self._reader.join(2.0)
+        for thread in (self._reader, self._monitor):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(2.0)
         self._fail_all(RuntimeError("the engine was shut down"))
         for q in [*self._in_qs.values(), self._out_q]:
             if q is not None:
@@ -219,10 +267,10 @@ class DPEngineClient:
             rank = self._pick_rank()
             self._streams[request_id] = (loop, q, rank)
             self._load[rank] += 1
-        self._in_qs[rank].put(("add", request_id, [int(t) for t in prompt_token_ids], params))
+        self._in_qs[rank].put(AddRequest(request_id, [int(t) for t in prompt_token_ids], params))
         for other, iq in self._in_qs.items():  # idle ranks block on their queues: wake them
             if other != rank:
-                iq.put(("wake",))
+                iq.put(Wake())
         finished = False
         try:
             while True:
@@ -238,7 +286,7 @@ class DPEngineClient:
         finally:
             self._forget(request_id)
             if not finished and not self._shut:
-                self._in_qs[rank].put(("abort", request_id))
+                self._in_qs[rank].put(AbortRequest(request_id))
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
@@ -246,7 +294,7 @@ class DPEngineClient:
         if entry is None:
             return
         loop, q, rank = entry
-        self._in_qs[rank].put(("abort", request_id))
+        self._in_qs[rank].put(AbortRequest(request_id))
         self._forget(request_id)
         loop.call_soon_threadsafe(q.put_nowait, _ABORTED)
 
@@ -267,7 +315,7 @@ class DPEngineClient:
         with self._lock:
             self._stats_waiters[token] = (event, replies)
         for q in self._in_qs.values():
-            q.put(("stats", token))
+            q.put(StatsQuery(token))
         event.wait(STATS_TIMEOUT_S)
         with self._lock:
             self._stats_waiters.pop(token, None)
@@ -300,38 +348,74 @@ class DPEngineClient:
         for rid in rids:
             self._deliver(rid, exc)
 
+    def _break(self, reason: str) -> None:
+        """The engine is broken for good: log, fail every open stream, run the callbacks."""
+        with self._lock:
+            if self._error is not None or self._stopping:
+                return
+            self._error = reason
+        log.error("%s; failing every open request", reason)
+        self._fail_all(RuntimeError(reason))
+        self._run_fatal(reason)
+
+    def _run_fatal(self, reason: str) -> None:
+        for callback in self._fatal_callbacks:
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 - one bad callback must not hide the others
+                log.exception("on_fatal callback failed")
+
+    def _watch(self) -> None:
+        """Monitor thread: dead ranks and stalled heartbeats (see the module docstring)."""
+        while not self._stopping and self._error is None:
+            time.sleep(MONITOR_PERIOD_S)
+            if self._stopping:
+                return
+            dead = [r for r, p in self._procs.items() if not p.is_alive()]
+            if dead:
+                time.sleep(MONITOR_PERIOD_S)  # let the reader take its last message first
+                if not self._stopping and not self.remote_stopped:
+                    codes = {r: self._procs[r].exitcode for r in dead}
+                    self._break(f"DP rank(s) {dead} died (exit codes {codes})")
+                return
+            stalls = self._heartbeats.stalled(self.stall_timeout_s)
+            if stalls:
+                detail = "; ".join(s.describe() for s in stalls)
+                self._break(f"the serving group is hung (no progress for more than "
+                            f"{self.stall_timeout_s:g}s): {detail}")
+                return
+
     def _read(self) -> None:
         while True:
             try:
                 msg = self._out_q.get(timeout=0.5)
             except queue.Empty:
-                if self._stopping:
+                if self._stopping or self._error is not None:
                     return
-                dead = [r for r, p in self._procs.items() if not p.is_alive()]
-                if dead and self._error is None:
-                    self._error = f"DP rank(s) {dead} died"
-                    log.error("%s; failing open requests", self._error)
-                    self._fail_all(RuntimeError(self._error))
                 continue
             except (EOFError, OSError, ValueError):
                 return
-            kind = msg[0]
-            if kind == "out":
-                for out in msg[2]:
+            if isinstance(msg, RankOutputs):
+                for out in msg.outputs:
                     self._deliver(out.request_id, out)
-            elif kind == "reject":
-                self._deliver(msg[2], ValueError(msg[3]))
-            elif kind == "stats":
+            elif isinstance(msg, RequestRejected):
+                self._deliver(msg.request_id, ValueError(msg.message))
+            elif isinstance(msg, StatsReply):
                 with self._lock:
-                    waiter = self._stats_waiters.get(msg[2])
+                    waiter = self._stats_waiters.get(msg.token)
                 if waiter is not None:
                     event, replies = waiter
-                    replies[msg[1]] = msg[3]
+                    replies[msg.rank] = msg.stats
                     if len(replies) == len(self.rank_ids):
                         event.set()
-            elif kind == "error":
-                self._error = f"DP rank {msg[1]} failed:\n{msg[2]}"
-                log.error(self._error)
-                self._fail_all(RuntimeError(self._error))
-            elif kind == "exit" and not self._stopping:
-                self._error = f"DP rank {msg[1]} exited"
+            elif isinstance(msg, RankError):
+                self._break(f"DP rank {msg.rank} failed:\n{msg.text}")
+            elif isinstance(msg, RankExit) and not self._stopping:
+                if not msg.stopped_here:  # another node's front stopped the job: a clean end
+                    if not self.remote_stopped:
+                        self.remote_stopped = True
+                        log.info("another node stopped the job; this node stops too")
+                        self._fail_all(RuntimeError("the job was stopped by another node"))
+                        self._run_fatal("the job was stopped by another node")
+                else:
+                    self._break(f"DP rank {msg.rank} exited")

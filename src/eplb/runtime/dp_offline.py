@@ -25,8 +25,9 @@ import torch
 import torch.multiprocessing as mp
 
 from eplb.config import EPLBConfig, ParallelConfig
-from eplb.runtime.dp_worker import RankSpec, RankWorker, exit_with_parent
 from eplb.parallel.groups import find_free_port
+from eplb.runtime.dp_worker import RankSpec, RankWorker, exit_with_parent
+from eplb.runtime.messages import AddRequest, RankOutputs, RequestRejected
 
 
 @dataclass
@@ -50,9 +51,9 @@ class _Collector:
         self.final: dict[str, Any] = {}
         self.other: list[tuple] = []
 
-    def put(self, msg: tuple) -> None:
-        if msg[0] == "out":
-            for out in msg[2]:
+    def put(self, msg: object) -> None:
+        if isinstance(msg, RankOutputs):
+            for out in msg.outputs:
                 if out.finished:
                     self.final[out.request_id] = out
         else:
@@ -85,19 +86,18 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             assign = sc.assign or [i % world_size for i in range(len(sc.requests))]
             for i, ((prompt, params), r) in enumerate(zip(sc.requests, assign)):
                 if r == rank:
-                    in_q.put(("add", f"req-{i}", prompt, params))
+                    in_q.put(AddRequest(f"req-{i}", prompt, params))
             worker.loop(in_q, exit_when_idle=True)
-            caught = None
-            if sc.check_verifier:
-                caught = _verifier_catches_corruption(worker)
+            stats = worker.stats()
+            caught = _verifier_catches_corruption(worker) if sc.check_verifier else None
             mine = {int(k.split("-")[1]): v for k, v in collector.final.items()}
             results.put((index, rank, {
                 "tokens": {i: o.token_ids for i, o in mine.items()},
                 "finish": {i: o.finish_reason for i, o in mine.items()},
-                "stats": worker.stats(),
+                "stats": stats,
                 "step_log": worker.step_log,
                 "verifier_caught": caught,
-                "rejected": [m for m in collector.other if m[0] == "reject"],
+                "rejected": [m for m in collector.other if isinstance(m, RequestRejected)],
             }))
             worker.close(leave_group=index == len(scenarios) - 1)
     except BaseException:  # noqa: BLE001 - the parent reports it
@@ -107,16 +107,13 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
 
 def _verifier_catches_corruption(worker: RankWorker) -> bool:
     """Flip one weight of local slot 0 of layer 0; the verifier must count a mismatch."""
-    state = worker.state
-    before = state.metrics.verify_mismatches
+    before = worker.state.stats()["verify_mismatches"]
     w = next(iter(worker.layers[0].expert_tensors().values()))
     saved = w[0].clone()
     w[0].view(torch.uint8).view(-1)[0] ^= 1  # flip one bit: any dtype, float8 included
-    state._verify_weights(0)
+    worker.state.verify_layer(0)
     w[0].copy_(saved)
-    caught = state.metrics.verify_mismatches == before + 1
-    state.metrics.verify_mismatches = before
-    return caught
+    return worker.state.stats()["verify_mismatches"] == before + 1
 
 
 def run_scenarios(

@@ -12,11 +12,12 @@ Loop, one iteration per step boundary:
 4. if any rank has work, every rank runs one forward: ``step()`` with work, ``dummy_step()``
    without (the MoE collectives need every rank), then outputs go back to the front.
 
-Messages front -> rank: ``("add", rid, prompt_ids, params)``, ``("abort", rid)``,
-``("stats", token)``, ``("wake",)``, ``("shutdown",)``.
-Rank -> front: ``("ready", rank, info)``, ``("out", rank, [RequestOutput])``,
-``("reject", rank, rid, message)``, ``("stats", rank, token, dict)``, ``("error", rank, text)``,
-``("exit", rank)``.
+Messages (``eplb.runtime.messages``) front -> rank: ``AddRequest``, ``AbortRequest``,
+``StatsQuery``, ``Wake``, ``Shutdown``. Rank -> front: ``RankReady``, ``RankOutputs``,
+``RequestRejected``, ``StatsReply``, ``RankError``, ``RankExit``.
+
+Before each blocking step the loop beats its heartbeat (``eplb.runtime.heartbeat``) with the
+operation's name, so the front can tell a hung rank and name what it hung in.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ import torch
 import torch.distributed as dist
 
 from eplb.config import EPLBConfig, ParallelConfig
+from eplb.runtime.heartbeat import HeartbeatWriter
+from eplb.runtime.messages import (
+    AbortRequest,
+    AddRequest,
+    RankError,
+    RankExit,
+    RankOutputs,
+    RankReady,
+    RequestRejected,
+    Shutdown,
+    StatsQuery,
+    StatsReply,
+)
 
 log = logging.getLogger("eplb.engine.dp")
 
@@ -72,7 +86,7 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def rank_main(spec: RankSpec, in_q, out_q) -> None:
+def rank_main(spec: RankSpec, in_q, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
     """Entry point of a rank process."""
     exit_with_parent(spec.parent_pid)
     logging.basicConfig(level=spec.log_level,
@@ -80,35 +94,38 @@ def rank_main(spec: RankSpec, in_q, out_q) -> None:
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     try:
-        worker = RankWorker(spec, out_q)
+        worker = RankWorker(spec, out_q, heartbeat)
     except BaseException:  # noqa: BLE001 - the front reports it
-        out_q.put(("error", spec.rank, traceback.format_exc()))
+        out_q.put(RankError(spec.rank, traceback.format_exc()))
         return
-    out_q.put(("ready", spec.rank, worker.info()))
+    out_q.put(RankReady(spec.rank, worker.info()))
     try:
-        worker.loop(in_q)
+        stopped_here = worker.loop(in_q)
     except BaseException:  # noqa: BLE001
-        out_q.put(("error", spec.rank, traceback.format_exc()))
+        out_q.put(RankError(spec.rank, traceback.format_exc()))
         os._exit(1)  # peers are stuck in a collective; the front tears everything down
     finally:
         worker.close()
-    out_q.put(("exit", spec.rank))
+    out_q.put(RankExit(spec.rank, stopped_here))
 
 
 class RankWorker:
     """One DP rank: engine + EP dispatcher + EPLB state."""
 
-    def __init__(self, spec: RankSpec, out_q) -> None:
+    def __init__(self, spec: RankSpec, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
         """Joins the job (or reuses the process group already joined) and loads this rank's
         part of the model."""
+        from eplb.controller.state import EplbState, initial_placement
         from eplb.engine.core import EngineCore
         from eplb.model.config import load_config
         from eplb.parallel.all2all import make_dispatcher
-        from eplb.controller.state import EplbState, initial_placement
         from eplb.parallel.groups import init_distributed
 
         self.spec = spec
         self.out_q = out_q
+        self._heartbeat = heartbeat
+        self.steps = 0  # forward steps (every rank runs the same number)
+        self.beat("starting")
         self.rank = spec.rank
         self.world_size = spec.world_size
         kwargs = dict(spec.engine_kwargs)
@@ -136,9 +153,12 @@ class RankWorker:
             for layer in self.layers:
                 layer.dispatcher = self.dispatcher
         self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
-                               record_trace=spec.record_trace, checkpoint_path=spec.model_path)
-        self.engine.capture_cuda_graphs()  # before serving (a no-op on CPU, eager or with EP)
-        self.steps = 0  # forward steps (every rank runs the same number)
+                               record_trace=spec.record_trace,
+                               # dummy weights have no checkpoint to verify commits against
+                               checkpoint_path=(None if kwargs.get("load_format") == "dummy"
+                                                else spec.model_path),
+                               progress=self.beat)
+        self.engine.warm_up()  # graphs + prefill kernels, before serving (no-op on CPU, eager, EP)
         self.dummy_steps = 0
         self.requests_added = 0
         # (seconds, phase) of every iteration that ran a forward, boundary included; phase is
@@ -147,26 +167,29 @@ class RankWorker:
         self.step_log: list[tuple[float, str]] | None = None
         self._closed = False
 
+    def beat(self, operation: str) -> None:
+        """Tell the front which operation this rank is about to run (see heartbeat.py)."""
+        if self._heartbeat is not None:
+            self._heartbeat.beat(operation, self.steps)
+
     def info(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "num_moe_layers": len(self.layers),
                 "device": str(self.ctx.device)}
 
     # ----- messages --------------------------------------------------------------------------
-    def _handle(self, msg: tuple) -> bool:
+    def _handle(self, msg: object) -> bool:
         """Apply one front message; True when it asks to stop."""
-        kind = msg[0]
-        if kind == "add":
-            _, rid, prompt, params = msg
+        if isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
                 self.requests_added += 1
             except ValueError as exc:
-                self.out_q.put(("reject", self.rank, rid, str(exc)))
-        elif kind == "abort":
-            self.engine.abort_request(msg[1])
-        elif kind == "stats":
-            self.out_q.put(("stats", self.rank, msg[1], self.stats()))
-        elif kind == "shutdown":
+                self.out_q.put(RequestRejected(self.rank, msg.request_id, str(exc)))
+        elif isinstance(msg, AbortRequest):
+            self.engine.abort_request(msg.request_id)
+        elif isinstance(msg, StatsQuery):
+            self.out_q.put(StatsReply(self.rank, msg.token, self.stats()))
+        elif isinstance(msg, Shutdown):
             return True
         return False
 
@@ -190,10 +213,11 @@ class RankWorker:
         return d
 
     # ----- the loop --------------------------------------------------------------------------
-    def loop(self, in_q, *, exit_when_idle: bool = False) -> None:
-        """Serve until the front asks to stop. ``exit_when_idle`` (offline drivers and tests):
-        also return at the first boundary where no rank has work and no rebalance is in flight
-        (every rank sees the same reduced vector, so all return together)."""
+    def loop(self, in_q, *, exit_when_idle: bool = False) -> bool:
+        """Serve until a front asks to stop; returns True if this rank's front asked (False:
+        another node's). ``exit_when_idle`` (offline drivers and tests): also return at the
+        first boundary where no rank has work and no rebalance is in flight (every rank sees
+        the same reduced vector, so all return together)."""
         forward_before = False
         anyone_busy = True  # first round: do not block
         stop = False
@@ -203,22 +227,27 @@ class RankWorker:
                 wait = INFLIGHT_IDLE_WAIT_S if self.state.rebalance_in_flight else IDLE_WAIT_S
             else:
                 wait = 0.0
+            self.beat("idle wait")
             stop |= self._drain(in_q, wait)
             t0 = time.perf_counter()
             has_work = self.engine.has_unfinished_requests()
             header = torch.tensor([int(has_work), int(stop)], dtype=torch.long)
             vec = torch.cat([header, self.state.packet()]).to(self.ctx.comm_device)
+            self.beat("step all-reduce")
             dist.all_reduce(vec, group=self.ctx.ep_group)
             vec = vec.cpu()
+            self.beat("eplb")
             self.state.on_boundary(vec[2:], forward_before)
             if int(vec[1]) > 0:
-                return
+                self.beat("stopping")
+                return stop
             anyone_busy = int(vec[0]) > 0
             forward_before = anyone_busy
             if not anyone_busy:
                 if exit_when_idle and not self.state.rebalance_in_flight:
-                    return
+                    return True
                 continue
+            self.beat("forward")
             for layer in self.layers:  # spread replica choice over ranks and steps
                 layer.replica_offset = self.steps * self.world_size + self.rank
             if self.dispatcher is not None:
@@ -237,7 +266,7 @@ class RankWorker:
                          else "async" if self.state.rebalance_in_flight else "steady")
                 self.step_log.append((time.perf_counter() - t0, phase))
             if outs:
-                self.out_q.put(("out", self.rank, outs))
+                self.out_q.put(RankOutputs(self.rank, outs))
 
     def close(self, *, leave_group: bool = True) -> None:
         if self._closed:

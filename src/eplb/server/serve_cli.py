@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
-from eplb.evals.gsm8k import repo_root
+from eplb.resources import DEFAULT_MODEL_NAME, default_model_path
 
-DEFAULT_MODEL = "models/tiny-qwen3-moe"  # relative to the repo root
+DEFAULT_MODEL = DEFAULT_MODEL_NAME  # the shipped model, installed with the package
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -59,6 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DP ranks started on this node (default: all of them)")
     g.add_argument("--node-rank", type=int, default=0,
                    help="this node's index when the DP ranks span several nodes (default: 0)")
+    g.add_argument("--data-parallel-start-rank", type=int, default=None, metavar="RANK",
+                   help="first DP rank of this node (default: node rank x "
+                        "--data-parallel-size-local)")
+    g.add_argument("--headless", action="store_true",
+                   help="run this node's DP ranks without the HTTP API (a node of a multi-node "
+                        "job whose requests come through another node's front)")
+    g.add_argument("--rank-stall-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a DP rank that makes no progress for this long (hung, or waiting on a "
+                        "hung peer) breaks the server: /health turns 503, open requests fail, "
+                        "the server exits with code 1 (default: %(default)s)")
     g.add_argument("--record-trace", "--eplb-record-trace", dest="record_trace", default=None,
                    metavar="PATH",
                    help="write the per-step expert load trace here (for eplb simulate)")
@@ -77,9 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
                         "when a rank runs without EP dispatchers)")
-    e.add_argument("--quantization", "-q", choices=("fp8",), default=None,
-                   help="fp8: keep a block-FP8 checkpoint's weights in FP8 (needs CUDA, triton and "
-                        "bfloat16); default: dequantize them to --dtype")
+    e.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
+                   help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
+                        "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist "
+                        "on the FP8 kernels; none: always dequantize to --dtype")
+    e.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="auto: read the safetensors; dummy: random weights of config.json's shapes, "
+                        "made on the device (default: %(default)s)")
+    e.add_argument("--dummy-router-skew", type=float, nargs="?", const=1.5, default=None, metavar="ZIPF_S",
+                   help="with --load-format dummy: bias each router toward a Zipf(ZIPF_S)-ranked window "
+                        "of hot experts (given alone: 1.5, balancedness ~0.5 at EP 2; docs/model.md)")
+    e.add_argument("--dummy-router-drift", type=int, default=None, metavar="STEPS",
+                   help="forward steps per one-expert move of the hot window (default 200; 0 = static)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; no remote code is ever run")
     e.add_argument("--chat-template", default=None,
@@ -92,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model(model: str | None) -> Path:
-    path = Path(model) if model is not None else repo_root() / DEFAULT_MODEL
+    path = Path(model) if model is not None else default_model_path()
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"MODEL {str(path)!r} is not a model directory (no config.json there)")
     return path
@@ -112,6 +131,8 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
     model_path = resolve_model(args.model)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if not args.rank_stall_timeout > 0:
+        raise UsageError(f"--rank-stall-timeout must be > 0, got {args.rank_stall_timeout}")
     for flag in ("data_parallel_size", "max_model_len", "max_num_seqs"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -134,7 +155,11 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
                                   data_parallel_address=args.data_parallel_address,
                                   data_parallel_rpc_port=args.data_parallel_rpc_port,
                                   data_parallel_size_local=args.data_parallel_size_local,
-                                  node_rank=args.node_rank)
+                                  node_rank=args.node_rank,
+                                  data_parallel_start_rank=args.data_parallel_start_rank)
+        from eplb.parallel.groups import resolve_rendezvous
+
+        resolve_rendezvous(parallel)  # node layout errors name the flag, before any rank starts
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
@@ -166,14 +191,30 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
         chat_template = load_template(args.chat_template)
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    _check_port_free(args.host, args.port)
+    if not args.headless:
+        _check_port_free(args.host, args.port)
     engine_kwargs: dict[str, Any] = {"dtype": dtype, "device": device,
                                      "max_model_len": args.max_model_len,
                                      "max_num_seqs": args.max_num_seqs, "seed": args.seed,
                                      "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.quantization is not None:
+    if args.load_format != "auto":
+        engine_kwargs["load_format"] = args.load_format
+    if args.dummy_router_skew is not None or args.dummy_router_drift is not None:
+        if args.load_format != "dummy":
+            raise UsageError("--dummy-router-skew/--dummy-router-drift need --load-format dummy")
+        from eplb.model.dummy import router_skew
+
+        try:
+            router_skew(args.dummy_router_skew, args.dummy_router_drift)
+        except ValueError as exc:
+            raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+        engine_kwargs["dummy_router_skew"] = args.dummy_router_skew
+        engine_kwargs["dummy_router_drift"] = args.dummy_router_drift
+    if args.quantization == "none":
+        engine_kwargs["quantization"] = "none"
+    elif args.quantization is not None:
         from eplb.model.loader import check_quantization, resolve_dtype
 
         try:  # device, triton, dtype and checkpoint checked here, before any rank starts
@@ -200,7 +241,10 @@ def main(args: argparse.Namespace) -> int:
     from eplb.server.app import ServerSettings, create_app
 
     engine = DPEngineClient(str(cfg["model_path"]), cfg["engine_kwargs"], cfg["parallel"],
-                            cfg["eplb"], record_trace=args.record_trace)
+                            cfg["eplb"], record_trace=args.record_trace,
+                            stall_timeout_s=args.rank_stall_timeout)
+    if args.headless:
+        return _run_headless(engine)
     settings = ServerSettings(served_model_names=cfg["served"],
                               max_model_len=args.max_model_len, api_key=args.api_key,
                               chat_template=cfg["chat_template"], vocab_size=cfg["vocab_size"])
@@ -209,10 +253,11 @@ def main(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=5, lifespan="on"))
 
-    def fatal(_: BaseException) -> None:
+    def fatal(_: object) -> None:
         server.should_exit = True
 
     settings.on_fatal = fatal
+    engine.on_fatal(fatal)  # a rank died or hung: the open requests already failed; exit 1
     logging.getLogger("eplb.server").info(
         "starting %d rank(s) of %s (EP %s, EPLB %s, backend %s) on http://%s:%d",
         args.data_parallel_size, cfg["model_path"], "on" if args.enable_expert_parallel else "off",
@@ -227,4 +272,37 @@ def main(args: argparse.Namespace) -> int:
     if state.start_error is not None:
         print(f"eplb serve: error: engine failed to start: {state.start_error!r}", file=sys.stderr)
         return 1
+    return _engine_exit_code(engine)
+
+
+def _engine_exit_code(engine: Any) -> int:
+    """1 if the engine broke (a supervisor should restart the server), else 0."""
+    if engine.error is not None:
+        print(f"eplb serve: error: {engine.error.splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_headless(engine: Any) -> int:
+    """A node without the HTTP API: its ranks serve the requests other nodes' fronts send them
+    through the collectives. Runs until SIGTERM/SIGINT, another node stops the job, or the
+    engine breaks."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    engine.on_fatal(lambda _: done.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    log = logging.getLogger("eplb.server")
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        print(f"eplb serve: error: engine failed to start: {exc}", file=sys.stderr)
+        engine.shutdown()
+        return 1
+    log.info("headless: DP ranks %s ready; no HTTP API on this node", engine.rank_ids)
+    while not done.wait(0.5):  # a timed wait keeps signal handlers responsive
+        pass
+    engine.shutdown()
+    return _engine_exit_code(engine)

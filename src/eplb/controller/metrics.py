@@ -1,0 +1,56 @@
+"""EPLB figures of one rank (identical on every rank: every change follows the reduced packet)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_EVENTS = 100  # rebalance events and interval balancedness figures kept for stats()
+
+
+@dataclass
+class EplbMetrics:
+    rebalances: int = 0
+    rebalances_failed: int = 0
+    copies_moved: int = 0
+    bytes_moved: int = 0
+    last_rebalance_s: float = 0.0
+    total_rebalance_s: float = 0.0
+    last_policy_s: float = 0.0
+    steps_during_last_rebalance: int = 0  # forward steps served while the last async one ran
+    layers_committed: int = 0
+    # seconds the last rebalance's layer transfers took on this rank, posting to completion
+    # (CUDA: measured on the transfer stream), and the bytes this rank received in them
+    transfer_seconds: float = 0.0
+    transfer_bytes_received: int = 0
+    balancedness: float | None = None  # mean per-step balancedness of the last interval
+    balancedness_history: list[float] = field(default_factory=list)  # one per interval
+    verify_checks: int = 0
+    verify_mismatches: int = 0
+    # the last rebalances, oldest first: {"ok", "step", "layers_committed", "copies",
+    # "seconds", "steps_in_flight", "why"}; layers_committed of a failed one = layers it changed
+    events: list[dict] = field(default_factory=list)
+
+    def add_event(self, **event) -> None:
+        self.events.append(event)
+        del self.events[:-MAX_EVENTS]
+
+    def add_interval(self, value: float) -> None:
+        self.balancedness = value
+        self.balancedness_history.append(value)
+        del self.balancedness_history[:-MAX_EVENTS]
+
+    def count_commit(self, copies: int, nbytes: int) -> None:
+        self.layers_committed += 1
+        self.copies_moved += copies
+        self.bytes_moved += nbytes
+
+    def count_verify(self, mismatch: bool) -> None:
+        self.verify_checks += 1
+        self.verify_mismatches += int(mismatch)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mean_rebalance_s"] = self.total_rebalance_s / self.rebalances if self.rebalances else 0.0
+        d["balancedness_history"] = list(self.balancedness_history[-MAX_EVENTS:])
+        d["events"] = [dict(e) for e in self.events]
+        return d
