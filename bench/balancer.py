@@ -308,11 +308,12 @@ def render(res: dict) -> str:
     for c in res["cases"]:
         v = c["variants"]
         r = v["refined"]
-        rec = c.get("recovery_steps", "")
+        rec = "" if "recovery_steps" not in c else (
+            "never" if c["recovery_steps"] is None else c["recovery_steps"])
         lines.append(
             f"| {c['case']} | {c['trace']} | " + " | ".join(f"{v[n]['mean']:.4f}" for n in names)
-            + f" | {100 * r['diff']:+.2f} +- {200 * r['se']:.2f} | {r['worst']:.3f} | {v['deepseek']['worst']:.3f}"
-            f" | {v['deepseek']['copies_moved']} | {r['copies_moved']} | {'' if rec is None and 'recovery_steps' not in c else ('never' if rec is None else rec)} |")
+            + f" | {100 * r['diff']:+.2f} +- {200 * r['se']:.2f} | {r['worst']:.3f} | "
+            f"{v['deepseek']['worst']:.3f} | {v['deepseek']['copies_moved']} | {r['copies_moved']} | {rec} |")
     lines += ["", "Load-aware replica dispatch vs the static split (refined placement, 2 layers, "
               "per-step balancedness):", "",
               "| case | tokens per rank | static | load-aware | diff (points) |", "|---|---|---|---|---|"]

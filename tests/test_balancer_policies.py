@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import eplb.balancer.refined as refined_mod
 from eplb.balancer.placement import Placement
 from eplb.balancer.policies import POLICIES, get_policy
-import eplb.balancer.refined as refined_mod
 from eplb.balancer.stats import balancedness, balancedness_upper_bound, rank_loads
 
 README_LOAD = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

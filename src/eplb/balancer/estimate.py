@@ -4,7 +4,8 @@ Every estimator follows ``LoadEstimator``: ``record(load[L, E])`` once per forwa
 summed over DP ranks, the same on every rank), ``total() -> Tensor[L, E]`` (what the policy
 fits; only its proportions matter to a policy), ``num_recorded``, ``reset()`` and
 ``keep_last(steps)`` (forget all but the last ``steps`` steps: after a load shift the past
-misleads) and ``steps() -> Tensor[n, L, E]`` (recent raw steps, for judging placements per step). Deterministic: every rank that records the same loads gets the same total.
+misleads) and ``steps() -> Tensor[n, L, E]`` (recent raw steps, for judging placements per
+step). Deterministic: every rank that records the same loads gets the same total.
 
 - ``LoadWindow`` (``stats.py``): the flat sum of the last ``window_size`` steps (vLLM's).
 - ``EwmaLoad``: an exponentially weighted sum, ``sum_k 0.5 ** (k / half_life) * load[t - k]``:

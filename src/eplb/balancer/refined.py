@@ -103,7 +103,7 @@ def greedy_pack_distinct(
     row_g = rows[:, 0] * G
     row_p = rows[:, 0] * num_physical
     start = 0
-    if sticky is None and G <= num_physical and (item_w[:, :G] > 0).all():
+    if sticky is None and num_physical >= G and (item_w[:, :G] > 0).all():
         # The G heaviest replicas go to ranks 0..G-1 in order: each lands on the first still
         # empty rank (every used rank already has a positive load).
         out.reshape(num_layers, G, S)[:, :, 0] = items[:, :G]

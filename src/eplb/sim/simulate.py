@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from eplb.balancer.estimate import make_load_estimator
+from eplb.balancer.gain import keep_worthwhile
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import num_moves, plan
 from eplb.balancer.policies import get_policy
-from eplb.balancer.estimate import make_load_estimator
-from eplb.balancer.gain import keep_worthwhile
 from eplb.balancer.stats import balancedness, balancedness_upper_bound
 from eplb.balancer.trigger import make_trigger
 from eplb.config import EPLBConfig
