@@ -10,7 +10,7 @@ Writes bench/results/balancer.json, bench/results/balancer.md and docs/balancer-
    of it. Variants: ``deepseek`` (DeepSeek's greedy, global mode: the policy vLLM and SGLang
    ship), ``refined`` (the server's default: our policy, window estimator, interval trigger,
    the window's steps passed as ``history``),
-   ``refined+ewma``, ``refined+shift`` (EWMA estimate and the shift trigger), and ``hindsight``
+   ``refined+ewma``, ``refined+shift`` (the window estimator and the shift trigger), and ``hindsight``
    (refined fit on each interval's own traffic, and on shift traces on the steps from the
    shift on: an oracle). Scored steps: every step after the
    first rebalance. Standard errors of the paired per-step difference to ``deepseek`` come from
@@ -97,8 +97,7 @@ def variants(R: int) -> dict[str, EPLBConfig]:
         "deepseek": EPLBConfig(**base, policy="deepseek"),
         "refined": EPLBConfig(**base),
         "refined+ewma": EPLBConfig(**base, load_estimator="ewma", load_half_life=HALF_LIFE),
-        "refined+shift": EPLBConfig(**base, load_estimator="ewma", load_half_life=HALF_LIFE,
-                                    rebalance_trigger="shift"),
+        "refined+shift": EPLBConfig(**base, rebalance_trigger="shift"),
     }
 
 

@@ -106,3 +106,21 @@ def test_keep_worthwhile_keeps_old_layers_below_the_gain():
     assert worth_rebalancing(load, old, new, mid)
     assert not worth_rebalancing(load, old, new, float(gain.max()) + 1e-6)
     assert worth_rebalancing(load, old, old, 0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(before=st.integers(0, 20), keep=st.integers(1, 8), after=st.integers(0, 12))
+def test_steps_are_the_counted_steps_oldest_first(before, keep, after):
+    loads = torch.arange(before + after).view(-1, 1, 1).expand(-1, 1, 2).clone()
+    for est, cap in ((LoadWindow(10, 1, 2), 10), (EwmaLoad(4.0, 1, 2, keep=10), 10)):
+        for x in loads[:before]:
+            est.record(x)
+        est.keep_last(keep)
+        for x in loads[before:]:
+            est.record(x)
+        held = min(min(keep, before, cap) + after, cap)
+        want = loads[before + after - held: before + after].double()
+        assert torch.equal(est.steps().double(), want)
+        # the total is the (weighted) sum of exactly these steps
+        if isinstance(est, LoadWindow):
+            assert torch.equal(est.total(), want.sum(0).long())

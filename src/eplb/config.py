@@ -71,7 +71,7 @@ class EPLBConfig:
     # the last rebalance, at least shift_min_gap steps after the previous one)
     rebalance_trigger: str = "interval"
     shift_threshold: float = 0.9
-    shift_steps: int = 4
+    shift_steps: int = 12  # longer than a typical burst: only a lasting drop fires
     shift_min_gap: int = 16
     # ours: a layer takes a new placement only when its predicted balancedness gain on the
     # estimate is at least this (absolute, 0.01 = one point); 0 = always (vLLM's)

@@ -61,6 +61,7 @@ class EwmaLoad:
         self._total = torch.zeros(self._shape, dtype=torch.float64)
         self._recent = torch.zeros(keep, num_layers, num_experts, dtype=torch.float64)  # ring
         self.num_recorded = 0
+        self._held = 0  # raw steps in the ring that count (keep_last drops the others)
 
     def record(self, load: torch.Tensor) -> None:
         """Add one step's ``load [L, E]``; older steps fade by ``decay`` per step."""
@@ -68,6 +69,7 @@ class EwmaLoad:
         self._total.mul_(self.decay).add_(load)
         self._recent[self.num_recorded % self._recent.shape[0]] = load
         self.num_recorded += 1
+        self._held = min(self._held + 1, self._recent.shape[0])
 
     def total(self) -> torch.Tensor:
         """``[L, E]`` float64: the weighted sum (weights 1, decay, decay**2, ... newest first)."""
@@ -77,16 +79,18 @@ class EwmaLoad:
         self._total.zero_()
         self._recent.zero_()
         self.num_recorded = 0
+        self._held = 0
 
     def steps(self) -> torch.Tensor:
-        """``[n, L, E]``: the last ``n = min(recorded, keep)`` raw steps, oldest first."""
+        """``[n, L, E]``: the last raw steps still counted (at most ``keep``), oldest first."""
         keep = self._recent.shape[0]
-        n = min(self.num_recorded, keep)
+        n = self._held
         return self._recent[[(self.num_recorded - n + i) % keep for i in range(n)]]
 
     def keep_last(self, steps: int) -> None:
         """Forget every step but the last ``min(steps, keep, num_recorded)``."""
-        n = min(steps, self._recent.shape[0], self.num_recorded)
+        n = min(steps, self._held)
+        self._held = n
         total = torch.zeros(self._shape, dtype=torch.float64)
         for age in range(n - 1, -1, -1):  # oldest first, as record() would have added them
             total.mul_(self.decay).add_(self._recent[(self.num_recorded - 1 - age) % self._recent.shape[0]])

@@ -44,7 +44,7 @@ class RebalanceTrigger:
     """Decides at each step boundary whether to start a rebalance (see the module docstring)."""
 
     def __init__(self, mode: str = "interval", step_interval: int = 3000, *,
-                 shift_threshold: float = 0.9, shift_steps: int = 4, min_gap: int = 16) -> None:
+                 shift_threshold: float = 0.9, shift_steps: int = 12, min_gap: int = 16) -> None:
         if mode not in TRIGGERS:
             raise ValueError(f"rebalance_trigger must be one of {', '.join(TRIGGERS)}, got {mode!r}")
         self.mode = mode
