@@ -52,8 +52,9 @@ class EPLBConfig:
     num_redundant_experts: int = 0
     use_async: bool = True
     log_balancedness: bool = False
-    # vLLM's default is DeepSeek's greedy; ours balances better and moves ~1/3 of the copies on
-    # drifting load (bench/results/balancer.md), at a policy cost that async EPLB hides.
+    # vLLM's default is DeepSeek's greedy; ours balances better on the next interval's traffic
+    # on average and moves ~40% of the copies (bench/results/balancer.md), at a policy cost that
+    # async EPLB hides.
     policy: str = "refined"
     # ours: a rebalance that makes no progress for this long (async: no layer planned, staged
     # or committed; sync: one layer's transfer) is abandoned on every rank
