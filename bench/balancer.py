@@ -1,15 +1,29 @@
-"""Balancer benchmark: `refined` (ours) against `deepseek` on model shapes, skews and drift.
+"""Balancer benchmark: every policy judged on the traffic it has not seen yet.
 
-Run: .venv/bin/python bench/balancer.py [--quick]
-Writes bench/results/balancer.json and bench/results/balancer.md and prints the table.
+Run: PYTHONPATH=src .venv/bin/python bench/balancer.py [--quick] [--trace T.npz ...]
+Writes bench/results/balancer.json, bench/results/balancer.md and docs/balancer-shift.png.
 
-Static cases: a window of W steps from a Zipf trace (no drift) is the fitting load; we report
-balancedness on that load (and the bound no placement can beat) and on the next W steps, one by
-one (held out: routing noise counts). Drift cases: `eplb.sim.simulate` replays a drifting trace
-with a sudden change half-way, rebalancing every I steps from the last W steps; we report mean
-balancedness over all steps and layers and the expert copies moved.
-Policy time is CPU time of one thread (time.process_time, torch and numpy on one thread), so a
-busy shared machine does not inflate it; wall time is reported beside it.
+1. Next-interval balance. For each model shape (Qwen3-30B-A3B EP 4/8/32, DeepSeek-V3 EP 32/64,
+   Mixtral-8x7B EP 4/8; R = 0, G, 2G) and trace (stationary, drifting, shift, bursty; Zipf 1.0,
+   128 decode tokens per rank and step) the server is replayed step by step
+   (``eplb.sim.simulate.replay``): fit on the window, serve the next interval, score every step
+   of it. Variants: ``deepseek`` (DeepSeek's greedy, global mode: the policy vLLM and SGLang
+   ship), ``refined`` (the server's default: our policy, window estimator, interval trigger,
+   the window's steps passed as ``history``),
+   ``refined+ewma``, ``refined+shift`` (the window estimator and the shift trigger), and ``hindsight``
+   (refined fit on each interval's own traffic, and on shift traces on the steps from the
+   shift on: an oracle). Scored steps: every step after the
+   first rebalance. Standard errors of the paired per-step difference to ``deepseek`` come from
+   means of blocks of ``BLOCK`` steps (steps are correlated). Layers are independent, so the
+   traces have ``LAYERS`` layers, not the model's. Recorded traces (``bench/traces/*.npz``,
+   written by ``eplb serve --record-trace``) run the same way at EP 2 and 4.
+2. Shift recovery: on the shift traces, steps after the shift until the 5-step mean of
+   ``refined+shift`` is within 2 points of hindsight fit on the steps after the shift.
+3. Load-aware replica dispatch against the static split at decode-size steps (32-256 tokens per
+   rank): every DP rank splits its own pairs (``eplb.balancer.dispatch``), ranks' loads summed.
+4. Policy time at DeepSeek-V3's full shape (58 x 256, EP 64, R 64), CPU time of one thread
+   (fresh; warm from the previous placement; warm with 100 steps of history), and the toy
+   (600, 560, 120, 120, 20, 10, 10, 10 on 8 ranks, 8 redundant slots).
 """
 
 from __future__ import annotations
@@ -31,238 +45,318 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from eplb.balancer.dispatch import static_slots, water_fill_slots  # noqa: E402
 from eplb.balancer.policies import get_policy  # noqa: E402
-from eplb.balancer.stats import balancedness, lower_bound  # noqa: E402
-from eplb.sim.simulate import simulate  # noqa: E402
-from eplb.sim.traces import SyntheticSpec, synthetic_trace  # noqa: E402
+from eplb.balancer.stats import balancedness, rank_loads  # noqa: E402
+from eplb.config import EPLBConfig  # noqa: E402
+from eplb.sim.simulate import hindsight, replay  # noqa: E402
+from eplb.sim.traces import SyntheticSpec, load_trace, synthetic_trace  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-TOKENS_PER_RANK = 128  # tokens per EP rank and step (a decode batch); pairs = this * G * top_k
-WINDOW = 50
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PLOT = ROOT / "docs" / "balancer-shift.png"
+TRACES = ROOT / "bench" / "traces"  # recorded by eplb serve --record-trace; all run by default
+TOKENS_PER_RANK = 128  # decode tokens per EP rank and step
+LAYERS = 4
+WINDOW = INTERVAL = 100
+BLOCK = 10  # steps per block for standard errors
+HALF_LIFE = 25.0
+TOY = [600, 560, 120, 120, 20, 10, 10, 10]
 
 
 def shapes(quick: bool) -> list[dict]:
-    cases = []
-    for g in (4, 8, 16):
-        for r in (0, g, 2 * g):
-            cases.append(dict(model="Qwen3-30B-A3B", L=48, E=128, G=g, R=r, N=1, K=1, top_k=8))
-    for g, n in ((32, 4), (64, 8), (128, 8)):
-        # R = 32 only divides evenly at EP 32 (288 slots); at EP 64/128 we take the smallest
-        # R >= 32 that gives every rank the same slot count.
-        r = next(r for r in range(32, 10_000) if (256 + r) % g == 0)
-        cases.append(dict(model="DeepSeek-V3", L=58, E=256, G=g, R=r, N=n, K=8, top_k=8))
-    for g in (2, 4, 8):
-        for r in (0, g):
-            cases.append(dict(model="Mixtral-8x7B", L=32, E=8, G=g, R=r, N=1, K=1, top_k=2))
+    out = []
+    for model, E, k, ranks in (("Qwen3-30B-A3B", 128, 8, (4, 8, 32)), ("DeepSeek-V3", 256, 8, (32, 64)),
+                               ("Mixtral-8x7B", 8, 2, (4, 8))):
+        for G in ranks:
+            for R in (0, G, 2 * G):
+                out.append(dict(model=model, E=E, k=k, G=G, R=R))
     if quick:
-        cases = [c for c in cases if c["G"] in (4, 64)]
-    return cases
-
-
-def tokens(c: dict) -> int:
-    return TOKENS_PER_RANK * c["G"] * c["top_k"]
-
-
-def timed(fn, *args, **kwargs):
-    c0, w0 = time.process_time(), time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, (time.process_time() - c0) * 1000, (time.perf_counter() - w0) * 1000
-
-
-def static_case(c: dict, skew: float, seed: int) -> dict:
-    spec = SyntheticSpec(steps=2 * WINDOW, layers=c["L"], experts=c["E"], tokens=tokens(c), skew=skew,
-                         drift=0.0, shift_at=-1, seed=seed)
-    trace = torch.from_numpy(synthetic_trace(spec))
-    fit, held = trace[:WINDOW].sum(0), trace[WINDOW:]
-    row = {"bound": float(lower_bound(fit, c["G"], c["R"]).mean())}
-    variants = [("deepseek", c["N"], c["K"]), ("refined", c["N"], c["K"])]
-    if c["N"] > 1:
-        variants.append(("deepseek_global", 1, 1))
-    for label, n, k in variants:
-        name = "deepseek" if label.startswith("deepseek") else label
-        p, cpu_ms, _ = timed(get_policy(name), fit, c["G"], c["R"], num_nodes=n, num_groups=k)
-        row[label] = {
-            "fit": float(balancedness(fit, p).mean()),
-            "held_out": float(balancedness(held, p).mean()),
-            "colocated": int(p.num_colocated().sum()),
-            "cpu_ms": cpu_ms,
-        }
-    return row
-
-
-def drift_case(c: dict, seed: int, steps: int) -> dict:
-    spec = SyntheticSpec(steps=steps, layers=c["L"], experts=c["E"], tokens=tokens(c), skew=1.0,
-                         drift=0.02, shift_at=steps // 2, seed=seed)
-    trace = synthetic_trace(spec)
-    row = {"max_moves_capped": capped_moves(c)}
-    for label, name, cap in (("deepseek", "deepseek", None), ("refined", "refined", None),
-                             ("refined_capped", "refined", capped_moves(c))):
-        r = simulate(trace, name, c["G"], c["R"], window_size=100, step_interval=100,
-                     num_nodes=c["N"], num_groups=c["K"], max_moves=cap)
-        row[label] = r.summary()
-    return row
-
-
-def capped_moves(c: dict) -> int:
-    """The per-layer cap of the `refined_capped` variant: 1/16 of the slots."""
-    return max(2, (c["E"] + c["R"]) // 16)
-
-
-def timing_case(repeats: int) -> dict:
-    """refined at DeepSeek-V3 shape, EP 64: fresh, and warm from the previous placement."""
-    L, E, G, R = 58, 256, 64, 64
-    spec = SyntheticSpec(steps=200, layers=L, experts=E, tokens=TOKENS_PER_RANK * G * 8, skew=1.0, drift=0.02,
-                         shift_at=-1, seed=7)
-    trace = torch.from_numpy(synthetic_trace(spec))
-    a, b = trace[:100].sum(0), trace[100:].sum(0)
-    out = {}
-    for name in ("deepseek", "refined"):
-        pol = get_policy(name)
-        fresh = [timed(pol, a, G, R, num_nodes=8, num_groups=8) for _ in range(repeats)]
-        prev = fresh[0][0]
-        warm = [timed(pol, b, G, R, num_nodes=8, num_groups=8, previous=prev) for _ in range(repeats)]
-        out[name] = {
-            "fresh_cpu_ms": statistics.median(x[1] for x in fresh),
-            "fresh_wall_ms": statistics.median(x[2] for x in fresh),
-            "warm_cpu_ms": statistics.median(x[1] for x in warm),
-            "warm_wall_ms": statistics.median(x[2] for x in warm),
-            "warm_moved": int(warm[0][0].moved_slots(prev).sum()),
-        }
+        out = [c for c in out if (c["model"], c["G"], c["R"]) in
+               (("Qwen3-30B-A3B", 8, 8), ("DeepSeek-V3", 32, 32), ("Mixtral-8x7B", 4, 4))]
     return out
+
+
+def shift_step(steps: int) -> int:
+    """Half-way, in the middle of an interval (a shift at a rebalance would hide the trigger)."""
+    return (steps // 2 // INTERVAL) * INTERVAL + INTERVAL // 2
+
+
+def trace_kinds(steps: int) -> dict[str, dict]:
+    return {
+        "stationary": dict(drift=0.0, shift_at=-1),
+        "drifting": dict(drift=0.02, shift_at=-1),
+        "shift": dict(drift=0.0, shift_at=shift_step(steps)),
+        "bursty": dict(drift=0.0, shift_at=-1, burst_every=50, burst_len=10),
+    }
+
+
+def variants(R: int) -> dict[str, EPLBConfig]:
+    base = dict(window_size=WINDOW, step_interval=INTERVAL, num_redundant_experts=R)
+    return {
+        "deepseek": EPLBConfig(**base, policy="deepseek"),
+        "refined": EPLBConfig(**base),
+        "refined+ewma": EPLBConfig(**base, load_estimator="ewma", load_half_life=HALF_LIFE),
+        "refined+shift": EPLBConfig(**base, rebalance_trigger="shift"),
+    }
+
+
+def paired(ours: np.ndarray, ref: np.ndarray, block: int = BLOCK) -> tuple[float, float]:
+    """Mean and standard error (means of blocks of ``block`` steps) of ``ours - ref``."""
+    d = ours - ref
+    n = len(d) // block
+    blocks = d[: n * block].reshape(n, block).mean(1)
+    return float(d.mean()), float(blocks.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+
+def run_case(trace: np.ndarray, G: int, R: int, shift_at: int) -> dict:
+    per_step = {}
+    row = {"variants": {}}
+    for name, cfg in variants(R).items():
+        r = replay(trace, cfg, G, label=name)
+        per_step[name] = r.balancedness.mean(1)
+        row["variants"][name] = {
+            "copies_moved": r.copies_moved, "rebalances": r.rebalances,
+            "early_rebalances": sum(1 for _, why in r.events if why != "interval"),
+        }
+    cuts = (shift_at,) if shift_at > 0 else ()
+    per_step["hindsight"] = hindsight(trace, "refined", G, R, step_interval=INTERVAL,
+                                      extra_cuts=cuts).mean(1)
+    scored = slice(INTERVAL, None)  # every policy serves the default placement before that
+    for name, b in per_step.items():
+        v = row["variants"].setdefault(name, {})
+        v["mean"] = float(b[scored].mean())
+        v["worst"] = float(b[scored].min())
+        if name != "deepseek":
+            v["diff"], v["se"] = paired(b[scored], per_step["deepseek"][scored])
+    if shift_at > 0:
+        row["recovery_steps"] = recovery(per_step["refined+shift"], per_step["hindsight"], shift_at)
+        row["per_step"] = {k: v.tolist() for k, v in per_step.items()}
+    return row
+
+
+def recovery(b: np.ndarray, best: np.ndarray, shift_at: int) -> int | None:
+    """Steps after the shift until the 5-step mean of ``b`` is within 2 points of hindsight's
+    (fit on the steps from the shift to the next interval boundary); None: not before then."""
+    end = (shift_at // INTERVAL + 1) * INTERVAL
+    for s in range(0, end - shift_at - 5):
+        if b[shift_at + s: shift_at + s + 5].mean() >= best[shift_at + s: shift_at + s + 5].mean() - 0.02:
+            return s
+    return None
+
+
+def dispatch_case(model: str, E: int, k: int, G: int, R: int, tokens: int, steps: int, seed: int) -> dict:
+    """Per-step balancedness with the static split and with load-aware dispatch."""
+    spec = SyntheticSpec(steps=WINDOW, layers=2, experts=E, tokens=TOKENS_PER_RANK * G * k,
+                         skew=1.0, drift=0.0, shift_at=-1, seed=seed)
+    trace = synthetic_trace(spec)
+    p = get_policy("refined")(torch.from_numpy(trace.sum(0)), G, R)
+    g = torch.Generator().manual_seed(seed)
+    fit = torch.from_numpy(trace.sum(0)).double()
+    out = {"static": [], "load_aware": []}
+    S = p.slots_per_rank
+    for step in range(steps):
+        for layer in range(p.num_layers):
+            # each token picks k distinct experts with the layer's popularity
+            ids = torch.multinomial(fit[layer].expand(G * tokens, E), k, generator=g).view(G, -1)
+            l2p, cnt = p.log2phy[layer], p.replica_count[layer]
+            loads = {m: torch.zeros(G) for m in out}
+            for rank in range(G):
+                s_static = static_slots(ids[rank], l2p, cnt, step * G + rank)
+                s_aware = water_fill_slots(ids[rank], l2p, cnt, S, G)
+                loads["static"] += torch.bincount(s_static // S, minlength=G)
+                loads["load_aware"] += torch.bincount(s_aware // S, minlength=G)
+            for m, x in loads.items():
+                out[m].append(float(x.mean() / x.max()))
+    res = {m: float(np.mean(v)) for m, v in out.items()}
+    # steps are independent draws here: no blocks needed
+    res["diff"], res["se"] = paired(np.array(out["load_aware"]), np.array(out["static"]), block=1)
+    return {"case": f"{model} EP{G} R={R}", "tokens_per_rank": tokens, **res}
+
+
+def timing(repeats: int) -> dict:
+    L, E, G, R = 58, 256, 64, 64
+    out = {}
+    for skew in (1.0, 1.5):
+        spec = SyntheticSpec(steps=200, layers=L, experts=E, tokens=TOKENS_PER_RANK * G * 8, skew=skew,
+                             drift=0.02, shift_at=-1, seed=7)
+        trace = torch.from_numpy(synthetic_trace(spec))
+        a, b = trace[:100].sum(0), trace[100:].sum(0)
+        for name in ("deepseek", "refined"):
+            pol = get_policy(name)
+
+            def cpu_ms(*args, **kw):
+                c0 = time.process_time()
+                res = pol(*args, **kw)
+                return res, (time.process_time() - c0) * 1000
+
+            fresh = [cpu_ms(a, G, R) for _ in range(repeats)]
+            warm = [cpu_ms(b, G, R, previous=fresh[0][0]) for _ in range(repeats)]
+            # as the server calls it: with the window's steps as history
+            hist = [cpu_ms(b, G, R, previous=fresh[0][0], history=trace[100:]) for _ in range(repeats)]
+            out[f"{name} zipf {skew}"] = {
+                "fresh_cpu_ms": statistics.median(x[1] for x in fresh),
+                "warm_cpu_ms": statistics.median(x[1] for x in warm),
+                "warm_history_cpu_ms": statistics.median(x[1] for x in hist),
+                "fit_balancedness": float(balancedness(a, fresh[0][0]).mean()),
+            }
+    return out
+
+
+def toy() -> dict:
+    load = torch.tensor([TOY])
+    return {name: {"max_rank_load": float(rank_loads(load, p).max()), "replica_count": p.replica_count[0].tolist()}
+            for name in ("deepseek", "refined") for p in [get_policy(name)(load, 8, 8)]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
-    ap.add_argument("--drift-steps", type=int, default=600)
+    ap.add_argument("--quick", action="store_true", help="three shapes, shorter traces (development)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per trace (default 500, quick 300)")
+    ap.add_argument("--trace", action="append", default=[],
+                    help="a recorded trace (.npz from eplb serve --record-trace); repeatable; "
+                         "default: every bench/traces/*.npz")
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    steps = args.steps or (300 if args.quick else 500)
     load_avg = os.getloadavg()
     t_start = time.perf_counter()
     cases = []
     for i, c in enumerate(shapes(args.quick)):
-        label = f"{c['model']} EP{c['G']} R={c['R']}" + (f" N={c['N']} K={c['K']}" if c["N"] > 1 else "")
-        for skew in (0.5, 1.0, 1.5):
-            cases.append({**c, "case": label, "trace": f"zipf {skew}", **static_case(c, skew, seed=i)})
-        cases.append({**c, "case": label, "trace": "drift", **drift_case(c, i, args.drift_steps)})
-        print(f"done {label}", file=sys.stderr, flush=True)
-    timing = timing_case(repeats=3 if args.quick else 5)
-
-    static = [x for x in cases if x["trace"] != "drift"]
-    drift = [x for x in cases if x["trace"] == "drift"]
-    ge = [x["refined"]["fit"] >= x["deepseek"]["fit"] - 1e-9 for x in static]
-    gaps = [(x["bound"] - x["deepseek"]["fit"], x["bound"] - x["refined"]["fit"]) for x in static]
-    open_gaps = [(d, r) for d, r in gaps if d > 1e-6]
-    closure_mean = float(np.mean([1 - r / d for d, r in open_gaps])) if open_gaps else 1.0
-    closure_total = 1 - sum(r for _, r in open_gaps) / sum(d for d, _ in open_gaps) if open_gaps else 1.0
-    moves_ds = sum(x["deepseek"]["copies_moved"] for x in drift)
-    moves_ours = sum(x["refined"]["copies_moved"] for x in drift)
-    drift_ok = [
-        x["refined"]["copies_moved"] <= 0.5 * x["deepseek"]["copies_moved"]
-        and x["refined"]["mean_balancedness"] >= x["deepseek"]["mean_balancedness"] - 1e-9
-        for x in drift if x["deepseek"]["copies_moved"] > 0
-    ]
-    bal_ds = float(np.mean([x["deepseek"]["mean_balancedness"] for x in drift]))
-    bal_ours = float(np.mean([x["refined"]["mean_balancedness"] for x in drift]))
-    bal_capped = float(np.mean([x["refined_capped"]["mean_balancedness"] for x in drift]))
-    moves_capped = sum(x["refined_capped"]["copies_moved"] for x in drift)
-    targets = {
-        "refined_fit_ge_deepseek_cases": f"{sum(ge)}/{len(ge)}",
-        "gap_to_bound_closed_mean": closure_mean,
-        "gap_to_bound_closed_total": closure_total,
-        "drift_moves_ratio_total": moves_ours / max(moves_ds, 1),
-        "drift_mean_balancedness_deepseek": bal_ds,
-        "drift_mean_balancedness_refined": bal_ours,
-        "drift_moves_ratio_total_capped": moves_capped / max(moves_ds, 1),
-        "drift_mean_balancedness_refined_capped": bal_capped,
-        "drift_cases_half_moves_at_equal_or_better_balancedness": f"{sum(drift_ok)}/{len(drift_ok)}",
-        "refined_ds_v3_ep64_cpu_ms_fresh": timing["refined"]["fresh_cpu_ms"],
-        "refined_ds_v3_ep64_cpu_ms_warm": timing["refined"]["warm_cpu_ms"],
-    }
+        for kind, kw in trace_kinds(steps).items():
+            spec = SyntheticSpec(steps=steps, layers=LAYERS, experts=c["E"], skew=1.0,
+                                 tokens=TOKENS_PER_RANK * c["G"] * c["k"], seed=100 * i + len(cases), **kw)
+            row = run_case(synthetic_trace(spec), c["G"], c["R"], kw["shift_at"])
+            cases.append({"case": f"{c['model']} EP{c['G']} R={c['R']}", "trace": kind, **row})
+        print(f"done {c['model']} EP{c['G']} R={c['R']} ({time.perf_counter() - t_start:.0f} s)",
+              file=sys.stderr, flush=True)
+    for path in args.trace or sorted(str(x) for x in TRACES.glob("*.npz")):
+        trace = load_trace(path)
+        E = trace.shape[2]
+        for G in (2, 4):
+            for R in (0, G):
+                if (E + R) % G == 0 and trace.shape[0] > 2 * INTERVAL:
+                    row = run_case(trace, G, R, -1)
+                    cases.append({"case": f"recorded {Path(path).name} EP{G} R={R}", "trace": "recorded", **row})
+    disp_shapes = [("Qwen3-30B-A3B", 128, 8, 8, 8), ("DeepSeek-V3", 256, 8, 32, 32), ("Mixtral-8x7B", 8, 2, 4, 4)]
+    dispatch = [dispatch_case(*s, tokens=t, steps=4 if args.quick else 10, seed=j)
+                for j, s in enumerate(disp_shapes) for t in ((64, 256) if args.quick else (32, 64, 128, 256))]
+    print(f"done dispatch ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
+    tm = timing(repeats=2 if args.quick else 5)
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_at_start": load_avg,
                     "torch": torch.__version__, "numpy": np.__version__,
                     "python": platform.python_version(), "threads": 1},
-        "settings": {"tokens_per_rank_step": TOKENS_PER_RANK, "static_window": WINDOW,
-                     "drift": {"steps": args.drift_steps, "window": 100, "interval": 100, "skew": 1.0,
-                               "drift": 0.02, "shift_at": args.drift_steps // 2}},
-        "targets": targets,
-        "timing_ds_v3_ep64": timing,
-        "cases": cases,
-        "runtime_s": time.perf_counter() - t_start,
+        "settings": {"steps": steps, "layers": LAYERS, "window": WINDOW, "interval": INTERVAL,
+                     "tokens_per_rank_step": TOKENS_PER_RANK, "skew": 1.0, "block": BLOCK,
+                     "ewma_half_life": HALF_LIFE, "quick": args.quick},
+        "cases": cases, "dispatch": dispatch, "timing_ds_v3_ep64": tm, "toy": toy(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "balancer.json").write_text(json.dumps(result, indent=1))
-    md = render_markdown(result)
-    (RESULTS / "balancer.md").write_text(md)
+    result["targets"] = targets(result)
+    result["runtime_s"] = time.perf_counter() - t_start
+    md = render(result)
     print(md)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        slim = {**result, "cases": [{k: v for k, v in c.items() if k != "per_step"} for c in cases]}
+        (RESULTS / "balancer.json").write_text(json.dumps(slim, indent=1))
+        (RESULTS / "balancer.md").write_text(md)
+        plot(result)
     return 0
 
 
-def render_markdown(res: dict) -> str:
-    m, t = res["machine"], res["targets"]
-    lines = [
-        "# Balancer benchmark",
-        "",
-        f"{res['date']} · {m['cpu']} ({m['cores']} cores, load average at start "
-        f"{m['load_average_at_start'][0]:.1f}) · torch {m['torch']} · one thread",
-        "",
-        "Balancedness = mean rank load / max rank load (1 = perfect), mean over layers. "
-        "`fit`: on the window the policy saw; `held`: on the next steps, one at a time. "
-        "`bound`: the best any placement could reach on the fit load.",
-        "",
-        "| case | trace | bound | deepseek fit | refined fit | deepseek held | refined held | "
-        "ds colocated | ours colocated |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for x in res["cases"]:
-        if x["trace"] == "drift":
-            continue
-        d, r = x["deepseek"], x["refined"]
-        extra = ""
-        if "deepseek_global" in x:
-            extra = f" (global ds {x['deepseek_global']['fit']:.4f})"
-        lines.append(
-            f"| {x['case']} | {x['trace']} | {x['bound']:.4f} | {d['fit']:.4f}{extra} | "
-            f"{r['fit']:.4f} | {d['held_out']:.4f} | {r['held_out']:.4f} | {d['colocated']} | "
-            f"{r['colocated']} |")
-    lines += [
-        "",
-        "Drifting trace (skew 1.0, drift 0.02/step, sudden change half-way; window 100, "
-        "rebalance every 100 steps):",
-        "",
-        "`capped`: refined with `max_moves` = 1/16 of the slots per layer and rebalance.",
-        "",
-        "| case | deepseek mean | refined mean | deepseek p5 | refined p5 | deepseek moved | "
-        "refined moved | ratio | capped mean | capped moved | refined ms (wall) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for x in res["cases"]:
-        if x["trace"] != "drift":
-            continue
-        d, r = x["deepseek"], x["refined"]
-        ratio = r["copies_moved"] / d["copies_moved"] if d["copies_moved"] else float("nan")
-        lines.append(
-            f"| {x['case']} | {d['mean_balancedness']:.4f} | {r['mean_balancedness']:.4f} | "
-            f"{d['p5_balancedness']:.4f} | {r['p5_balancedness']:.4f} | {d['copies_moved']} | "
-            f"{r['copies_moved']} | {ratio:.2f} | {x['refined_capped']['mean_balancedness']:.4f} | "
-            f"{x['refined_capped']['copies_moved']} | {r['mean_policy_ms']:.0f} |")
+def targets(res: dict) -> dict:
+    cases = res["cases"]
+    v = [c["variants"] for c in cases]
+    worse = [c["case"] + " " + c["trace"] for c in cases
+             if c["variants"]["refined"]["diff"] < -2 * c["variants"]["refined"]["se"]]
+    moved_ds = sum(x["deepseek"]["copies_moved"] for x in v)
+    rec = [c["recovery_steps"] for c in cases if "recovery_steps" in c]
     tm = res["timing_ds_v3_ep64"]
-    lines += [
-        "",
-        "Policy time, DeepSeek-V3 shape (58 x 256, EP 64, R 64), median, one thread:",
-        "",
-        "| policy | fresh CPU ms | fresh wall ms | warm CPU ms | warm wall ms | warm moved |",
-        "|---|---|---|---|---|---|",
+    return {
+        "refined_worse_than_deepseek_by_2se": worse,
+        "refined_suite_mean_gain_points": 100 * float(np.mean([x["refined"]["diff"] for x in v])),
+        "refined_copies_moved_ratio": sum(x["refined"]["copies_moved"] for x in v) / max(moved_ds, 1),
+        "shift_recovery_steps": rec,
+        "shift_recovery_within_20_steps": f"{sum(r is not None and r <= 20 for r in rec)}/{len(rec)}",
+        "toy_refined_max_rank_load": res["toy"]["refined"]["max_rank_load"],
+        "ds_v3_ep64_refined_fresh_cpu_ms": tm["refined zipf 1.0"]["fresh_cpu_ms"],
+        "dispatch_mean_gain_points": 100 * float(np.mean([d["diff"] for d in res["dispatch"]])),
+    }
+
+
+def render(res: dict) -> str:
+    m, t = res["machine"], res["targets"]
+    names = ["deepseek", "refined", "refined+ewma", "refined+shift", "hindsight"]
+    lines = [
+        "# Balancer benchmark", "",
+        f"{res['date']} · {m['cpu']} ({m['cores']} cores, load average at start "
+        f"{m['load_average_at_start'][0]:.1f}) · torch {m['torch']} · one thread · "
+        f"{res['runtime_s']:.0f} s", "",
+        f"Per-step balancedness (mean rank load / max rank load, mean over {res['settings']['layers']} "
+        f"layers) on the steps after the first rebalance, window {WINDOW}, rebalance every {INTERVAL} "
+        f"steps, {TOKENS_PER_RANK} decode tokens per rank and step. `mean`/`worst`: over steps; "
+        "`diff`: paired mean difference to deepseek, +- 2 standard errors (block means); "
+        "`moved`: expert copies moved in the run.", "",
+        "| case | trace | " + " | ".join(f"{n} mean" for n in names) + " | refined diff | refined worst | "
+        "deepseek worst | deepseek moved | refined moved | shift recovery |",
+        "|---|---|" + "---|" * (len(names) + 6),
     ]
-    for name, v in tm.items():
-        lines.append(f"| {name} | {v['fresh_cpu_ms']:.0f} | {v['fresh_wall_ms']:.0f} | "
-                     f"{v['warm_cpu_ms']:.0f} | {v['warm_wall_ms']:.0f} | {v['warm_moved']} |")
-    lines += ["", "Targets:", ""]
-    for k, v in t.items():
-        lines.append(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}")
+    for c in res["cases"]:
+        v = c["variants"]
+        r = v["refined"]
+        rec = "" if "recovery_steps" not in c else (
+            "never" if c["recovery_steps"] is None else c["recovery_steps"])
+        lines.append(
+            f"| {c['case']} | {c['trace']} | " + " | ".join(f"{v[n]['mean']:.4f}" for n in names)
+            + f" | {100 * r['diff']:+.2f} +- {200 * r['se']:.2f} | {r['worst']:.3f} | "
+            f"{v['deepseek']['worst']:.3f} | {v['deepseek']['copies_moved']} | {r['copies_moved']} | {rec} |")
+    lines += ["", "Load-aware replica dispatch vs the static split (refined placement, 2 layers, "
+              "per-step balancedness):", "",
+              "| case | tokens per rank | static | load-aware | diff (points) |", "|---|---|---|---|---|"]
+    for d in res["dispatch"]:
+        lines.append(f"| {d['case']} | {d['tokens_per_rank']} | {d['static']:.4f} | {d['load_aware']:.4f} | "
+                     f"{100 * d['diff']:+.2f} +- {200 * d['se']:.2f} |")
+    lines += ["", "Policy time, DeepSeek-V3 shape (58 x 256, EP 64, R 64), CPU ms of one thread (median):", "",
+              "| policy | load | fresh | warm | warm + 100 steps of history | fit balancedness |",
+              "|---|---|---|---|---|---|"]
+    for k, x in res["timing_ds_v3_ep64"].items():
+        name, load = k.split(" ", 1)
+        lines.append(f"| {name} | {load} | {x['fresh_cpu_ms']:.0f} | {x['warm_cpu_ms']:.0f} | "
+                     f"{x['warm_history_cpu_ms']:.0f} | {x['fit_balancedness']:.4f} |")
+    toy_ = res["toy"]
+    lines += ["", f"Toy (loads {TOY}, 8 ranks, 8 redundant): max rank load deepseek "
+              f"{toy_['deepseek']['max_rank_load']:.1f} (counts {toy_['deepseek']['replica_count']}), refined "
+              f"{toy_['refined']['max_rank_load']:.1f} (counts {toy_['refined']['replica_count']}).", "",
+              "Targets:", ""]
+    for k, x in t.items():
+        lines.append(f"- {k}: {x:.3f}" if isinstance(x, float) else f"- {k}: {x}")
     return "\n".join(lines) + "\n"
+
+
+def plot(res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shift = [c for c in res["cases"] if c["trace"] == "shift" and "per_step" in c]
+    if not shift:
+        return
+    c = next((x for x in shift if x["case"].startswith("DeepSeek-V3 EP32 R=32")), shift[0])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, style in (("deepseek", "-"), ("refined", "-"), ("refined+shift", "-"), ("hindsight", ":")):
+        ax.plot(c["per_step"][name], style, label=name, linewidth=0.9)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"balancedness (mean over {LAYERS} layers)")
+    ax.set_title(f"{c['case']}: load shift at step {shift_step(res['settings']['steps'])}, "
+                 f"rebalance every {INTERVAL} steps")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

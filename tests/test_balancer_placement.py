@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.balancer.placement import Placement
-from eplb.balancer.stats import LoadWindow, balancedness, lower_bound, rank_loads
+from eplb.balancer.stats import LoadWindow, balancedness, balancedness_upper_bound, rank_loads
 
 
 def test_default_placement_round_robin():
@@ -105,8 +105,8 @@ def test_balancedness_by_hand():
     assert balancedness(load, p).item() == pytest.approx(8 / 9)
     assert balancedness(torch.zeros(1, 3), p).item() == 1.0
     # Bound: mean 8; best replication of 4 slots over loads (10, 4, 2): max replica 5 -> 8/8.
-    assert lower_bound(load, 2, 1).item() == pytest.approx(1.0)
-    assert lower_bound(torch.tensor([[100, 1, 1, 1]]), 4, 0).item() == pytest.approx(25.75 / 100)
+    assert balancedness_upper_bound(load, 2, 1).item() == pytest.approx(1.0)
+    assert balancedness_upper_bound(torch.tensor([[100, 1, 1, 1]]), 4, 0).item() == pytest.approx(25.75 / 100)
 
 
 @settings(max_examples=60, deadline=None)
@@ -115,7 +115,7 @@ def test_balancedness_at_most_bound(p, seed):
     g = torch.Generator().manual_seed(seed)
     load = torch.randint(0, 50, (p.num_layers, p.num_experts), generator=g)
     b = balancedness(load, p)
-    bound = lower_bound(load, p.num_ranks, p.num_redundant)
+    bound = balancedness_upper_bound(load, p.num_ranks, p.num_redundant)
     assert ((b > 0) & (b <= 1 + 1e-12)).all()
     assert (b <= bound + 1e-9).all()
     assert (bound <= 1 + 1e-12).all()

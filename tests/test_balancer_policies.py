@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import eplb.balancer.refined as refined_mod
 from eplb.balancer.placement import Placement
 from eplb.balancer.policies import POLICIES, get_policy
-import eplb.balancer.refined as refined_mod
-from eplb.balancer.stats import balancedness, lower_bound, rank_loads
+from eplb.balancer.stats import balancedness, balancedness_upper_bound, rank_loads
 
 README_LOAD = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                             [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
@@ -69,7 +69,7 @@ def test_every_policy_gives_valid_placement(prob, name):
     assert (p.replica_count.sum(1) == num_experts + redundant).all()
     b = balancedness(load, p)
     assert ((b > 0) & (b <= 1 + 1e-12)).all()
-    assert (b <= lower_bound(load, ranks, redundant) + 1e-9).all()
+    assert (b <= balancedness_upper_bound(load, ranks, redundant) + 1e-9).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -86,9 +86,10 @@ def test_refined_avoids_second_copy_on_a_rank_unless_strictly_better(prob):
     peak = rank_loads(load, p).amax(-1)
     peak_distinct = rank_loads(load, distinct).amax(-1)
     assert (peak <= peak_distinct + 1e-9).all()
-    # A layer takes a packing with a second copy on a rank only when that lowers its max load.
-    changed = p.num_colocated() > distinct.num_colocated()
-    assert (peak[changed] < peak_distinct[changed]).all()
+    # Every layer either keeps the distinct packing or takes another one (a second copy on a
+    # rank, or counts searched with the packing) that strictly lowers its max load.
+    same = (p.phy2log == distinct.phy2log).all(1)
+    assert (same | (peak < peak_distinct)).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -152,3 +153,50 @@ def test_bad_load_and_unknown_policy():
         get_policy("refined")(-README_LOAD, 4, 0)
     with pytest.raises(ValueError, match="deepseek, refined"):
         get_policy("nope")
+
+
+@settings(max_examples=60, deadline=None)
+@given(prob=problems())
+def test_refined_never_less_balanced_than_greedy_on_the_fitted_load(prob):
+    load, ranks, redundant = prob
+    ours = get_policy("refined")(load, ranks, redundant)
+    greedy = get_policy("deepseek")(load, ranks, redundant)
+    # Within SECOND_TRY (1%) of the bound refined stops searching, so a lucky greedy packing
+    # can be a hair better there (e.g. 149.67 against 149.5 on 2 ranks); never by more.
+    slack = 1 + refined_mod.SECOND_TRY
+    assert (rank_loads(load, ours).amax(-1) <= rank_loads(load, greedy).amax(-1) * slack + 1e-9).all()
+
+
+def test_history_picks_greedy_per_layer_only_when_it_is_better_step_by_step():
+    from eplb.balancer.select import best_per_layer
+
+    g = torch.Generator().manual_seed(1)
+    # Two regimes: calm steps favour experts 0-3, bursts favour 4-7 (one layer each way).
+    calm = torch.tensor([40, 30, 20, 10, 1, 1, 1, 1]).repeat(2, 1)
+    burst = torch.tensor([1, 1, 1, 1, 40, 30, 20, 10]).repeat(2, 1)
+    history = torch.stack([calm if t % 5 else burst for t in range(20)])
+    history = torch.poisson(history.double() * 10, generator=g).long()
+    a = get_policy("refined")(history.sum(0), 4, 4)
+    b = get_policy("deepseek")(history.sum(0), 4, 4)
+    per_a = balancedness(history, a).mean(0)
+    per_b = balancedness(history, b).mean(0)
+    assert (per_b > per_a).all()  # the regimes make the tight fit worse step by step
+    chosen = best_per_layer(history, [a, b], 0.0)
+    want = torch.where((per_b > per_a)[:, None], b.phy2log, a.phy2log)
+    assert torch.equal(chosen.phy2log, want)
+    assert (balancedness(history, chosen).mean(0) >= torch.maximum(per_a, per_b) - 1e-12).all()
+    # a margin above every difference keeps the first candidate
+    assert best_per_layer(history, [a, b], 1.0) is a
+    p = get_policy("refined")(history.sum(0), 4, 4, history=history)
+    assert (balancedness(history, p).mean(0) >= per_a - 1e-12).all()
+    with pytest.raises(ValueError, match="history must be"):
+        get_policy("refined")(history.sum(0), 4, 4, history=history[:, :1])
+
+
+def test_window_steps_oldest_first():
+    from eplb.balancer.stats import LoadWindow
+
+    w = LoadWindow(3, 1, 2)
+    for t in range(5):
+        w.record(torch.tensor([[t, 0]]))
+    assert w.steps()[:, 0, 0].tolist() == [2, 3, 4]

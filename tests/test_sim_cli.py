@@ -54,6 +54,22 @@ def test_simulate_synthetic(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 
+def test_simulate_with_eplb_config_keys(tmp_path, capsys):
+    args = ["simulate", "--synthetic", "steps=240,layers=2,experts=16,tokens=4000,shift_at=130,drift=0",
+            "--num-ranks", "4", "--num-redundant", "4", "--policy", "refined",
+            "--window-size", "60", "--step-interval", "60"]
+    code, _, _ = run(capsys, *args, "--json", str(tmp_path / "a.json"))
+    code2, _, _ = run(capsys, *args, "--json", str(tmp_path / "b.json"), "--eplb-config",
+                      '{"rebalance_trigger": "shift", "shift_steps": 3, "shift_min_gap": 8}')
+    assert code == code2 == 0
+    plain = json.loads((tmp_path / "a.json").read_text())["policies"][0]
+    early = json.loads((tmp_path / "b.json").read_text())
+    assert early["eplb_config"]["rebalance_trigger"] == "shift"
+    # the shift at step 130 gets its own rebalance (and a follow-up) before step 180
+    assert early["policies"][0]["rebalances"] == plain["rebalances"] + 2
+    assert early["policies"][0]["mean_balancedness"] > plain["mean_balancedness"]
+
+
 def test_simulate_engine_counts_and_bound():
     trace = synthetic_trace(SyntheticSpec(steps=50, layers=2, experts=8, tokens=500))
     r = simulate(trace, "refined", 4, 4, window_size=10, step_interval=10)
@@ -75,6 +91,8 @@ def test_simulate_engine_counts_and_bound():
         (["simulate", "--synthetic", "default", "--num-ranks", "8", "--window-size", "0"],
          "--window-size"),
         (["simulate", "--num-ranks", "8"], "--trace"),
+        (["simulate", "--synthetic", "default", "--num-ranks", "8", "--eplb-config",
+          '{"rebalance_trigger": "often"}'], "--eplb-config: rebalance_trigger must be one of"),
         (["simulate", "--synthetic", "default", "--num-ranks", "eight"], "--num-ranks"),
         (["rebalance", "--load", "LOAD", "--num-ranks", "5"], "must divide"),
         (["rebalance", "--load", "LOAD", "--num-ranks", "4", "--policy", "nope"], "unknown policy"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eplb.sim.traces import (SyntheticSpec, load_trace, parse_spec, save_trace, synthetic_trace)
+from eplb.sim.traces import SyntheticSpec, load_trace, parse_spec, save_trace, synthetic_trace
 
 
 def test_synthetic_trace_shape_skew_and_shift():
@@ -55,3 +55,18 @@ def test_npz_roundtrip_and_errors(tmp_path):
         load_trace(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="cannot read"):
         load_trace(tmp_path / "missing.npz")
+
+
+def test_bursts_route_by_another_ranking():
+    kw = dict(steps=60, layers=1, experts=16, tokens=8000, skew=1.5, drift=0.0, shift_at=-1, seed=5)
+    load = synthetic_trace(SyntheticSpec(**kw, burst_every=20, burst_len=5))[:, 0]
+    plain = synthetic_trace(SyntheticSpec(**kw))[:, 0]
+    assert np.array_equal(load[:15], plain[:15])  # the same draws up to the first burst
+    # burst steps agree with each other, not with the calm ranking
+    def rank_corr(a, b):
+        return np.corrcoef(a.argsort().argsort(), b.argsort().argsort())[0, 1]
+
+    assert rank_corr(load[15], load[35]) > 0.9
+    assert rank_corr(load[15], plain[15]) < 0.5
+    with pytest.raises(ValueError, match="burst_len"):
+        parse_spec("burst_every=5,burst_len=9")

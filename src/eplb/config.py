@@ -28,6 +28,12 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _check_float(name: str, value: Any, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= minimum:
         raise ValueError(f"{name} must be a number > {minimum}, got {value!r}")
@@ -38,7 +44,7 @@ def _check_float(name: str, value: Any, minimum: float) -> float:
 class EPLBConfig:
     """Expert-parallel load balancing settings; keys and defaults follow vLLM's ``EPLBConfig``.
 
-    The last four fields are ours.
+    The fields after ``log_balancedness`` are ours.
     """
 
     window_size: int = 1000
@@ -46,8 +52,9 @@ class EPLBConfig:
     num_redundant_experts: int = 0
     use_async: bool = True
     log_balancedness: bool = False
-    # vLLM's default is DeepSeek's greedy; ours balances better and moves ~1/3 of the copies on
-    # drifting load (bench/results/balancer.md), at a policy cost that async EPLB hides.
+    # vLLM's default is DeepSeek's greedy; ours balances better on the next interval's traffic
+    # on average and moves ~40% of the copies (bench/results/balancer.md), at a policy cost that
+    # async EPLB hides.
     policy: str = "refined"
     # ours: a rebalance that makes no progress for this long (async: no layer planned, staged
     # or committed; sync: one layer's transfer) is abandoned on every rank
@@ -56,6 +63,23 @@ class EPLBConfig:
     max_staged_layers: int = 4
     # ours: cap on expert copies moved per rebalance (None = no cap); only for policies that honour it
     max_moves_per_rebalance: int | None = None
+    # ours: what a rebalance fits: "window" (the flat sum of the last window_size steps, vLLM's)
+    # or "ewma" (exponentially weighted, half-life load_half_life steps; follows drift)
+    load_estimator: str = "window"
+    load_half_life: float = 100.0
+    # ours: "interval" (every step_interval steps, vLLM's) or "shift" (also early, when each of
+    # the last shift_steps steps' balancedness falls below shift_threshold times the mean since
+    # the last rebalance, at least shift_min_gap steps after the previous one)
+    rebalance_trigger: str = "interval"
+    shift_threshold: float = 0.9
+    shift_steps: int = 12  # longer than a typical burst: only a lasting drop fires
+    shift_min_gap: int = 16
+    # ours: a layer takes a new placement only when its predicted balancedness gain on the
+    # estimate is at least this (absolute, 0.01 = one point); 0 = always (vLLM's)
+    skip_gain_threshold: float = 0.0
+    # ours: how a step splits an expert's tokens over its replicas: "static" (round robin) or
+    # "load_aware" (water-filling over the replicas' ranks by this step's load)
+    replica_dispatch: str = "static"
     # ours: artificial delay per transferred layer, for tests that need a slow transfer
     debug_transfer_delay_s: float = 0.0
     # ours, tests only: this rank fails in the first rebalance (-1 = never), in phase
@@ -88,6 +112,20 @@ class EPLBConfig:
         _check_int("max_staged_layers", self.max_staged_layers, 1)
         if self.max_moves_per_rebalance is not None:
             _check_int("max_moves_per_rebalance", self.max_moves_per_rebalance, 0)
+        _check_choice("load_estimator", self.load_estimator, ("window", "ewma"))
+        _check_float("load_half_life", self.load_half_life, 0.0)
+        _check_choice("rebalance_trigger", self.rebalance_trigger, ("interval", "shift"))
+        if (isinstance(self.shift_threshold, bool) or not isinstance(self.shift_threshold, (int, float))
+                or not 0 < self.shift_threshold <= 1):
+            raise ValueError(f"shift_threshold must be a number in (0, 1], got {self.shift_threshold!r}")
+        _check_int("shift_steps", self.shift_steps, 1)
+        _check_int("shift_min_gap", self.shift_min_gap, 1)
+        if (isinstance(self.skip_gain_threshold, bool)
+                or not isinstance(self.skip_gain_threshold, (int, float))
+                or not 0 <= self.skip_gain_threshold <= 1):
+            raise ValueError(
+                f"skip_gain_threshold must be a number in [0, 1], got {self.skip_gain_threshold!r}")
+        _check_choice("replica_dispatch", self.replica_dispatch, ("static", "load_aware"))
         if isinstance(self.debug_transfer_delay_s, bool) or not isinstance(
             self.debug_transfer_delay_s, (int, float)
         ) or self.debug_transfer_delay_s < 0:

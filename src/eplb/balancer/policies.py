@@ -1,14 +1,17 @@
 """Policy registry. A policy maps a window's load to a new placement:
 
 ``policy(load[L, E], num_ranks, num_redundant, *, num_nodes=1, num_groups=1, previous=None,
-max_moves=None) -> Placement``
+max_moves=None, history=None) -> Placement``
 
 - ``deepseek``: DeepSeek's published greedy EPLB (hierarchical when ``num_groups % num_nodes == 0``,
-  else global); ignores ``previous`` and ``max_moves``.
+  else global); ignores ``previous``, ``max_moves`` and ``history``.
 - ``refined``: ours (``eplb.balancer.refined``): capped replication, greedy packing that avoids two
   copies of an expert on one rank, swap local search toward the lower bound, and a migration-aware
   warm start from ``previous`` with an optional ``max_moves`` cap. It balances over all ranks
   (``num_nodes``/``num_groups`` are validated but node locality of groups is not modelled).
+  With ``history [K, L, E]`` (the recent per-step loads, e.g. ``LoadWindow.steps()``) and no
+  ``max_moves``, each layer takes DeepSeek's global greedy placement instead when that one is
+  better on the history's steps one by one (``eplb.balancer.select``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ import torch
 
 from eplb.balancer.deepseek import deepseek_phy2log
 from eplb.balancer.placement import Placement, check_shape
-from eplb.balancer.refined import refined_phy2log
+from eplb.balancer.refined import map_to_previous, refined_phy2log
+from eplb.balancer.select import best_per_layer
+
+# With ``history``, a layer takes greedy's placement only when its mean per-step balancedness on
+# the history is this much higher (absolute): greedy moves more copies.
+SELECT_MARGIN = 0.002
+SELECT_STEPS = 128  # the most recent steps of the history judged (bounds the cost)
 
 
 class Policy(Protocol):
     def __call__(
         self, load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
         num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+        history: torch.Tensor | None = None,
     ) -> Placement: ...
 
 
@@ -68,6 +78,7 @@ def _check_args(
 def deepseek(
     load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
     num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+    history: torch.Tensor | None = None,
 ) -> Placement:
     load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
     phy2log = deepseek_phy2log(load, num_ranks, num_redundant, num_nodes, num_groups)
@@ -77,13 +88,33 @@ def deepseek(
 def refined(
     load: torch.Tensor, num_ranks: int, num_redundant: int, *, num_nodes: int = 1,
     num_groups: int = 1, previous: Placement | None = None, max_moves: int | None = None,
+    history: torch.Tensor | None = None,
 ) -> Placement:
     load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
     phy2log = refined_phy2log(
         load, num_ranks, num_redundant,
         previous=None if previous is None else previous.phy2log, max_moves=max_moves,
     )
-    return Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
+    ours = Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
+    if history is None or max_moves is not None:
+        return ours
+    history = _check_history(history, load.shape)[-SELECT_STEPS:]
+    if history.shape[0] == 0:
+        return ours
+    # DeepSeek's greedy (global) as a second candidate, judged step by step on the history.
+    greedy = deepseek_phy2log(load, num_ranks, num_redundant, 1, 1)
+    if previous is not None:  # its packs on the ranks that already hold most of them
+        greedy = map_to_previous(greedy.long(), previous.phy2log.long(), num_ranks, load.shape[1])
+    other = Placement.from_phy2log(greedy, load.shape[1], num_ranks)
+    return best_per_layer(history, [ours, other], SELECT_MARGIN)
+
+
+def _check_history(history: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    history = torch.as_tensor(history)
+    if history.dim() != 3 or tuple(history.shape[1:]) != tuple(shape):
+        raise ValueError(f"history must be [steps, {shape[0]}, {shape[1]}] (steps x layers x experts), "
+                         f"got {tuple(history.shape)}")
+    return history
 
 
 POLICIES: dict[str, Callable[..., Placement]] = {"deepseek": deepseek, "refined": refined}

@@ -10,16 +10,23 @@ steps cost far less than torch ops).
    one replica on one of the lightest ranks, the swap that lowers the pair's max the most, until
    none helps or the layer reaches the lower bound. A layer still more than ``SECOND_TRY`` above
    the bound also packs DeepSeek's uncapped replication (second copies on a rank allowed) the same
-   way and keeps it only if its max rank load is strictly lower.
-3. With ``previous``: a warm start keeps the previous placement, changes only the replica counts
-   that differ from the fresh placement's (re-using a surplus slot, preferring ranks without the
-   incoming expert, then the lowest resulting load), then runs the same swap search only until the
-   layer's rank loads, in descending order, are each within ``TOLERANCE`` of the fresh
-   placement's at the same position (each swap moves two copies). A layer whose warm start cannot get there takes the fresh placement, its packs mapped
-   onto ranks by greedy max overlap with ``previous`` and each rank's slots aligned so that
-   experts it already holds stay in their slots.
-4. ``max_moves`` caps the copies a rebalance moves per layer: replica-count changes go hottest
-   first, then swaps, best gain first, and the warm start is always used.
+   way and keeps it only if its max rank load is strictly lower. A layer still more than
+   ``SECOND_TRY`` above the bound then searches replica counts together with the packing
+   (``counts.search_counts``) and keeps the result when its max is ``COUNT_GAIN`` lower.
+3. With ``previous`` (migration-aware): the fresh packing again, but a rank that held the
+   replica's expert counts ``STICKY`` (a fraction of the mean rank load) lighter, so among ranks
+   about as light the replica stays where it was; then the same swap search. A layer whose
+   previous placement's rank loads (in descending order) are each within ``TOLERANCE`` of the
+   fresh placement's keeps it; a layer whose result is more than ``TOLERANCE`` above the fresh
+   max takes the fresh placement. Packs are
+   then mapped onto ranks by greedy max overlap with ``previous`` and each rank's slots aligned
+   so that experts it already holds stay in their slots. (An earlier warm start swapped from
+   the previous placement until the fresh load profile was matched: in bench/balancer.py's
+   next-interval replay it moved 0.22 of greedy's copies against 0.41 but gained +0.12 points
+   over greedy on average against +0.26; it remains for ``max_moves``.)
+4. ``max_moves`` caps the copies a rebalance moves per layer: starting from ``previous``,
+   replica-count changes go hottest first, then swaps (best gain first) toward the fresh
+   placement's load profile.
 """
 
 from __future__ import annotations
@@ -27,12 +34,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_REL = 1e-9  # relative tolerance for "no worse" between float loads
+from eplb.balancer.counts import search_counts
+from eplb.balancer.swap import REL as _REL
+from eplb.balancer.swap import bincount2d as _bincount2d
+from eplb.balancer.swap import swap_search
+
 # A warm start may be this much (relative max rank load on the window) worse than a fresh
 # solution: the window's own routing noise is larger, and every avoided move is real.
 TOLERANCE = 0.005
 # A layer whose first packing ends this far above the bound also tries the second one.
 SECOND_TRY = 0.01
+# Migration-aware packing: a rank that held an expert counts this fraction of the mean rank
+# load lighter for that expert's replicas (bench/balancer.py: 0.1 moved ~40% of greedy's copies).
+STICKY = 0.1
+# A layer takes the counts searched with the packing only when its max rank load is this much
+# lower than with greedy counts: at equal fit, greedy's spare replicas on hot experts hold up
+# better on the next steps' traffic.
+COUNT_GAIN = 0.002
 
 
 def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarray:
@@ -50,13 +68,6 @@ def replicate_capped(load: np.ndarray, num_physical: int, cap: int) -> np.ndarra
     return count.astype(np.int64)
 
 
-def _bincount2d(index: np.ndarray, size: int) -> np.ndarray:
-    """``index [L, n]`` with values in ``[0, size)`` -> ``[L, size]`` counts per row."""
-    rows = index.shape[0]
-    flat = (index + (np.arange(rows) * size)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * size).reshape(rows, size)
-
-
 def _expand(count: np.ndarray) -> np.ndarray:
     """``count [L, E]`` (equal row sums P) -> ``[L, P]`` expert ids, ascending."""
     num_layers, num_experts = count.shape
@@ -65,11 +76,14 @@ def _expand(count: np.ndarray) -> np.ndarray:
 
 
 def greedy_pack_distinct(
-    load: np.ndarray, count: np.ndarray, num_ranks: int, distinct: bool = True
+    load: np.ndarray, count: np.ndarray, num_ranks: int, distinct: bool = True,
+    sticky: np.ndarray | None = None, bonus: np.ndarray | None = None,
 ) -> np.ndarray:
     """Heaviest replica first into the lightest non-full rank not holding its expert (any
     non-full rank when ``distinct`` is False). Returns ``phy2log [L, P]`` (rank g owns slots
-    ``[g*S, (g+1)*S)``)."""
+    ``[g*S, (g+1)*S)``). With ``sticky [L, G, E]`` (bool: rank g held expert e before) a rank
+    that held the replica's expert counts ``bonus [L]`` lighter: among ranks about as light,
+    the replica stays where it was, so the packing keeps greedy's structure and moves less."""
     num_layers = load.shape[0]
     G = num_ranks
     items = _expand(count)  # [L, P]
@@ -91,7 +105,7 @@ def greedy_pack_distinct(
     row_g = rows[:, 0] * G
     row_p = rows[:, 0] * num_physical
     start = 0
-    if G <= num_physical and (item_w[:, :G] > 0).all():
+    if sticky is None and num_physical >= G and (item_w[:, :G] > 0).all():
         # The G heaviest replicas go to ranks 0..G-1 in order: each lands on the first still
         # empty rank (every used rank already has a positive load).
         out.reshape(num_layers, G, S)[:, :, 0] = items[:, :G]
@@ -118,6 +132,8 @@ def greedy_pack_distinct(
         if distinct:
             pen[e != prev] = 0.0
         cand = key + pen
+        if sticky is not None:
+            cand = cand - bonus[:, None] * sticky[rows[:, 0], :, e]
         r = cand.argmin(1)
         fr = row_g + r
         if may_stick[j] and np.isinf(cand.reshape(-1)[fr]).any():
@@ -135,127 +151,6 @@ def greedy_pack_distinct(
             pen_f[fr] = np.inf
         prev = e
     return out.reshape(num_layers, num_physical)
-
-
-def swap_search(
-    phy2log: np.ndarray,
-    load: np.ndarray,
-    num_ranks: int,
-    target: np.ndarray | None = None,
-    budget: np.ndarray | None = None,
-    levels: np.ndarray | None = None,
-    max_iters: int = 10_000,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Swap local search on the max rank load, on a copy of ``phy2log [L, P]``.
-
-    Each round, every still-active layer swaps one replica of its heaviest rank with one replica
-    on one of the 8 lightest ranks (never creating a second copy of an expert on a rank), the swap
-    that minimises the larger of the two new loads; a layer stops when no swap lowers its max,
-    when its max is <= ``target [L]``, or when ``budget [L]`` (copies it may still move; 2 per
-    swap) runs out. With ``levels [L, G]`` (descending), the rank worked on is instead the
-    heaviest one whose load exceeds the level at its position in the descending order of rank
-    loads, and a layer stops when none does: this matches a whole load profile (e.g. a fresh
-    placement's), not only its max. Returns ``(phy2log, swaps done per layer [L])``.
-    """
-    # All state is kept flat and indexed with precomputed flat offsets: the arrays are small, so
-    # the cost is numpy call overhead and gathers, not arithmetic.
-    num_layers, num_physical = phy2log.shape
-    num_experts = load.shape[1]
-    G, E, P = num_ranks, num_experts, num_physical
-    S = P // G
-    GE = G * E
-    rows = np.arange(num_layers)
-    count = _bincount2d(phy2log, E)
-    p2l = np.array(phy2log, dtype=np.int64).ravel()  # a copy, [L * P]
-    sw = (load / np.maximum(count, 1))[rows[:, None], phy2log].ravel()  # slot weights [L * P]
-    rank_load = sw.reshape(num_layers, G, S).sum(-1)  # [L, G]
-    rl = rank_load.reshape(-1)  # a view: updates through it show in rank_load
-    rank_of = np.arange(P) // S
-    # Copies of expert e on rank g of layer l at [l*G*E + g*E + e]; a narrow type keeps the
-    # random gathers from it in cache.
-    hold_t = np.int16 if P < np.iinfo(np.int16).max else np.int64
-    holds = _bincount2d(rank_of * E + phy2log, GE).ravel().astype(hold_t)
-    swaps = np.zeros(num_layers, dtype=np.int64)
-    active = np.ones(num_layers, dtype=bool)
-    eps_l = 1e-12 * np.maximum(load.sum(1), 1.0)
-    ar_s = np.arange(S)
-    near = min(G, 8)
-    nb = near * S
-    lev = None if levels is None else levels * (1 + _REL) + 1e-12
-    tgt = None if target is None else target * (1 + _REL) + 1e-12
-    for _ in range(max_iters):
-        if lev is None:
-            g = rank_load.argmax(1)
-        else:
-            # The heaviest rank over the level at its position in the stable descending order,
-            # from sorted values (np.sort is several times cheaper than a stable argsort): the
-            # k-th position holds the (k - #heavier)-th rank, by index, of those with its load.
-            desc = np.sort(rank_load, axis=1)[:, ::-1]
-            over = desc > lev
-            active &= over.any(1)
-            k = over.argmax(1)
-            v = desc[rows, k][:, None]
-            eq = rank_load == v
-            m = k - (rank_load > v).sum(1)
-            g = eq.argmax(1)
-            tied = np.flatnonzero(m > 0)
-            if tied.size:
-                g[tied] = (eq[tied] & (np.cumsum(eq[tied], 1) == m[tied, None] + 1)).argmax(1)
-        top = rank_load[rows, g]
-        if tgt is not None:
-            active &= top > tgt
-        if budget is not None:
-            active &= swaps * 2 + 2 <= budget
-        idx = np.flatnonzero(active)
-        A = idx.size
-        if A == 0:
-            break
-        gi, topi = g[idx], top[idx]
-        base_p = idx * P
-        fa = (base_p + gi * S)[:, None] + ar_s  # [A, S] flat slots of the heavy rank
-        loads_i = rank_load[idx]
-        if near < G:
-            light = np.argpartition(loads_i, near - 1, axis=1)[:, :near]
-        else:
-            light = np.broadcast_to(np.arange(G), (A, G))
-        fb = (base_p[:, None, None] + light[:, :, None] * S + ar_s).reshape(A, nb)  # flat slots
-        ea, wa, eb, wb = p2l[fa], sw[fa], p2l[fb], sw[fb]
-        base_h = (idx * GE)[:, None]
-        # A candidate on rank g itself, or whose expert rank g already holds, is ruled out
-        # by an infinite partner load ([A, near, S] views of the nb candidates).
-        bad_b = (light == gi[:, None])[:, :, None] | (
-            holds[base_h + gi[:, None] * E + eb] != 0).reshape(A, near, S)
-        lh = np.where(bad_b, np.inf, loads_i.reshape(-1)[(np.arange(A) * G)[:, None] + light][:, :, None])
-        lh = lh.reshape(A, nb)
-        d = wa[:, :, None] - wb[:, None, :]  # [A, S, nb]
-        new_max = np.maximum(topi[:, None, None] - d, lh[:, None, :] + d)
-        # A light rank that already holds a's expert is ruled out for all its slots: one gather
-        # over [A, S, near], broadcast over the rank's S slots.
-        a_taken = holds[(base_h + light * E)[:, None, :] + ea[:, :, None]] != 0
-        new_max.reshape(A, S, near, S)[...] += np.where(a_taken, np.inf, 0.0)[..., None]
-        score = new_max.reshape(A, -1)
-        flat = score.argmin(1)
-        found = score[np.arange(A), flat] < topi - eps_l[idx]
-        active[idx[~found]] = False
-        if not found.any():
-            break
-        li, flat = idx[found], flat[found]
-        sa = fa[found, flat // nb]
-        sb = fb[found, flat % nb]
-        e_a, e_b = p2l[sa], p2l[sb]
-        w_a, w_b = sw[sa], sw[sb]
-        r_a, r_b = gi[found], light[found, (flat % nb) // S]
-        # One fancy update per array: all cells are distinct (the two ranks and the two
-        # experts of a swap differ, and each layer swaps once per round).
-        s_ab = np.concatenate([sa, sb])
-        p2l[s_ab] = np.concatenate([e_b, e_a])
-        sw[s_ab] = np.concatenate([w_b, w_a])
-        rl[np.concatenate([li * G + r_a, li * G + r_b])] += np.concatenate([w_b - w_a, w_a - w_b])
-        h_a, h_b = li * GE + r_a * E, li * GE + r_b * E
-        holds[np.concatenate([h_a + e_a, h_b + e_b])] -= 1
-        holds[np.concatenate([h_a + e_b, h_b + e_a])] += 1
-        swaps[li] += 1
-    return p2l.reshape(num_layers, P), swaps
 
 
 def rank_loads_np(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -389,7 +284,7 @@ def align_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 def max_load_bound(
     load: np.ndarray, num_physical: int, num_ranks: int, uncapped: np.ndarray | None = None
 ) -> np.ndarray:
-    """``[L]``: no placement's max rank load is below this (see ``stats.lower_bound``).
+    """``[L]``: no placement's max rank load is below this (see ``stats.balancedness_upper_bound``).
     ``uncapped``: ``replicate_capped(load, num_physical, num_physical)`` if already at hand."""
     if uncapped is None:
         uncapped = replicate_capped(load, num_physical, num_physical)
@@ -398,10 +293,11 @@ def max_load_bound(
 
 
 def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.ndarray:
-    """Best of two packings per layer, each refined by swaps: capped replication packed with
-    distinct experts per rank, and (only for layers that one leaves more than ``SECOND_TRY``
-    above the bound) DeepSeek's uncapped replication packed without that rule; the first wins
-    ties."""
+    """Best of three packings per layer, each refined by swaps: capped replication packed with
+    distinct experts per rank; for layers that one leaves more than ``SECOND_TRY`` above the
+    bound, DeepSeek's uncapped replication packed without that rule (kept only when strictly
+    better), then replica counts searched with the packing (``counts.search_counts``, kept only
+    when ``COUNT_GAIN`` better)."""
     num_layers, num_experts = w.shape
     num_physical = num_experts + num_redundant
     cap = max(num_ranks, -(-num_physical // num_experts))
@@ -418,9 +314,47 @@ def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.nda
         wo = w[open_rows]
         other = greedy_pack_distinct(wo, uncapped[open_rows], num_ranks, distinct=False)
         other, _ = swap_search(other, wo, num_ranks, target=bound[open_rows])
-        better = max_rank_load(other, wo, num_ranks) < best_max[open_rows] * (1 - _REL)
+        other_max = max_rank_load(other, wo, num_ranks)
+        better = other_max < best_max[open_rows] * (1 - _REL)
         best[open_rows[better]] = other[better]
+        best_max[open_rows[better]] = other_max[better]
+    # Greedy's replica counts are the limit on layers still open: choose counts with the packing.
+    open_rows = np.flatnonzero(best_max > bound * (1 + SECOND_TRY))
+    if open_rows.size:
+        cand, cand_max = search_counts(w[open_rows], bound[open_rows], best_max[open_rows],
+                                       num_ranks, num_physical // num_ranks)
+        hit = np.flatnonzero(np.isfinite(cand_max))
+        if hit.size:
+            rows, wr = open_rows[hit], w[open_rows[hit]]
+            cand, _ = swap_search(cand[hit], wr, num_ranks, target=bound[rows])
+            better = max_rank_load(cand, wr, num_ranks) < best_max[rows] * (1 - COUNT_GAIN)
+            best[rows[better]] = cand[better]
     return best
+
+
+def _sticky_fresh(w: np.ndarray, fresh: np.ndarray, count: np.ndarray, prev: np.ndarray,
+                  num_ranks: int, tolerance: float) -> np.ndarray:
+    """Step 3 of the module docstring: ``w [L, E]``, ``fresh``/``prev`` ``[L, P]``, the fresh
+    replica counts ``count [L, E]`` -> ``phy2log [L, P]`` aligned with ``prev``."""
+    num_layers, num_physical = prev.shape
+    num_experts = w.shape[1]
+    S = num_physical // num_ranks
+    rank_of = np.arange(num_physical) // S
+    sticky = _bincount2d(rank_of * num_experts + prev, num_ranks * num_experts)
+    sticky = sticky.reshape(num_layers, num_ranks, num_experts) > 0
+    bonus = STICKY * w.sum(1) / num_ranks
+    bound = max_load_bound(w, num_physical, num_ranks)
+    sp = greedy_pack_distinct(w, count, num_ranks, sticky=sticky, bonus=bonus)
+    sp, _ = swap_search(sp, w, num_ranks, target=bound)
+    worse = max_rank_load(sp, w, num_ranks) > max_rank_load(fresh, w, num_ranks) * (1 + tolerance) + 1e-12
+    sp[worse] = fresh[worse]
+    out = map_to_previous(torch.from_numpy(sp), torch.from_numpy(prev), num_ranks, num_experts).numpy()
+    # A layer whose previous placement already matches the fresh load profile (each rank load,
+    # in descending order, within the tolerance) keeps it: nothing to gain, nothing moves.
+    profile = -np.sort(-rank_loads_np(fresh, w, num_ranks), axis=1) * (1 + tolerance) + 1e-12
+    keep = (-np.sort(-rank_loads_np(prev, w, num_ranks), axis=1) <= profile).all(1)
+    out[keep] = prev[keep]
+    return out
 
 
 def refined_phy2log(
@@ -428,30 +362,21 @@ def refined_phy2log(
     previous: torch.Tensor | None = None, max_moves: int | None = None, tolerance: float = TOLERANCE,
 ) -> torch.Tensor:
     """``load [L, E]`` -> ``phy2log [L, E + R]`` (see the module docstring). With ``previous``,
-    the warm start stops once within ``tolerance`` (relative max rank load) of the fresh
-    placement; a layer where it does not get there takes the fresh placement."""
+    a layer whose migration-aware placement is more than ``tolerance`` (relative max rank load)
+    above the fresh one takes the fresh placement."""
     w = load.detach().cpu().double().numpy()
     num_layers, num_experts = w.shape
     fresh = fresh_placement(w, num_ranks, num_redundant)
     if previous is None:
         return torch.from_numpy(fresh)
     prev = previous.detach().cpu().numpy().astype(np.int64)
-    # The warm start aims at the fresh placement's replica counts.
-    count = _bincount2d(fresh, num_experts)
+    count = _bincount2d(fresh, num_experts)  # both paths aim at the fresh replica counts
+    if max_moves is None:
+        return torch.from_numpy(_sticky_fresh(w, fresh, count, prev, num_ranks, tolerance))
+    # Capped: change counts and swap from previous, move by move, toward the fresh placement's
+    # whole load profile (ranks just under the max become the max on the next, noisier steps).
     fresh_loads = rank_loads_np(fresh, w, num_ranks)
-    goal = fresh_loads.max(1) * (1 + tolerance)
     warm, changes = warm_start(prev, w, count, num_ranks, max_moves)
-    swap_budget = None if max_moves is None else max_moves - changes
-    # Match the fresh placement's whole load profile (within the tolerance), not only its max:
-    # ranks just under the max become the max on the next, noisier steps.
     levels = -np.sort(-fresh_loads, axis=1) * (1 + tolerance)
-    warm, _ = swap_search(warm, w, num_ranks, budget=swap_budget, levels=levels)
-    if max_moves is not None:
-        return torch.from_numpy(warm)
-    take = np.flatnonzero(max_rank_load(warm, w, num_ranks) > goal * (1 + _REL) + 1e-12)
-    if take.size:
-        rows = torch.from_numpy(take)
-        aligned = map_to_previous(torch.from_numpy(fresh[take]), previous[rows].to(torch.long),
-                                  num_ranks, num_experts)
-        warm[take] = aligned.numpy()
+    warm, _ = swap_search(warm, w, num_ranks, budget=max_moves - changes, levels=levels)
     return torch.from_numpy(warm)

@@ -20,6 +20,7 @@ class LoadWindow:
         self.buffer = torch.zeros(window_size, num_layers, num_experts, dtype=torch.long)
         self._total = torch.zeros(num_layers, num_experts, dtype=torch.long)
         self.num_recorded = 0  # steps recorded since creation (not capped at window_size)
+        self._held = 0  # steps in the buffer that count (keep_last drops the others)
 
     def record(self, load: torch.Tensor) -> None:
         """Add one step's ``load [L, E]`` (integers), evicting the oldest step when full."""
@@ -35,6 +36,7 @@ class LoadWindow:
         self._total += load - self.buffer[idx]
         self.buffer[idx] = load
         self.num_recorded += 1
+        self._held = min(self._held + 1, self.window_size)
 
     def total(self) -> torch.Tensor:
         """``[L, E]``: the summed load of the steps in the window."""
@@ -44,6 +46,25 @@ class LoadWindow:
         self.buffer.zero_()
         self._total.zero_()
         self.num_recorded = 0
+        self._held = 0
+
+    def steps(self) -> torch.Tensor:
+        """``[n, L, E]``: the steps the window holds, oldest first (n <= window_size; after
+        ``keep_last(k)`` only those k and the steps recorded since)."""
+        n = self._held
+        idx = [(self.num_recorded - n + i) % self.window_size for i in range(n)]
+        return self.buffer[idx]
+
+    def keep_last(self, steps: int) -> None:
+        """Forget every step but the last ``min(steps, window_size)`` (after a load shift the
+        older steps mislead the next placement); ``num_recorded`` is unchanged."""
+        n = min(steps, self._held)
+        self._held = n
+        newest = self.num_recorded - 1
+        keep = torch.zeros(self.window_size, dtype=torch.bool)
+        keep[[(newest - age) % self.window_size for age in range(n)]] = True
+        self.buffer[~keep] = 0
+        self._total = self.buffer.sum(0)
 
 
 def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -78,7 +99,7 @@ def min_max_replica_load(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     return torch.from_numpy((w / count).max(1))
 
 
-def lower_bound(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
+def balancedness_upper_bound(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
     """``[L, E]`` -> ``[L]``: the best balancedness any placement can reach for this load.
 
     It is mean rank load divided by a lower bound on the max rank load,

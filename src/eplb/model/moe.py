@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eplb.balancer.dispatch import static_slots, water_fill_slots
 from eplb.model.cpu_experts import padded_expert_forward
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
@@ -184,6 +185,8 @@ class MoELayer(nn.Module):
         # True while CUDA graphs are captured/replayed: no Python branch may depend on the placement
         self.static_maps = False
         self.fused_experts = True  # Triton kernels on CUDA bf16 (see use_fused)
+        # "static" (round robin over replicas) or "load_aware" (EPLBConfig.replica_dispatch)
+        self.replica_dispatch = "static"
         # dummy weights only (eplb.model.dummy.RouterSkew): a bias [E] added to the router logits
         # and a hook run before routing (advances the skew's device step counter); None otherwise
         self.router_bias: torch.Tensor | None = None
@@ -253,22 +256,25 @@ class MoELayer(nn.Module):
         return w.to(x.dtype), ids
 
     def choose_slots(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logical ids [T, k] -> physical slots [T, k]; the j-th pair (in (t, k) order) routed
-        to expert e goes to replica (replica_offset + j) % replica_count[e].
+        """Logical ids [T, k] -> physical slots [T, k].
+
+        ``replica_dispatch == "static"``: the j-th pair (in (t, k) order) routed to expert e goes
+        to replica (replica_offset + j) % replica_count[e]. ``"load_aware"``: each expert's pairs
+        of this step are split over its replicas by water-filling over the replicas' ranks
+        (``eplb.balancer.dispatch``). Either way a pair goes to a slot of its own expert.
 
         No host sync and no placement-dependent branch under ``static_maps`` (CUDA graphs)."""
         # without redundant slots no placement can have replicas, so the shortcut is safe in graphs
         if self.num_physical == self.num_experts or (self._all_single and not self.static_maps):
             return self.log2phy_buf[:, 0][ids]
         flat = ids.reshape(-1)
-        sorted_e, perm = torch.sort(flat, stable=True)
-        # rank of each pair among the pairs of its expert = sorted position - first position
-        # of that expert (searchsorted instead of bincount: bincount syncs with the host on CUDA)
-        rank_sorted = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(sorted_e, sorted_e)
-        j = torch.empty_like(flat)
-        j[perm] = rank_sorted
-        rep = (self._replica_offset + j) % self.replica_count[flat]
-        return self.log2phy_buf[flat, rep].view_as(ids)
+        if self.replica_dispatch == "load_aware":
+            # the full-width map under graphs: its shape never changes with the placement
+            maps = self.log2phy_buf if self.static_maps else self.log2phy
+            per_rank = self.slot_end - self.slot_start
+            return water_fill_slots(flat, maps, self.replica_count, per_rank,
+                                    self.num_physical // per_rank).view_as(ids)
+        return static_slots(flat, self.log2phy_buf, self.replica_count, self._replica_offset).view_as(ids)
 
     def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):

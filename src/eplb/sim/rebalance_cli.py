@@ -13,7 +13,7 @@ import torch
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import num_moves, plan
 from eplb.balancer.policies import POLICIES, get_policy
-from eplb.balancer.stats import balancedness, lower_bound
+from eplb.balancer.stats import balancedness, balancedness_upper_bound
 from eplb.sim.cli_common import add_layout_arguments, fail, one_line_errors
 
 PROG = "eplb rebalance"
@@ -57,14 +57,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(PROG, str(exc))
     bal = balancedness(load_t, placement)
-    bound = lower_bound(load_t, args.num_ranks, args.num_redundant)
+    bound = balancedness_upper_bound(load_t, args.num_ranks, args.num_redundant)
     moved = None if previous is None else num_moves(plan(previous, placement))
     result = {
         **placement.to_json(),
         "policy": args.policy,
         "replica_count": placement.replica_count.tolist(),
         "balancedness": bal.tolist(),
-        "lower_bound": bound.tolist(),
+        "balancedness_upper_bound": bound.tolist(),
         "moved_experts": moved,
         "policy_ms": policy_ms,
     }

@@ -11,8 +11,9 @@ import torch
 
 from eplb.balancer.placement import check_shape
 from eplb.balancer.policies import get_policy
+from eplb.config import EPLBConfig
 from eplb.sim.cli_common import add_layout_arguments, fail, one_line_errors
-from eplb.sim.simulate import simulate, step_bound
+from eplb.sim.simulate import replay, step_bound
 from eplb.sim.traces import load_trace, parse_spec, spec_dict, synthetic_trace
 
 PROG = "eplb simulate"
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="deepseek,refined", help="comma-separated policy names")
     parser.add_argument("--window-size", type=int, default=1000)
     parser.add_argument("--step-interval", type=int, default=3000)
+    parser.add_argument("--eplb-config", default=None, metavar="JSON",
+                        help="more EPLB keys as for eplb serve (e.g. rebalance_trigger, "
+                             "load_estimator, skip_gain_threshold); the flags above win")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--plot", default=None, help="write a PNG of balancedness over steps")
 
@@ -60,13 +64,21 @@ def main(args: argparse.Namespace) -> int:
         check_shape(num_layers, num_experts, args.num_ranks, args.num_redundant)
     except ValueError as exc:
         return fail(PROG, f"trace of {num_layers} layers x {num_experts} experts: {exc}")
+    extra = {}
+    if args.eplb_config:
+        try:
+            extra = EPLBConfig.from_json(args.eplb_config).to_dict()
+        except ValueError as exc:
+            return fail(PROG, f"--eplb-config: {exc}")
     results = []
     for name in names:
         try:
-            results.append(simulate(
-                trace, name, args.num_ranks, args.num_redundant, window_size=args.window_size,
-                step_interval=args.step_interval, num_nodes=args.num_nodes,
-                num_groups=args.num_groups, max_moves=args.max_moves))
+            cfg = EPLBConfig.from_dict({
+                **extra, "policy": name, "window_size": args.window_size,
+                "step_interval": args.step_interval, "num_redundant_experts": args.num_redundant,
+                "max_moves_per_rebalance": args.max_moves})
+            results.append(replay(trace, cfg, args.num_ranks, num_nodes=args.num_nodes,
+                                  num_groups=args.num_groups))
         except ValueError as exc:
             return fail(PROG, str(exc))
     bound = step_bound(trace, args.num_ranks, args.num_redundant)
@@ -85,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
             "num_ranks": args.num_ranks, "num_redundant": args.num_redundant,
             "num_nodes": args.num_nodes, "num_groups": args.num_groups,
             "window_size": args.window_size, "step_interval": args.step_interval,
-            "max_moves": args.max_moves, "bound_mean": float(bound.mean()),
+            "max_moves": args.max_moves, "eplb_config": extra, "bound_mean": float(bound.mean()),
             "policies": summaries,
         }
         Path(args.json).write_text(json.dumps(out, indent=1))

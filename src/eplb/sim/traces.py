@@ -6,8 +6,9 @@ each step. File: ``.npz`` with key ``load``.
 Synthetic model, per layer: expert popularity follows a Zipf law with exponent ``skew`` over a
 random ranking of the experts; the log-popularity drifts as a random walk (``drift`` = std per
 step, relative to the Zipf spread) and a sudden workload change at step ``shift_at`` draws a new
-ranking. Each step routes ``tokens`` (token, expert) pairs by a multinomial draw, so the load
-has routing noise like a real batch.
+ranking. With ``burst_every``, the last ``burst_len`` steps of every ``burst_every`` route by
+another fixed ranking (bursts of a different workload). Each step routes ``tokens`` (token,
+expert) pairs by a multinomial draw, so the load has routing noise like a real batch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class SyntheticSpec:
     drift: float = 0.02
     shift_at: int = 500  # -1: no sudden change
     seed: int = 0
+    # bursts: the last burst_len steps of every burst_every steps route by another, fixed
+    # ranking (a batch of a different workload); 0 = no bursts
+    burst_every: int = 0
+    burst_len: int = 10
 
     def validate(self) -> None:
         for name in ("steps", "layers", "experts", "tokens"):
@@ -39,6 +44,12 @@ class SyntheticSpec:
                 raise ValueError(f"synthetic spec {name} must be >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.shift_at, int) or self.shift_at < -1:
             raise ValueError(f"synthetic spec shift_at must be an integer >= -1, got {self.shift_at!r}")
+        if not isinstance(self.burst_every, int) or self.burst_every < 0:
+            raise ValueError(f"synthetic spec burst_every must be an integer >= 0, got {self.burst_every!r}")
+        if not isinstance(self.burst_len, int) or self.burst_len < 1 or (
+                self.burst_every and self.burst_len > self.burst_every):
+            raise ValueError(f"synthetic spec burst_len must be an integer in [1, burst_every], "
+                             f"got {self.burst_len!r}")
 
 
 def parse_spec(text: str) -> SyntheticSpec:
@@ -80,6 +91,10 @@ def synthetic_trace(spec: SyntheticSpec) -> np.ndarray:
         return np.stack([base[rng.permutation(E)] for _ in range(L)])  # [L, E]
 
     logits = ranking()
+    burst = None
+    if spec.burst_every:  # its own generator: the main draws stay those of the trace without bursts
+        burst_rng = np.random.default_rng([spec.seed, 1])
+        burst = np.stack([base[burst_rng.permutation(E)] for _ in range(L)])
     spread = max(float(np.std(base)), 1e-3)
     out = np.empty((spec.steps, L, E), dtype=np.int64)
     for t in range(spec.steps):
@@ -87,7 +102,10 @@ def synthetic_trace(spec: SyntheticSpec) -> np.ndarray:
             logits = ranking()
         elif t:
             logits = logits + rng.normal(0.0, spec.drift * spread, size=(L, E))
-        p = np.exp(logits - logits.max(-1, keepdims=True))
+        now = logits
+        if burst is not None and t % spec.burst_every >= spec.burst_every - spec.burst_len:
+            now = burst
+        p = np.exp(now - now.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         out[t] = rng.multinomial(spec.tokens, p)
     return out
