@@ -28,7 +28,8 @@ def test_two_nodes_serve_one_job_with_async_rebalances(tmp_path):
     evals = report["evals"]
     assert [e["accuracy"] for e in evals] == [evals[0]["accuracy"]] * 2
     # each front served the same 40 questions: the same answers, token for token
-    texts = [[json.loads(line)["text"] for line in open(tmp_path / f"outputs-node{n}.jsonl")]
+    texts = [[json.loads(line)["text"]
+              for line in (tmp_path / f"outputs-node{n}.jsonl").read_text().splitlines()]
              for n in (0, 1)]
     assert len(texts[0]) == 40 and texts[0] == texts[1]
     assert report["rebalances"] >= 1 and report["copies_moved"] > 0

@@ -25,7 +25,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.engine import SamplingParams

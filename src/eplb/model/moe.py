@@ -83,11 +83,10 @@ def local_dispatch(
     """In-process dispatcher: every slot is local. hidden [T, H], slot_ids/weights [T, k]."""
     t, k = slot_ids.shape
     flat = slot_ids.reshape(-1)
-    if layer.slot_start != 0 or layer.slot_end != layer.num_physical:
-        if t and bool(((flat < layer.slot_start) | (flat >= layer.slot_end)).any()):
-            raise RuntimeError(
-                "local_dispatch got a slot this rank does not hold; install an EP dispatcher"
-            )
+    partial = layer.slot_start != 0 or layer.slot_end != layer.num_physical
+    if partial and t and bool(((flat < layer.slot_start) | (flat >= layer.slot_end)).any()):
+        raise RuntimeError("local_dispatch got a slot this rank does not hold; install an EP "
+                           "dispatcher")
     # getattr: dispatcher tests pass light stand-ins for the layer (slot range only)
     if expert_fn == getattr(layer, "expert_fn", None) and layer.use_fused(hidden):
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
