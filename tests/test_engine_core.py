@@ -62,7 +62,7 @@ def test_each_step_calls_every_moe_layer_once_and_dummy_counts_no_load(engine):
         return dispatch
 
     for l, d in zip(layers, orig):
-        l.dispatcher = counting(d)
+        l.install_dispatcher(counting(d))
     try:
         for l in layers:
             l.take_load()
@@ -80,7 +80,7 @@ def test_each_step_calls_every_moe_layer_once_and_dummy_counts_no_load(engine):
         assert all(int(l.take_load().sum()) == 7 * 2 for l in layers)
     finally:
         for l, d in zip(layers, orig):
-            l.dispatcher = d
+            l.install_dispatcher(d)
 
 
 def test_stop_token_ids_eos_and_max_model_len(engine):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eplb.balancer.placement import Placement
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.cuda_graphs import DecodeGraphs, capture_sizes
-from eplb.model.moe import maps_from_phy2log
 from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -92,8 +92,8 @@ def permute_slots(layer, perm: torch.Tensor) -> None:
     new_p2l = layer.phy2log[perm.to(layer.phy2log.device)].cpu()
     for t in layer.expert_tensors().values():
         t.copy_(t[perm.to(t.device)].clone())
-    l2p, cnt = maps_from_phy2log(new_p2l, layer.num_experts)
-    layer.set_placement(new_p2l, l2p, cnt)
+    p = Placement.from_phy2log(new_p2l.view(1, -1), layer.num_experts, 1)
+    layer.set_placement(new_p2l, p.log2phy[0], p.replica_count[0])
 
 
 def test_set_placement_writes_maps_in_place(path):

@@ -43,7 +43,7 @@ def test_layer_uses_kernel_and_matches_torch_path(t, monkeypatch):
     with torch.no_grad():
         fused = layer(x)
         assert calls, "the CUDA bf16 layer did not call the Triton kernel"
-        layer.fused_experts = False  # the torch path, the reference
+        layer.set_fused_experts(False)  # the torch path, the reference
         ref = layer(x)
     assert len(calls) == 1
     # both round to bf16 at different points: bf16 tolerance, 1e-3..1e-2 (docs/gpu.md, Tests)
@@ -57,6 +57,6 @@ def test_ep_rank_slots_match():
     slot = torch.randint(0, 8, (50,), device="cuda")
     with torch.no_grad():
         fused = layer.expert_fn(x, slot)
-        layer.fused_experts = False
+        layer.set_fused_experts(False)
         ref = layer.expert_fn(x, slot)
     assert rel_err(fused, ref) < 1e-2

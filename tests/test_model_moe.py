@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from eplb.balancer.placement import Placement
 from eplb.model import AttentionMetadata, CheckpointReader, MoELayer, load_model
-from eplb.model.moe import combine, expert_forward, maps_from_phy2log
+from eplb.model.moe import combine, expert_forward
 from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -77,7 +78,7 @@ def test_dispatcher_hook_gets_slots_and_combines_in_fixed_order():
 
     x = torch.randn(9, 16)
     want = layer(x)
-    layer.dispatcher = spy
+    layer.install_dispatcher(spy)
     got = layer(x)
     assert calls == [((9, 16), (9, 2), (9, 2))]
     assert torch.equal(got, want)
@@ -93,7 +94,7 @@ def test_replica_choice_routes_to_holders_and_spreads_evenly(counts, tokens, off
     phy2log = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)])
     phy2log = phy2log[torch.randperm(len(phy2log), generator=torch.Generator().manual_seed(seed))]
     layer = _layer(num_experts=e, top_k=min(2, e), phy2log=phy2log)
-    layer.replica_offset = offset
+    layer.set_replica_offset(offset)
     ids = torch.randint(0, e, (tokens, layer.top_k), generator=torch.Generator().manual_seed(seed))
     slots = layer.choose_slots(ids)
     assert torch.equal(phy2log[slots], ids)  # every pair lands on a slot holding its expert
@@ -110,14 +111,15 @@ def test_redundant_placement_gives_the_same_output():
     want = base(x)
     red = _layer(num_experts=4, phy2log=torch.tensor([2, 0, 1, 3, 2, 0]))
     torch.testing.assert_close(red(x), want, rtol=1e-6, atol=1e-6)
-    log2phy, count = maps_from_phy2log(torch.tensor([2, 0, 1, 3, 2, 0]), 4)
-    assert log2phy.tolist() == [[1, 5], [2, -1], [0, 4], [3, -1]] and count.tolist() == [2, 1, 2, 1]
+    assert red.log2phy.tolist() == [[1, 5], [2, -1], [0, 4], [3, -1]]
+    assert red.replica_count.tolist() == [2, 1, 2, 1]
 
 
 def test_set_placement_switches_maps():
     layer = _layer(num_experts=3, phy2log=torch.tensor([0, 1, 2, 0]))
     new = torch.tensor([1, 1, 2, 0])
-    l2p, cnt = maps_from_phy2log(new, 3)
+    p = Placement.from_phy2log(new.view(1, -1), 3, 1)
+    l2p, cnt = p.log2phy[0], p.replica_count[0]
     layer.set_placement(new, l2p, cnt)
     assert torch.equal(layer.phy2log, new) and torch.equal(layer.log2phy, l2p)
     slots = layer.choose_slots(torch.tensor([[1], [1], [0]]))
@@ -261,7 +263,7 @@ def test_load_aware_replica_dispatch_keeps_outputs_identical(tokens):
     _, ids = layer.route(x)
     static_slots = layer.choose_slots(ids)
     want = layer(x)
-    layer.replica_dispatch = "load_aware"
+    layer.set_replica_dispatch("load_aware")
     slots = layer.choose_slots(ids)
     assert torch.equal(phy2log[slots], ids)  # the same logical expert computes every pair
     if tokens > 1:
@@ -272,7 +274,7 @@ def test_load_aware_replica_dispatch_keeps_outputs_identical(tokens):
     # With a batch-invariant expert kernel the fixed combine order makes them bit-identical.
     layer.expert_fn = _rowwise_expert_fn(layer)
     got = layer(x)
-    layer.replica_dispatch = "static"
+    layer.set_replica_dispatch("static")
     assert torch.equal(layer.choose_slots(ids), static_slots)
     assert torch.equal(got, layer(x))
 
@@ -293,5 +295,5 @@ def test_load_aware_replica_dispatch_model_logits_identical(qwen):
         layer.expert_fn = _rowwise_expert_fn(layer)
     want = logits()
     for layer in model.moe_layers():
-        layer.replica_dispatch = "load_aware"
+        layer.set_replica_dispatch("load_aware")
     assert torch.equal(logits(), want)

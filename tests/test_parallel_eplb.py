@@ -88,6 +88,10 @@ SCENARIOS_2 = [
     # rank 1 never reports its layer staged: only the timeout ends the rebalance
     Scenario("agrs-async-stall", "allgather_reducescatter",
              _eplb(True, 2, debug_fail_rank=1, debug_fail_mode="stall", transfer_timeout_s=1.5)),
+    # the controller with the balancer's other knobs: EWMA estimate, shift trigger, skip test
+    Scenario("agrs-async-ewma-shift", "allgather_reducescatter",
+             _eplb(True, 2, load_estimator="ewma", load_half_life=4, rebalance_trigger="shift",
+                   shift_steps=2, shift_min_gap=2, skip_gain_threshold=0.001)),
     # the policy itself raises (rank 0 reports it in the packet) or never returns (timeout)
     Scenario("naive-async-policy-raise", "naive",
              _eplb(True, 2, debug_fail_rank=0, debug_fail_phase="policy", transfer_timeout_s=1.5)),

@@ -121,8 +121,13 @@ def _check_posting_never_blocks(rank: int, world: int, ctx) -> None:
 class _Layer:
     """What a dispatcher reads from the MoE layer."""
 
+    expert_fn = None  # not a real layer: the dispatchers must use the expert_fn they are given
+
     def __init__(self, start: int, end: int, num_physical: int) -> None:
         self.slot_start, self.slot_end, self.num_physical = start, end, num_physical
+
+    def use_fused(self, hidden: torch.Tensor) -> bool:
+        return False
 
 
 def _check_dispatchers(rank: int, world: int, ctx) -> int:

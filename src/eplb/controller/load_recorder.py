@@ -1,5 +1,6 @@
-"""The global load every rank sees: the window the policy fits on, the interval's balancedness,
-and (rank 0) the trace file of ``--record-trace``."""
+"""The global load every rank sees: the estimate the policy fits on (``load_estimator``: the
+flat window or an exponentially weighted one), each step's and the interval's balancedness, and
+(rank 0) the trace file of ``--record-trace``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 import numpy as np
 import torch
 
+from eplb.balancer.estimate import LoadEstimator
 from eplb.balancer.placement import Placement
-from eplb.balancer.stats import LoadWindow, balancedness
+from eplb.balancer.stats import balancedness
 
 log = logging.getLogger("eplb.controller")
 
@@ -22,11 +24,11 @@ class LoadRecorder:
     holds no trace in memory; ``close()`` turns it into the simulator's ``.npz`` at ``PATH``.
     """
 
-    def __init__(self, window_size: int, num_layers: int, num_experts: int,
+    def __init__(self, estimator: LoadEstimator, num_layers: int, num_experts: int,
                  trace_path: str | None) -> None:
         self.num_layers = num_layers
         self.num_experts = num_experts
-        self.window = LoadWindow(window_size, num_layers, num_experts)
+        self.estimator = estimator
         self.steps = 0  # forward steps recorded (identical on every rank)
         self.last_step_balancedness: float | None = None
         self._trace_path = trace_path
@@ -35,10 +37,11 @@ class LoadRecorder:
         self._bal_sum = 0.0
         self._bal_n = 0
 
-    def record(self, load: torch.Tensor, placement: Placement) -> None:
-        """One forward step's global load ``[L, E]``, scored against the live ``placement``."""
+    def record(self, load: torch.Tensor, placement: Placement) -> float | None:
+        """One forward step's global load ``[L, E]``, scored against the live ``placement``;
+        returns the step's balancedness (mean over layers; None for a step without load)."""
         self.steps += 1
-        self.window.record(load)
+        self.estimator.record(load)
         if self._trace_file is not None:
             self._trace_file.write(load.numpy().astype(np.int64).tobytes())
             self._trace_steps += 1
@@ -48,6 +51,7 @@ class LoadRecorder:
             self.last_step_balancedness = value
             self._bal_sum += value
             self._bal_n += 1
+        return self.last_step_balancedness
 
     def close_interval(self) -> float | None:
         """Mean per-step balancedness since the last call (None if no step carried load)."""

@@ -30,7 +30,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from eplb.balancer.estimate import make_load_estimator
+from eplb.balancer.gain import keep_worthwhile
 from eplb.balancer.placement import Placement
+from eplb.balancer.trigger import make_trigger
 from eplb.config import EPLBConfig
 from eplb.controller.async_rebalance import (
     POLICY_DONE,
@@ -90,8 +93,10 @@ class EplbState:
         self.num_layers = placement.num_layers
         self.num_experts = placement.num_experts
         self.collect = self.enabled or record_trace is not None
-        self.recorder = LoadRecorder(self.cfg.window_size, self.num_layers, self.num_experts,
-                                     record_trace if ctx.rank == 0 else None)
+        self.recorder = LoadRecorder(
+            make_load_estimator(self.cfg, self.num_layers, self.num_experts), self.num_layers,
+            self.num_experts, record_trace if ctx.rank == 0 else None)
+        self.trigger = make_trigger(self.cfg)
         self.metrics = EplbMetrics()
         self.verifier = CommitVerifier(checkpoint_path, self.metrics)
         self._progress = progress or (lambda what: None)
@@ -144,9 +149,10 @@ class EplbState:
         g = self.ctx.world_size
         summed = summed.to("cpu")
         self.synced_at_boundary = False
+        step_balancedness = None
         if forward_before and self.collect:
-            self.recorder.record(summed[_READY + g:].view(self.num_layers, self.num_experts),
-                                 self.placement)
+            step_balancedness = self.recorder.record(
+                summed[_READY + g:].view(self.num_layers, self.num_experts), self.placement)
         self._orphans = [p for p in self._orphans if not _finished(p)]
         if not self.enabled:
             return
@@ -155,15 +161,26 @@ class EplbState:
             if forward_before:
                 r.steps_in_flight += 1
             self._advance(r, summed)
-        if forward_before and self.steps % self.cfg.step_interval == 0:
+        if not forward_before:
+            return
+        if self.steps % self.cfg.step_interval == 0:
             self._close_interval()
-            # nothing to fit on a window without load (every rank sees the same total)
-            if self._inflight is None and int(self.recorder.window.total().sum()) > 0:
-                if self.cfg.use_async:
-                    self._start_async()
-                else:
-                    self._rebalance_sync()
-                    self.synced_at_boundary = True
+        # a step without load (dummy forwards only) is no sign of imbalance
+        self.trigger.observe(1.0 if step_balancedness is None else step_balancedness)
+        decision = self.trigger.decide()
+        if not decision.rebalance or self._inflight is not None:
+            return
+        if decision.fit_steps is not None:  # a load shift: fit on the steps since it only
+            self.recorder.estimator.keep_last(decision.fit_steps)
+        self.trigger.started(decision)
+        # nothing to fit on an estimate without load (every rank sees the same total)
+        if float(self.recorder.estimator.total().sum()) <= 0:
+            return
+        if self.cfg.use_async:
+            self._start_async()
+        else:
+            self._rebalance_sync()
+            self.synced_at_boundary = True
 
     # ----- async -----------------------------------------------------------------------------
     def _start_async(self) -> None:
@@ -171,10 +188,11 @@ class EplbState:
         fault = take_fault(self.cfg, self.ctx.rank, self._fault_armed)
         if fault is not None:
             fault.freeze_here("policy")
-        load, old = self.recorder.window.total(), self.placement
+        old = self.placement
         job = None
-        if self.ctx.rank == 0:
-            job = PolicyJob(lambda: self._run_policy(load, old), fault)
+        if self.ctx.rank == 0:  # a snapshot: the estimator keeps recording meanwhile
+            load, history = self._policy_inputs()
+            job = PolicyJob(lambda: self._run_policy(load, old, history), fault)
         self._inflight = AsyncRebalance(generation=self._generation, old=old, policy=job,
                                         max_staged_layers=self.cfg.max_staged_layers,
                                         fault=fault)
@@ -254,7 +272,8 @@ class EplbState:
             try:
                 if fault is not None and fault.phase == "policy" and fault.mode == "raise":
                     raise fault.error("the policy raises on rank 0")
-                new = self._run_policy(self.recorder.window.total(), old)
+                load, history = self._policy_inputs()
+                new = self._run_policy(load, old, history)
             except Exception as exc:  # noqa: BLE001 - the others must not wait forever
                 log.warning("EPLB policy %r failed: %s", self.cfg.policy, exc)
             self.metrics.last_policy_s = time.monotonic() - t0
@@ -304,13 +323,21 @@ class EplbState:
         self._finish(started, copies, committed, 0)
 
     # ----- shared steps ----------------------------------------------------------------------
-    def _run_policy(self, load: torch.Tensor, old: Placement) -> Placement:
+    def _policy_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(estimate [L, E], the recent steps [K, L, E]) as of now, copied."""
+        est = self.recorder.estimator
+        return est.total().clone(), est.steps().clone()
+
+    def _run_policy(self, load: torch.Tensor, old: Placement, history: torch.Tensor) -> Placement:
+        """The policy on the estimate (with the recent steps as ``history``), then the layers
+        whose predicted gain is below ``skip_gain_threshold`` keep the old placement."""
         if self._policy is None:
             from eplb.balancer.policies import get_policy
 
             self._policy = get_policy(self.cfg.policy)
-        return self._policy(load, old.num_ranks, old.num_redundant, previous=old,
-                            max_moves=self.cfg.max_moves_per_rebalance)
+        new = self._policy(load, old.num_ranks, old.num_redundant, previous=old,
+                           max_moves=self.cfg.max_moves_per_rebalance, history=history)
+        return keep_worthwhile(load, old, new, self.cfg.skip_gain_threshold)
 
     @staticmethod
     def _plan(old: Placement, new: Placement) -> list[list]:

@@ -4,7 +4,7 @@ A decode-only step of n sequences runs the graph of the smallest captured size >
 n rows of the static buffers hold the real tokens; padding rows read token 0 at position 0 of
 the KV cache's scratch slot (context length 1), and are not counted as expert load. Everything
 a step changes lives in those buffers (ids, slots, positions, context lengths, the real-row
-count); the EPLB maps of the MoE layers live in fixed device buffers too (``MoELayer.static_maps``),
+count); the EPLB maps of the MoE layers live in fixed device buffers too (``MoELayer.set_static_maps``),
 so a placement commit that copies new maps and weights in place needs no re-capture.
 
 On CPU (or with ``capture=False``) the same padded static forward runs eagerly: the tests check
@@ -56,7 +56,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         for layer in model.moe_layers():
-            layer.static_maps = True
+            layer.set_static_maps(True)
 
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata.for_decode(self.slots[:bs], self.positions[:bs], self.ctx_lens[:bs])

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eplb import kernels
 from eplb.balancer.dispatch import static_slots, water_fill_slots
+from eplb.balancer.placement import build_log2phy
+from eplb.model.checkpoint import dequantize_block_fp8
 from eplb.model.cpu_experts import padded_expert_forward
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
@@ -87,32 +90,28 @@ def local_dispatch(
     if partial and t and bool(((flat < layer.slot_start) | (flat >= layer.slot_end)).any()):
         raise RuntimeError("local_dispatch got a slot this rank does not hold; install an EP "
                            "dispatcher")
-    # getattr: dispatcher tests pass light stand-ins for the layer (slot range only)
-    if expert_fn == getattr(layer, "expert_fn", None) and layer.use_fused(hidden):
+    if expert_fn == layer.expert_fn and layer.use_fused(hidden):
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
-        from eplb.kernels import fused_moe
-
-        return fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2,
+        return kernels.fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2,
                          w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
 
 
-def maps_from_phy2log(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """phy2log [P] -> (log2phy [E, M] ascending, -1 padded; replica_count [E])."""
-    count = torch.bincount(phy2log, minlength=num_experts)
+REPLICA_DISPATCH = ("static", "load_aware")
+
+
+def _maps(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """phy2log [P] -> (log2phy [E, M] ascending, -1 padded; replica_count [E]) on the CPU
+    (``eplb.balancer.placement.build_log2phy`` for one layer)."""
+    row = phy2log.cpu().long().view(1, -1)
+    count = torch.bincount(row[0], minlength=num_experts)
     if bool((count == 0).any()):
         missing = torch.nonzero(count == 0).flatten().tolist()
         raise ValueError(f"phy2log leaves logical experts {missing} without a slot")
-    m = int(count.max())
-    log2phy = torch.full((num_experts, m), -1, dtype=torch.long)
-    order = torch.argsort(phy2log, stable=True)  # slots grouped by expert, ascending
-    starts = torch.cumsum(count, 0) - count
-    e_sorted = phy2log[order]
-    j = torch.arange(order.numel()) - starts[e_sorted]
-    log2phy[e_sorted, j] = order
-    return log2phy, count
+    log2phy, counts = build_log2phy(row, num_experts)
+    return log2phy[0], counts[0]
 
 
 class MoELayer(nn.Module):
@@ -143,7 +142,7 @@ class MoELayer(nn.Module):
         self.slot_end = self.slot_start + per
         self.layer_idx = layer_idx  # decoder layer index
         self.moe_idx = moe_idx  # index in model.moe_layers()
-        self.dispatcher: Dispatcher = local_dispatch
+        self._dispatcher: Dispatcher = local_dispatch
         self.gate_weight = nn.Parameter(
             torch.empty(num_experts, hidden_size, dtype=dtype, device=device), requires_grad=False
         )
@@ -168,7 +167,7 @@ class MoELayer(nn.Module):
                 torch.empty(per, 2 * ib, hb, dtype=torch.float32, device=device), requires_grad=False)
             self.w2_scale = nn.Parameter(
                 torch.empty(per, hb, ib, dtype=torch.float32, device=device), requires_grad=False)
-        log2phy, count = maps_from_phy2log(phy2log.cpu().long(), num_experts)
+        log2phy, count = _maps(phy2log, num_experts)
         self.register_buffer("phy2log", phy2log.clone().long().to(device))
         # log2phy lives in a buffer of the widest possible shape [E, P - E + 1] (-1 padded) that
         # set_placement overwrites in place: a captured CUDA graph keeps reading the right maps
@@ -181,11 +180,12 @@ class MoELayer(nn.Module):
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long, device=device))
         self.register_buffer("_replica_offset", torch.zeros((), dtype=torch.long, device=device))
         self._all_single = bool((count == 1).all())
+        # What the runtime may change, only through the methods under "runtime settings":
         # True while CUDA graphs are captured/replayed: no Python branch may depend on the placement
-        self.static_maps = False
-        self.fused_experts = True  # Triton kernels on CUDA bf16 (see use_fused)
+        self._static_maps = False
+        self._fused_experts = True  # Triton kernels on CUDA bf16/FP8 (see use_fused)
         # "static" (round robin over replicas) or "load_aware" (EPLBConfig.replica_dispatch)
-        self.replica_dispatch = "static"
+        self._replica_dispatch = "static"
         # dummy weights only (eplb.model.dummy.RouterSkew): a bias [E] added to the router logits
         # and a hook run before routing (advances the skew's device step counter); None otherwise
         self.router_bias: torch.Tensor | None = None
@@ -209,9 +209,35 @@ class MoELayer(nn.Module):
     def replica_offset(self) -> int:
         return int(self._replica_offset)
 
-    @replica_offset.setter
-    def replica_offset(self, value: int) -> None:
-        self._replica_offset.fill_(int(value))  # in place: graphs read the buffer
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher
+
+    # -- runtime settings: the only ways other modules change this layer -----------------------
+    def install_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Route the (token, slot) pairs through ``dispatcher`` (an EP all-to-all, see
+        ``eplb.parallel.all2all``) instead of the in-process one."""
+        self._dispatcher = dispatcher
+
+    def set_replica_offset(self, value: int) -> None:
+        """Where this step's round robin over an expert's replicas starts (the runtime spreads
+        it over ranks and steps); written in place, so captured graphs read it."""
+        self._replica_offset.fill_(int(value))
+
+    def set_replica_dispatch(self, mode: str) -> None:
+        """"static" (round robin) or "load_aware" (water-filling over the replicas' ranks)."""
+        if mode not in REPLICA_DISPATCH:
+            raise ValueError(f"replica_dispatch must be one of {', '.join(REPLICA_DISPATCH)}, "
+                             f"got {mode!r}")
+        self._replica_dispatch = mode
+
+    def set_static_maps(self, static: bool) -> None:
+        """True while CUDA graphs are captured or replayed: no branch may depend on the maps."""
+        self._static_maps = bool(static)
+
+    def set_fused_experts(self, fused: bool) -> None:
+        """False forces the torch expert path (a reference for the Triton kernels)."""
+        self._fused_experts = bool(fused)
 
     def set_placement(
         self, phy2log: torch.Tensor, log2phy: torch.Tensor, replica_count: torch.Tensor
@@ -240,14 +266,10 @@ class MoELayer(nn.Module):
         if self.before_route is not None:
             self.before_route()
         logits = F.linear(x, self.gate_weight, self.router_bias)
-        if x.is_cuda and x.shape[0]:
-            from eplb.kernels import HAS_TRITON
-
-            if HAS_TRITON:  # softmax + top-k + renormalise in one launch (eplb.kernels.routing)
-                from eplb.kernels import softmax_topk
-
-                w, ids = softmax_topk(logits, self.top_k, self.norm_topk_prob)
-                return w.to(x.dtype), ids
+        if x.is_cuda and x.shape[0] and kernels.HAS_TRITON:
+            # softmax + top-k + renormalise in one launch (eplb.kernels.routing)
+            w, ids = kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob)
+            return w.to(x.dtype), ids
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -264,12 +286,12 @@ class MoELayer(nn.Module):
 
         No host sync and no placement-dependent branch under ``static_maps`` (CUDA graphs)."""
         # without redundant slots no placement can have replicas, so the shortcut is safe in graphs
-        if self.num_physical == self.num_experts or (self._all_single and not self.static_maps):
+        if self.num_physical == self.num_experts or (self._all_single and not self._static_maps):
             return self.log2phy_buf[:, 0][ids]
         flat = ids.reshape(-1)
-        if self.replica_dispatch == "load_aware":
+        if self._replica_dispatch == "load_aware":
             # the full-width map under graphs: its shape never changes with the placement
-            maps = self.log2phy_buf if self.static_maps else self.log2phy
+            maps = self.log2phy_buf if self._static_maps else self.log2phy
             per_rank = self.slot_end - self.slot_start
             return water_fill_slots(flat, maps, self.replica_count, per_rank,
                                     self.num_physical // per_rank).view_as(ids)
@@ -277,14 +299,10 @@ class MoELayer(nn.Module):
 
     def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):
-            from eplb.kernels import fused_experts
-
-            return fused_experts(x, local_slot, self.w13, self.w2, w13_scale=self.w13_scale,
+            return kernels.fused_experts(x, local_slot, self.w13, self.w2, w13_scale=self.w13_scale,
                                  w2_scale=self.w2_scale)
         if self.w13_scale is not None:
             # FP8 off the Triton path (fused_experts off, e.g. as a reference): dequantize per call
-            from eplb.model.checkpoint import dequantize_block_fp8
-
             w13 = dequantize_block_fp8(self.w13, self.w13_scale, [128, 128]).to(x.dtype)
             w2 = dequantize_block_fp8(self.w2, self.w2_scale, [128, 128]).to(x.dtype)
             return expert_forward(x, local_slot, w13, w2)
@@ -292,11 +310,9 @@ class MoELayer(nn.Module):
 
     def use_fused(self, x: torch.Tensor) -> bool:
         """True when the Triton kernels (eplb.kernels) run this layer: CUDA, bf16 activations,
-        bf16 or block-FP8 weights, triton present and ``self.fused_experts`` (set it False for the
+        bf16 or block-FP8 weights, triton present and ``set_fused_experts`` (set it False for the
         torch path, e.g. as a reference)."""
-        from eplb.kernels import HAS_TRITON
-
-        return (self.fused_experts and HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
+        return (self._fused_experts and kernels.HAS_TRITON and x.is_cuda and x.dtype == torch.bfloat16
                 and (self.w13.dtype == torch.bfloat16 or self.w13_scale is not None))
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -305,7 +321,7 @@ class MoELayer(nn.Module):
         weights, ids = self.route(x)
         self.count_load(ids, num_real_tokens)
         slots = self.choose_slots(ids)
-        return self.dispatcher(x, slots, weights, self.expert_fn, self)
+        return self._dispatcher(x, slots, weights, self.expert_fn, self)
 
     def count_load(self, ids: torch.Tensor, num_real_tokens: int | torch.Tensor | None) -> None:
         """expert_load[e] += pairs of the first ``num_real_tokens`` rows of ids [T, k] routed to e."""

@@ -151,7 +151,9 @@ class RankWorker:
             self.dispatcher = make_dispatcher(spec.parallel.all2all_backend, self.ctx.ep_group,
                                               spec.world_size, self.ctx.comm_device)
             for layer in self.layers:
-                layer.dispatcher = self.dispatcher
+                layer.install_dispatcher(self.dispatcher)
+                if spec.eplb is not None:
+                    layer.set_replica_dispatch(spec.eplb.replica_dispatch)
         self.state = EplbState(spec.eplb if ep else None, self.ctx, self.layers, placement,
                                record_trace=spec.record_trace,
                                # dummy weights have no checkpoint to verify commits against
@@ -249,7 +251,7 @@ class RankWorker:
                 continue
             self.beat("forward")
             for layer in self.layers:  # spread replica choice over ranks and steps
-                layer.replica_offset = self.steps * self.world_size + self.rank
+                layer.set_replica_offset(self.steps * self.world_size + self.rank)
             if self.dispatcher is not None:
                 self.dispatcher.begin_step()
             if has_work:
