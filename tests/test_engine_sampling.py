@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.sampling import Sampler, SampleRow
-from eplb.model.testing import make_tiny_checkpoint
+from eplb.model.tiny import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 V = 40
