@@ -286,11 +286,11 @@ def test_serve_flags(small_dirs, capsys):
     add_arguments(p)
     cfg = build_configs(p.parse_args([bf16, "--port", "0", "--load-format", "dummy", "--dummy-router-skew",
                                       "--quantization", "none"]))
-    kw = cfg["engine_kwargs"]
+    kw = cfg.engine_kwargs
     assert (kw["load_format"], kw["dummy_router_skew"], kw["dummy_router_drift"], kw["quantization"]) == (
         "dummy", 1.5, None, "none")
-    assert cfg["vocab_size"] == 1024
-    assert "load_format" not in build_configs(p.parse_args([bf16, "--port", "0"]))["engine_kwargs"]
+    assert cfg.vocab_size == 1024
+    assert "load_format" not in build_configs(p.parse_args([bf16, "--port", "0"])).engine_kwargs
 
 
 def test_generate_cli_with_dummy_weights(small_dirs, capsys):

@@ -193,3 +193,13 @@ class ParallelConfig:
             _check_int("data_parallel_size_local", self.data_parallel_size_local, 1)
         if self.data_parallel_start_rank is not None:
             _check_int("data_parallel_start_rank", self.data_parallel_start_rank, 0)
+
+    def check_expert_slots(self, num_experts: int, num_redundant_experts: int) -> None:
+        """With EP, every rank holds the same number of expert slots: ValueError naming the
+        fields when ``data_parallel_size`` does not divide experts + redundant ones."""
+        physical = num_experts + num_redundant_experts
+        if self.enable_expert_parallel and physical % self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_size ({self.data_parallel_size}) must divide the physical expert "
+                f"count {physical} ({num_experts} experts + num_redundant_experts "
+                f"{num_redundant_experts})")

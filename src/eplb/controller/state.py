@@ -56,13 +56,9 @@ _FAILED, _POLICY, _READY = 0, 1, 2
 def initial_placement(
     num_layers: int, num_experts: int, world_size: int, cfg: EPLBConfig | None
 ) -> Placement:
-    """The placement the ranks load with: linear, redundant slots round-robin."""
+    """The placement the ranks load with: linear, redundant slots round-robin (the sizes were
+    checked by ``ParallelConfig.check_expert_slots`` before any rank started)."""
     redundant = cfg.num_redundant_experts if cfg is not None else 0
-    if (num_experts + redundant) % world_size:
-        raise ValueError(
-            f"num_redundant_experts ({redundant}) + experts ({num_experts}) must be divisible by "
-            f"data_parallel_size ({world_size})"
-        )
     return Placement.default(num_layers, num_experts, world_size, redundant)
 
 

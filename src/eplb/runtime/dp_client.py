@@ -89,12 +89,8 @@ class DPEngineClient:
         if parallel.enable_expert_parallel and size > 1:
             from eplb.model.config import load_config
 
-            experts = load_config(str(model_path)).num_experts
-            redundant = eplb.num_redundant_experts if eplb is not None else 0
-            if (experts + redundant) % size:
-                raise ValueError(
-                    f"data_parallel_size ({size}) must divide the physical expert count "
-                    f"({experts} experts + num_redundant_experts {redundant})")
+            parallel.check_expert_slots(load_config(str(model_path)).num_experts,
+                                        eplb.num_redundant_experts if eplb is not None else 0)
         # ranks of this node (multi-node: one client per node; requests are served by the ranks
         # of the node whose front received them)
         first = self.rendezvous.start_rank

@@ -9,6 +9,7 @@ import argparse
 import logging
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -133,7 +134,20 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(f"--port {port}: cannot bind {host}:{port} ({exc.strerror})") from None
 
 
-def build_configs(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the engine client and the app need, from validated flags."""
+
+    model_path: Path
+    engine_kwargs: dict[str, Any]  # EngineCore keyword arguments, passed to every rank
+    parallel: ParallelConfig
+    eplb: EPLBConfig | None
+    chat_template: Any
+    vocab_size: int
+    served: list[str]  # served model names
+
+
+def build_configs(args: argparse.Namespace) -> ServeConfig:
     """Validates every flag; returns what the engine client and the app need. UsageError if bad."""
     model_path = resolve_model(args.model)
     if not 0 <= args.port <= 65535:
@@ -179,12 +193,10 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
         mcfg = load_config(str(model_path))
     except ValueError as exc:
         raise UsageError(f"MODEL {str(model_path)!r}: {exc}") from None
-    if args.enable_expert_parallel:
-        physical = mcfg.num_experts + (eplb.num_redundant_experts if eplb else 0)
-        if physical % args.data_parallel_size:
-            raise UsageError(
-                f"--data-parallel-size {args.data_parallel_size} must divide the physical expert "
-                f"count {physical} ({mcfg.num_experts} experts + redundant ones)")
+    try:
+        parallel.check_expert_slots(mcfg.num_experts, eplb.num_redundant_experts if eplb else 0)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}".replace("data_parallel_size", "data-parallel-size", 1)) from None
     device = args.device
     if device == "auto":
         import torch
@@ -233,9 +245,9 @@ def build_configs(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise UsageError(f"--{exc}") from None
         engine_kwargs["quantization"] = args.quantization
-    return {"model_path": model_path, "engine_kwargs": engine_kwargs, "parallel": parallel,
-            "eplb": eplb, "chat_template": chat_template, "vocab_size": mcfg.vocab_size,
-            "served": args.served_model_name or [args.model or DEFAULT_MODEL]}
+    return ServeConfig(model_path=model_path, engine_kwargs=engine_kwargs, parallel=parallel,
+                       eplb=eplb, chat_template=chat_template, vocab_size=mcfg.vocab_size,
+                       served=args.served_model_name or [args.model or DEFAULT_MODEL])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -249,14 +261,14 @@ def main(args: argparse.Namespace) -> int:
     from eplb.runtime.dp_client import DPEngineClient
     from eplb.server.app import ServerSettings, create_app
 
-    engine = DPEngineClient(str(cfg["model_path"]), cfg["engine_kwargs"], cfg["parallel"],
-                            cfg["eplb"], record_trace=args.record_trace,
+    engine = DPEngineClient(str(cfg.model_path), cfg.engine_kwargs, cfg.parallel,
+                            cfg.eplb, record_trace=args.record_trace,
                             stall_timeout_s=args.rank_stall_timeout)
     if args.headless:
         return _run_headless(engine)
-    settings = ServerSettings(served_model_names=cfg["served"],
+    settings = ServerSettings(served_model_names=cfg.served,
                               max_model_len=args.max_model_len, api_key=args.api_key,
-                              chat_template=cfg["chat_template"], vocab_size=cfg["vocab_size"],
+                              chat_template=cfg.chat_template, vocab_size=cfg.vocab_size,
                               max_request_bytes=args.max_request_bytes,
                               drain_s=args.drain_timeout)
     app = create_app(engine, settings)
@@ -269,8 +281,8 @@ def main(args: argparse.Namespace) -> int:
     engine.on_fatal(fatal)  # a rank died or hung: the open requests already failed; exit 1
     logging.getLogger("eplb.server").info(
         "starting %d rank(s) of %s (EP %s, EPLB %s, backend %s) on http://%s:%d",
-        args.data_parallel_size, cfg["model_path"], "on" if args.enable_expert_parallel else "off",
-        cfg["eplb"].to_dict() if cfg["eplb"] else "off", args.all2all_backend, args.host, args.port)
+        args.data_parallel_size, cfg.model_path, "on" if args.enable_expert_parallel else "off",
+        cfg.eplb.to_dict() if cfg.eplb else "off", args.all2all_backend, args.host, args.port)
     try:
         server.run()  # SIGTERM/SIGINT: drain, then the app's shutdown stops the ranks
     finally:
