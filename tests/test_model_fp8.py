@@ -278,11 +278,16 @@ def test_fp8_kept_model_matches_dequantized_model(fp8_128, monkeypatch):
                torch.zeros(3, cfg.num_kv_heads, 64, cfg.head_dim, dtype=torch.bfloat16, device="cuda"))
               for _ in range(cfg.num_layers)]
         with torch.no_grad(), monkeypatch.context() as mp:
+            saved = [layer.dispatcher for layer in m.moe_layers()]
             if emulate:
                 mp.setattr(tr, "linear", emulated_linear)
                 for layer in m.moe_layers():
-                    mp.setattr(layer, "dispatcher", emulated_moe)
-            h = m(ids, meta, kv)
+                    layer.install_dispatcher(emulated_moe)
+            try:
+                h = m(ids, meta, kv)
+            finally:
+                for layer, d in zip(m.moe_layers(), saved):
+                    layer.install_dispatcher(d)
         with torch.no_grad():
             return m.compute_logits(h).float()  # lm_head is bf16 in both
 
