@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from eplb.benchmarks.serve import RequestResult, add_arguments, compute_metrics, sample_random_requests
+from eplb.resources import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -88,10 +89,11 @@ def test_bench_serve_against_the_shipped_model(tmp_path):
     try:
         res = _bench(port, tmp_path, "--num-prompts", "6", "--random-input-len", "12",
                      "--random-output-len", "5", "--max-concurrency", "3", "--ignore-eos", "--seed", "3",
-                     "--metadata", "note=ci")
+                     "--metadata", "note=ci", "--tokenizer", str(default_model_path()))
         _check_consistent(res, 6, 12, 5)
         assert res["model_id"] == "tiny-qwen3-moe" and res["max_concurrency"] == 3 and res["note"] == "ci"
-        # the vocabulary came from the served folder's config.json (576 ids), not the 256 fallback
+        # the vocabulary came from the --tokenizer folder's config.json (576 ids), not the 256
+        # fallback (the served name is not a folder)
         assert res["random_vocab_size"] == 576
         # Poisson arrivals at a finite rate
         res = _bench(port, tmp_path, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "3",
