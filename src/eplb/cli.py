@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `eplb rebalance`
 # does not pay for the server's imports and a broken optional part stays contained.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "rebalance": ("eplb.sim.rebalance_cli", "compute a placement for a load matrix"),
+    "rebalance": ("eplb.balancer.rebalance_cli", "compute a placement for a load matrix"),
     "simulate": ("eplb.sim.simulate_cli", "replay a load trace through EPLB policies"),
     "generate": ("eplb.engine.generate_cli", "generate text offline with the engine"),
     "serve": ("eplb.server.serve_cli", "start the OpenAI-compatible server"),

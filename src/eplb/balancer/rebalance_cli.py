@@ -14,7 +14,7 @@ from eplb.balancer.placement import Placement
 from eplb.balancer.planner import num_moves, plan
 from eplb.balancer.policies import POLICIES, get_policy
 from eplb.balancer.stats import balancedness, balancedness_upper_bound
-from eplb.sim.cli_common import add_layout_arguments, fail, one_line_errors
+from eplb.cli_common import add_layout_arguments, fail, one_line_errors
 
 PROG = "eplb rebalance"
 
