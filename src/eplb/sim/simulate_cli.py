@@ -11,8 +11,8 @@ import torch
 
 from eplb.balancer.placement import check_shape
 from eplb.balancer.policies import get_policy
-from eplb.config import EPLBConfig
 from eplb.cli_common import add_layout_arguments, fail, one_line_errors
+from eplb.config import EPLBConfig
 from eplb.sim.simulate import replay, step_bound
 from eplb.sim.traces import load_trace, parse_spec, spec_dict, synthetic_trace
 
