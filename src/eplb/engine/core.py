@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.engine.kv_cache import KVCache
+from eplb.engine.prompt import check_prompt_ids
 from eplb.engine.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, token_logprobs
 from eplb.engine.scheduler import Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
@@ -99,16 +100,7 @@ class EngineCore:
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = [int(t) for t in prompt_token_ids]
-        if not ids:
-            raise ValueError("prompt_token_ids must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                "(room for at least one generated token is needed)"
-            )
-        v = self.config.vocab_size
-        if min(ids) < 0 or max(ids) >= v:
-            raise ValueError(f"prompt_token_ids must be in [0, {v})")
+        check_prompt_ids(ids, self.max_model_len, self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; the model folder has no tokenizer.json")
         gen = None  # None: the engine's shared generator

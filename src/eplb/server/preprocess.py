@@ -12,6 +12,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from eplb.engine.prompt import check_prompt_ids
 from eplb.server.chat_template import ChatFormatter, encode
 from eplb.server.errors import APIError
 
@@ -67,10 +68,12 @@ class Preprocessor:
         """Token ids of a completions prompt (text or ids), checked against the vocabulary."""
         if isinstance(prompt, list):
             ids = prompt
-            # (a too-long list is refused by check_lengths: do not scan it here)
-            if (self.vocab_size is not None and len(ids) < self.max_model_len
-                    and any(not 0 <= t < self.vocab_size for t in ids)):
-                raise APIError(f"prompt token ids must be in [0, {self.vocab_size})", param=param)
+            # (a too-long list is refused by check_lengths with its own code: do not scan it here)
+            if ids and len(ids) < self.max_model_len:
+                try:
+                    check_prompt_ids(ids, self.max_model_len, self.vocab_size)
+                except ValueError as exc:
+                    raise APIError(str(exc), param=param) from None
             return ids
         if self.tokenizer is None:
             raise APIError("this model has no tokenizer; send the prompt as token ids", param=param)
