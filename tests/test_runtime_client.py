@@ -41,9 +41,15 @@ def model(tmp_path_factory):
     return path
 
 
+async def _collect(client, rid, prompt, params):
+    outs = [o async for o in client.generate(rid, prompt, params)]
+    return outs
+
+
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
-    """One client (2 ranks, EP, async EPLB) used by the tests below, then shut down."""
+    """One client (2 ranks, EP, async EPLB) that serves ``_requests()`` concurrently; what the
+    tests check is recorded here, so no test depends on another having run first."""
     trace = str(tmp_path_factory.mktemp("trace") / "loads.npz")
     eplb = EPLBConfig(window_size=4, step_interval=3, num_redundant_experts=2, use_async=True,
                       debug_verify_commits=True)
@@ -51,33 +57,33 @@ def served(model, tmp_path_factory):
                                                           enable_expert_parallel=True),
                             eplb, record_trace=trace, num_threads=1)
     client.start()
-    state = {"client": client, "trace": trace, "tokens_fed": 0}
-    yield state
-    client.shutdown()
-
-
-async def _collect(client, rid, prompt, params):
-    outs = [o async for o in client.generate(rid, prompt, params)]
-    return outs
-
-
-def test_streams_equal_single_process_and_spread_over_ranks(model, served):
-    client, reqs = served["client"], _requests()
-    want = [o.token_ids for o in LLM(model, **ENGINE).generate([p for p, _ in reqs],
-                                                                [s for _, s in reqs])]
+    reqs = _requests()
 
     async def run():
         return await asyncio.gather(*[_collect(client, f"a{i}", p, s)
                                       for i, (p, s) in enumerate(reqs)])
 
-    streams = asyncio.run(run())
+    try:
+        streams = asyncio.run(run())
+        stats = client.stats()
+    except BaseException:
+        client.shutdown()
+        raise
+    state = {"client": client, "trace": trace, "requests": reqs, "streams": streams,
+             "stats": stats, "tokens_fed": sum(len(p) + s.max_tokens - 1 for p, s in reqs)}
+    yield state
+    client.shutdown()
+
+
+def test_streams_equal_single_process_and_spread_over_ranks(model, served):
+    reqs, streams, stats = served["requests"], served["streams"], served["stats"]
+    want = [o.token_ids for o in LLM(model, **ENGINE).generate([p for p, _ in reqs],
+                                                                [s for _, s in reqs])]
     for outs, tokens, (_, params) in zip(streams, want, reqs):
         assert outs[-1].finished and outs[-1].finish_reason == "length"
         assert outs[-1].token_ids == tokens
         # streamed: one output per generated token, each a prefix of the next
         assert [len(o.token_ids) for o in outs] == list(range(1, params.max_tokens + 1))
-    served["tokens_fed"] += sum(len(p) + s.max_tokens - 1 for p, s in reqs)
-    stats = client.stats()
     assert stats["healthy"] and len(stats["ranks"]) == 2
     assert all(r["requests_added"] >= 2 for r in stats["ranks"])  # least-loaded routing spreads
     assert stats["rebalances"] >= 1 and stats["verify_mismatches"] == 0
