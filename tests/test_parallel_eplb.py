@@ -98,6 +98,9 @@ SCENARIOS_2 = [
     Scenario("agrs-async-policy-stall", "allgather_reducescatter",
              _eplb(True, 2, debug_fail_rank=0, debug_fail_phase="policy", debug_fail_mode="stall",
                    transfer_timeout_s=1.5)),
+    # the token all-to-all: each token sent once per rank holding one of its experts
+    Scenario("a2a-sync", "alltoall", _eplb(False, 2)),
+    Scenario("a2a-async", "alltoall", _eplb(True, 2, debug_transfer_delay_s=0.05)),
 ]
 SCENARIOS_4 = [
     Scenario("naive-off", "naive", None),
@@ -109,6 +112,8 @@ SCENARIOS_4 = [
     Scenario("skew-off", "allgather_reducescatter", None, engine=SKEW_ENGINE),
     Scenario("skew-async", "allgather_reducescatter",
              _eplb(True, 4, window_size=4, step_interval=4), engine=SKEW_ENGINE),
+    Scenario("a2a-sync", "alltoall", _eplb(False, 4)),
+    Scenario("a2a-async", "alltoall", _eplb(True, 4, debug_transfer_delay_s=0.05)),
 ]
 
 

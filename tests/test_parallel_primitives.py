@@ -3,24 +3,31 @@
 - expert transfer: after staging + commit every slot holds the rows of the expert the new
   placement names, for every per-slot tensor (float8 scales included), for random old and new
   placements;
-- EP dispatchers: both backends give BIT-identical outputs to the in-process dispatcher run on
-  all ranks' tokens at once (uneven token counts, a rank with none, replicas)."""
+- EP dispatchers: every backend gives BIT-identical outputs to the in-process dispatcher run on
+  all ranks' tokens at once (uneven token counts, a rank with none, replicas); ``alltoall``
+  sends a token once per destination rank even when several of its experts live there.
+
+The ``alltoall`` send plan is also checked on its own (no processes) with hypothesis."""
 
 from __future__ import annotations
 
 import time
 import traceback
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import plan
 from eplb.config import ALL2ALL_BACKENDS
 from eplb.model.moe import expert_forward, local_dispatch
-from eplb.parallel.all2all import make_dispatcher
+from eplb.parallel import all2all
+from eplb.parallel.all2all import make_dispatcher, plan_sends, routed_ranks
 from eplb.parallel.groups import find_free_port, init_distributed
 from eplb.parallel.transfer import (
     commit_layer,
@@ -162,7 +169,77 @@ def _check_dispatchers(rank: int, world: int, ctx) -> int:
                              mine)
             assert torch.equal(got, want[rows]), (backend, trial)
             checked += 1
-    return checked
+    return checked + _check_token_dedup(rank, world, ctx, gen, w13, w2, s)
+
+
+def _experts(ws, scale: torch.Tensor, layer: _Layer):
+    """expert_fn over the slots ``layer`` holds: SwiGLU experts ``ws = (w13, w2)``, or with
+    ``ws`` None a per-slot ``scale [P, 1]`` (for a dtype the grouped GEMM lacks)."""
+    held = slice(layer.slot_start, layer.slot_end)
+    if ws is None:
+        return lambda a, b: a * scale[b + layer.slot_start]
+    return lambda a, b: expert_forward(a, b, ws[0][held], ws[1][held])
+
+
+def _check_token_dedup(rank: int, world: int, ctx, gen, w13, w2, s: int) -> int:
+    """top-3 routing where most tokens have several experts on one rank: ``alltoall`` sends
+    one row per distinct (token, destination rank), not per pair, and stays bit-identical, for
+    float32, bf16 (slot ids in 2-byte units) and float64 rows (8-byte units; the grouped GEMM
+    has no float64, so there the experts are a per-slot scale). Returns the batches checked."""
+    top_k, num_physical = 3, w13.shape[0]
+    full = _Layer(0, num_physical, num_physical)
+    mine = _Layer(rank * s, (rank + 1) * s, num_physical)
+    scale = torch.arange(1, num_physical + 1, dtype=torch.float64).unsqueeze(1) / 7
+    experts = {
+        torch.float32: (w13, w2),
+        torch.bfloat16: (w13.to(torch.bfloat16), w2.to(torch.bfloat16)),
+        torch.float64: None,
+    }
+    for trial, (dtype, ws) in enumerate(experts.items()):
+        counts = torch.randint(1, 7, (world,), generator=gen)
+        counts[1] = 0 if trial == 1 else counts[1]  # a rank with no tokens still joins
+        total = int(counts.sum())
+        home = torch.randint(0, world, (total, 1), generator=gen)
+        slots = home * s + torch.randint(0, s, (total, top_k), generator=gen)
+        slots[::3, 2] = torch.randint(0, num_physical, (len(range(0, total, 3)),), generator=gen)
+        x = torch.randn(total, w13.shape[2], generator=gen).to(dtype)
+        w = torch.rand(total, top_k, generator=gen).to(dtype)
+        want = local_dispatch(x, slots, w, _experts(ws, scale, full), full)
+        lo = int(counts[:rank].sum())
+        rows = slice(lo, lo + int(counts[rank]))
+        dispatcher = make_dispatcher("alltoall", ctx.ep_group, world, "cpu")
+        got = dispatcher(x[rows], slots[rows], w[rows], _experts(ws, scale, mine), mine)
+        assert got.dtype == dtype and torch.equal(got, want[rows]), trial
+        dest = torch.div(slots[rows], s, rounding_mode="floor")
+        distinct = sum(len(set(r)) for r in dest.tolist())
+        assert dispatcher.last_rows_sent == distinct, (dispatcher.last_rows_sent, distinct)
+        assert dispatcher.last_pairs_sent == int(counts[rank]) * top_k
+        if counts[rank]:  # every token has >= 2 of its 3 slots on its home rank
+            assert dispatcher.last_rows_sent < int(counts[rank]) * top_k
+    return len(experts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.data())
+def test_send_plan_sends_each_token_once_per_rank(world, top_k, data):
+    """Every (token, rank) pair that some slot routes to is sent exactly once, grouped by rank
+    and in token order within a rank; the per-rank counts (the splits) sum to the rows."""
+    num_tokens = data.draw(st.integers(0, 12))
+    dest = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, world - 1), min_size=top_k,
+                                                    max_size=top_k),
+                                           min_size=num_tokens, max_size=num_tokens)),
+                        dtype=torch.long).view(num_tokens, top_k)
+    hit = routed_ranks(dest, world)
+    splits = hit.sum(0).tolist()
+    plan = plan_sends(hit, sum(splits))
+    sent = list(zip(plan.dest.tolist(), plan.token.tolist()))
+    want = sorted({(g, t) for t, row in enumerate(dest.tolist()) for g in row})
+    assert sent == want  # each pair once, rank-major, tokens ascending
+    assert [plan.dest.tolist().count(g) for g in range(world)] == splits
+    assert sum(splits) == len(sent) <= num_tokens * min(top_k, world)
+    with mock.patch.object(all2all, "_nonzero_static", None):  # torch without nonzero_static
+        fallback = plan_sends(hit, sum(splits))
+    assert torch.equal(fallback.token, plan.token) and torch.equal(fallback.dest, plan.dest)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -180,4 +257,4 @@ def test_transfers_and_dispatchers(world):
     for rank, checked, moved, dispatched, err in results:
         assert err is None, f"rank {rank}:\n{err}"
         assert checked == 12 * LAYERS and moved > 0
-        assert dispatched == 6 * len(ALL2ALL_BACKENDS)
+        assert dispatched == 6 * len(ALL2ALL_BACKENDS) + 3

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ALL2ALL_BACKENDS = ("allgather_reducescatter", "naive")
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "naive", "alltoall")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -5,8 +5,8 @@ layer) -> out[T, H]`` (see docs/interfaces.md). ``slot_ids`` are physical slots 
 chosen by the layer, which also counted the load of the real tokens: padding added here never
 counts). ``expert_fn(x[N, H], local_slot[N]) -> [N, H]`` runs this rank's experts.
 
-Both backends rebuild the per-(token, k) expert outputs ``[T, k, H]`` exactly as one process would
-have computed them and then combine them with the model's own weighted sum, so the answer does
+Every backend rebuilds the per-(token, k) expert outputs ``[T, k, H]`` exactly as one process would
+have computed them and then combines them with the model's own weighted sum, so the answer does
 not depend on where an expert lives.
 
 - ``allgather_reducescatter``: all-gather token counts (once per forward when the caller
@@ -15,11 +15,14 @@ not depend on where an expert lives.
   buffer; a reduce-scatter hands every rank its own rows (each entry has exactly one non-zero
   contributor, so the sum is exact).
 - ``naive``: an ``all_to_all`` of only the pairs each rank needs, and back.
+- ``alltoall``: an ``all_to_all`` of each token once to each rank holding at least one of its
+  slots (its slot ids ride in the same rows), and of the per-pair outputs back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,7 @@ Dispatcher = Callable[..., torch.Tensor]
 # torch 2.13 renamed the flat collectives; 2.11/2.12 only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_nonzero_static = getattr(torch, "nonzero_static", None)  # no host sync for the output size
 
 
 class AllGatherReduceScatter:
@@ -152,7 +156,134 @@ class NaiveAllToAll:
         return combine(pair_out.view(num_tokens, top_k, dim), weights)
 
 
-_BACKENDS = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveAllToAll}
+class SendPlan(NamedTuple):
+    """Which token rows a rank sends where (``alltoall``), grouped by destination rank and in
+    token order within a group: row ``i`` carries token ``token[i]`` to rank ``dest[i]``."""
+
+    token: torch.Tensor  # [R] long
+    dest: torch.Tensor  # [R] long
+
+
+def routed_ranks(dest: torch.Tensor, world_size: int) -> torch.Tensor:
+    """dest [T, k] (the rank of each pair's slot) -> hit [T, G] bool: token t goes to rank g."""
+    hit = torch.zeros(dest.shape[0], world_size, dtype=torch.bool, device=dest.device)
+    return hit.scatter_(1, dest, True)
+
+
+def _true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` True entries of a 1-D mask, ascending. The count is already on
+    the host (exchanged for the splits), so no extra device-to-host sync is needed here."""
+    if _nonzero_static is not None:
+        return _nonzero_static(mask, size=count).view(-1)
+    return torch.argsort((~mask).to(torch.int8), stable=True)[:count]
+
+
+def plan_sends(hit: torch.Tensor, num_rows: int) -> SendPlan:
+    """hit [T, G] (see :func:`routed_ranks`), num_rows = hit.sum() -> the rows to send: every
+    (token, rank) pair of ``hit`` exactly once, rank-major then token order."""
+    num_tokens = hit.shape[0]
+    pos = _true_positions(hit.t().reshape(-1), num_rows)  # index g * T + t
+    return SendPlan(pos % max(num_tokens, 1), torch.div(pos, max(num_tokens, 1),
+                                                        rounding_mode="floor"))
+
+
+def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer type the slot ids travel as beside hidden states of ``dtype``: a multiple of
+    its size, so the hidden part of a received row can be viewed as ``dtype`` in place."""
+    return torch.int32 if dtype.itemsize <= 4 else torch.int64
+
+
+class TokenAllToAll:
+    """Send each token once to each rank that holds one of its slots; get per-pair outputs back.
+
+    Forward: one ``all_to_all_single`` of ``R`` byte rows, the hidden state followed by the
+    token's k slot ids (int32, -1 where the slot is on another rank), where ``R`` is the
+    number of distinct (token, destination rank) pairs. Back: one ``all_to_all_single`` of the
+    ``T * k`` per-pair outputs, which the sender puts back in (token, k) order and combines as
+    one process would. The row and pair counts per rank travel first, in one small collective,
+    and reach the host once (the splits need them).
+    """
+
+    name = "alltoall"
+
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, device: torch.device):
+        self.group = group
+        self.world_size = world_size
+        self.device = device
+        self.last_rows_sent = 0  # token rows this rank sent in the last call (self included)
+        self.last_pairs_sent = 0  # (token, k) pairs those rows carried (= T * k)
+
+    def begin_step(self) -> None:
+        """Nothing to reset: the counts differ per layer."""
+
+    def _exchange_counts(
+        self, rows: torch.Tensor, pairs: torch.Tensor
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Per-destination row and pair counts [G] -> (send rows, send pairs, recv rows, recv
+        pairs) per rank, as host lists: one all_to_all and one device-to-host copy."""
+        send = torch.stack([rows, pairs], dim=1).to(torch.long)  # [G, 2]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        s_rows, s_pairs, r_rows, r_pairs = torch.cat([send.t(), recv.t()]).tolist()
+        return s_rows, s_pairs, r_rows, r_pairs
+
+    def _pack(self, hidden: torch.Tensor, slot_ids: torch.Tensor, dest: torch.Tensor,
+              plan: SendPlan) -> torch.Tensor:
+        """-> [R, H*b + k*s] uint8 send rows: the hidden state's bytes, then the k slot ids'
+        (-1 for a slot that lives on another rank than the row's destination). Bytes, so no
+        float rule can touch the slot ids on their way."""
+        slots = torch.where(dest[plan.token] == plan.dest.unsqueeze(1), slot_ids[plan.token], -1)
+        slot_bytes = slots.to(_slot_dtype(hidden.dtype)).view(torch.uint8)
+        hidden_bytes = hidden[plan.token].view(torch.uint8)
+        return torch.cat([hidden_bytes, slot_bytes], dim=1)
+
+    def _compute(self, recv: torch.Tensor, dtype: torch.dtype, dim: int, top_k: int,
+                 num_pairs: int, expert_fn: ExpertFn, slot_start: int) -> torch.Tensor:
+        """recv [R_in, H*b + k*s] uint8 -> [num_pairs, H]: the outputs of every held (row, k)
+        pair, in row then k order (the order the sender expects them back)."""
+        split = dim * dtype.itemsize
+        if num_pairs == 0:
+            return torch.empty(0, dim, dtype=dtype, device=recv.device)
+        slots = recv[:, split:].contiguous().view(_slot_dtype(dtype)).reshape(-1)  # [R_in * k]
+        pos = _true_positions(slots >= 0, num_pairs)
+        x = recv[:, :split].view(dtype)[torch.div(pos, top_k, rounding_mode="floor")]
+        return expert_fn(x, slots[pos].to(torch.long) - slot_start)
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        slot_ids: torch.Tensor,
+        weights: torch.Tensor,
+        expert_fn: ExpertFn,
+        layer: object,
+    ) -> torch.Tensor:
+        num_tokens, top_k = slot_ids.shape
+        dim = hidden.shape[-1]
+        per_rank = int(layer.slot_end) - int(layer.slot_start)
+        dest = torch.div(slot_ids, per_rank, rounding_mode="floor")  # [T, k] rank of each pair
+        hit = routed_ranks(dest, self.world_size)
+        pair_counts = torch.bincount(dest.reshape(-1), minlength=self.world_size)
+        s_rows, s_pairs, r_rows, r_pairs = self._exchange_counts(hit.sum(0), pair_counts)
+
+        plan = plan_sends(hit, sum(s_rows))
+        send = self._pack(hidden, slot_ids, dest, plan)
+        recv = send.new_empty(sum(r_rows), send.shape[1])
+        dist.all_to_all_single(recv, send, r_rows, s_rows, group=self.group)
+        result = self._compute(recv, hidden.dtype, dim, top_k, sum(r_pairs), expert_fn,
+                               int(layer.slot_start))
+
+        back = hidden.new_empty(num_tokens * top_k, dim)
+        dist.all_to_all_single(back, result.contiguous(), s_pairs, r_pairs, group=self.group)
+        # back is grouped by rank, then token, then k: a stable sort of the pairs by rank
+        order = torch.argsort(dest.reshape(-1), stable=True)
+        pair_out = torch.empty_like(back)
+        pair_out[order] = back
+        self.last_rows_sent, self.last_pairs_sent = sum(s_rows), sum(s_pairs)
+        return combine(pair_out.view(num_tokens, top_k, dim), weights)
+
+
+_BACKENDS = {"allgather_reducescatter": AllGatherReduceScatter, "naive": NaiveAllToAll,
+             "alltoall": TokenAllToAll}
 assert tuple(_BACKENDS) == ALL2ALL_BACKENDS
 
 
