@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -88,6 +89,9 @@ def exit_with_parent(parent_pid: int) -> None:
 
 def rank_main(spec: RankSpec, in_q, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
     """Entry point of a rank process."""
+    # The front owns shutdown: a terminal's Ctrl-C reaches the whole process group, and a rank
+    # killed by it mid-step would leave its peers in a collective and its trace unwritten.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent(spec.parent_pid)
     logging.basicConfig(level=spec.log_level,
                         format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
