@@ -33,7 +33,7 @@ from eplb.parallel.groups import find_free_port
 from eplb.runtime.dp_client import DPEngineClient
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "max_num_seqs": 8}
-STALL_S = 2.0
+STALL_S = 3.0  # far above a healthy beat (100 ms) even on a loaded 2-core machine
 LONG = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
 
