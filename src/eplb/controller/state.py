@@ -248,10 +248,12 @@ class EplbState:
         self._inflight = None
         r.cancel()
         kept = len(r.moving) - r.committed if r.phase == "transfer" else self.num_layers
-        unfinished = r.unfinished()
-        self._orphans.extend(p for p in unfinished if isinstance(p, PendingLayer))
+        pending = [p for p in r.unfinished() if isinstance(p, PendingLayer)]
+        self._orphans.extend(pending)
+        # only a rank whose own posted ops may wait for a peer forever aborts the old group
         self._fail(f"{why}; {kept} layer(s) keep the old placement", r.committed, r.started,
-                   r.copies, r.steps_in_flight, abort_transfers=bool(unfinished))
+                   r.copies, r.steps_in_flight,
+                   abort_transfers=any(not _finished(p) for p in pending))
 
     # ----- sync ------------------------------------------------------------------------------
     def _rebalance_sync(self) -> None:
@@ -311,7 +313,7 @@ class EplbState:
                     self._orphans.append(pending)
                 self._fail(f"transfer of layer {layer} failed; {kept} layer(s) keep the old "
                            "placement", committed, started, copies, 0,
-                           abort_transfers=pending is not None or ok == 0)
+                           abort_transfers=pending is not None and not _finished(pending))
                 return
             self._commit(layer, pending, new, moved)
             copies += len(moved)
