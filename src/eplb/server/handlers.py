@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from eplb.server.context import ServingContext
@@ -59,6 +59,35 @@ class _NewLogprobs:
         start = self.sent[choice]
         self.sent[choice] = len(lps)
         return list(zip(out.token_ids[start:len(lps)], lps[start:]))
+
+
+async def _stream_choices(
+    ctx: ServingContext, req: SamplingFields, jobs: list[Job], prompt_tokens: int,
+    render: Callable[[int, Any, str, list], Iterator[str]], usage_line: Callable[[Any], str],
+) -> AsyncIterator[str]:
+    """The SSE body both endpoints share: each engine output of choice k becomes the lines
+    ``render(k, out, new_text, new_logprob_pairs)`` yields (text held back for stop strings, see
+    ``TextDeltas``); an engine error ends the stream with an error event, never a cut; then the
+    usage chunk when ``stream_options.include_usage`` asks for it, then ``[DONE]``."""
+    deltas = TextDeltas(len(jobs), req.stop_list())
+    new_lps = _NewLogprobs(len(jobs))
+    finals: list[Any] = [None] * len(jobs)
+    try:
+        async for k, out in ctx.runner.stream(jobs):
+            text = deltas.delta(k, out.text, out.finished)
+            pairs = new_lps.take(k, out)
+            if out.finished:
+                finals[k] = out
+            for line in render(k, out, text, pairs):
+                yield line
+    except Exception as exc:  # noqa: BLE001 - a stream ends with an error event, never a cut
+        yield sse(ctx.runner.error(exc).body())
+        yield DONE
+        return
+    usage = ctx.usage(prompt_tokens, finals)  # counted into the metrics whether sent or not
+    if req.stream_options and req.stream_options.include_usage:
+        yield usage_line(usage)
+    yield DONE
 
 
 def completion_logprobs(prep: Preprocessor, pairs: list[tuple[int, Any]], offset: int
@@ -140,11 +169,8 @@ class CompletionHandler:
 
     async def _stream(self, req: CompletionRequest, jobs: list[Job], head: dict[str, Any],
                       echo: list[str], prompt_tokens: int) -> AsyncIterator[str]:
-        ctx, prep = self.ctx, self.ctx.prep
-        deltas = TextDeltas(len(jobs), req.stop_list())
-        new_lps = _NewLogprobs(len(jobs))
+        prep = self.ctx.prep
         offset = [len(e) for e in echo]  # characters sent per choice, for text_offset
-        finals: list[Any] = [None] * len(jobs)
 
         def chunk(k: int, text: str, finish: str | None, lp: CompletionLogprobs | None) -> str:
             offset[k] += len(text)
@@ -161,28 +187,21 @@ class CompletionHandler:
         for k, e in enumerate(echo):
             if e and not echo_waits[k]:
                 yield echo_chunk(k)
-        try:
-            async for k, out in ctx.runner.stream(jobs):
-                if echo_waits[k]:
-                    echo_waits[k] = False
-                    yield echo_chunk(k, out)
-                base = offset[k]
-                delta = deltas.delta(k, out.text, out.finished)
-                pairs = new_lps.take(k, out)
-                lp = completion_logprobs(prep, pairs, base) if out.logprobs is not None else None
-                if out.finished:
-                    finals[k] = out
-                    yield chunk(k, delta, out.finish_reason or "stop", lp)
-                elif delta or pairs:
-                    yield chunk(k, delta, None, lp)
-        except Exception as exc:  # noqa: BLE001 - a stream ends with an error event, never a cut
-            yield sse(ctx.runner.error(exc).body())
-            yield DONE
-            return
-        usage = ctx.usage(prompt_tokens, finals)
-        if req.stream_options and req.stream_options.include_usage:
-            yield sse(CompletionResponse(**head, choices=[], usage=usage).body())
-        yield DONE
+
+        def render(k: int, out: Any, text: str, pairs: list) -> Iterator[str]:
+            if echo_waits[k]:
+                echo_waits[k] = False
+                yield echo_chunk(k, out)
+            lp = completion_logprobs(prep, pairs, offset[k]) if out.logprobs is not None else None
+            if out.finished:
+                yield chunk(k, text, out.finish_reason or "stop", lp)
+            elif text or pairs:
+                yield chunk(k, text, None, lp)
+
+        async for line in _stream_choices(
+                self.ctx, req, jobs, prompt_tokens, render,
+                lambda usage: sse(CompletionResponse(**head, choices=[], usage=usage).body())):
+            yield line
 
 
 class ChatHandler:
@@ -214,10 +233,7 @@ class ChatHandler:
 
     async def _stream(self, req: ChatCompletionRequest, jobs: list[Job], head: dict[str, Any],
                       prompt_tokens: int) -> AsyncIterator[str]:
-        ctx, prep = self.ctx, self.ctx.prep
-        deltas = TextDeltas(len(jobs), req.stop_list())
-        new_lps = _NewLogprobs(len(jobs))
-        finals: list[Any] = [None] * len(jobs)
+        prep = self.ctx.prep
 
         def chunk(k: int, delta: ChatDelta, finish: str | None = None,
                   lp: ChatLogprobs | None = None) -> str:
@@ -226,22 +242,16 @@ class ChatHandler:
 
         for k in range(len(jobs)):
             yield chunk(k, ChatDelta(role="assistant", content=""))
-        try:
-            async for k, out in ctx.runner.stream(jobs):
-                text = deltas.delta(k, out.text, out.finished)
-                pairs = new_lps.take(k, out)
-                lp = chat_logprobs(prep, pairs) if out.logprobs is not None else None
-                delta = ChatDelta(content=text or None)
-                if out.finished:
-                    finals[k] = out
-                    yield chunk(k, delta, out.finish_reason or "stop", lp)
-                elif text or pairs:
-                    yield chunk(k, delta, None, lp)
-        except Exception as exc:  # noqa: BLE001 - a stream ends with an error event, never a cut
-            yield sse(ctx.runner.error(exc).body())
-            yield DONE
-            return
-        usage = ctx.usage(prompt_tokens, finals)
-        if req.stream_options and req.stream_options.include_usage:
-            yield sse(ChatCompletionChunk(**head, choices=[], usage=usage).body())
-        yield DONE
+
+        def render(k: int, out: Any, text: str, pairs: list) -> Iterator[str]:
+            lp = chat_logprobs(prep, pairs) if out.logprobs is not None else None
+            delta = ChatDelta(content=text or None)
+            if out.finished:
+                yield chunk(k, delta, out.finish_reason or "stop", lp)
+            elif text or pairs:
+                yield chunk(k, delta, None, lp)
+
+        async for line in _stream_choices(
+                self.ctx, req, jobs, prompt_tokens, render,
+                lambda usage: sse(ChatCompletionChunk(**head, choices=[], usage=usage).body())):
+            yield line
