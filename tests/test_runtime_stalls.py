@@ -159,3 +159,19 @@ def test_serve_answers_503_and_exits_1_when_a_rank_hangs(model, tmp_path):
     assert "Traceback" not in text
 
 
+
+
+def test_heartbeat_names_the_most_specific_operation():
+    import multiprocessing
+
+    from eplb.runtime.heartbeat import Heartbeats
+
+    beats = Heartbeats(multiprocessing.get_context("spawn"), [3])
+    writer = beats.writer(3)
+    for operation, reported in [("eplb: commit a layer", "eplb: commit a layer"),
+                                ("eplb: sync transfer of layer 7", "eplb: sync transfer"),
+                                ("eplb", "eplb"), ("forward", "forward")]:
+        writer.beat(operation, step=5)
+        (stall,) = beats.snapshot()
+        assert (stall.rank, stall.operation, stall.step) == (3, reported, 5)
+        assert stall.seconds < 5

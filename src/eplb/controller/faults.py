@@ -45,10 +45,9 @@ class Fault:
         return InjectedTransferError(f"debug_fail_rank: {what}")
 
 
-def take_fault(cfg, rank: int, armed: list[bool]) -> Fault | None:
-    """The fault of this rank's FIRST rebalance (``armed`` is a one-item flag the caller owns)."""
-    if armed[0] and cfg.debug_fail_rank == rank:
-        armed[0] = False
+def fault_for(cfg, rank: int) -> Fault | None:
+    """The fault ``debug_fail_*`` asks of ``rank`` (the caller injects it in one rebalance)."""
+    if cfg.debug_fail_rank == rank:
         return Fault(cfg.debug_fail_phase, cfg.debug_fail_mode)
     return None
 

@@ -41,7 +41,7 @@ from eplb.controller.async_rebalance import (
     AsyncRebalance,
     PolicyJob,
 )
-from eplb.controller.faults import CommitVerifier, take_fault
+from eplb.controller.faults import CommitVerifier, Fault, fault_for
 from eplb.controller.load_recorder import LoadRecorder
 from eplb.controller.metrics import EplbMetrics
 from eplb.parallel.groups import DistContext, new_transfer_group, retire_transfer_group
@@ -99,7 +99,7 @@ class EplbState:
         self._pending = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
         self._generation = 0
         self._inflight: AsyncRebalance | None = None
-        self._fault_armed = [True]
+        self._fault_armed = True  # debug_fail_*: only the first rebalance fails
         self._policy = None
         # posted transfers of abandoned rebalances: kept alive until their ops complete
         self._orphans: list[PendingLayer] = []
@@ -181,7 +181,7 @@ class EplbState:
     # ----- async -----------------------------------------------------------------------------
     def _start_async(self) -> None:
         self._generation += 1
-        fault = take_fault(self.cfg, self.ctx.rank, self._fault_armed)
+        fault = self._take_fault()
         if fault is not None:
             fault.freeze_here("policy")
         old = self.placement
@@ -260,7 +260,7 @@ class EplbState:
         """All ranks stop here, move every layer's experts, swap maps layer by layer."""
         started = time.monotonic()
         old = self.placement
-        fault = take_fault(self.cfg, self.ctx.rank, self._fault_armed)
+        fault = self._take_fault()
         if fault is not None:
             fault.freeze_here("policy")
         self._progress("eplb: sync policy")
@@ -321,6 +321,12 @@ class EplbState:
         self._finish(started, copies, committed, 0)
 
     # ----- shared steps ----------------------------------------------------------------------
+    def _take_fault(self) -> Fault | None:
+        if not self._fault_armed:
+            return None
+        self._fault_armed = False
+        return fault_for(self.cfg, self.ctx.rank)
+
     def _policy_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(estimate [L, E], the recent steps [K, L, E]) as of now, copied."""
         est = self.recorder.estimator

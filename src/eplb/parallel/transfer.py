@@ -140,11 +140,8 @@ class PendingLayer:
         """The staged rows, ordered after the transfer on the caller's current stream."""
         if not self._finished:
             self._finished = True
-            if self._event is not None:
-                current = torch.cuda.current_stream(self._stream.device)
-                current.wait_event(self._event)
-                for rows in self._staged.rows.values():
-                    rows.record_stream(current)
+            if self._event is not None:  # commit_layer marks the rows used on that stream
+                torch.cuda.current_stream(self._stream.device).wait_event(self._event)
         return self._staged
 
 
@@ -248,7 +245,8 @@ def commit_layer(tensors: dict[str, torch.Tensor], staged: StagedLayer) -> None:
     """Write the staged rows in place (call only once every rank has staged this layer)."""
     if not staged.dst_local.numel():
         return
+    dst = staged.dst_local.to(next(iter(staged.rows.values())).device)  # one copy, every name
     for n, rows in staged.rows.items():
-        tensors[n][staged.dst_local.to(rows.device)] = rows
-        if rows.is_cuda:  # staged on the async worker's stream, read here on the current one
+        tensors[n][dst] = rows
+        if rows.is_cuda:  # staged on the transfer stream, read here on the current one
             rows.record_stream(torch.cuda.current_stream(rows.device))

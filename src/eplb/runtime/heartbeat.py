@@ -43,8 +43,10 @@ class HeartbeatWriter:
         self._times, self._ops, self._steps, self._index = times, ops, steps, index
 
     def beat(self, operation: str, step: int | None = None) -> None:
-        # "eplb: sync transfer of layer 3" -> its family, so the code fits in an int
-        code = next((i for i, name in enumerate(OPERATIONS) if operation.startswith(name)), 3)
+        # "eplb: sync transfer of layer 3" -> its family (the longest name it starts with), so
+        # the code fits in an int
+        code = max((i for i, name in enumerate(OPERATIONS) if operation.startswith(name)),
+                   key=lambda i: len(OPERATIONS[i]), default=OPERATIONS.index("eplb"))
         self._ops[self._index] = code
         if step is not None:
             self._steps[self._index] = step
