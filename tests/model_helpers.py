@@ -37,3 +37,16 @@ def prefill_rel_errors(model, cfg, ref, lengths: list[int], max_len: int = 64) -
             errors.append(float((ours[off : off + len(p)] - want).abs().max() / want.abs().max()))
             off += len(p)
     return errors
+
+
+def run_to_completion(engine, reqs) -> dict:
+    """Add ``(request_id, prompt_ids, SamplingParams)`` requests to an ``EngineCore``, step until
+    none is left; the final ``RequestOutput`` of each, by request id."""
+    for rid, ids, p in reqs:
+        engine.add_request(rid, ids, p)
+    final = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    return final

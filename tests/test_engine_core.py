@@ -11,6 +11,7 @@ from eplb.cli import main as cli_main
 from eplb.engine import LLM, EngineCore, SamplingParams
 from eplb.engine.sampling import sample
 from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import run_to_completion
 
 torch.set_num_threads(1)
 
@@ -27,25 +28,14 @@ def engine(path):
     return EngineCore(path, dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
 
 
-def run(engine, reqs):
-    for rid, ids, p in reqs:
-        engine.add_request(rid, ids, p)
-    final = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                final[o.request_id] = o
-    return final
-
-
 def greedy(n, **kw):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
 
 
 def test_continuous_batching_more_requests_than_slots(engine):
     reqs = [(f"r{i}", list(range(3, 3 + 5 + 3 * i)), greedy(4 + i)) for i in range(9)]
-    alone = {rid: run(engine, [(rid, ids, p)])[rid].token_ids for rid, ids, p in reqs}
-    together = run(engine, reqs)
+    alone = {rid: run_to_completion(engine, [(rid, ids, p)])[rid].token_ids for rid, ids, p in reqs}
+    together = run_to_completion(engine, reqs)
     assert {r: o.token_ids for r, o in together.items()} == alone
     assert all(len(together[f"r{i}"].token_ids) == 4 + i for i in range(9))
     assert engine.kv.num_free == engine.kv.num_slots  # every slot returned
@@ -84,29 +74,29 @@ def test_each_step_calls_every_moe_layer_once_and_dummy_counts_no_load(engine):
 
 
 def test_stop_token_ids_eos_and_max_model_len(engine):
-    base = run(engine, [("b", [4, 5, 6], greedy(10))])["b"].token_ids
+    base = run_to_completion(engine, [("b", [4, 5, 6], greedy(10))])["b"].token_ids
     stop_tok = base[3]
-    o = run(engine, [("s", [4, 5, 6], greedy(10, stop_token_ids=[stop_tok]))])["s"]
+    o = run_to_completion(engine, [("s", [4, 5, 6], greedy(10, stop_token_ids=[stop_tok]))])["s"]
     assert o.finish_reason == "stop" and o.token_ids == base[: base.index(stop_tok) + 1]
     engine.eos_token_ids = {stop_tok}
     try:
-        o = run(engine, [("e", [4, 5, 6], SamplingParams(max_tokens=10, temperature=0))])["e"]
+        o = run_to_completion(engine, [("e", [4, 5, 6], SamplingParams(max_tokens=10, temperature=0))])["e"]
         assert o.finish_reason == "stop" and o.token_ids[-1] == stop_tok
     finally:
         engine.eos_token_ids = set(engine.config.eos_token_ids)
-    o = run(engine, [("m", list(range(3, 63)), greedy(50))])["m"]
+    o = run_to_completion(engine, [("m", list(range(3, 63)), greedy(50))])["m"]
     assert o.finish_reason == "length" and len(o.token_ids) == 4  # 60 + 4 = max_model_len
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("too-long", list(range(64)), greedy(1))
 
 
 def test_stop_string_truncates_text(engine):
-    o = run(engine, [("t", [4, 5, 6], greedy(12))])["t"]
+    o = run_to_completion(engine, [("t", [4, 5, 6], greedy(12))])["t"]
     words = o.text.split()
     assert len(words) >= 4
     stop = words[2]
     first = o.text.find(stop)
-    s = run(engine, [("u", [4, 5, 6], greedy(12, stop=[stop]))])["u"]
+    s = run_to_completion(engine, [("u", [4, 5, 6], greedy(12, stop=[stop]))])["u"]
     assert s.finish_reason == "stop" and s.text == o.text[:first]
 
 

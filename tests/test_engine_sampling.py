@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.sampling import Sampler, SampleRow
 from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import run_to_completion
 
 torch.set_num_threads(1)
 V = 40
@@ -149,25 +150,14 @@ def engine(tmp_path_factory):
     return EngineCore(p, dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
 
 
-def _run(engine, reqs):
-    for rid, ids, p in reqs:
-        engine.add_request(rid, ids, p)
-    final = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                final[o.request_id] = o
-    return final
-
-
 def test_engine_penalties_reset_with_the_slot_and_do_not_touch_others(engine):
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     pen = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=2.0,
                          presence_penalty=2.0, repetition_penalty=1.5, logprobs=2)
-    base = _run(engine, [("a", [4, 5, 6], plain)])["a"]
-    alone = _run(engine, [("b", [4, 5, 6], pen)])["b"]
+    base = run_to_completion(engine, [("a", [4, 5, 6], plain)])["a"]
+    alone = run_to_completion(engine, [("b", [4, 5, 6], pen)])["b"]
     # the same slot again, now among others: identical tokens, and the others unchanged
-    mixed = _run(engine, [("c", [4, 5, 6], pen), ("d", [4, 5, 6], plain), ("e", [7, 8], pen)])
+    mixed = run_to_completion(engine, [("c", [4, 5, 6], pen), ("d", [4, 5, 6], plain), ("e", [7, 8], pen)])
     assert mixed["c"].token_ids == alone.token_ids
     assert mixed["d"].token_ids == base.token_ids
     assert alone.token_ids != base.token_ids  # penalties this strong change the greedy text
@@ -178,7 +168,7 @@ def test_engine_penalties_reset_with_the_slot_and_do_not_touch_others(engine):
 def test_engine_min_tokens_holds_back_eos(engine):
     eos = sorted(engine.eos_token_ids)[0]
     p = SamplingParams(max_tokens=6, temperature=0, min_tokens=4, logit_bias={eos: 100.0})
-    out = _run(engine, [("m", [4, 5, 6], p)])["m"]
+    out = run_to_completion(engine, [("m", [4, 5, 6], p)])["m"]
     assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and out.finish_reason == "stop"
 
 
@@ -190,12 +180,12 @@ def test_prompt_logprobs_score_each_prompt_token_across_chunks(tmp_path_factory,
     prompt = [4, 5, 6, 7, 8, 9, 10, 11]
     # the model's own greedy continuation, appended to the prompt: at those positions the
     # prompt token is the argmax, so its logprob is the top one (a shift by one would show)
-    gen = _run(whole, [("g", prompt, SamplingParams(max_tokens=12, temperature=0,
+    gen = run_to_completion(whole, [("g", prompt, SamplingParams(max_tokens=12, temperature=0,
                                                     ignore_eos=True))])["g"].token_ids
     long_prompt = prompt + gen  # 20 tokens: two chunks of 16 in ``engine``
     p = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=2)
-    a = _run(engine, [("a", long_prompt, p)])["a"].prompt_logprobs
-    b = _run(whole, [("b", long_prompt, p)])["b"].prompt_logprobs
+    a = run_to_completion(engine, [("a", long_prompt, p)])["a"].prompt_logprobs
+    b = run_to_completion(whole, [("b", long_prompt, p)])["b"].prompt_logprobs
     assert len(a) == len(b) == len(long_prompt) and a[0] is None and b[0] is None
     for x, y in zip(a[1:], b[1:]):
         assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
