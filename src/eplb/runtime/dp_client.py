@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from eplb.config import EPLBConfig, ParallelConfig
 from eplb.parallel.groups import find_free_port, resolve_rendezvous, set_nccl_env
 from eplb.runtime.dp_worker import RankSpec, rank_main
-from eplb.runtime.heartbeat import Heartbeats
+from eplb.runtime.heartbeat import DEFAULT_STALL_TIMEOUT_S, Heartbeats
 from eplb.runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -48,10 +48,6 @@ log = logging.getLogger("eplb.engine.dp")
 
 _ABORTED = object()
 STATS_TIMEOUT_S = 3.0  # a healthy rank answers at its next step boundary
-# A rank whose heartbeat is older than this is hung (or waits on one that is). Far above any
-# step of ours (CPU steps take milliseconds, a GPU step under 0.1 s, a sync rebalance beats per
-# layer) and well under the process groups' 1800 s timeout.
-DEFAULT_STALL_TIMEOUT_S = 10.0
 MONITOR_PERIOD_S = 0.25
 
 

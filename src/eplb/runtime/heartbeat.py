@@ -17,6 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+# A rank whose beat is older than this is hung (or waits on one that is). Far above any step of
+# ours (CPU steps take milliseconds, a GPU step under 0.1 s, a sync rebalance beats per layer)
+# and well under the process groups' 1800 s timeout.
+DEFAULT_STALL_TIMEOUT_S = 10.0
+
 OPERATIONS = (
     "starting", "idle wait", "step all-reduce", "eplb", "forward", "send outputs",
     "eplb: receive the new placement", "eplb: commit a layer", "eplb: post a layer's transfer",

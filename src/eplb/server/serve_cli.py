@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
 from eplb.resources import DEFAULT_MODEL_NAME, default_model_path
+from eplb.runtime.heartbeat import DEFAULT_STALL_TIMEOUT_S
 from eplb.server.context import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_MODEL = DEFAULT_MODEL_NAME  # the shipped model, installed with the package
@@ -67,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--headless", action="store_true",
                    help="run this node's DP ranks without the HTTP API (a node of a multi-node "
                         "job whose requests come through another node's front)")
-    g.add_argument("--rank-stall-timeout", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--rank-stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                   metavar="SECONDS",
                    help="a DP rank that makes no progress for this long (hung, or waiting on a "
                         "hung peer) breaks the server: /health turns 503, open requests fail, "
                         "the server exits with code 1 (default: %(default)s)")
