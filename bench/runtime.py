@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
+from machine import cpu_model, device_name  # bench/machine.py (the script's folder is on sys.path)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -215,7 +215,7 @@ def main() -> int:
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                "python": sys.version.split()[0], "load_avg_at_end": os.getloadavg()}
     if gpu:
-        machine["gpu"] = torch.cuda.get_device_name(0)
+        machine["gpu"] = device_name("cuda")
         machine["gpus"] = torch.cuda.device_count()
     result = {
         "benchmark": "runtime",
@@ -238,7 +238,7 @@ def main() -> int:
             (figures["async"]["transfer_vs_p2p"] or 0) >= 0.5)
     out = args.out or str(RESULTS / (
         "runtime.json" if not gpu else
-        f"runtime-{torch.cuda.get_device_name(0).lower().replace(' ', '-')}x{g}.json"))
+        f"runtime-{machine['gpu'].lower().replace(' ', '-')}x{g}.json"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{g} ranks, {machine.get('gpu', 'CPU ' + cpu_model())}, torch {torch.__version__}")
