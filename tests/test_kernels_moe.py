@@ -218,6 +218,36 @@ def test_softmax_topk_matches_torch(t, e, k, renorm):
     assert torch.equal(softmax_topk(l32, k, renorm)[1].cpu(), torch.topk(l32, k, -1)[1].cpu())
 
 
+@pytest.mark.parametrize("num_real", [None, 5, "tensor"])
+def test_route_topk_matches_the_torch_tail(num_real):
+    """route_topk = softmax_topk + cast + slot map + load count of the real rows, in one launch:
+    the same weights (rounded once), the map's slots and exact counts (accumulated on top of
+    what the load buffer held)."""
+    from eplb.kernels import route_topk, softmax_topk
+
+    t, e, k = 37, 128, 8
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(3)).to(DEV)
+    slot_of = torch.randperm(e, generator=torch.Generator().manual_seed(4)).to(DEV)
+    table = torch.full((e, 3), -1, dtype=torch.long, device=DEV)
+    table[:, 0] = slot_of  # column 0 of a log2phy-like buffer: a strided view
+    load = torch.arange(e, dtype=torch.long, device=DEV)  # counts add to what is there
+    n = t if num_real is None else 9 if num_real == "tensor" else num_real
+    nr = torch.tensor(9, device=DEV) if num_real == "tensor" else num_real
+    w, ids, slots = route_topk(logits, k, True, weight_dtype=BF16, slot_map=table[:, 0], load=load,
+                               num_real=nr)
+    rw, rids = softmax_topk(logits, k, True)
+    assert torch.equal(ids.cpu(), rids.cpu())
+    assert w.dtype == BF16 and torch.equal(w.cpu(), rw.to(BF16).cpu())
+    assert torch.equal(slots.cpu(), slot_of[rids].cpu())
+    want = torch.arange(e) + torch.bincount(rids[:n].reshape(-1).cpu(), minlength=e)
+    assert torch.equal(load.cpu(), want)
+    # nothing asked for: no slots, the load untouched
+    _, _, none = route_topk(logits, k, True)
+    assert none is None
+    with pytest.raises(ValueError, match="slot_map"):
+        route_topk(logits, k, True, slot_map=table[:, 0].int())
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (50, 512, 256), (3000, 384, 512)])
 def test_fp8_linear(m, n, k):

@@ -123,6 +123,33 @@ def test_qk_norm_rope_matches_torch(dtype, n, shape, norm) -> None:
         assert v.data_ptr() == qkv.data_ptr() + (hq + hkv) * d * qkv.element_size()  # a view
 
 
+@pytest.mark.parametrize("shape", [(32, 4, 128), (4, 2, 64)])
+def test_qk_norm_rope_writes_the_kv_cache(shape) -> None:
+    """With kv_cache the kernel also does attend's two index_puts: k (normed, rotated) and v land
+    at [slot, :, position] of each token, and nothing else in the caches changes."""
+    hq, hkv, d = shape
+    dtype = DTYPES[0]
+    n, slots, max_len = 5, 4, 16
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype).to(DEV)
+    qw = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    kw = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype).to(DEV)
+    rope = Rope(d, 1e6, max_len, DEV)
+    tok_slot = torch.tensor([2, 0, 3, 2, 1], device=DEV)
+    tok_pos = torch.tensor([5, 0, 15, 6, 9], device=DEV)
+    cos, sin = rope.tables(tok_pos, dtype)
+    kc = torch.randn(slots, hkv, max_len, d, generator=g).to(dtype).to(DEV)
+    vc = torch.randn(slots, hkv, max_len, d, generator=g).to(dtype).to(DEV)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    q, k, v = qk_norm_rope(qkv, qw, kw, cos, sin, None, hq, hkv, d, 1e-6, kv_cache=(kc, vc),
+                           kv_slots=tok_slot, kv_positions=tok_pos)
+    want_kc[tok_slot, :, tok_pos] = k
+    want_vc[tok_slot, :, tok_pos] = v
+    assert torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+    with pytest.raises(ValueError, match="kv_slots"):
+        qk_norm_rope(qkv, qw, kw, cos, sin, None, hq, hkv, d, 1e-6, kv_cache=(kc, vc))
+
+
 def test_bad_arguments() -> None:
     x = torch.zeros(2, 6, dtype=torch.float16, device=DEV)
     with pytest.raises(ValueError, match="multiple of 4"):

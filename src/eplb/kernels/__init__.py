@@ -58,15 +58,15 @@ def __getattr__(name: str):
         from eplb.kernels import norm_rope
 
         return getattr(norm_rope, name)
-    if name == "softmax_topk":
+    if name in ("softmax_topk", "route_topk"):
         from eplb.kernels import routing
 
-        return routing.softmax_topk
+        return getattr(routing, name)
     raise AttributeError(name)
 
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "triton_test_device", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "moe_torch", "moe_pairs_torch",
+    "softmax_topk", "route_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "moe_torch", "moe_pairs_torch",
     "quant_dequant_act", "quantize_block_fp8",
 ]

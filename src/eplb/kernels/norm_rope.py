@@ -170,9 +170,13 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr,
                          HQ, NH, D, s_qkv, s_cs, s_out, eps,
+                         kc_ptr, vc_ptr, slot_ptr, kvpos_ptr, s_cslot, s_chead, s_cpos,
                          BH: tl.constexpr, LANES: tl.constexpr, HAS_NORM: tl.constexpr,
-                         HAS_POS: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr):
-    """One token x BH heads (of the HQ + HKV q/k heads) per program; tiles [BH, 4 * LANES >= D]."""
+                         HAS_POS: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
+                         WRITE_KV: tl.constexpr):
+    """One token x BH heads (of the HQ + HKV q/k heads) per program; tiles [BH, 4 * LANES >= D].
+    WRITE_KV: the k heads' results and the matching v heads also go to the KV cache at
+    [slot, head, position] (caches [S, HKV, L, D], strides s_cslot, s_chead, s_cpos)."""
     DP: tl.constexpr = 4 * LANES
     dt = out_ptr.dtype.element_ty
     tok = tl.program_id(0).to(tl.int64)
@@ -210,19 +214,35 @@ def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, out
     sn = tl.load(sin_ptr + p * s_cs + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
     a = (x.to(tl.float32) * cs[None, :]).to(dt).to(tl.float32)
     b = (rot * sn[None, :]).to(dt).to(tl.float32)
-    tl.store(out_ptr + tok * s_out + heads[:, None] * D + cols[None, :], (a + b).to(dt), mask=m)
+    res = (a + b).to(dt)
+    tl.store(out_ptr + tok * s_out + heads[:, None] * D + cols[None, :], res, mask=m)
+    if WRITE_KV:
+        kh = heads - HQ
+        km = m & (kh >= 0)[:, None]
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        kp = tl.load(kvpos_ptr + tok).to(tl.int64)
+        cache = slot * s_cslot + kh[:, None].to(tl.int64) * s_chead + kp * s_cpos + cols[None, :]
+        tl.store(kc_ptr + cache, res, mask=km)
+        v = tl.load(qkv_ptr + tok * s_qkv + (NH + kh)[:, None] * D + cols[None, :], mask=km, other=0.0)
+        tl.store(vc_ptr + cache, v, mask=km)
 
 
 def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
-                 hq: int, hkv: int, d: int, eps: float):
+                 hq: int, hkv: int, d: int, eps: float,
+                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 kv_slots: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None):
     """qkv [N, (hq + 2 hkv) * d] (rows may be strided, last dim contiguous) -> (q [N, hq, d],
     k [N, hkv, d], v [N, hkv, d]); q and k are views of one new [N, hq + hkv, d] tensor, v a view
     of qkv.
 
     q/k: per-head RMSNorm with q_norm_w / k_norm_w [d] (both None: no norm), then rotate-half RoPE.
     cos/sin: with ``positions`` [N], tables [max_len, d] (float32) indexed by position; without,
-    per-token rows [N, d] (e.g. ``Rope.tables``' output). Either way cast to qkv's dtype first."""
+    per-token rows [N, d] (e.g. ``Rope.tables``' output). Either way cast to qkv's dtype first.
+
+    ``kv_cache`` (k_cache, v_cache), each [S, hkv, L, d] with a contiguous last dim, with
+    ``kv_slots`` / ``kv_positions`` [N]: also writes cache[kv_slots[n], :, kv_positions[n]] = k / v
+    of token n (what ``attend`` would otherwise do with two index_put launches)."""
     n = qkv.shape[0]
     nh = hq + hkv
     if qkv.dim() != 2 or qkv.shape[1] != (nh + hkv) * d or qkv.stride(-1) != 1:
@@ -245,9 +265,23 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
         qw = q_norm_w if has_norm else qkv
         kw = k_norm_w if has_norm else qkv
         pos = positions if positions is not None else qkv
+        if kv_cache is not None:
+            kc, vc = kv_cache
+            if (kc.shape != vc.shape or kc.stride() != vc.stride() or kc.dim() != 4 or kc.shape[1] != hkv
+                    or kc.shape[3] != d or kc.stride(-1) != 1 or kc.dtype != qkv.dtype):
+                raise ValueError(f"kv_cache must be two [S, {hkv}, L, {d}] caches of qkv's dtype with a "
+                                 f"contiguous last dim, got {list(kc.shape)}, {list(vc.shape)}")
+            if kv_slots is None or kv_positions is None or kv_slots.shape[0] != n or kv_positions.shape[0] != n:
+                raise ValueError("kv_cache needs kv_slots and kv_positions of one entry per token")
+            cstr = (kc.stride(0), kc.stride(1), kc.stride(2))
+        else:
+            kc = vc = kv_slots = kv_positions = qkv
+            cstr = (0, 0, 0)
         _qk_norm_rope_kernel[(n, triton.cdiv(nh, bh))](
             qkv, qw, kw, cos, sin, pos, out, hq, nh, d, qkv.stride(0), cos.stride(0), out.stride(0),
-            eps, BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
-            FMA=_TORCH_FMA, num_warps=NUM_WARPS_QK or _warps(bh * 4 * lanes), enable_fp_fusion=False)
+            eps, kc, vc, kv_slots, kv_positions, *cstr,
+            BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
+            FMA=_TORCH_FMA, num_warps=NUM_WARPS_QK or _warps(bh * 4 * lanes), enable_fp_fusion=False,
+            WRITE_KV=kv_cache is not None)
     v = qkv[:, nh * d:].unflatten(1, (hkv, d))  # a view, as the torch path's reshape
     return out[:, :hq], out[:, hq:], v

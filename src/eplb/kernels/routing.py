@@ -1,7 +1,10 @@
 """Fused router tail: softmax over experts, top-k, optional renormalisation, in one launch.
 
 Replaces torch's softmax + topk + sum + divide (4-5 launches; ~0.25 ms at 8192 tokens on an H100)
-after the router matmul, which stays in cuBLAS.
+after the router matmul, which stays in cuBLAS. ``route_topk`` also does what the MoE layer did
+next in separate launches (cast of the weights, expert-load counting of the real rows, the
+logical -> physical slot map when every expert has one replica): at decode sizes each of those
+was a kernel of a few microseconds, 9 per layer, and a decode step is launch-bound.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "n_real"])
 def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
+                         map_ptr, stride_map, slot_ptr, load_ptr, n_real_ptr, n_real,
                          K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                         BR: tl.constexpr, RENORM: tl.constexpr):
+                         BR: tl.constexpr, RENORM: tl.constexpr, HAS_MAP: tl.constexpr,
+                         COUNT: tl.constexpr, REAL_PTR: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = rows < T
     cols = tl.arange(0, E_PAD)
@@ -38,26 +43,63 @@ def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
         wk = wk / tl.sum(wk, axis=1)[:, None]
     om = rm[:, None] & (kc[None, :] < K)
     off = rows[:, None].to(tl.int64) * K + kc[None, :]
-    tl.store(w_ptr + off, wk, mask=om)
+    tl.store(w_ptr + off, wk.to(w_ptr.dtype.element_ty), mask=om)
     tl.store(id_ptr + off, ik, mask=om)
+    if HAS_MAP:  # slot of the expert's only replica: map[e * stride_map]
+        sl = tl.load(map_ptr + ik * stride_map, mask=om, other=-1)
+        tl.store(slot_ptr + off, sl, mask=om)
+    if COUNT:  # load[e] += pairs of rows < n_real routed to e (padding rows are not load)
+        if REAL_PTR:
+            n_real = tl.load(n_real_ptr)
+        cm2 = om & (rows < n_real)[:, None]
+        tl.atomic_add(load_ptr + ik, tl.full((BR, K_PAD), 1, tl.int64), mask=cm2, sem="relaxed")
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights [T, k] float32, descending; ids [T, k] int64), the top-k of
     softmax(logits) in float32, divided by their sum when ``renormalize``."""
+    w, ids, _ = route_topk(logits, k, renormalize)
+    return w, ids
+
+
+def route_topk(
+    logits: torch.Tensor, k: int, renormalize: bool, *, weight_dtype: torch.dtype = torch.float32,
+    slot_map: torch.Tensor | None = None, load: torch.Tensor | None = None,
+    num_real: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The router tail in one launch. logits [T, E] -> (weights [T, k] ``weight_dtype`` (computed
+    in float32, rounded once), ids [T, k] int64, slots [T, k] int64 or None).
+
+    ``slot_map`` [E] int64 (may be strided, e.g. column 0 of log2phy): slots = slot_map[ids].
+    ``load`` [E] int64: load[e] += pairs routed to e among the first ``num_real`` rows (None: all
+    rows; a 0-dim int64 device tensor is read by the kernel, so the count needs no host sync)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, E], got shape {list(logits.shape)}")
     t, e = logits.shape
     if not 1 <= k <= e:
         raise ValueError(f"k must be in [1, {e}], got {k}")
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    w = torch.empty((t, k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    dev = logits.device
+    w = torch.empty((t, k), dtype=weight_dtype, device=dev)
+    ids = torch.empty((t, k), dtype=torch.int64, device=dev)
+    slots = None
+    if slot_map is not None:
+        if slot_map.dim() != 1 or slot_map.shape[0] != e or slot_map.dtype != torch.int64:
+            raise ValueError(f"slot_map must be int64 [{e}], got {slot_map.dtype} {list(slot_map.shape)}")
+        slots = torch.empty((t, k), dtype=torch.int64, device=dev)
+    if load is not None and (load.dim() != 1 or load.shape[0] != e or load.dtype != torch.int64
+                             or not load.is_contiguous()):
+        raise ValueError(f"load must be a contiguous int64 [{e}], got {load.dtype} {list(load.shape)}")
     if t == 0:
-        return w, ids
+        return w, ids, slots
+    real_ptr = isinstance(num_real, torch.Tensor)
     e_pad = triton.next_power_of_2(e)
     br = max(1, min(16, 4096 // e_pad))
     _softmax_topk_kernel[(triton.cdiv(t, br),)](
-        logits, w, ids, t, e, logits.stride(0), K=k, K_PAD=triton.next_power_of_2(k),
-        E_PAD=e_pad, BR=br, RENORM=renormalize, num_warps=4)
-    return w, ids
+        logits, w, ids, t, e, logits.stride(0),
+        slot_map if slots is not None else ids, slot_map.stride(0) if slots is not None else 0,
+        slots if slots is not None else ids, load if load is not None else ids,
+        num_real if real_ptr else ids, t if num_real is None or real_ptr else int(num_real),
+        K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BR=br, RENORM=renormalize,
+        HAS_MAP=slots is not None, COUNT=load is not None, REAL_PTR=real_ptr, num_warps=4)
+    return w, ids, slots

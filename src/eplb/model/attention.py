@@ -109,15 +109,17 @@ def sdpa_backends(device: torch.device | str) -> contextlib.AbstractContextManag
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    meta: AttentionMetadata, scale: float,
+    meta: AttentionMetadata, scale: float, kv_written: bool = False,
 ) -> torch.Tensor:
-    """q [N, Hq, D], k/v [N, Hkv, D] (already rotated) -> [N, Hq, D]; writes k/v into the cache."""
+    """q [N, Hq, D], k/v [N, Hkv, D] (already rotated) -> [N, Hq, D]; writes k/v into the cache
+    (unless ``kv_written``: the fused q/k-norm + RoPE kernel already did)."""
     n, hq, d = q.shape
     if n == 0:
         return q.new_empty(n, hq, d)
-    # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
-    k_cache[meta.token_slots, :, meta.positions] = k
-    v_cache[meta.token_slots, :, meta.positions] = v
+    if not kv_written:
+        # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
+        k_cache[meta.token_slots, :, meta.positions] = k
+        v_cache[meta.token_slots, :, meta.positions] = v
     nd = meta.num_decode
     if nd == n and meta.static:
         from eplb.kernels import triton_usable

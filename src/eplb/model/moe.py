@@ -92,7 +92,8 @@ def local_dispatch(
                            "dispatcher")
     if expert_fn == layer.expert_fn and layer.use_fused(hidden):
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
-        return kernels.fused_moe(hidden, slot_ids - layer.slot_start, weights, layer.w13, layer.w2,
+        local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
+        return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2,
                          w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
@@ -285,9 +286,9 @@ class MoELayer(nn.Module):
         (``eplb.balancer.dispatch``). Either way a pair goes to a slot of its own expert.
 
         No host sync and no placement-dependent branch under ``static_maps`` (CUDA graphs)."""
-        # without redundant slots no placement can have replicas, so the shortcut is safe in graphs
-        if self.num_physical == self.num_experts or (self._all_single and not self._static_maps):
-            return self.log2phy_buf[:, 0][ids]
+        single = self.single_replica_map()
+        if single is not None:
+            return single[ids]
         flat = ids.reshape(-1)
         if self._replica_dispatch == "load_aware":
             # the full-width map under graphs: its shape never changes with the placement
@@ -296,6 +297,14 @@ class MoELayer(nn.Module):
             return water_fill_slots(flat, maps, self.replica_count, per_rank,
                                     self.num_physical // per_rank).view_as(ids)
         return static_slots(flat, self.log2phy_buf, self.replica_count, self._replica_offset).view_as(ids)
+
+    def single_replica_map(self) -> torch.Tensor | None:
+        """log2phy's column 0 [E] when every expert has exactly one replica (slot = map[id]),
+        else None. Without redundant slots no placement can have replicas, so the map is safe in
+        CUDA graphs; with them, only outside graphs (a commit may add replicas)."""
+        if self.num_physical == self.num_experts or (self._all_single and not self._static_maps):
+            return self.log2phy_buf[:, 0]
+        return None
 
     def expert_fn(self, x: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):
@@ -318,10 +327,29 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs)."""
-        weights, ids = self.route(x)
-        self.count_load(ids, num_real_tokens)
-        slots = self.choose_slots(ids)
+        if x.is_cuda and x.shape[0] and kernels.HAS_TRITON:
+            weights, slots = self._route_fused(x, num_real_tokens)
+        else:
+            weights, ids = self.route(x)
+            self.count_load(ids, num_real_tokens)
+            slots = self.choose_slots(ids)
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
+
+    def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
+        """route + count_load + choose_slots with one Triton launch after the router matmul
+        (``kernels.route_topk``; the replica choice stays in torch when experts have several
+        replicas). Same values as the unfused path: weights rounded once from float32, exact
+        integer counts."""
+        if self.before_route is not None:
+            self.before_route()
+        logits = F.linear(x, self.gate_weight, self.router_bias)
+        single = self.single_replica_map()
+        weights, ids, slots = kernels.route_topk(
+            logits, self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
+            load=self.expert_load, num_real=num_real_tokens)
+        if slots is None:
+            slots = self.choose_slots(ids)
+        return weights, slots
 
     def count_load(self, ids: torch.Tensor, num_real_tokens: int | torch.Tensor | None) -> None:
         """expert_load[e] += pairs of the first ``num_real_tokens`` rows of ids [T, k] routed to e."""

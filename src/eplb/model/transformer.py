@@ -145,12 +145,16 @@ class Attention(nn.Module):
             # is the same as doing them apart; half the ops per layer)
             nh = self.nq + self.nkv
             kern = _kernels(qkv)
+            written = False
             if kern is not None and self.d % 8 == 0:
-                # per-head norm + RoPE in one Triton launch, same rounding steps as below
+                # per-head norm + RoPE in one Triton launch, same rounding steps as below; it
+                # also writes k and v into the KV cache (two index_put launches fewer per layer)
                 head = self.cfg.qk_norm == "head"
+                written = n > 0 and kv[0].dtype == qkv.dtype and kv[0].stride(-1) == 1
                 q, k, v = kern.qk_norm_rope(
                     qkv, self.q_norm if head else None, self.k_norm if head else None, cos, sin, None,
-                    self.nq, self.nkv, self.d, eps)
+                    self.nq, self.nkv, self.d, eps, kv_cache=kv if written else None,
+                    kv_slots=meta.token_slots, kv_positions=meta.positions)
             else:
                 qk = qkv[:, : sq + skv].reshape(n, nh, self.d)
                 if self.cfg.qk_norm == "head":
@@ -159,7 +163,7 @@ class Attention(nn.Module):
                 qk = Rope.apply(qk, cos, sin)
                 q, k = qk[:, : self.nq], qk[:, self.nq :]
                 v = qkv[:, sq + skv :].reshape(n, self.nkv, self.d)
-            o = attend(q, k, v, kv[0], kv[1], meta, self.scale)
+            o = attend(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written)
             return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale)
         if self.cfg.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
