@@ -216,6 +216,9 @@ def main() -> int:
     ap.add_argument("--trace", action="append", default=[],
                     help="a recorded trace (.npz from eplb serve --record-trace); repeatable; "
                          "default: every bench/traces/*.npz")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="added to every synthetic trace's seed (0: the published run; another "
+                         "value checks that a result is not the seeds')")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -226,7 +229,8 @@ def main() -> int:
     for i, c in enumerate(shapes(args.quick)):
         for kind, kw in trace_kinds(steps).items():
             spec = SyntheticSpec(steps=steps, layers=LAYERS, experts=c["E"], skew=1.0,
-                                 tokens=TOKENS_PER_RANK * c["G"] * c["k"], seed=100 * i + len(cases), **kw)
+                                 tokens=TOKENS_PER_RANK * c["G"] * c["k"],
+                                 seed=100 * i + len(cases) + args.seed_offset, **kw)
             row = run_case(synthetic_trace(spec), c["G"], c["R"], kw["shift_at"])
             cases.append({"case": f"{c['model']} EP{c['G']} R={c['R']}", "trace": kind, **row})
         print(f"done {c['model']} EP{c['G']} R={c['R']} ({time.perf_counter() - t_start:.0f} s)",
@@ -251,7 +255,7 @@ def main() -> int:
                     "python": platform.python_version(), "threads": 1},
         "settings": {"steps": steps, "layers": LAYERS, "window": WINDOW, "interval": INTERVAL,
                      "tokens_per_rank_step": TOKENS_PER_RANK, "skew": 1.0, "block": BLOCK,
-                     "ewma_half_life": HALF_LIFE, "quick": args.quick},
+                     "ewma_half_life": HALF_LIFE, "quick": args.quick, "seed_offset": args.seed_offset},
         "cases": cases, "dispatch": dispatch, "timing_ds_v3_ep64": tm, "toy": toy(),
     }
     result["targets"] = targets(result)

@@ -10,8 +10,11 @@ max_moves=None, history=None) -> Placement``
   warm start from ``previous`` with an optional ``max_moves`` cap. It balances over all ranks
   (``num_nodes``/``num_groups`` are validated but node locality of groups is not modelled).
   With ``history [K, L, E]`` (the recent per-step loads, e.g. ``LoadWindow.steps()``) and no
-  ``max_moves``, each layer takes DeepSeek's global greedy placement instead when that one is
-  better on the history's steps one by one (``eplb.balancer.select``).
+  ``max_moves``: each layer is fit on the estimate that forecast the history's recent steps
+  best (``load`` itself, or a recency-weighted sum of the history when one was significantly
+  better on steps held out from its fit: ``eplb.balancer.forecast``), and takes DeepSeek's
+  global greedy placement of that estimate instead when that one is better on the history's
+  steps one by one, weighted as in the estimate (``eplb.balancer.select``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Callable, Protocol
 import torch
 
 from eplb.balancer.deepseek import deepseek_phy2log
+from eplb.balancer.forecast import choose_fit, forecast_load
 from eplb.balancer.placement import Placement, check_shape
-from eplb.balancer.refined import map_to_previous, refined_phy2log
+from eplb.balancer.refined import map_to_previous, quick_placement, refined_phy2log
 from eplb.balancer.select import best_per_layer
 
 # With ``history``, a layer takes greedy's placement only when its mean per-step balancedness on
@@ -91,22 +95,37 @@ def refined(
     history: torch.Tensor | None = None,
 ) -> Placement:
     load = _check_args(load, num_ranks, num_redundant, num_nodes, num_groups, previous, max_moves)
-    phy2log = refined_phy2log(
-        load, num_ranks, num_redundant,
-        previous=None if previous is None else previous.phy2log, max_moves=max_moves,
-    )
+    prev = None if previous is None else previous.phy2log
+    step_w = None
+    if history is not None and max_moves is None:
+        history = _check_history(history, load.shape)
+        # The forecast chooses between the window's flat sum and recency weightings of the same
+        # steps; an estimate that is not that sum (e.g. the EWMA estimator's) is the caller's
+        # choice of weighting and is fit as it is.
+        flat = torch.equal(load.to(torch.float64), history.to(torch.float64).sum(0))
+        history = history[-SELECT_STEPS:]
+        step_w = torch.ones(history.shape[:2], dtype=torch.float64)
+        if flat and history.shape[0]:
+            # Per layer, fit on the estimate that forecast the recent steps best: the window's
+            # flat sum unless a recency-weighted sum did significantly better on steps held
+            # out from its fit (eplb.balancer.forecast). The candidates are compared with the
+            # greedy packing alone (quick_placement): it ranks estimates, it does not serve.
+            def fit(x: torch.Tensor) -> torch.Tensor:
+                return quick_placement(x, num_ranks, num_redundant)
+
+            choice, weights = choose_fit(history, fit, num_ranks)
+            load, step_w = forecast_load(load, history, choice, weights)
+    phy2log = refined_phy2log(load, num_ranks, num_redundant, previous=prev, max_moves=max_moves)
     ours = Placement.from_phy2log(phy2log, load.shape[1], num_ranks)
-    if history is None or max_moves is not None:
+    if step_w is None or history.shape[0] == 0:
         return ours
-    history = _check_history(history, load.shape)[-SELECT_STEPS:]
-    if history.shape[0] == 0:
-        return ours
-    # DeepSeek's greedy (global) as a second candidate, judged step by step on the history.
+    # DeepSeek's greedy (global) of the same estimate as a second candidate, judged step by step
+    # on the history (each step weighted as in the estimate the layer was fit on).
     greedy = deepseek_phy2log(load, num_ranks, num_redundant, 1, 1)
     if previous is not None:  # its packs on the ranks that already hold most of them
         greedy = map_to_previous(greedy.long(), previous.phy2log.long(), num_ranks, load.shape[1])
     other = Placement.from_phy2log(greedy, load.shape[1], num_ranks)
-    return best_per_layer(history, [ours, other], SELECT_MARGIN)
+    return best_per_layer(history, [ours, other], SELECT_MARGIN, weights=step_w)
 
 
 def _check_history(history: torch.Tensor, shape: torch.Size) -> torch.Tensor:

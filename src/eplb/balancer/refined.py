@@ -380,3 +380,14 @@ def refined_phy2log(
     levels = -np.sort(-fresh_loads, axis=1) * (1 + tolerance)
     warm, _ = swap_search(warm, w, num_ranks, budget=max_moves - changes, levels=levels)
     return torch.from_numpy(warm)
+
+
+def quick_placement(load: torch.Tensor, num_ranks: int, num_redundant: int) -> torch.Tensor:
+    """``load [L, E]`` -> ``phy2log [L, E + R]``: step 1 and the greedy packing of step 2 only
+    (no swap search, no second try, no count search; about 7x cheaper than
+    ``fresh_placement``). For ranking load estimates (``eplb.balancer.forecast``), not for
+    serving."""
+    w = load.detach().cpu().double().numpy()
+    num_physical = w.shape[1] + num_redundant
+    cap = max(num_ranks, -(-num_physical // w.shape[1]))
+    return torch.from_numpy(greedy_pack_distinct(w, replicate_capped(w, num_physical, cap), num_ranks))

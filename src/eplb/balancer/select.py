@@ -14,14 +14,24 @@ from eplb.balancer.placement import Placement
 from eplb.balancer.stats import balancedness
 
 
-def best_per_layer(history: torch.Tensor, candidates: list[Placement], margin: float) -> Placement:
+def best_per_layer(history: torch.Tensor, candidates: list[Placement], margin: float,
+                   weights: torch.Tensor | None = None) -> Placement:
     """``history [K, L, E]`` (recent per-step loads), ``candidates`` (same shape, preferred
-    first) -> a placement taking each layer from its chosen candidate."""
+    first) -> a placement taking each layer from its chosen candidate. ``weights [K, L]``
+    (optional, >= 0): how much each step counts for each layer (a recency-weighted fit is
+    judged on the steps it was fit to, as weighted); the default counts every step alike."""
     first = candidates[0]
-    best = balancedness(history, first).mean(0)  # [L]
+    if weights is None:
+        weights = torch.ones(history.shape[:2], dtype=torch.float64)
+    weights = weights.to(torch.float64) / weights.sum(0).clamp_min(1e-300)
+
+    def mean_score(p: Placement) -> torch.Tensor:  # [L] weighted mean per-step balancedness
+        return (balancedness(history, p).to(torch.float64) * weights).sum(0)
+
+    best = mean_score(first)
     choice = torch.zeros(first.num_layers, dtype=torch.long)
     for i, cand in enumerate(candidates[1:], 1):
-        score = balancedness(history, cand).mean(0)
+        score = mean_score(cand)
         better = score > best + margin
         choice[better] = i
         best = torch.where(better, score, best)
