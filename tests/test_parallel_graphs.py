@@ -51,6 +51,8 @@ def _eplb(use_async: bool, world: int, **extra) -> dict:
 SCENARIOS_2 = [
     Scenario("agrs-off", "allgather_reducescatter", None, engine=STATIC),
     Scenario("agrs-sync", "allgather_reducescatter", _eplb(False, 2), engine=STATIC),
+    # the same run eagerly: the padded path must record the same load (padding is no load)
+    Scenario("agrs-sync-eager", "allgather_reducescatter", _eplb(False, 2)),
     # slowed transfers: padded steps run while layers are staged, commits land between them
     Scenario("agrs-async", "allgather_reducescatter",
              _eplb(True, 2, debug_transfer_delay_s=0.05), engine=STATIC),
@@ -154,6 +156,19 @@ def test_rebalances_commit_while_padded_steps_run(runs, world, name):
     modes = per_rank[0]["modes"]
     # padded steps ran after a placement was committed (maps and weights changed in place)
     assert any(pad for _, _, pad in modes[first:]), (first, modes)
+
+
+def test_padding_counts_no_load(runs):
+    """Sync EPLB decides at fixed steps from the recorded load: the padded run and the eager run
+    see the same load, so they make the same placements and move the same copies."""
+    def decisions(name):
+        s = runs[2][name][0]["stats"]
+        return ([(e["step"], e["copies"], e["layers_committed"]) for e in s["events"]],
+                s["balancedness_history"], s["bytes_moved"])
+
+    assert runs[2]["agrs-sync"][0]["stats"]["static_steps"] > 0
+    assert runs[2]["agrs-sync-eager"][0]["stats"]["static_steps"] == 0
+    assert decisions("agrs-sync") == decisions("agrs-sync-eager")
 
 
 def test_no_static_path_stays_eager(runs):

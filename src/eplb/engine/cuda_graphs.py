@@ -73,7 +73,7 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata.for_decode(self.slots[:bs], self.positions[:bs], self.ctx_lens[:bs])
         for d in self.static_dispatchers:  # Python-side mode: a replay does not need it again
-            d.begin_static_step(bs)
+            d.begin_static_step(bs, self.num_real)
         try:
             hidden = self.model(self.ids[:bs], meta, self.kv_layers, num_real_tokens=self.num_real)
         finally:
