@@ -176,3 +176,21 @@ def test_no_static_path_stays_eager(runs):
         assert r["stats"]["static_steps"] == 0
         assert all(kind.startswith("eager") for kind, _, _ in r["modes"])
         assert any(kind == "eager-decode" for kind, _, _ in r["modes"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_cuda_graphs_under_dp_ep_match_eager(model):
+    """On 2 GPUs (bf16, NCCL): the decode graphs, EP collectives captured inside, give the eager
+    run's greedy tokens, with async EPLB committing during the replays. Not run on CPU."""
+    cuda = {**ENGINE, "device": "cuda", "dtype": "bfloat16"}
+    scenarios = [
+        Scenario("graphs", "allgather_reducescatter", _eplb(True, 2)),
+        Scenario("eager", "allgather_reducescatter", _eplb(True, 2), engine={"enforce_eager": True}),
+    ]
+    for sc in scenarios:
+        sc.requests, sc.assign = _requests(), ASSIGN_2
+    graphs, eager = run_scenarios(model, 2, scenarios, cuda, timeout_s=600)
+    assert all(r["stats"]["static_steps"] > 0 for r in graphs)  # graphs were replayed
+    assert all(r["stats"]["static_steps"] == 0 for r in eager)
+    assert graphs[0]["stats"]["rebalances"] >= 1
+    assert _merged_tokens(graphs) == _merged_tokens(eager)
