@@ -181,8 +181,8 @@ class RankWorker:
         self.dummy_steps = 0
         self.static_steps = 0  # forwards on the padded decode graph path (replays on CUDA)
         self.static_dummy_steps = 0  # of those, with no real row here
-        self.eager_decode_steps = 0  # decode-only batches run eagerly: a peer had a prefill
-        # (kind, own decode rows, padded size or 0) per forward when a list (tests turn it on);
+        self.eager_decode_steps = 0  # decode-only batches run eagerly (a peer prefilled, no graphs)
+        # (kind, own decode rows, padded size or 0) per EP forward when a list (tests turn it on);
         # kind: static, static-dummy, eager-prefill, eager-decode, eager-dummy
         self.mode_log: list[tuple[str, int, int]] | None = None
         self.requests_added = 0
@@ -310,6 +310,9 @@ class RankWorker:
         return self.engine.graph_batch_size(most) if most > 0 else None
 
     def _count_mode(self, has_work: bool, decodes: int, prefill: bool, pad_to: int | None) -> None:
+        """Count (and log) how this EP forward ran; without EP a rank picks its own graphs."""
+        if not self.ep:
+            return
         if pad_to is not None:
             self.static_steps += 1
             self.static_dummy_steps += int(decodes == 0)
@@ -320,7 +323,7 @@ class RankWorker:
             kind = "eager-prefill"
         else:  # decode-only here, but a peer prefilled (or no graph path / too many rows)
             kind = "eager-decode"
-            self.eager_decode_steps += int(self.ep)
+            self.eager_decode_steps += 1
         if self.mode_log is not None:
             self.mode_log.append((kind, decodes, pad_to or 0))
 
