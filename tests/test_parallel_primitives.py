@@ -4,7 +4,8 @@
   placement names, for every per-slot tensor (float8 scales included), for random old and new
   placements;
 - EP dispatchers: every backend gives BIT-identical outputs to the in-process dispatcher run on
-  all ranks' tokens at once (uneven token counts, a rank with none, replicas); ``alltoall``
+  all ranks' tokens at once (uneven token counts, a rank with none, replicas), and so does
+  ``allgather_reducescatter``'s static (CUDA-graph) path on padded batches; ``alltoall``
   sends a token once per destination rank even when several of its experts live there.
 
 The ``alltoall`` send plan is also checked on its own (no processes) with hypothesis."""
@@ -169,7 +170,37 @@ def _check_dispatchers(rank: int, world: int, ctx) -> int:
                              mine)
             assert torch.equal(got, want[rows]), (backend, trial)
             checked += 1
+        checked += _check_static_path(rank, world, ctx, counts, (x, slots, w), want, w13, w2,
+                                      mine, trial)
     return checked + _check_token_dedup(rank, world, ctx, gen, w13, w2, s)
+
+
+def _check_static_path(rank: int, world: int, ctx, counts, batch, want, w13, w2,
+                       mine: _Layer, trial: int) -> int:
+    """The CUDA-graph path of ``allgather_reducescatter``: every rank passes exactly t rows (its
+    real rows, then padding rows with real slots, as the padded decode does; a rank with no
+    tokens passes only padding) and its real-row count as a tensor; the real rows come back
+    bit-identical, the padding rows as zeros (no rank computed them)."""
+    x, slots, w = batch
+    t = int(counts.max()) + 1 + trial % 2  # the agreed size: >= every rank's rows
+    own = int(counts[rank])
+    lo = int(counts[:rank].sum())
+    pad = t - own
+    num_physical = w13.shape[0]
+    gen = torch.Generator().manual_seed(1000 * trial + rank)  # the shared one stays in step
+    xs = torch.cat([x[lo:lo + own], torch.randn(pad, x.shape[1], generator=gen)])
+    ss = torch.cat([slots[lo:lo + own], torch.randint(0, num_physical, (pad, slots.shape[1]),
+                                                      generator=gen)])
+    ws = torch.cat([w[lo:lo + own], torch.rand(pad, w.shape[1], generator=gen)])
+    dispatcher = make_dispatcher("allgather_reducescatter", ctx.ep_group, world, "cpu")
+    dispatcher.begin_step()
+    dispatcher.begin_static_step(t, torch.tensor(own))
+    got = dispatcher(xs, ss, ws, _experts((w13, w2), None, mine), mine)
+    dispatcher.end_static_step()
+    assert got.shape == (t, x.shape[1])
+    assert torch.equal(got[:own], want[lo:lo + own]), ("static", trial)
+    assert not got[own:].any(), ("static padding", trial)
+    return 1
 
 
 def _experts(ws, scale: torch.Tensor, layer: _Layer):
@@ -257,4 +288,4 @@ def test_transfers_and_dispatchers(world):
     for rank, checked, moved, dispatched, err in results:
         assert err is None, f"rank {rank}:\n{err}"
         assert checked == 12 * LAYERS and moved > 0
-        assert dispatched == 6 * len(ALL2ALL_BACKENDS) + 3
+        assert dispatched == 6 * len(ALL2ALL_BACKENDS) + 6 + 3

@@ -9,7 +9,7 @@ import torch
 from eplb.engine.kv_cache import KVCache
 from eplb.engine.prompt import check_prompt_ids
 from eplb.engine.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, token_logprobs
-from eplb.engine.scheduler import Scheduler, Sequence
+from eplb.engine.scheduler import ScheduledBatch, Scheduler, Sequence
 from eplb.engine.tokenizer import load_tokenizer
 from eplb.model.attention import AttentionMetadata, long_tensor
 from eplb.model.dummy import router_skew
@@ -41,6 +41,7 @@ class EngineCore:
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
         quantization: str | None = None, load_format: str = "auto",
         dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
+        static_decode: bool = False,
     ):
         from eplb.model.config import load_config
 
@@ -90,10 +91,17 @@ class EngineCore:
         self.sampler = Sampler(valid, self.eos_token_ids, self.kv.num_slots, self.device, self.generator)
         self._seqs: dict[str, Sequence] = {}
         # CUDA graphs of decode steps (see eplb.engine.cuda_graphs): captured at the first
-        # decode-only step, when the runtime has installed its dispatchers
+        # decode-only step (or at warm_up), when the runtime has installed its dispatchers.
+        # static_decode: run decode-only steps through the graphs' padded static forward even
+        # where nothing is captured (CPU, enforce_eager): how the tests prove the graph path,
+        # DP+EP included, without a GPU
         self.enforce_eager = bool(enforce_eager)
+        self.static_decode = bool(static_decode)
         self._graphs = None
         self._graphs_checked = False
+        self._graph_max_batch = self.kv.num_slots
+        self._ep = False  # an EP dispatcher is installed (known once the graphs are checked)
+        self._next_batch: ScheduledBatch | None = None  # scheduled by schedule_step()
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -121,23 +129,62 @@ class EngineCore:
         return self.scheduler.num_unfinished()
 
     # -- steps ----------------------------------------------------------------------------------
+    def schedule_step(self) -> tuple[int, bool]:
+        """Schedule the next ``step()``'s batch now and say what it is: (decode rows, has a
+        prefill chunk). The DP rank loop sends this in its per-step all-reduce, so every rank
+        knows the largest decode batch before the forward."""
+        if self._next_batch is None:
+            self._next_batch = self.scheduler.schedule()
+        b = self._next_batch
+        return len(b.decodes), bool(b.prefills)
+
+    def graph_batch_size(self, num_decodes: int) -> int | None:
+        """The padded size a decode-only step of ``num_decodes`` rows runs at on the graph path
+        (a capture size), or None: no graph path here or too many rows. DP ranks call it with
+        the largest decode count over ranks and all get the same answer (same sizes)."""
+        graphs = self._decode_graphs()
+        return None if graphs is None else graphs.size_for(num_decodes)
+
+    def set_graph_max_batch(self, max_batch: int) -> None:
+        """The largest graph size (default: this engine's KV slots). DP ranks set the maximum
+        over ranks, so every rank captures the same sizes; a padding row never needs a slot.
+        Call before the graphs are built (``warm_up``)."""
+        if self._graphs_checked:
+            raise RuntimeError("set_graph_max_batch after the decode graphs were built")
+        self._graph_max_batch = int(max_batch)
+
     @torch.inference_mode()
-    def dummy_step(self) -> None:
-        """A forward of zero tokens: every MoE layer runs once (its collectives line up), no load."""
+    def dummy_step(self, pad_to: int | None = None) -> None:
+        """A forward of zero real tokens: every MoE layer runs once (its collectives line up), no
+        load. ``pad_to``: the decode size the DP ranks agreed on; the rank runs that graph with
+        only padding rows (which write only the KV cache's scratch slot)."""
+        if pad_to is not None:
+            self._decode_graphs().run([], [], [], bs=pad_to)
+            return
         meta = AttentionMetadata.build([], [], device=self.device)
         ids = torch.empty(0, dtype=torch.long, device=self.device)
         self.model(ids, meta, self.kv.layers, num_real_tokens=0)
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+    def step(self, pad_to: int | None = None) -> list[RequestOutput]:
+        """One forward of the scheduled batch. ``pad_to``: the padded decode size the DP ranks
+        agreed on (a decode-only batch then runs the graph of that size). With an EP dispatcher
+        installed a decode-only step uses the graphs only with ``pad_to``: alone, ranks could
+        pick different sizes."""
+        batch = self._next_batch if self._next_batch is not None else self.scheduler.schedule()
+        self._next_batch = None
         if batch.num_tokens == 0:
-            self.dummy_step()
+            self.dummy_step(pad_to)
             return []
         ids: list[int] = [s.token_at(s.num_tokens - 1) for s in batch.decodes]
         graphs = self._decode_graphs() if not batch.prefills else None
+        if pad_to is not None and graphs is None:
+            raise RuntimeError(f"step(pad_to={pad_to}) needs a decode-only batch on the graph path")
+        if graphs is not None and self._ep and pad_to is None:
+            graphs = None
         if graphs is not None and graphs.fits(len(ids)):
-            logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes])
+            logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes],
+                                bs=pad_to)
             for s in batch.decodes:
                 s.num_computed += 1
             return self._sample(list(batch.decodes), logits)
@@ -208,12 +255,17 @@ class EngineCore:
     def warm_up(self) -> bool:
         """Startup work before serving, two jobs: capture the decode CUDA graphs now instead of at
         the first decode-only step, and compile the prefill-sized kernel variants
-        (``warm_prefill``). Does either only where decode graphs are used (CUDA, not
-        ``enforce_eager``, no EP dispatcher: an EP forward needs every rank); call it after the
-        runtime installed its dispatchers. True when graphs are in use."""
-        if self._decode_graphs() is None:
+        (``warm_prefill``). Does either only where decode graphs are captured (CUDA, not
+        ``enforce_eager``); call it after the runtime installed its dispatchers. With an EP
+        dispatcher the capture runs the EP collectives, so every rank must call it at the same
+        point (the DP rank does, at startup); prefill warm-up is skipped there (its eager
+        collectives would need the same on every rank, and ranks compile on their first
+        prefills anyway). True when graphs are captured."""
+        graphs = self._decode_graphs()
+        if graphs is None or not graphs.capture_enabled:
             return False
-        self.warm_prefill()
+        if not self._ep:
+            self.warm_prefill()
         return True
 
     @torch.inference_mode()
@@ -232,22 +284,40 @@ class EngineCore:
         return sizes
 
     def _decode_graphs(self):
-        """The CUDA-graph runner, or None: eager mode, not CUDA, or an EP dispatcher installed
-        (its collectives have data-dependent sizes and are not captured)."""
+        """The decode graph runner (captured, or its padded static forward run eagerly), or
+        None: no graph path (see :meth:`_graph_mode`)."""
         if not self._graphs_checked:
             self._graphs_checked = True
-            from eplb.model.moe import local_dispatch
-
-            if (not self.enforce_eager and self.device.type == "cuda"
-                    and all(l.dispatcher is local_dispatch for l in self.model.moe_layers())):
+            use, capture = self._graph_mode()
+            if use:
                 from eplb.engine.cuda_graphs import DecodeGraphs
 
                 self._graphs = DecodeGraphs(
-                    self.model, self.kv.layers, max_batch=self.kv.num_slots,
-                    scratch_slot=self.kv.scratch_slot, device=self.device,
+                    self.model, self.kv.layers, max_batch=self._graph_max_batch,
+                    scratch_slot=self.kv.scratch_slot, device=self.device, capture=capture,
                 )
                 self._graphs.capture()
         return self._graphs
+
+    def _graph_mode(self) -> tuple[bool, bool]:
+        """(use the padded static decode path, capture it in CUDA graphs).
+
+        Captured: CUDA and not ``enforce_eager``; with an EP dispatcher also only if it has a
+        static path (``begin_static_step``: allgather_reducescatter) and the experts run in the
+        Triton kernels (the torch expert path syncs with the host). Used uncaptured: with
+        ``static_decode``, wherever the EP dispatcher (if any) has a static path."""
+        from eplb.model.moe import local_dispatch
+
+        layers = self.model.moe_layers()
+        dispatchers = [l.dispatcher for l in layers if l.dispatcher is not local_dispatch]
+        self._ep = bool(dispatchers)
+        if not all(hasattr(d, "begin_static_step") for d in dispatchers):
+            return False, False  # naive / alltoall: data-dependent shapes, eager only
+        capture = not self.enforce_eager and self.device.type == "cuda"
+        if capture and self._ep:
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            capture = all(l.use_fused(probe) for l in layers)
+        return capture or self.static_decode, capture
 
     def _append(self, s: Sequence, tok: int) -> None:
         s.output_ids.append(tok)

@@ -9,6 +9,13 @@ so a placement commit that copies new maps and weights in place needs no re-capt
 
 On CPU (or with ``capture=False``) the same padded static forward runs eagerly: the tests check
 this path against the plain engine step without a GPU.
+
+With expert parallelism (an EP dispatcher that offers ``begin_static_step``, see
+``eplb.parallel.all2all``) every DP rank runs the same padded size each decode step, agreed in the
+rank loop's per-step all-reduce (``run(..., bs=agreed)``; a rank with no work runs ``bs`` padding
+rows), and the dispatcher's static path keeps the EP collectives' shapes fixed, so they are
+captured inside the graphs. Capture then runs collectives: every rank must capture together (the
+rank's ``EngineCore.warm_up`` at startup).
 """
 
 from __future__ import annotations
@@ -55,12 +62,23 @@ class DecodeGraphs:
         self.num_real = torch.zeros((), dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # EP dispatchers with a static path, each once (one dispatcher serves every layer)
+        self.static_dispatchers: list = []
         for layer in model.moe_layers():
             layer.set_static_maps(True)
+            d = layer.dispatcher
+            if hasattr(d, "begin_static_step") and all(d is not o for o in self.static_dispatchers):
+                self.static_dispatchers.append(d)
 
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata.for_decode(self.slots[:bs], self.positions[:bs], self.ctx_lens[:bs])
-        hidden = self.model(self.ids[:bs], meta, self.kv_layers, num_real_tokens=self.num_real)
+        for d in self.static_dispatchers:  # Python-side mode: a replay does not need it again
+            d.begin_static_step(bs, self.num_real)
+        try:
+            hidden = self.model(self.ids[:bs], meta, self.kv_layers, num_real_tokens=self.num_real)
+        finally:
+            for d in self.static_dispatchers:
+                d.end_static_step()
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -102,12 +120,24 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return 0 < n <= self.max_batch
 
+    def size_for(self, n: int) -> int | None:
+        """The smallest captured size >= n (a pure function of n and max_batch, so ranks with the
+        same max_batch agree), or None when n is 0 or too large."""
+        return self.sizes[bisect.bisect_left(self.sizes, n)] if self.fits(n) else None
+
     @torch.inference_mode()
-    def run(self, ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+    def run(self, ids: list[int], slots: list[int], positions: list[int], *,
+            bs: int | None = None) -> torch.Tensor:
+        """Decode ``len(ids)`` rows at size ``bs`` (default: the smallest that fits). An explicit
+        ``bs`` (the size the DP ranks agreed on) may carry zero real rows: a rank with no work
+        runs the same graph as its peers."""
         n = len(ids)
-        if not self.fits(n):
-            raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
-        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        if bs is None:
+            if not self.fits(n):
+                raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
+            bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        elif bs not in self.sizes or n > bs:
+            raise ValueError(f"decode batch of {n} at size {bs}: not one of {self.sizes} or too small")
         self._fill(ids, slots, positions, bs)
         if bs in self.graphs:
             self.graphs[bs].replay()

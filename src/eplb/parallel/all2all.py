@@ -14,6 +14,9 @@ not depend on where an expert lives.
   rank; each rank computes the pairs whose slot it holds into a zero ``[T_all, k, H]``
   buffer; a reduce-scatter hands every rank its own rows (each entry has exactly one non-zero
   contributor, so the sum is exact).
+  Under CUDA graphs (``begin_static_step(t)``: every rank runs exactly ``t`` rows, the padded
+  decode size all ranks agreed on) it has a static path: no count gather, no ``nonzero``, no
+  host sync, shapes fixed by ``t``, so its collectives can be captured in the graph.
 - ``naive``: an ``all_to_all`` of only the pairs each rank needs, and back.
 - ``alltoall``: an ``all_to_all`` of each token once to each rank holding at least one of its
   slots (its slot ids ride in the same rows), and of the per-pair outputs back.
@@ -27,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from eplb import kernels
 from eplb.config import ALL2ALL_BACKENDS
 from eplb.model.moe import combine  # the one weighted sum over k, shared with one process
 
@@ -53,11 +57,30 @@ class AllGatherReduceScatter:
         self._per_step = False
         self._t_max: int | None = None
         self._own: int | None = None
+        self._static_t: int | None = None  # set by begin_static_step: rows on every rank
+        self._num_real: torch.Tensor | None = None  # 0-dim: this rank's real rows (the rest pad)
 
     def begin_step(self) -> None:
-        """A new forward starts (called on every rank, before every forward)."""
+        """A new forward starts (called on every rank, before every forward); it runs the
+        dynamic path unless ``begin_static_step`` follows."""
         self._per_step = True
         self._t_max = self._own = None
+        self.end_static_step()
+
+    def begin_static_step(self, num_tokens: int, num_real: torch.Tensor | None = None) -> None:
+        """The next forwards (until ``end_static_step`` or ``begin_step``) run the static path:
+        EVERY rank calls with exactly ``num_tokens`` rows (the padded decode size the ranks
+        agreed on). ``num_real``: a 0-dim device tensor holding how many leading rows are real
+        (a fixed buffer the caller rewrites before each replay); the padding rows after them get
+        slot -1, so no rank computes them. None: every row is computed."""
+        if num_tokens < 1:
+            raise ValueError(f"a static step needs >= 1 row per rank, got {num_tokens}")
+        self._static_t = int(num_tokens)
+        self._num_real = num_real
+
+    def end_static_step(self) -> None:
+        self._static_t = None
+        self._num_real = None
 
     def _token_max(self, num_tokens: int) -> int:
         if self._t_max is not None:
@@ -80,6 +103,8 @@ class AllGatherReduceScatter:
         expert_fn: ExpertFn,
         layer: object,
     ) -> torch.Tensor:
+        if self._static_t is not None:
+            return self._static(hidden, slot_ids, weights, expert_fn, layer)
         g = self.world_size
         num_tokens, top_k = slot_ids.shape
         dim = hidden.shape[-1]
@@ -94,15 +119,68 @@ class AllGatherReduceScatter:
         _all_gather_flat(all_hidden, pad_hidden, group=self.group)
         _all_gather_flat(all_slots, pad_slots, group=self.group)
 
-        start, end = int(layer.slot_start), int(layer.slot_end)
-        mine = (all_slots >= start) & (all_slots < end)  # padding (-1) is never mine
-        tok, kk = mine.nonzero(as_tuple=True)
-        pair_out = hidden.new_zeros(g * t_max, top_k, dim)
-        if tok.numel():
-            pair_out[tok, kk] = expert_fn(all_hidden[tok], all_slots[tok, kk] - start)
+        pair_out = local_pair_outputs(all_hidden, all_slots, expert_fn, layer)
         own = hidden.new_empty(t_max, top_k, dim)
         _reduce_scatter_flat(own, pair_out, group=self.group)
         return combine(own[:num_tokens], weights)
+
+    def _static(
+        self,
+        hidden: torch.Tensor,
+        slot_ids: torch.Tensor,
+        weights: torch.Tensor,
+        expert_fn: ExpertFn,
+        layer: object,
+    ) -> torch.Tensor:
+        """The capturable path: every rank has exactly ``t`` rows, so there is nothing to pad
+        and no count to gather; every (row, k) pair of the gathered batch is handed to the
+        local expert compute with local slot -1 where another rank holds it (a fixed-shape
+        mask instead of ``nonzero`` on the fused path). Padding rows (``num_real`` and beyond)
+        travel with slot -1, as the dynamic path's padding does, so every slot computes the same
+        pairs in the same order as there, and ``combine`` is the same: the same answer."""
+        t = self._static_t
+        num_tokens, top_k = slot_ids.shape
+        if num_tokens != t:
+            raise RuntimeError(f"static step of {t} rows got {num_tokens}; every rank must run "
+                               "the agreed padded size")
+        if self._num_real is not None:
+            real = torch.arange(t, device=slot_ids.device) < self._num_real
+            slot_ids = torch.where(real.unsqueeze(1), slot_ids, -1)
+        g, dim = self.world_size, hidden.shape[-1]
+        all_hidden = hidden.new_empty(g * t, dim)
+        all_slots = torch.empty(g * t, top_k, dtype=slot_ids.dtype, device=hidden.device)
+        _all_gather_flat(all_hidden, hidden.contiguous(), group=self.group)
+        _all_gather_flat(all_slots, slot_ids.contiguous(), group=self.group)
+        pair_out = local_pair_outputs(all_hidden, all_slots, expert_fn, layer)
+        own = hidden.new_empty(t, top_k, dim)
+        _reduce_scatter_flat(own, pair_out, group=self.group)
+        return combine(own, weights)
+
+
+def local_pair_outputs(x: torch.Tensor, slot_ids: torch.Tensor, expert_fn: ExpertFn,
+                       layer: object) -> torch.Tensor:
+    """x [N, H], global slot ids [N, k] -> [N, k, H]: expert(x[n]) for every pair whose slot
+    this rank holds, zero for the others (-1, the padding slot, is never held).
+
+    CUDA bf16/FP8 (``layer.use_fused``): the Triton ``fused_moe_pairs``, which skips local slot -1
+    at no cost: fixed shapes and no host sync, so it can be captured. Elsewhere (CPU, or the torch
+    expert path on CUDA) only the held pairs run through ``expert_fn``, gathered with
+    ``nonzero`` (a host sync: never captured, which is why graphs under EP need the Triton path).
+    Either way a slot's rows are the same pairs in the same order whatever the padding, so the
+    per-pair outputs match the dynamic path's bit for bit where the expert compute is
+    batch-invariant per slot (the torch path is: the gloo tests check it)."""
+    start, end = int(layer.slot_start), int(layer.slot_end)
+    mine = (slot_ids >= start) & (slot_ids < end)
+    if expert_fn == getattr(layer, "expert_fn", None) and layer.use_fused(x):
+        local = torch.where(mine, slot_ids - start, -1)
+        return kernels.fused_moe_pairs(x, local, None, layer.w13, layer.w2,
+                                       w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
+    n, top_k = slot_ids.shape
+    tok, kk = mine.nonzero(as_tuple=True)
+    out = x.new_zeros(n, top_k, x.shape[-1])
+    if tok.numel():
+        out[tok, kk] = expert_fn(x[tok], slot_ids[tok, kk] - start)
+    return out
 
 
 class NaiveAllToAll:

@@ -317,7 +317,9 @@ class DPEngineClient:
         if ranks:
             first = ranks[0]
             for key, value in first.items():
-                if key not in ("rank", "running", "waiting", "dummy_steps"):
+                # per-rank figures stay under "ranks" (static_steps is the same on every rank)
+                if key not in ("rank", "running", "waiting", "dummy_steps", "static_dummy_steps",
+                               "eager_decode_steps"):
                     out[key] = value
             out["running"] = sum(r["running"] for r in ranks)
             out["waiting"] = sum(r["waiting"] for r in ranks)

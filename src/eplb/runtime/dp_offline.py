@@ -8,6 +8,7 @@ the real rank loop until no rank has work and no rebalance is in flight.
 
 ``run_scenarios`` returns, per scenario, per rank: ``{"tokens": {index: token_ids},
 "finish": {index: reason}, "stats": RankWorker.stats(), "step_log": [(seconds, phase)] | None,
+"modes": [(kind, own decode rows, padded size or 0)] per forward (``RankWorker.mode_log``),
 "verifier_caught": bool | None}``.
 """
 
@@ -82,6 +83,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             worker = RankWorker(spec, collector)
             if sc.record_steps:
                 worker.step_log = []
+            worker.mode_log = []
             in_q: queue.Queue = queue.Queue()
             assign = sc.assign or [i % world_size for i in range(len(sc.requests))]
             for i, ((prompt, params), r) in enumerate(zip(sc.requests, assign)):
@@ -96,6 +98,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
                 "finish": {i: o.finish_reason for i, o in mine.items()},
                 "stats": stats,
                 "step_log": worker.step_log,
+                "modes": worker.mode_log,
                 "verifier_caught": caught,
                 "rejected": [m for m in collector.other if isinstance(m, RequestRejected)],
             }))

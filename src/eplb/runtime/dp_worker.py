@@ -5,12 +5,16 @@ Loop, one iteration per step boundary:
 
 1. take the front's messages (new requests, aborts, stats queries, shutdown); a rank that had
    nothing to do anywhere last time blocks on its queue briefly instead of spinning;
-2. one all-reduce (SUM) over the EP group of ``[has_work, stop, eplb packet]``: whether any rank
-   has work, whether the front asked to stop, and EPLB's failure/readiness flags and the previous
-   forward's expert load (see ``eplb.controller.state``);
+2. schedule this rank's next batch (``EngineCore.schedule_step``), then one all-reduce (SUM) over
+   the EP group of ``[has_work, stop, prefill, decodes[G], eplb packet]``: whether any rank has
+   work, whether the front asked to stop, whether any rank's batch has a prefill chunk, each
+   rank's decode count (one entry per rank, so the maximum is exact), and EPLB's
+   failure/readiness flags and the previous forward's expert load (see ``eplb.controller.state``);
 3. EPLB acts on it (record load, commit ready layers, abandon, trigger a rebalance);
 4. if any rank has work, every rank runs one forward: ``step()`` with work, ``dummy_step()``
-   without (the MoE collectives need every rank), then outputs go back to the front.
+   without (the MoE collectives need every rank), then outputs go back to the front. With EP and
+   a decode graph path (``step_plan``): when no rank has a prefill, every rank runs the graph of
+   one padded size (a capture size >= the largest decode count), a rank without work too.
 
 Messages (``eplb.runtime.messages``) front -> rank: ``AddRequest``, ``AbortRequest``,
 ``StatsQuery``, ``Wake``, ``Shutdown``. Rank -> front: ``RankReady``, ``RankOutputs``,
@@ -51,6 +55,9 @@ from eplb.runtime.messages import (
 )
 
 log = logging.getLogger("eplb.engine.dp")
+
+# per-step all-reduce header: [has_work, stop, prefill, decodes[G]]; the EPLB packet follows
+_HAS_WORK, _STOP, _PREFILL, _DECODES = 0, 1, 2, 3
 
 IDLE_WAIT_S = 0.1  # how long an idle rank blocks on its queue before the next idle all-reduce
 INFLIGHT_IDLE_WAIT_S = 0.01  # shorter while an async rebalance waits for a commit boundary
@@ -164,8 +171,20 @@ class RankWorker:
                                checkpoint_path=(None if kwargs.get("load_format") == "dummy"
                                                 else spec.model_path),
                                progress=self.beat)
-        self.engine.warm_up()  # graphs + prefill kernels, before serving (no-op on CPU, eager, EP)
+        if ep:  # every rank must capture (and pad to) the same sizes: one startup collective
+            slots = torch.tensor([self.engine.kv.num_slots], device=self.ctx.comm_device)
+            dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=self.ctx.ep_group)
+            self.engine.set_graph_max_batch(int(slots))
+        # graphs (+ prefill kernels without EP), before serving; no-op on CPU and eager. With EP
+        # the capture runs the EP collectives: every rank does it here, in the same order
+        self.engine.warm_up()
         self.dummy_steps = 0
+        self.static_steps = 0  # forwards on the padded decode graph path (replays on CUDA)
+        self.static_dummy_steps = 0  # of those, with no real row here
+        self.eager_decode_steps = 0  # decode-only batches run eagerly (a peer prefilled, no graphs)
+        # (kind, own decode rows, padded size or 0) per EP forward when a list (tests turn it on);
+        # kind: static, static-dummy, eager-prefill, eager-decode, eager-dummy
+        self.mode_log: list[tuple[str, int, int]] | None = None
         self.requests_added = 0
         # (seconds, phase) of every iteration that ran a forward, boundary included; phase is
         # "steady", "sync" (a sync rebalance ran at its boundary) or "async" (one in flight).
@@ -214,7 +233,9 @@ class RankWorker:
         sched = self.engine.scheduler
         d = {"rank": self.rank, "running": len(sched.running), "waiting": len(sched.waiting),
              "steps": self.steps, "dummy_steps": self.dummy_steps,
-             "requests_added": self.requests_added}
+             "requests_added": self.requests_added, "static_steps": self.static_steps,
+             "static_dummy_steps": self.static_dummy_steps,
+             "eager_decode_steps": self.eager_decode_steps}
         d.update(self.state.stats())
         return d
 
@@ -237,17 +258,20 @@ class RankWorker:
             stop |= self._drain(in_q, wait)
             t0 = time.perf_counter()
             has_work = self.engine.has_unfinished_requests()
-            header = torch.tensor([int(has_work), int(stop)], dtype=torch.long)
+            decodes, prefill = self.engine.schedule_step() if has_work else (0, False)
+            header = torch.zeros(_DECODES + self.world_size, dtype=torch.long)
+            header[_HAS_WORK], header[_STOP], header[_PREFILL] = int(has_work), int(stop), int(prefill)
+            header[_DECODES + self.rank] = decodes
             vec = torch.cat([header, self.state.packet()]).to(self.ctx.comm_device)
             self.beat("step all-reduce")
             dist.all_reduce(vec, group=self.ctx.ep_group)
             vec = vec.cpu()
             self.beat("eplb")
-            self.state.on_boundary(vec[2:], forward_before)
-            if int(vec[1]) > 0:
+            self.state.on_boundary(vec[_DECODES + self.world_size:], forward_before)
+            if int(vec[_STOP]) > 0:
                 self.beat("stopping")
                 return stop
-            anyone_busy = int(vec[0]) > 0
+            anyone_busy = int(vec[_HAS_WORK]) > 0
             forward_before = anyone_busy
             if not anyone_busy:
                 if exit_when_idle and not self.state.rebalance_in_flight:
@@ -258,13 +282,15 @@ class RankWorker:
                 layer.set_replica_offset(self.steps * self.world_size + self.rank)
             if self.dispatcher is not None:
                 self.dispatcher.begin_step()
+            pad_to = self.step_plan(vec)
             if has_work:
-                outs = self.engine.step()
+                outs = self.engine.step(pad_to)
             else:
                 if self.ep:  # without EP the forward has no collectives to line up
-                    self.engine.dummy_step()
+                    self.engine.dummy_step(pad_to)
                     self.dummy_steps += 1
                 outs = []
+            self._count_mode(has_work, decodes, prefill, pad_to)
             self.steps += 1
             self.state.collect_step_load()
             if self.step_log is not None:
@@ -273,6 +299,33 @@ class RankWorker:
                 self.step_log.append((time.perf_counter() - t0, phase))
             if outs:
                 self.out_q.put(RankOutputs(self.rank, outs))
+
+    def step_plan(self, vec: torch.Tensor) -> int | None:
+        """From the reduced header: the padded decode size every rank runs this step, or None
+        (eager everywhere: no EP, some rank has a prefill chunk, no graph path, or more decodes
+        than the largest graph). A function of the reduced vector only, so all ranks agree."""
+        if not self.ep or int(vec[_PREFILL]) > 0:
+            return None
+        most = int(vec[_DECODES : _DECODES + self.world_size].max())
+        return self.engine.graph_batch_size(most) if most > 0 else None
+
+    def _count_mode(self, has_work: bool, decodes: int, prefill: bool, pad_to: int | None) -> None:
+        """Count (and log) how this EP forward ran; without EP a rank picks its own graphs."""
+        if not self.ep:
+            return
+        if pad_to is not None:
+            self.static_steps += 1
+            self.static_dummy_steps += int(decodes == 0)
+            kind = "static" if decodes else "static-dummy"
+        elif not has_work:
+            kind = "eager-dummy"
+        elif prefill:
+            kind = "eager-prefill"
+        else:  # decode-only here, but a peer prefilled (or no graph path / too many rows)
+            kind = "eager-decode"
+            self.eager_decode_steps += 1
+        if self.mode_log is not None:
+            self.mode_log.append((kind, decodes, pad_to or 0))
 
     def close(self, *, leave_group: bool = True) -> None:
         if self._closed:
