@@ -40,6 +40,7 @@ class StagedLayer:
     dst_local: torch.Tensor  # LongTensor[n]
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, *row_shape]
     bytes_received: int = 0  # bytes that came from other ranks (local copies excluded)
+    messages: int = 0  # point-to-point ops (sends + receives) this rank posted for the layer
 
 
 def row_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -222,7 +223,7 @@ def start_layer_transfer(
                     ops.append(dist.P2POp(dist.irecv, _as_bytes(block), peer, group, tag))
                     received += block.numel() * block.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-    staged = StagedLayer(layer_idx, dst_local, staging, received)
+    staged = StagedLayer(layer_idx, dst_local, staging, received, len(ops))
     return PendingLayer(staged, list(works), stream, keep, start_event)
 
 
