@@ -112,6 +112,15 @@ def test_pool_reuses_and_grows():
     c = pool.acquire(1000, torch.device("cpu"))  # too small: dropped, a bigger one made
     assert c.numel() >= 1000 and pool.allocations == 3
     assert pool.acquire(10, torch.device("cpu")) is not c
+    # several free buffers of different sizes: the smallest that fits, the others stay free
+    pool = StagingPool()
+    bufs = [pool.acquire(n, torch.device("cpu")) for n in (300, 100, 200)]
+    for b in bufs:
+        pool.release(b)
+    assert pool.acquire(150, torch.device("cpu")) is bufs[2]
+    assert pool.acquire(50, torch.device("cpu")) is bufs[1]
+    assert pool.acquire(400, torch.device("cpu")).numel() == 400  # drops the 300 one
+    assert pool.allocations == 4 and not pool._free
 
 
 def test_local_only_layer_is_bit_exact():

@@ -139,13 +139,12 @@ class StagingPool:
     def acquire(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """A uint8 buffer of at least ``nbytes`` (the smallest free one that fits, else a new
         one; a too-small free buffer is dropped, so the pool grows rather than multiplies)."""
-        fits = [b for b in self._free if b.numel() >= nbytes]
+        # by position, never list.remove: that compares tensors with ==, elementwise
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
         if fits:
-            buf = min(fits, key=lambda b: b.numel())
-            self._free.remove(buf)
-            return buf
+            return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         if self._free:
-            self._free.remove(max(self._free, key=lambda b: b.numel()))
+            self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
         self.allocations += 1
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
 
