@@ -143,13 +143,14 @@ class PendingLayer:
     """
 
     def __init__(self, staged: StagedLayer, works: list, stream, keep: list,
-                 start_event=None) -> None:
+                 start_event=None, posted_at: float | None = None) -> None:
         self._staged = staged
         self._works = works
         self._keep = keep  # pinned indices: alive until the transfer is done
         self._stream = stream
         self._start_event = start_event
-        self._posted = time.perf_counter()
+        # from the start of posting: the gather and local copies are part of the transfer
+        self._posted = time.perf_counter() if posted_at is None else posted_at
         self._done_at: float | None = None
         self._error: BaseException | None = None
         self._finished = False
@@ -240,6 +241,7 @@ def start_layer_transfer(
 
     No host sync: indices reach the GPU from pinned memory, in one copy, without blocking.
     """
+    posted_at = time.perf_counter()
     layout = row_layout(tensors)
     device = tensors[layout.names[0]].device
     pool = pool if pool is not None else pool_for(device)
@@ -294,7 +296,7 @@ def start_layer_transfer(
             gather_into(staging[lo:hi], layout, tensors, local_src)
     staged = StagedLayer(layer_idx, torch.tensor(p.dst_local, dtype=torch.long), staging,
                          layout, received, len(ops), dst_index, buffer, pool)
-    return PendingLayer(staged, list(works), stream, keep, start_event)
+    return PendingLayer(staged, list(works), stream, keep, start_event, posted_at)
 
 
 def _upload(lists: list[list[int]], device: torch.device, keep: list) -> list[torch.Tensor]:
