@@ -4,9 +4,9 @@ row of bytes, so one message per peer carries a layer's rows of every name.
 A packed row is ``[name_0 row | pad | name_1 row | pad | ...]`` (names sorted; each name's
 row starts at a multiple of ``ALIGN`` bytes, and the packed row's length is one too). Rows are
 copied as integers as wide as the layout allows (int64 for real models), not as bytes: an
-index kernel moves one element per thread, so byte-wise copies of 9 MB experts run several
-times slower than the same copy on 8-byte words. Copies never look at the dtype, so float8
-(and any other dtype) moves bit for bit on every backend.
+index kernel moves one element per thread and step, so 8-byte words take an eighth of the
+steps of a byte-wise copy. Copies never look at the dtype, so float8 (and any other dtype)
+moves bit for bit on every backend.
 """
 
 from __future__ import annotations
@@ -107,13 +107,6 @@ def scatter_from(packed: torch.Tensor, layout: RowLayout, live: dict[str, torch.
             dst.index_copy_(0, index, src)
         else:  # no byte view of t's memory: write through its own dtype (index_put)
             t[index] = src.contiguous().view(t.dtype).view((src.shape[0],) + t.shape[1:])
-
-
-def typed_rows(packed: torch.Tensor, layout: RowLayout,
-               like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each name's rows in packed rows, as ``[n, *row_shape]`` of its dtype (copies)."""
-    return {n: columns(packed, layout, n).contiguous().view(like[n].dtype)
-            .view((packed.shape[0],) + tuple(like[n].shape[1:])) for n in layout.names}
 
 
 class StagingPool:

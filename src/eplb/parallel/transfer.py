@@ -17,7 +17,8 @@ on CUDA the receives complete on a side stream (polled with an event); on gloo, 
 report completion only through ``wait()``, a daemon thread waits on the already-posted works.
 
 Messages and copies, per layer and rank (``packing.py`` has the byte layout):
-- one byte buffer (from a grow-only ``StagingPool``, held until the layer is committed) of
+- one byte buffer (from a grow-only ``StagingPool``, held until the layer is committed; between
+  rebalances the pool keeps up to its ``max_free`` buffers, the memory a rebalance peaks at) of
   packed rows: an expert's rows of every tensor name side by side in one row. Its first rows
   are the staging (incoming rows grouped by source rank), the rest the outgoing rows grouped by
   destination rank;
@@ -26,7 +27,8 @@ Messages and copies, per layer and rank (``packing.py`` has the byte layout):
   travel as raw bytes, so any dtype (float8 included) works on gloo and NCCL alike. Between two
   ranks rows are in plan order;
 - the outgoing rows are gathered straight into the buffer, one index_select per tensor name for
-  all peers at once, as 8-byte words (a byte-wise gather runs several times slower). A layer
+  all peers at once, on 8-byte words (an index kernel moves one element per thread and step:
+  the local copies used to move single bytes, the sends 2-byte bf16 into fresh buffers). A layer
   with a single tensor name whose rows for a peer are a run of consecutive slots is sent from a
   view of the live tensor without a gather. (With several names a view cannot be one message,
   and one gather of the layer costs less than a message per name);
@@ -55,7 +57,6 @@ from eplb.parallel.packing import (
     pool_for,
     row_layout,
     scatter_from,
-    typed_rows,
 )
 
 
@@ -73,10 +74,6 @@ class StagedLayer:
     dst_index: torch.Tensor | None = None  # dst_local on the rows' device, uploaded at posting
     buffer: torch.Tensor | None = None  # the pooled buffer behind ``packed`` (back at commit)
     pool: StagingPool | None = None
-
-    def rows(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The staged rows per name as ``like``'s dtypes and row shapes (copies, for tests)."""
-        return typed_rows(self.packed, self.layout, like)
 
 
 def row_bytes(tensors: dict[str, torch.Tensor]) -> int:
