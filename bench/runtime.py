@@ -1,5 +1,6 @@
 """Runtime benchmark: forward-step time of DP+EP ranks, steady and while EPLB rebalances, sync
-against async; on GPUs also the rebalance transfers' bandwidth against NCCL point-to-point.
+against async; and the rebalance transfers' bandwidth and messages per layer against raw
+point-to-point (NCCL on GPUs, gloo on CPU).
 
 Run: .venv/bin/python bench/runtime.py [--ranks 4] [--quick]            (CPU, gloo)
      python3 bench/runtime.py --device cuda --ranks 2 [--layers 8]      (GPUs, NCCL)
@@ -9,7 +10,8 @@ On GPUs the model is Qwen3-30B-A3B's shape (configs/Qwen3-30B-A3B, bf16, ``--lay
 layers) with random weights made on the device (``load_format="dummy"``) and skewed, drifting
 routers (``dummy_router_skew``), so EPLB has real imbalance to fix and each expert is 9.4 MB.
 The same call measures NCCL send/recv between the two GPUs (both directions at once, as a
-rebalance does) at the per-layer message size the rebalances moved, and at 9.4 MB and 64 MB.
+rebalance does) at the per-layer message size the rebalances moved, and at 9.4 MB and 64 MB
+(on CPU: gloo send/recv between two processes at the per-layer size).
 
 One group of spawned ranks runs three scenarios on the same requests (a random Qwen3-MoE with
 experts big enough that moving them takes time: 8 layers, hidden 256, 16 experts, expert
@@ -72,36 +74,52 @@ def summarize(log: list[tuple[float, str]], phase: str) -> dict:
             "mean_ms": statistics.mean(ms) if ms else float("nan")}
 
 
-def _p2p_worker(rank: int, port: int, sizes: list[int], q) -> None:
+def _p2p_worker(rank: int, port: int, sizes: list[int], q, backend: str) -> None:
+    import time
+
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2, device_id=torch.device("cuda", rank))
+    cuda = backend == "nccl"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2,
+                            **({"device_id": torch.device("cuda", rank)} if cuda else {}))
+    device = "cuda" if cuda else "cpu"
     peer = 1 - rank
     out = {}
     for size in sizes:
-        send = torch.randint(0, 255, (size,), dtype=torch.uint8, device="cuda")
+        send = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)
         recv = torch.empty_like(send)
         times = []
-        for i in range(25):
+        for i in range(25 if cuda else 8):
             dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
             for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer),
                                              dist.P2POp(dist.irecv, recv, peer)]):
                 w.wait()
-            end.record()
-            end.synchronize()
-            if i >= 5:  # warm-up first
-                times.append(start.elapsed_time(end) / 1e3)
+            if cuda:
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                seconds = time.perf_counter() - t0
+            if i >= (5 if cuda else 2):  # warm-up first
+                times.append(seconds)
         out[size] = size / statistics.median(times) / 1e9  # one direction, GB/s
     q.put((rank, out))
     dist.destroy_process_group()
 
 
-def p2p_bandwidth(sizes: list[int]) -> dict[int, float]:
-    """NCCL send/recv GB/s per direction between GPU 0 and 1, both directions at once."""
+def p2p_bandwidth(sizes: list[int], backend: str = "nccl") -> dict[int, float]:
+    """Send/recv GB/s per direction between ranks 0 and 1 (GPU 0 and 1 on NCCL), both
+    directions at once, one message each way: the raw rate a layer transfer is held to."""
     import torch.multiprocessing as mp
 
     from eplb.parallel.groups import find_free_port, set_nccl_env
@@ -110,7 +128,8 @@ def p2p_bandwidth(sizes: list[int]) -> dict[int, float]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = find_free_port()
-    procs = [ctx.Process(target=_p2p_worker, args=(r, port, sizes, q)) for r in range(2)]
+    procs = [ctx.Process(target=_p2p_worker, args=(r, port, sizes, q, backend))
+             for r in range(2)]
     for p in procs:
         p.start()
     res = dict(q.get(timeout=300) for _ in procs)
@@ -192,22 +211,29 @@ def main() -> int:
         figures[name]["transfer_gb_per_s"] = (
             min(b / s / 1e9 for b, s in zip(recv, secs)) if all(secs) else None)
         # per layer (median over ranks' layers): a one-off cost cannot hide in a sum
-        per_layer = [b / s / 1e9 for r in by[name] for b, s in r["stats"]["layer_transfers"]
-                     if s > 0 and b > 0]
+        per_layer = [t[0] / t[1] / 1e9 for r in by[name] for t in r["stats"]["layer_transfers"]
+                     if t[1] > 0 and t[0] > 0]
         figures[name]["transfer_gb_per_s_median_layer"] = (
             statistics.median(per_layer) if per_layer else None)
         figures[name]["bytes_received_per_layer_per_rank"] = int(min(recv) / layers)
-    if gpu:
-        per_layer = max(1, min(f["bytes_received_per_layer_per_rank"] for f in figures.values()))
-        sizes = sorted({per_layer, 9_437_184, 64 * 2**20})
-        p2p = p2p_bandwidth(sizes)
-        for f in figures.values():
-            ref = p2p[per_layer]
-            f["p2p_gb_per_s_same_size"] = ref
-            f["transfer_vs_p2p"] = (f["transfer_gb_per_s"] / ref
-                                    if f["transfer_gb_per_s"] else None)
-            f["median_layer_vs_p2p"] = (f["transfer_gb_per_s_median_layer"] / ref
-                                        if f["transfer_gb_per_s_median_layer"] else None)
+        # P2P messages (sends + receives) a rank posted per layer; the design is one send and
+        # one receive per peer, so with 2 ranks anything above 2 is a regression
+        msgs = [t[2] for r in by[name] for t in r["stats"]["layer_transfers"] if len(t) > 2]
+        figures[name]["messages_per_layer_per_rank_median"] = (
+            statistics.median(msgs) if msgs else None)
+        figures[name]["messages_per_layer_per_rank_max"] = max(msgs) if msgs else None
+    # the raw point-to-point rate of one message each way, at the size a layer moved, measured
+    # in the same call (NCCL between GPU 0 and 1; gloo on CPU, where it is loopback TCP)
+    per_layer = max(1, min(f["bytes_received_per_layer_per_rank"] for f in figures.values()))
+    sizes = sorted({per_layer, 9_437_184, 64 * 2**20}) if gpu else [per_layer]
+    p2p = p2p_bandwidth(sizes, "nccl" if gpu else "gloo")
+    for f in figures.values():
+        ref = p2p[per_layer]
+        f["p2p_gb_per_s_same_size"] = ref
+        f["transfer_vs_p2p"] = (f["transfer_gb_per_s"] / ref
+                                if f["transfer_gb_per_s"] else None)
+        f["median_layer_vs_p2p"] = (f["transfer_gb_per_s_median_layer"] / ref
+                                    if f["transfer_gb_per_s_median_layer"] else None)
     tokens_equal = all(
         {k: v for r in by[n] for k, v in r["tokens"].items()}
         == {k: v for r in by["off"] for k, v in r["tokens"].items()} for n in ("sync", "async"))
@@ -232,10 +258,9 @@ def main() -> int:
         "target": {"async_p99_within_1.25x_steady": async_ratio <= 1.25,
                    "async_p99_vs_steady": async_ratio},
     }
-    if gpu:
-        result["p2p_gb_per_s"] = {str(k): v for k, v in p2p.items()}
-        result["target"]["async_transfers_at_least_half_p2p"] = (
-            (figures["async"]["transfer_vs_p2p"] or 0) >= 0.5)
+    result["p2p_gb_per_s"] = {str(k): v for k, v in p2p.items()}
+    result["target"]["async_transfers_at_least_half_p2p"] = (
+        (figures["async"]["transfer_vs_p2p"] or 0) >= 0.5)
     out = args.out or str(RESULTS / (
         "runtime.json" if not gpu else
         f"runtime-{machine['gpu'].lower().replace(' ', '-')}x{g}.json"))
@@ -250,10 +275,13 @@ def main() -> int:
         print(f"{name}: {f['rebalances']} rebalances, {f['copies_moved']} copies, "
               f"{f['bytes_moved'] / 2**20:.1f} MiB, mean {f['mean_rebalance_s'] * 1e3:.0f} ms, "
               f"steps in flight {f['steps_in_flight']}, transfers "
-              f"{f['transfer_gb_per_s'] or 0:.1f} GB/s"
-              + (f" ({f['transfer_vs_p2p'] or 0:.2f}x NCCL P2P of the same size; median layer "
-                 f"{f['transfer_gb_per_s_median_layer'] or 0:.0f} GB/s = "
-                 f"{f['median_layer_vs_p2p'] or 0:.2f}x)" if gpu else ""))
+              f"{f['transfer_gb_per_s'] or 0:.2f} GB/s "
+              f"({f['transfer_vs_p2p'] or 0:.2f}x {'NCCL' if gpu else 'gloo'} P2P of the same "
+              f"size, {f['p2p_gb_per_s_same_size']:.2f} GB/s; median layer "
+              f"{f['transfer_gb_per_s_median_layer'] or 0:.2f} GB/s = "
+              f"{f['median_layer_vs_p2p'] or 0:.2f}x), P2P messages per layer and rank: "
+              f"median {f['messages_per_layer_per_rank_median']}, "
+              f"max {f['messages_per_layer_per_rank_max']}")
     print(f"tokens equal across scenarios: {tokens_equal}; wrote {out}")
     return 0
 

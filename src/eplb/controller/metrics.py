@@ -22,8 +22,12 @@ class EplbMetrics:
     # (CUDA: measured on the transfer stream), and the bytes this rank received in them
     transfer_seconds: float = 0.0
     transfer_bytes_received: int = 0
-    # per committed layer, the last MAX_EVENTS: (bytes received here, seconds of its transfer)
-    layer_transfers: list[tuple[int, float]] = field(default_factory=list)
+    # point-to-point messages (sends + receives) this rank posted for those layers: the
+    # transfer's design is one send and one receive per peer and layer, and this shows it held
+    transfer_messages: int = 0
+    # per committed layer, the last MAX_EVENTS: (bytes received here, seconds of its transfer,
+    # messages posted here)
+    layer_transfers: list[tuple[int, float, int]] = field(default_factory=list)
     balancedness: float | None = None  # mean per-step balancedness of the last interval
     balancedness_history: list[float] = field(default_factory=list)  # one per interval
     verify_checks: int = 0
@@ -46,10 +50,11 @@ class EplbMetrics:
         self.copies_moved += copies
         self.bytes_moved += nbytes
 
-    def count_transfer(self, nbytes: int, seconds: float) -> None:
+    def count_transfer(self, nbytes: int, seconds: float, messages: int = 0) -> None:
         self.transfer_seconds += seconds
         self.transfer_bytes_received += nbytes
-        self.layer_transfers.append((nbytes, seconds))
+        self.transfer_messages += messages
+        self.layer_transfers.append((nbytes, seconds, messages))
         del self.layer_transfers[:-MAX_EVENTS]
 
     def count_verify(self, mismatch: bool) -> None:

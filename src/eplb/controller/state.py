@@ -368,7 +368,7 @@ class EplbState:
             p.replica_count[layer_idx].clone(),
         )
         self.metrics.count_commit(len(moved), plan_bytes(moved, tensors))
-        self.metrics.count_transfer(staged.bytes_received, pending.seconds())
+        self.metrics.count_transfer(staged.bytes_received, pending.seconds(), staged.messages)
         if self.cfg.debug_verify_commits:
             self.verifier.verify_layer(layer_idx, self.layers[layer_idx], self.placement,
                                        self.ctx.rank)

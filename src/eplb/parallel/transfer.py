@@ -16,8 +16,26 @@ main thread (docs/runtime.md says why). What runs in the background never enqueu
 on CUDA the receives complete on a side stream (polled with an event); on gloo, whose P2P works
 report completion only through ``wait()``, a daemon thread waits on the already-posted works.
 
-Rows travel as raw bytes, so any dtype (float8 included) works on gloo and NCCL alike; between
-each pair of ranks, one message per tensor name carries all rows of that layer, in plan order.
+Messages and copies, per layer and rank (``packing.py`` has the byte layout):
+- one byte buffer (from a grow-only ``StagingPool``, held until the layer is committed; between
+  rebalances the pool keeps up to its ``max_free`` buffers, the memory a rebalance peaks at) of
+  packed rows: an expert's rows of every tensor name side by side in one row. Its first rows
+  are the staging (incoming rows grouped by source rank), the rest the outgoing rows grouped by
+  destination rank;
+- ONE send and ONE receive per peer: each is a contiguous block of packed rows, so a layer of
+  w13, w2 (and FP8 scales) is one message each way, whatever the number of tensor names. Rows
+  travel as raw bytes, so any dtype (float8 included) works on gloo and NCCL alike. Between two
+  ranks rows are in plan order;
+- the outgoing rows are gathered straight into the buffer, one index_select per tensor name for
+  all peers at once, on 8-byte words (an index kernel moves one element per thread and step:
+  the local copies used to move single bytes, the sends 2-byte bf16 into fresh buffers). A layer
+  with a single tensor name whose rows for a peer are a run of consecutive slots is sent from a
+  view of the live tensor without a gather. (With several names a view cannot be one message,
+  and one gather of the layer costs less than a message per name);
+- on CUDA the P2P ops are enqueued right after the gather, and the local copies (rows a rank
+  moves between its own slots) only after them, so local copies overlap the transfer;
+- ``commit_layer``: one index_copy_ per tensor name, from the staging rows into the live slots.
+  Staging cannot be skipped: the live rows must stay intact until every rank has its copy.
 """
 
 from __future__ import annotations
@@ -26,25 +44,41 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from eplb.parallel.packing import (
+    RowLayout,
+    StagingPool,
+    byte_rows,
+    gather_into,
+    pool_for,
+    row_layout,
+    scatter_from,
+)
+
 
 @dataclass
 class StagedLayer:
-    """Incoming rows of one layer on one rank: ``rows[name][i]`` goes to local slot ``dst_local[i]``."""
+    """Incoming rows of one layer on one rank: packed row ``i`` goes to local slot
+    ``dst_local[i]``."""
 
     layer_idx: int
-    dst_local: torch.Tensor  # LongTensor[n]
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, *row_shape]
+    dst_local: torch.Tensor  # LongTensor[n] on the CPU
+    packed: torch.Tensor  # uint8 [n, layout.stride]: the staging rows
+    layout: RowLayout
     bytes_received: int = 0  # bytes that came from other ranks (local copies excluded)
+    messages: int = 0  # point-to-point ops (sends + receives) this rank posted for the layer
+    dst_index: torch.Tensor | None = None  # dst_local on the rows' device, uploaded at posting
+    buffer: torch.Tensor | None = None  # the pooled buffer behind ``packed`` (back at commit)
+    pool: StagingPool | None = None
 
 
 def row_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes of one expert as stored: one row of every per-slot tensor."""
-    return sum(t[0].numel() * t.element_size() for t in tensors.values())
+    return row_layout(tensors).payload
 
 
 def plan_bytes(transfers: Sequence, tensors: dict[str, torch.Tensor]) -> int:
@@ -52,13 +86,49 @@ def plan_bytes(transfers: Sequence, tensors: dict[str, torch.Tensor]) -> int:
     return len(transfers) * row_bytes(tensors)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+def _runs(keys: list[int]) -> dict[int, tuple[int, int]]:
+    """Sorted keys -> {key: (first index, end index)} of its run."""
+    out: dict[int, tuple[int, int]] = {}
+    for i, k in enumerate(keys):
+        out[k] = (out[k][0] if k in out else i, i + 1)
+    return out
 
 
-def _byte_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[n, ...]`` contiguous -> the same memory as ``[n, row_bytes]`` uint8 (a view)."""
-    return t.reshape(t.shape[0], -1).view(torch.uint8)
+@dataclass
+class _RankPlan:
+    """One rank's part of a layer's transfers, in the packed buffer's row order."""
+
+    dst_local: list[int]  # staging row i -> local slot
+    recv: dict[int, tuple[int, int]]  # source rank -> its staging rows (self: local copies)
+    local_src: list[int]  # local slots the local copies read, for recv[rank]'s rows
+    send: dict[int, tuple[int, int]]  # destination peer -> its rows in the outgoing block
+    send_src: list[int]  # local slots of the outgoing rows
+
+
+def _rank_plan(transfers: Sequence, rank: int, base: int) -> _RankPlan:
+    # stable sorts: between two ranks both sides list the rows in plan order
+    incoming = sorted((t for t in transfers if t.dst_rank == rank), key=lambda t: t.src_rank)
+    outgoing = sorted((t for t in transfers if t.src_rank == rank and t.dst_rank != rank),
+                      key=lambda t: t.dst_rank)
+    return _RankPlan(
+        dst_local=[t.dst_slot - base for t in incoming],
+        recv=_runs([t.src_rank for t in incoming]),
+        local_src=[t.src_slot - base for t in incoming if t.src_rank == rank],
+        send=_runs([t.dst_rank for t in outgoing]),
+        send_src=[t.src_slot - base for t in outgoing],
+    )
+
+
+def _view_send(layout: RowLayout, live: dict[str, torch.Tensor],
+               slots: list[int]) -> torch.Tensor | None:
+    """The live rows ``slots`` as one message without a gather, when that is possible: a single
+    tensor name, no padding, contiguous memory and consecutive ascending slots."""
+    if len(layout.names) != 1 or layout.stride != layout.sizes[0]:
+        return None
+    t = live[layout.names[0]]
+    if not t.is_contiguous() or slots != list(range(slots[0], slots[0] + len(slots))):
+        return None
+    return byte_rows(t)[slots[0]:slots[-1] + 1].reshape(-1)
 
 
 class PendingLayer:
@@ -70,19 +140,20 @@ class PendingLayer:
     """
 
     def __init__(self, staged: StagedLayer, works: list, stream, keep: list,
-                 start_event=None) -> None:
+                 start_event=None, posted_at: float | None = None) -> None:
         self._staged = staged
         self._works = works
-        self._keep = keep  # send payloads and pinned indices: alive until the transfer is done
+        self._keep = keep  # pinned indices: alive until the transfer is done
         self._stream = stream
         self._start_event = start_event
-        self._posted = time.perf_counter()
+        # from the start of posting: the gather and local copies are part of the transfer
+        self._posted = time.perf_counter() if posted_at is None else posted_at
         self._done_at: float | None = None
         self._error: BaseException | None = None
         self._finished = False
         self._event = None
         self._ready = threading.Event()
-        cuda = stream is not None or any(r.is_cuda for r in staged.rows.values())
+        cuda = stream is not None or staged.packed.is_cuda
         if stream is not None:  # CUDA: the side stream waits for NCCL; poll an event
             with torch.cuda.stream(stream):
                 for work in works:
@@ -153,6 +224,7 @@ def start_layer_transfer(
     slots_per_rank: int,
     group: dist.ProcessGroup | None,
     stream: "torch.cuda.Stream | None" = None,
+    pool: StagingPool | None = None,
 ) -> PendingLayer:
     """Post this rank's part of one layer's transfers; return without waiting for them.
 
@@ -161,26 +233,28 @@ def start_layer_transfer(
     ``expert_tensors()`` (leading dim = ``slots_per_rank``). ``stream``: CUDA side stream for
     the copies and the receives' completion (None on CPU); it first waits for the caller's
     stream, so it sees every earlier commit. Every rank must post the same layer at the same
-    point of its sequence of collectives (the caller's schedule guarantees it).
+    point of its sequence of collectives (the caller's schedule guarantees it). ``pool``: where
+    the layer's buffer comes from (default: this process's pool for the device).
 
-    No host sync: indices reach the GPU from pinned memory without blocking, and each peer's
-    rows are received straight into one contiguous block of the staging buffers.
+    No host sync: indices reach the GPU from pinned memory, in one copy, without blocking.
     """
-    base = rank * slots_per_rank
-    names = sorted(tensors)
-    device = tensors[names[0]].device
-    # incoming rows grouped by source rank: each peer's rows are one contiguous staging block
-    incoming = sorted((t for t in transfers if t.dst_rank == rank), key=lambda t: t.src_rank)
-    dst_local = torch.tensor([t.dst_slot - base for t in incoming], dtype=torch.long)
+    posted_at = time.perf_counter()
+    layout = row_layout(tensors)
+    device = tensors[layout.names[0]].device
+    pool = pool if pool is not None else pool_for(device)
+    p = _rank_plan(transfers, rank, rank * slots_per_rank)
+    peers = sorted((set(p.recv) | set(p.send)) - {rank})
+    views = {q: v for q in p.send
+             if (v := _view_send(layout, tensors, p.send_src[slice(*p.send[q])])) is not None}
+    gathered: dict[int, tuple[int, int]] = {}  # peer -> its rows in the outgoing block
+    gather_src: list[int] = []
+    for q in sorted(p.send):
+        if q not in views:
+            rows_q = p.send_src[slice(*p.send[q])]
+            gathered[q] = (len(gather_src), len(gather_src) + len(rows_q))
+            gather_src += rows_q
+    n_in, n_out = len(p.dst_local), len(gather_src)
     keep: list = []
-
-    def index(values: list[int]) -> torch.Tensor:
-        idx = torch.tensor(values, dtype=torch.long)
-        if device.type != "cuda":
-            return idx
-        idx = idx.pin_memory()
-        keep.append(idx)
-        return idx.to(device, non_blocking=True)
 
     ctx = nullcontext()
     start_event = None
@@ -191,39 +265,50 @@ def start_layer_transfer(
     with ctx:
         if start_event is not None:
             start_event.record(stream)
-        # staging[name] : [n_in, *row_shape], filled by local copies now and receives later
-        staging = {
-            n: torch.empty((len(incoming),) + tuple(tensors[n].shape[1:]),
-                           dtype=tensors[n].dtype, device=device)
-            for n in names
-        }
-        local = [(i, t.src_slot - base) for i, t in enumerate(incoming) if t.src_rank == rank]
-        if local:
-            dst_i, src_i = index([i for i, _ in local]), index([s for _, s in local])
-            for n in names:  # on byte rows: index_copy_ has no float8 kernel on CPU
-                _byte_rows(staging[n]).index_copy_(0, dst_i, _byte_rows(
-                    tensors[n]).index_select(0, src_i))
+        buffer = pool.acquire((n_in + n_out) * layout.stride, device)
+        rows = buffer[:(n_in + n_out) * layout.stride].view(n_in + n_out, layout.stride)
+        staging, outgoing = rows[:n_in], rows[n_in:]
+        dst_index, local_src, gather_index = _upload(
+            [p.dst_local, p.local_src, gather_src], device, keep)
+        if n_out:
+            gather_into(outgoing, layout, tensors, gather_index)
         ops: list[dist.P2POp] = []
         received = 0
-        for peer in sorted({t.src_rank for t in transfers} | {t.dst_rank for t in transfers}):
-            if peer == rank:
-                continue
-            out_rows = [t.src_slot - base for t in transfers
-                        if t.src_rank == rank and t.dst_rank == peer]
-            in_rows = [i for i, t in enumerate(incoming) if t.src_rank == peer]
-            src_i = index(out_rows) if out_rows else None
-            for tag, n in enumerate(names):
-                if src_i is not None:
-                    payload = _as_bytes(tensors[n].index_select(0, src_i))
-                    keep.append(payload)
-                    ops.append(dist.P2POp(dist.isend, payload, peer, group, tag))
-                if in_rows:
-                    block = staging[n][in_rows[0]:in_rows[-1] + 1]  # contiguous: a view
-                    ops.append(dist.P2POp(dist.irecv, _as_bytes(block), peer, group, tag))
-                    received += block.numel() * block.element_size()
+        # tag: the layer, so a gloo pair never matches one layer's message with another's
+        for peer in peers:
+            if peer in views:
+                ops.append(dist.P2POp(dist.isend, views[peer], peer, group, layer_idx))
+            elif peer in gathered:
+                lo, hi = gathered[peer]
+                ops.append(dist.P2POp(dist.isend, outgoing[lo:hi].reshape(-1), peer, group,
+                                      layer_idx))
+            if peer in p.recv:
+                lo, hi = p.recv[peer]
+                ops.append(dist.P2POp(dist.irecv, staging[lo:hi].reshape(-1), peer, group,
+                                      layer_idx))
+                received += (hi - lo) * layout.payload
         works = dist.batch_isend_irecv(ops) if ops else []
-    staged = StagedLayer(layer_idx, dst_local, staging, received)
-    return PendingLayer(staged, list(works), stream, keep, start_event)
+        if rank in p.recv:  # after the P2P ops: on CUDA they overlap the transfer
+            lo, hi = p.recv[rank]
+            gather_into(staging[lo:hi], layout, tensors, local_src)
+    staged = StagedLayer(layer_idx, torch.tensor(p.dst_local, dtype=torch.long), staging,
+                         layout, received, len(ops), dst_index, buffer, pool)
+    return PendingLayer(staged, list(works), stream, keep, start_event, posted_at)
+
+
+def _upload(lists: list[list[int]], device: torch.device, keep: list) -> list[torch.Tensor]:
+    """Index lists as LongTensors on ``device``: on CUDA one non-blocking copy from pinned
+    memory (kept alive in ``keep`` until the transfer is done), then views."""
+    flat = torch.tensor([v for values in lists for v in values], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+        keep.append(flat)
+        flat = flat.to(device, non_blocking=True)
+    out, at = [], 0
+    for values in lists:
+        out.append(flat[at:at + len(values)])
+        at += len(values)
+    return out
 
 
 def stage_layer(
@@ -242,11 +327,18 @@ def stage_layer(
 
 
 def commit_layer(tensors: dict[str, torch.Tensor], staged: StagedLayer) -> None:
-    """Write the staged rows in place (call only once every rank has staged this layer)."""
-    if not staged.dst_local.numel():
-        return
-    dst = staged.dst_local.to(next(iter(staged.rows.values())).device)  # one copy, every name
-    for n, rows in staged.rows.items():
-        tensors[n][dst] = rows
-        if rows.is_cuda:  # staged on the transfer stream, read here on the current one
-            rows.record_stream(torch.cuda.current_stream(rows.device))
+    """Write the staged rows in place (call only once every rank has staged this layer), then
+    give the layer's buffer back to its pool."""
+    if staged.dst_local.numel():
+        index = staged.dst_index
+        if index is None or index.device != staged.packed.device:
+            index = staged.dst_local.to(staged.packed.device)
+        scatter_from(staged.packed, staged.layout, tensors, index)
+        if staged.packed.is_cuda:  # made on the transfer stream, read here on the current one
+            current = torch.cuda.current_stream(staged.packed.device)
+            index.record_stream(current)
+            if staged.buffer is not None:
+                staged.buffer.record_stream(current)
+    if staged.pool is not None and staged.buffer is not None:
+        staged.pool.release(staged.buffer)
+    staged.buffer = staged.pool = None  # a second commit must not hand it out twice
