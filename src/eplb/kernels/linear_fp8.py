@@ -77,6 +77,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     ws = weight_scale_inv.contiguous()
     bm = 16 if m <= 16 else 64 if m <= 2048 else 128
     bn = 128
+    if m <= 64:
+        # decode sizes stream the weight once: at BN 128 the o projection (N 2048) ran 16 CTAs on
+        # 132 SMs. Narrower tiles until there are >= 128 (still one 128-row scale block per tile)
+        while bn > 16 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < 128:
+            bn //= 2
     warps = 8 if bm == 128 else 4
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
