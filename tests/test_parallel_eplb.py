@@ -209,3 +209,11 @@ def test_balancedness_rises_on_a_skewed_workload(runs):
     # (how many steps a commit takes depends on thread timing, so the middle is not judged)
     assert hist[-1] > hist[0] + 0.05, hist
     assert statistics.mean(hist[1:]) > hist[0], hist
+
+
+def test_a_failing_rank_reports_its_traceback(model):
+    """A rank that raises sends its traceback before its hard exit: the parent names the rank and
+    the error instead of only seeing a dead process."""
+    bad = Scenario("bad engine option", engine={"no_such_option": 1})
+    with pytest.raises(RuntimeError, match=r"rank \d failed:(.|\n)*no_such_option"):
+        run_scenarios(model, 2, [bad], ENGINE, timeout_s=120)

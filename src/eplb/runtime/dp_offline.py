@@ -105,6 +105,8 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             worker.close(leave_group=index == len(scenarios) - 1)
     except BaseException:  # noqa: BLE001 - the parent reports it
         results.put((-1, rank, traceback.format_exc()))
+        results.close()
+        results.join_thread()  # flush the traceback to the parent before the hard exit
         os._exit(1)
 
 
