@@ -71,6 +71,8 @@ def test_make_load_estimator_from_config():
     ("load_half_life", 0, "load_half_life must be a number > 0"),
     ("rebalance_trigger", "always", "rebalance_trigger must be one of interval, shift"),
     ("shift_threshold", 1.5, r"shift_threshold must be a number in \(0, 1\]"),
+    ("shift_drop", 1.0, r"shift_drop must be a number in \[0, 1\)"),
+    ("shift_drop", -0.01, r"shift_drop must be a number in \[0, 1\)"),
     ("shift_steps", 0, "shift_steps must be an integer >= 1"),
     ("shift_min_gap", True, "shift_min_gap must be an integer >= 1"),
     ("skip_gain_threshold", -0.1, r"skip_gain_threshold must be a number in \[0, 1\]"),

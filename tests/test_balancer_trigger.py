@@ -46,7 +46,32 @@ def test_interval_mode_ignores_drops():
 def test_no_shift_rebalance_while_balancedness_holds(level, noise):
     # Variation within +-4% of the level never falls below 0.9 of the reference.
     values = [level * (1 + n) for n in noise]
-    t = RebalanceTrigger("shift", 10_000, shift_threshold=0.9, shift_steps=3, min_gap=5)
+    t = RebalanceTrigger("shift", 10_000, shift_threshold=0.9, shift_steps=3, min_gap=5, shift_drop=0.0)
+    assert _run(t, values) == []
+
+
+def test_absolute_drop_fires_where_the_relative_one_does_not():
+    # Mixtral-8x7B EP 4 R 0's shift in bench/balancer.py: 0.605 -> 0.563 is 7% relative.
+    values = [0.605] * 50 + [0.563] * 60
+    fired = _run(RebalanceTrigger("shift", 1000, shift_threshold=0.9, shift_steps=12, min_gap=16,
+                                  shift_drop=0.02), values)
+    assert [(s, d.reason) for s, d in fired] == [(62, "shift"), (78, "shift-followup")]
+    assert _run(RebalanceTrigger("shift", 1000, shift_threshold=0.9, shift_steps=12, min_gap=16,
+                                 shift_drop=0.0), values) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(level=st.floats(0.2, 0.99), steps=st.integers(1, 8),
+       parts=st.lists(st.tuples(st.lists(st.floats(-0.009, 0.009), min_size=1, max_size=30),
+                                st.integers(0, 7), st.floats(0.0, 1.0)), min_size=1, max_size=10))
+def test_bursts_shorter_than_shift_steps_never_fire(level, steps, parts):
+    # Normal steps within 0.009 of the level, separated by bursts (any depth) of fewer than
+    # shift_steps steps: every window holds a normal step at most 0.018 below the reference.
+    values = []
+    for noise, burst_len, depth in parts:
+        values += [level + n for n in noise] + [level * depth] * min(burst_len, steps - 1)
+    t = RebalanceTrigger("shift", 10_000, shift_threshold=0.9, shift_steps=steps, min_gap=1,
+                         shift_drop=0.02)
     assert _run(t, values) == []
 
 
@@ -62,5 +87,7 @@ def test_make_trigger_from_config():
     t = make_trigger(EPLBConfig(step_interval=5, rebalance_trigger="shift", shift_threshold=0.8,
                                 shift_steps=2, shift_min_gap=3))
     assert (t.mode, t.step_interval, t.shift_threshold, t.shift_steps, t.min_gap) == ("shift", 5, 0.8, 2, 3)
+    assert t.shift_drop == EPLBConfig().shift_drop == 0.02
+    assert make_trigger(EPLBConfig(rebalance_trigger="shift", shift_drop=0.0)).shift_drop == 0.0
     with pytest.raises(ValueError, match="rebalance_trigger"):
         RebalanceTrigger("never", 5)

@@ -69,11 +69,15 @@ class EPLBConfig:
     load_half_life: float = 100.0
     # ours: "interval" (every step_interval steps, vLLM's) or "shift" (also early, when each of
     # the last shift_steps steps' balancedness falls below shift_threshold times the mean since
-    # the last rebalance, at least shift_min_gap steps after the previous one)
+    # the last rebalance, or below that mean minus shift_drop, at least shift_min_gap steps
+    # after the previous one)
     rebalance_trigger: str = "interval"
     shift_threshold: float = 0.9
     shift_steps: int = 12  # longer than a typical burst: only a lasting drop fires
     shift_min_gap: int = 16
+    # absolute drop in balancedness (0.02 = two points) that also fires "shift"; number in
+    # [0, 1), 0 = only the relative shift_threshold
+    shift_drop: float = 0.02
     # ours: a layer takes a new placement only when its predicted balancedness gain on the
     # estimate is at least this (absolute, 0.01 = one point); 0 = always (vLLM's)
     skip_gain_threshold: float = 0.0
@@ -120,6 +124,9 @@ class EPLBConfig:
             raise ValueError(f"shift_threshold must be a number in (0, 1], got {self.shift_threshold!r}")
         _check_int("shift_steps", self.shift_steps, 1)
         _check_int("shift_min_gap", self.shift_min_gap, 1)
+        if (isinstance(self.shift_drop, bool) or not isinstance(self.shift_drop, (int, float))
+                or not 0 <= self.shift_drop < 1):
+            raise ValueError(f"shift_drop must be a number in [0, 1), got {self.shift_drop!r}")
         if (isinstance(self.skip_gain_threshold, bool)
                 or not isinstance(self.skip_gain_threshold, (int, float))
                 or not 0 <= self.skip_gain_threshold <= 1):

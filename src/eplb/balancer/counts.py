@@ -52,41 +52,61 @@ def pack_to_target(load: np.ndarray, target: np.ndarray, num_ranks: int,
     tgt = target * (1 + 1e-12) + 1e-12
     rows = np.arange(B)
     row_g, row_p = rows * G, rows * P
+    # Early failure: every rank ends at most at the target, so a row whose full ranks left more
+    # room under it (``lost``) than the whole row has (``G * tgt - sum(load)``) will fail later
+    # anyway (the margin covers rounding: only clearly infeasible rows stop early).
+    spare = G * tgt - load.sum(1) + 1e-9 * G * np.abs(tgt)
+    lost = np.zeros(B)
     for j in range(E):
+        if not ok.any():
+            break
         experts_after = E - j - 1
         slots_left = P - used
         # Every later expert needs a slot, and can take at most G (one per rank).
-        c_hi = np.minimum(G, slots_left - experts_after)
-        c_lo = np.maximum(1, slots_left - experts_after * G)
-        if not ok.any():
-            break
+        c_lo1 = slots_left - experts_after * G <= 1
         w = w_sorted[:, j]
         g1 = key.argmin(1)
+        fr = row_g + g1
         # Most experts fit whole on the lightest open rank: no sort for those rows.
-        single = (key_f[row_g + g1] + w <= tgt) & (c_lo == 1)
-        multi = np.flatnonzero(~single & ok)
-        r = np.flatnonzero(single & ok)
-        g = g1[r]
-        c = np.ones(B, dtype=np.int64)
-        if multi.size:
-            by_load = np.argsort(key[multi], axis=1, kind="stable")
-            kth = np.take_along_axis(key[multi], by_load, 1)  # c-th lightest open rank: kth[c - 1]
-            fits = (kth + w[multi, None] / reps <= tgt[multi, None]) & (
-                reps >= c_lo[multi, None]) & (reps <= c_hi[multi, None])
-            found = fits.any(1)
-            ok[multi[~found]] = False
-            cm = fits.argmax(1) + 1  # the fewest replicas that fit
-            c[multi] = cm
-            mr, pos = np.nonzero((reps <= cm[:, None]) & found[:, None])
-            r = np.concatenate([r, multi[mr]])
-            g = np.concatenate([g, by_load[mr, pos]])
-        fr = row_g[r] + g
-        f = fill[fr]
-        out[row_p[r] + g * S + f] = order[r, j]
-        fill[fr] = f + 1
-        key_f[fr] += w[r] / c[r]
-        key_f[fr[f + 1 >= S]] = np.inf
-        used += np.where(ok, c, 0)
+        single = (key_f[fr] + w <= tgt) & c_lo1 & ok
+        if single.all():
+            f = fill[fr]
+            out[row_p + g1 * S + f] = order[:, j]
+            fill[fr] = f + 1
+            key_f[fr] += w
+            used += 1
+        else:
+            multi = np.flatnonzero(~single & ok)
+            r = np.flatnonzero(single)
+            g = g1[r]
+            add = w[r]
+            if multi.size:
+                c_hi = np.minimum(G, slots_left[multi] - experts_after)
+                c_lo = np.maximum(1, slots_left[multi] - experts_after * G)
+                by_load = np.argsort(key[multi], axis=1, kind="stable")
+                kth = np.take_along_axis(key[multi], by_load, 1)  # c-th lightest: kth[c - 1]
+                wm = w[multi]
+                fits = (kth + wm[:, None] / reps <= tgt[multi, None]) & (
+                    reps >= c_lo[:, None]) & (reps <= c_hi[:, None])
+                found = fits.any(1)
+                ok[multi[~found]] = False
+                cm = fits.argmax(1) + 1  # the fewest replicas that fit
+                used[multi[found]] += cm[found]
+                mr, pos = np.nonzero((reps <= cm[:, None]) & found[:, None])
+                r = np.concatenate([r, multi[mr]])
+                g = np.concatenate([g, by_load[mr, pos]])
+                add = np.concatenate([add, (wm / cm)[mr]])
+            used[r[: r.size - (0 if not multi.size else mr.size)]] += 1
+            fr = row_g[r] + g
+            f = fill[fr]
+            out[row_p[r] + g * S + f] = order[r, j]
+            fill[fr] = f + 1
+            key_f[fr] += add
+        full = fr[f + 1 >= S]
+        if full.size:
+            lost += np.bincount(full // G, weights=tgt[full // G] - key_f[full], minlength=B)
+            key_f[full] = np.inf
+            ok &= lost <= spare
     return out.reshape(B, P), ok
 
 

@@ -90,13 +90,16 @@ def swap_search(
     level = None if levels is None else levels * (1 + REL) + 1e-12
     stop_at = None if target is None else target * (1 + REL) + 1e-12
 
+    layer_g = layers * num_ranks  # flat offsets of each layer's rows
+    layer_s = layers * num_slots
+    layer_h = layers * layer_holds
     for _ in range(max_iters):
         if level is None:
             heavy = rank_load.argmax(1)
         else:
             heavy, any_over = heavy_rank_by_levels(rank_load, level)
             active &= any_over
-        heavy_load = rank_load[layers, heavy]
+        heavy_load = rank_load_flat[layer_g + heavy]
         if stop_at is not None:
             active &= heavy_load > stop_at
         if budget is not None:
@@ -112,55 +115,53 @@ def swap_search(
         else:
             light = np.broadcast_to(np.arange(num_ranks), (n, num_ranks))
         # Flat slot indices: the heavy rank's slots [n, S], the light ranks' slots [n, near * S].
-        slot_a = (act * num_slots + heavy_a * slots_per_rank)[:, None] + slot_in_rank
-        slot_b = ((act * num_slots)[:, None, None] + light[:, :, None] * slots_per_rank
+        base_s = layer_s[act]
+        slot_a = (base_s + heavy_a * slots_per_rank)[:, None] + slot_in_rank
+        slot_b = ((base_s[:, None] + light * slots_per_rank)[:, :, None]
                   + slot_in_rank).reshape(n, num_partners)
         exp_a, w_a, exp_b, w_b = expert_at[slot_a], slot_load[slot_a], expert_at[slot_b], slot_load[slot_b]
-        holds_base = (act * layer_holds)[:, None]
+        base_h = layer_h[act]
+        heavy_h = base_h + heavy_a * num_experts
+        light_h = base_h[:, None] + light * num_experts  # [n, near]
         # A partner on the heavy rank itself, or whose expert the heavy rank already holds, is
         # ruled out by an infinite partner-rank load.
-        b_blocked = (light == heavy_a[:, None])[:, :, None] | (
-            holds[holds_base + heavy_a[:, None] * num_experts + exp_b] != 0
-        ).reshape(n, num_near, slots_per_rank)
-        light_load = loads_a.reshape(-1)[(np.arange(n) * num_ranks)[:, None] + light]
-        partner_load = np.where(b_blocked, np.inf, light_load[:, :, None]).reshape(n, num_partners)
+        light_load = rank_load_flat[layer_g[act][:, None] + light]
+        light_load[light == heavy_a[:, None]] = np.inf
+        partner_load = np.repeat(light_load, slots_per_rank, axis=1)
+        partner_load[holds[heavy_h[:, None] + exp_b] != 0] = np.inf
         moved = w_a[:, :, None] - w_b[:, None, :]  # [n, S, near * S]: load leaving the heavy rank
         new_max = np.maximum(top[:, None, None] - moved, partner_load[:, None, :] + moved)
         # A light rank that already holds a's expert is ruled out for all its slots.
-        a_blocked = holds[(holds_base + light * num_experts)[:, None, :] + exp_a[:, :, None]] != 0
-        new_max.reshape(n, slots_per_rank, num_near, slots_per_rank)[...] += np.where(
-            a_blocked, np.inf, 0.0)[..., None]
+        a_blocked = holds[light_h[:, None, :] + exp_a[:, :, None]] != 0  # [n, S, near]
+        if a_blocked.any():
+            new_max.reshape(n, slots_per_rank, num_near, slots_per_rank)[a_blocked] = np.inf
         score = new_max.reshape(n, -1)
         best = score.argmin(1)
         found = score[np.arange(n), best] < top - min_gain[act]
-        active[act[~found]] = False
-        if not found.any():
-            break
-        _apply_swaps(
-            act[found], slot_a[found, best[found] // num_partners],
-            slot_b[found, best[found] % num_partners], heavy_a[found],
-            light[found, (best[found] % num_partners) // slots_per_rank],
-            expert_at, slot_load, rank_load_flat, holds, num_ranks, num_experts)
-        swaps[act[found]] += 1
+        if not found.all():
+            active[act[~found]] = False
+            if not found.any():
+                break
+            act, best, slot_a, slot_b, heavy_a, light = (
+                act[found], best[found], slot_a[found], slot_b[found], heavy_a[found], light[found])
+            heavy_h, light_h = heavy_h[found], light_h[found]
+        k = np.arange(act.size)
+        ia, ib = best // num_partners, best % num_partners
+        sa, sb = slot_a[k, ia], slot_b[k, ib]
+        # Swap the two slots in the flat state: all cells are distinct (the two ranks and the two
+        # experts of a swap differ, and each layer swaps once per round).
+        ea, eb = expert_at[sa], expert_at[sb]
+        wa, wb = slot_load[sa], slot_load[sb]
+        expert_at[sa], expert_at[sb] = eb, ea
+        slot_load[sa], slot_load[sb] = wb, wa
+        d = wb - wa
+        rank_load_flat[layer_g[act] + heavy_a] += d
+        rank_load_flat[layer_g[act] + light[k, ib // slots_per_rank]] -= d
+        hb = light_h[k, ib // slots_per_rank]
+        holds[heavy_h + ea] -= 1
+        holds[hb + eb] -= 1
+        holds[heavy_h + eb] += 1
+        holds[hb + ea] += 1
+        swaps[act] += 1
     return expert_at.reshape(num_layers, num_slots), swaps
 
-
-def _apply_swaps(
-    layer: np.ndarray, slot_a: np.ndarray, slot_b: np.ndarray, rank_a: np.ndarray,
-    rank_b: np.ndarray, expert_at: np.ndarray, slot_load: np.ndarray, rank_load_flat: np.ndarray,
-    holds: np.ndarray, num_ranks: int, num_experts: int,
-) -> None:
-    """Swap flat slots ``slot_a`` and ``slot_b`` (one pair per layer) in the flat state, in place.
-    One fancy update per array: all cells are distinct (the two ranks and the two experts of a
-    swap differ, and each layer swaps once per round)."""
-    exp_a, exp_b = expert_at[slot_a], expert_at[slot_b]
-    w_a, w_b = slot_load[slot_a], slot_load[slot_b]
-    both = np.concatenate([slot_a, slot_b])
-    expert_at[both] = np.concatenate([exp_b, exp_a])
-    slot_load[both] = np.concatenate([w_b, w_a])
-    rank_load_flat[np.concatenate([layer * num_ranks + rank_a, layer * num_ranks + rank_b])] += (
-        np.concatenate([w_b - w_a, w_a - w_b]))
-    base_a = layer * num_ranks * num_experts + rank_a * num_experts
-    base_b = layer * num_ranks * num_experts + rank_b * num_experts
-    holds[np.concatenate([base_a + exp_a, base_b + exp_b])] -= 1
-    holds[np.concatenate([base_a + exp_b, base_b + exp_a])] += 1
