@@ -155,16 +155,16 @@ def test_bad_load_and_unknown_policy():
         get_policy("nope")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(prob=problems())
 def test_refined_never_less_balanced_than_greedy_on_the_fitted_load(prob):
     load, ranks, redundant = prob
     ours = get_policy("refined")(load, ranks, redundant)
     greedy = get_policy("deepseek")(load, ranks, redundant)
-    # Within SECOND_TRY (1%) of the bound refined stops searching, so a lucky greedy packing
-    # can be a hair better there (e.g. 149.67 against 149.5 on 2 ranks); never by more.
-    slack = 1 + refined_mod.SECOND_TRY
-    assert (rank_loads(load, ours).amax(-1) <= rank_loads(load, greedy).amax(-1) * slack + 1e-9).all()
+    # every layer not at the bound also tries greedy's own packing (before: within 1% of the
+    # bound a lucky greedy packing could be a hair better, e.g. 149.67 against 149.5 on 2 ranks)
+    ours_max, greedy_max = rank_loads(load, ours).amax(-1), rank_loads(load, greedy).amax(-1)
+    assert (ours_max <= greedy_max * (1 + 1e-9) + 1e-9).all()
 
 
 def test_history_picks_greedy_per_layer_only_when_it_is_better_step_by_step():

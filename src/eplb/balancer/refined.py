@@ -309,11 +309,16 @@ def fresh_placement(w: np.ndarray, num_ranks: int, num_redundant: int) -> np.nda
     best_max = max_rank_load(best, w, num_ranks)
     if not np.isfinite(SECOND_TRY):
         return best
-    open_rows = np.flatnonzero(best_max > bound * (1 + SECOND_TRY))
+    # Every layer not at the bound also packs DeepSeek's uncapped replication without the
+    # one-copy-per-rank rule (greedy's own packing), so refined is never less balanced than
+    # greedy on the fitted load; only layers more than SECOND_TRY above the bound swap-search it.
+    open_rows = np.flatnonzero(best_max > bound * (1 + _REL))
     if open_rows.size:
         wo = w[open_rows]
         other = greedy_pack_distinct(wo, uncapped[open_rows], num_ranks, distinct=False)
-        other, _ = swap_search(other, wo, num_ranks, target=bound[open_rows])
+        far = np.flatnonzero(best_max[open_rows] > bound[open_rows] * (1 + SECOND_TRY))
+        if far.size:
+            other[far], _ = swap_search(other[far], wo[far], num_ranks, target=bound[open_rows[far]])
         other_max = max_rank_load(other, wo, num_ranks)
         better = other_max < best_max[open_rows] * (1 - _REL)
         best[open_rows[better]] = other[better]
