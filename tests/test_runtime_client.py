@@ -86,6 +86,7 @@ def test_streams_equal_single_process_and_spread_over_ranks(model, served):
         assert [len(o.token_ids) for o in outs] == list(range(1, params.max_tokens + 1))
     assert stats["healthy"] and len(stats["ranks"]) == 2
     assert all(r["requests_added"] >= 2 for r in stats["ranks"])  # least-loaded routing spreads
+    assert stats["requests_added"] == sum(r["requests_added"] for r in stats["ranks"])
     assert stats["rebalances"] >= 1 and stats["verify_mismatches"] == 0
     for key in ("rebalances_failed", "copies_moved", "bytes_moved", "last_rebalance_s",
                 "mean_rebalance_s", "balancedness"):

@@ -319,10 +319,10 @@ class DPEngineClient:
             for key, value in first.items():
                 # per-rank figures stay under "ranks" (static_steps is the same on every rank)
                 if key not in ("rank", "running", "waiting", "dummy_steps", "static_dummy_steps",
-                               "eager_decode_steps"):
+                               "eager_decode_steps", "requests_added"):
                     out[key] = value
-            out["running"] = sum(r["running"] for r in ranks)
-            out["waiting"] = sum(r["waiting"] for r in ranks)
+            for key in ("running", "waiting", "requests_added"):  # totals over the ranks
+                out[key] = sum(r.get(key, 0) for r in ranks)
         return out
 
     # ----- the reader thread -----------------------------------------------------------------
