@@ -133,9 +133,9 @@ class DecodeGraphs:
         runs the same graph as its peers."""
         n = len(ids)
         if bs is None:
-            if not self.fits(n):
+            bs = self.size_for(n)
+            if bs is None:
                 raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
-            bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         elif bs not in self.sizes or n > bs:
             raise ValueError(f"decode batch of {n} at size {bs}: not one of {self.sizes} or too small")
         self._fill(ids, slots, positions, bs)

@@ -262,15 +262,23 @@ class MoELayer(nn.Module):
         return load
 
     # -- compute ------------------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
+    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.before_route is not None:
             self.before_route()
-        logits = F.linear(x, self.gate_weight, self.router_bias)
-        if x.is_cuda and x.shape[0] and kernels.HAS_TRITON:
-            # softmax + top-k + renormalise in one launch (eplb.kernels.routing)
-            w, ids = kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob)
-            return w.to(x.dtype), ids
+        return F.linear(x, self.gate_weight, self.router_bias)
+
+    @staticmethod
+    def _fused_router(x: torch.Tensor) -> bool:
+        """The router tail runs in the Triton kernel (``kernels.route_topk``)."""
+        return x.is_cuda and x.shape[0] > 0 and kernels.HAS_TRITON
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
+        logits = self._router_logits(x)
+        if self._fused_router(x):
+            # softmax + top-k + renormalise + cast in one launch (eplb.kernels.routing)
+            w, ids, _ = kernels.route_topk(logits, self.top_k, self.norm_topk_prob, weight_dtype=x.dtype)
+            return w, ids
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -327,7 +335,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs)."""
-        if x.is_cuda and x.shape[0] and kernels.HAS_TRITON:
+        if self._fused_router(x):
             weights, slots = self._route_fused(x, num_real_tokens)
         else:
             weights, ids = self.route(x)
@@ -340,12 +348,9 @@ class MoELayer(nn.Module):
         (``kernels.route_topk``; the replica choice stays in torch when experts have several
         replicas). Same values as the unfused path: weights rounded once from float32, exact
         integer counts."""
-        if self.before_route is not None:
-            self.before_route()
-        logits = F.linear(x, self.gate_weight, self.router_bias)
         single = self.single_replica_map()
         weights, ids, slots = kernels.route_topk(
-            logits, self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
+            self._router_logits(x), self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
             load=self.expert_load, num_real=num_real_tokens)
         if slots is None:
             slots = self.choose_slots(ids)

@@ -105,7 +105,6 @@ class AllGatherReduceScatter:
     ) -> torch.Tensor:
         if self._static_t is not None:
             return self._static(hidden, slot_ids, weights, expert_fn, layer)
-        g = self.world_size
         num_tokens, top_k = slot_ids.shape
         dim = hidden.shape[-1]
         t_max = self._token_max(num_tokens)
@@ -114,15 +113,24 @@ class AllGatherReduceScatter:
         pad_hidden[:num_tokens] = hidden
         pad_slots = torch.full((t_max, top_k), -1, dtype=torch.long, device=hidden.device)
         pad_slots[:num_tokens] = slot_ids
-        all_hidden = hidden.new_empty(g * t_max, dim)
-        all_slots = torch.empty(g * t_max, top_k, dtype=torch.long, device=hidden.device)
-        _all_gather_flat(all_hidden, pad_hidden, group=self.group)
-        _all_gather_flat(all_slots, pad_slots, group=self.group)
-
-        pair_out = local_pair_outputs(all_hidden, all_slots, expert_fn, layer)
-        own = hidden.new_empty(t_max, top_k, dim)
-        _reduce_scatter_flat(own, pair_out, group=self.group)
+        own = self._exchange(pad_hidden, pad_slots, expert_fn, layer)
         return combine(own[:num_tokens], weights)
+
+    def _exchange(self, hidden: torch.Tensor, slot_ids: torch.Tensor, expert_fn: ExpertFn,
+                  layer: object) -> torch.Tensor:
+        """Every rank's ``t`` rows (hidden [t, H], slot ids [t, k], the same t everywhere) ->
+        this rank's per-pair outputs [t, k, H]: gather all rows, compute the pairs this rank
+        holds, reduce-scatter the outputs back to their rows' ranks."""
+        t, top_k = slot_ids.shape
+        g, dim = self.world_size, hidden.shape[-1]
+        all_hidden = hidden.new_empty(g * t, dim)
+        all_slots = torch.empty(g * t, top_k, dtype=slot_ids.dtype, device=hidden.device)
+        _all_gather_flat(all_hidden, hidden.contiguous(), group=self.group)
+        _all_gather_flat(all_slots, slot_ids.contiguous(), group=self.group)
+        pair_out = local_pair_outputs(all_hidden, all_slots, expert_fn, layer)
+        own = hidden.new_empty(t, top_k, dim)
+        _reduce_scatter_flat(own, pair_out, group=self.group)
+        return own
 
     def _static(
         self,
@@ -139,22 +147,14 @@ class AllGatherReduceScatter:
         travel with slot -1, as the dynamic path's padding does, so every slot computes the same
         pairs in the same order as there, and ``combine`` is the same: the same answer."""
         t = self._static_t
-        num_tokens, top_k = slot_ids.shape
+        num_tokens = slot_ids.shape[0]
         if num_tokens != t:
             raise RuntimeError(f"static step of {t} rows got {num_tokens}; every rank must run "
                                "the agreed padded size")
         if self._num_real is not None:
             real = torch.arange(t, device=slot_ids.device) < self._num_real
             slot_ids = torch.where(real.unsqueeze(1), slot_ids, -1)
-        g, dim = self.world_size, hidden.shape[-1]
-        all_hidden = hidden.new_empty(g * t, dim)
-        all_slots = torch.empty(g * t, top_k, dtype=slot_ids.dtype, device=hidden.device)
-        _all_gather_flat(all_hidden, hidden.contiguous(), group=self.group)
-        _all_gather_flat(all_slots, slot_ids.contiguous(), group=self.group)
-        pair_out = local_pair_outputs(all_hidden, all_slots, expert_fn, layer)
-        own = hidden.new_empty(t, top_k, dim)
-        _reduce_scatter_flat(own, pair_out, group=self.group)
-        return combine(own, weights)
+        return combine(self._exchange(hidden, slot_ids, expert_fn, layer), weights)
 
 
 def local_pair_outputs(x: torch.Tensor, slot_ids: torch.Tensor, expert_fn: ExpertFn,
