@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+from dist_helpers import merged_tokens
 from eplb.engine import LLM, SamplingParams
 from eplb.model.tiny import make_tiny_checkpoint
 from eplb.runtime.dp_offline import Scenario, run_scenarios
@@ -65,14 +66,6 @@ def _reference(path: str, reqs, engine: dict | None = None) -> dict[int, list[in
 @pytest.fixture(scope="module")
 def reference(model):
     return _reference(model, _requests()), _reference(model, _skewed_requests(), SKEW_ENGINE)
-
-
-def _merged_tokens(per_rank: list[dict]) -> dict[int, list[int]]:
-    tokens: dict[int, list[int]] = {}
-    for r in per_rank:
-        assert not set(tokens) & set(r["tokens"]), "a request finished on two ranks"
-        tokens.update(r["tokens"])
-    return tokens
 
 
 SCENARIOS_2 = [
@@ -139,7 +132,7 @@ ALL = [(2, sc.name) for sc in SCENARIOS_2] + [(4, sc.name) for sc in SCENARIOS_4
 @pytest.mark.parametrize("world,name", ALL)
 def test_greedy_tokens_equal_single_process(runs, reference, world, name):
     want = reference[1] if name.startswith("skew") else reference[0]
-    got = _merged_tokens(runs[world][name])
+    got = merged_tokens(runs[world][name])
     assert got == want
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist_helpers import merged_tokens
 from eplb.engine import LLM, SamplingParams
 from eplb.engine.cuda_graphs import capture_sizes
 from eplb.model.tiny import make_tiny_checkpoint
@@ -96,17 +97,9 @@ def runs(model):
     return out
 
 
-def _merged_tokens(per_rank: list[dict]) -> dict[int, list[int]]:
-    tokens: dict[int, list[int]] = {}
-    for r in per_rank:
-        assert not set(tokens) & set(r["tokens"]), "a request finished on two ranks"
-        tokens.update(r["tokens"])
-    return tokens
-
-
 @pytest.mark.parametrize("world,name", ALL)
 def test_greedy_tokens_equal_single_process(runs, reference, world, name):
-    assert _merged_tokens(runs[world][name]) == reference
+    assert merged_tokens(runs[world][name]) == reference
 
 
 @pytest.mark.parametrize("world,name", STATIC_RUNS)
@@ -193,4 +186,4 @@ def test_cuda_graphs_under_dp_ep_match_eager(model):
     assert all(r["stats"]["static_steps"] > 0 for r in graphs)  # graphs were replayed
     assert all(r["stats"]["static_steps"] == 0 for r in eager)
     assert graphs[0]["stats"]["rebalances"] >= 1
-    assert _merged_tokens(graphs) == _merged_tokens(eager)
+    assert merged_tokens(graphs) == merged_tokens(eager)

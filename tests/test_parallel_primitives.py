@@ -19,17 +19,17 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dist_helpers import spawn_ranks
 from eplb.balancer.placement import Placement
 from eplb.balancer.planner import plan
 from eplb.config import ALL2ALL_BACKENDS
 from eplb.model.moe import expert_forward, local_dispatch
 from eplb.parallel import all2all
 from eplb.parallel.all2all import make_dispatcher, plan_sends, routed_ranks
-from eplb.parallel.groups import find_free_port, init_distributed
+from eplb.parallel.groups import init_distributed
 from eplb.parallel.transfer import (
     commit_layer,
     plan_bytes,
@@ -275,16 +275,7 @@ def test_send_plan_sends_each_token_once_per_rank(world, top_k, data):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_transfers_and_dispatchers(world):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
+    results = spawn_ranks(_worker, world, timeout_s=240)
     for rank, checked, moved, dispatched, err in results:
         assert err is None, f"rank {rank}:\n{err}"
         assert checked == 12 * LAYERS and moved > 0

@@ -11,8 +11,6 @@ for a peer are consecutive slots is sent from a view of the live tensor.
 
 from __future__ import annotations
 
-import queue
-import time
 import traceback
 from collections import Counter
 from unittest import mock
@@ -20,10 +18,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_helpers import spawn_ranks
 from eplb.balancer.planner import Transfer
-from eplb.parallel.groups import find_free_port, init_distributed
+from eplb.parallel.groups import init_distributed
 from eplb.parallel.packing import ALIGN, StagingPool, byte_rows, row_layout
 from eplb.parallel.transfer import (
     commit_layer,
@@ -255,23 +253,7 @@ def _check_view_send(rank: int, world: int, ctx, rec: _Recorder) -> None:
 
 @pytest.mark.parametrize("world", [WORLD])
 def test_packed_transfers_on_gloo(world):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = find_free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = []
-    deadline = time.monotonic() + 180
-    while len(results) < world:  # fail fast when a rank dies (gloo aborts on a size mismatch)
-        try:
-            results.append(q.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead and time.monotonic() < deadline, f"ranks died or hung: {dead}"
-    for p in procs:
-        p.join(30)
+    results = spawn_ranks(_worker, world, timeout_s=180)
     for rank, checked, err in results:
         assert err is None, f"rank {rank}:\n{err}"
         assert checked == 20
