@@ -42,6 +42,7 @@ OFF_BALANCEDNESS=${OFF_BALANCEDNESS:-1}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 DEADLINE_S=${DEADLINE_S:-0}
 PY=${PYTHON:-python3}
+. "$(dirname "$0")/serve_lib.sh"
 export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DPEP_WORK=$WORK DPEP_OUT=$OUT
 mkdir -p "$OUT" "$WORK"
@@ -233,15 +234,7 @@ for kind in $MODELS; do
         --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "$max_c" --max-num-batched-tokens 8192 \
         ${EXTRA_SERVE_ARGS:-} >"$cur_log" 2>&1 &
       pid=$!
-      ready=0
-      while [ $(( $(date +%s) - t0 )) -lt "$HEALTH_TIMEOUT" ]; do
-        if ! kill -0 "$pid" 2>/dev/null; then break; fi
-        if $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health', timeout=2).status_code != 200)" 2>/dev/null; then
-          ready=1; break
-        fi
-        sleep 1
-      done
-      if [ "$ready" != 1 ]; then
+      if ! wait_healthy "$pid" "$PORT" "$HEALTH_TIMEOUT"; then
         echo "[$cur_tag] server did not become healthy in $(( $(date +%s) - t0 )) s (timeout $HEALTH_TIMEOUT s); last log lines:" >&2
         tail -30 "$cur_log" >&2
         stop_server; status=1; continue

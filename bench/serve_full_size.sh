@@ -19,6 +19,7 @@ PORT=${PORT:-8000}
 INPUT_LEN=${INPUT_LEN:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 PY=${PYTHON:-python3}
+. "$(dirname "$0")/serve_lib.sh"
 export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 max_c=0
@@ -36,15 +37,7 @@ for kind in $KINDS; do
     --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "$max_c" --max-num-batched-tokens 8192 \
     ${EXTRA_SERVE_ARGS:-} >"$WORK/serve-$kind.log" 2>&1 &
   pid=$!
-  ready=0
-  for _ in $(seq 600); do
-    if ! kill -0 "$pid" 2>/dev/null; then break; fi
-    if $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$PORT/health', timeout=2).status_code != 200)" 2>/dev/null; then
-      ready=1; break
-    fi
-    sleep 1
-  done
-  if [ "$ready" != 1 ]; then
+  if ! wait_healthy "$pid" "$PORT" 600; then
     echo "[$kind] server did not become healthy; last log lines:" >&2; tail -20 "$WORK/serve-$kind.log" >&2
     kill -TERM -- -"$pid" 2>/dev/null; wait "$pid" 2>/dev/null; status=1; continue
   fi
