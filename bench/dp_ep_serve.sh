@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `eplb serve --load-format dummy --data-parallel-size 2 --enable-expert-parallel` of
-# Qwen3-30B-A3B-FP8 then Qwen3-30B-A3B under skewed dummy routing (issue 17, item 4), for each
+# Qwen3-30B-A3B-FP8 then Qwen3-30B-A3B under skewed dummy routing, for each
 # configuration (EPLB off / sync / async, CUDA graphs or --enforce-eager) and each all2all backend,
 # each load-tested by `eplb bench serve` (random 512-token prompts, 256 output tokens, ignore_eos,
 # 4 x concurrency prompts) at several concurrencies, with the server's eplb_* Prometheus figures
