@@ -115,6 +115,22 @@ def test_output_written_everywhere_and_deterministic():
     assert torch.equal(a, b)  # pair order inside a slot varies (atomics); results must not
 
 
+@pytest.mark.parametrize("t,s,k", [(75, 12, 8), (9, 200, 4)])
+def test_single_program_sort_matches_the_multi_program_sort(monkeypatch, t, s, k):
+    # the decode-size sort (one program) and the large-call sort (count + scatter launches) must
+    # give the same loads and the same outputs (each output row is computed alone, so the order
+    # of pairs inside a slot cannot show); 600 pairs: both are eligible
+    from eplb.kernels import moe_triton
+
+    x, slot, wt, w13, w2 = make_case(t, 256, 128, s, k, seed=t)
+    small, load_small = fused_moe(x, slot, wt, w13, w2, return_load=True)
+    monkeypatch.setattr(moe_triton, "SMALL_ALIGN_MAX_PAIRS", 0)
+    large, load_large = fused_moe(x, slot, wt, w13, w2, return_load=True)
+    assert torch.equal(load_small, load_large)
+    assert torch.equal(small, large)
+    assert torch.equal(load_small.cpu().long(), torch.bincount(slot[slot >= 0].cpu(), minlength=s))
+
+
 def test_zero_tokens():
     x, slot, wt, w13, w2 = make_case(0, 256, 128, 8, 4)
     out, load = fused_moe(x, slot, wt, w13, w2, return_load=True)
@@ -191,6 +207,20 @@ def test_fp8_both_intermediate_paths(bm, bn1, bn2):
     assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
 
 
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("bn1", [32, 128])
+def test_fp8_activation_quantized_in_gemm_is_bit_identical(monkeypatch, bn1):
+    # decode sizes quantize x inside gemm1; the separate quantization launch must give the same bits
+    from eplb.kernels import moe_triton
+
+    x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(33, 256, 384, 10, 4, seed=bn1)
+    cfg = _cfg(16, bn1, 64, True)
+    fused = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
+    monkeypatch.setattr(moe_triton, "QUANT_IN_GEMM_MAX_PAIRS", 0)
+    separate = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
+    assert torch.equal(fused, separate)
+
+
 @pytest.mark.parametrize("bm,bn1,bn2", [(128, 128, 256), (64, 64, 128)])
 def test_bf16_large_tiles(bm, bn1, bn2):
     x, slot, wt, w13, w2 = make_case(300, 256, 256, 6, 4, seed=bm)
@@ -262,3 +292,25 @@ def test_fp8_linear(m, n, k):
     emu = quant_dequant_act(x.float().cpu()) @ d.T  # same function in float32
     assert rel_err(y.cpu(), emu) < 2 * BF16_TOL
     assert 1e-3 < rel_err(y.cpu(), x.float().cpu() @ d.T) < 8e-2
+
+
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("m", [1, 24, 64, 200])
+def test_fp8_linear_configs_agree_bit_for_bit(m):
+    # K blocks are accumulated in the same order whatever the tile, and in-GEMM activation
+    # quantization is the separate launch's arithmetic: every config must give the same bits
+    from eplb.kernels.linear_fp8 import fp8_linear, pick_config
+
+    n, k = 512, 1024
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    q, s = q.to(DEV), s.to(DEV)
+    base = pick_config(m, n, k)
+    want = fp8_linear(x, q, s, config=dict(base, KSUB=1, QUANT_A=False))
+    for ksub in (1, 2, 4, 8):
+        for quant_a in (False, True):
+            got = fp8_linear(x, q, s, config=dict(base, KSUB=ksub, QUANT_A=quant_a))
+            assert torch.equal(got, want), (ksub, quant_a)
+    with pytest.raises(ValueError, match="KSUB"):
+        fp8_linear(x, q, s, config=dict(base, KSUB=16))

@@ -11,13 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
+from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel, _quant_rows
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_linear_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
+def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
-                       BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
+                       QUANT_A: tl.constexpr):
+    """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
+    tile, and more independent loads in flight per SM is what reaches the read rate.
+    QUANT_A: x is the bf16/fp16 activation, quantized here per row and 128-group (what
+    _quant_act_kernel writes, bit for bit) instead of read pre-quantized: one launch fewer."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -31,28 +36,58 @@ def _fp8_linear_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
     mm = offs_m < M
     mn = offs_n < N
     offs_k = tl.arange(0, 128)
-    a_ptrs = xq_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    as_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xs
+    if BN <= 128:  # the tile lies in one 128-row weight block: one scale per K block
+        s_ptrs = ws_ptr + (pid_n * BN // 128) * stride_sn
+    else:
+        s_ptrs = ws_ptr + (offs_n // 128) * stride_sn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, K // 128):
-        a = tl.load(a_ptrs, mask=mm[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=mn[None, :], other=0.0)
-        a_s = tl.load(xs_ptr + offs_m.to(tl.int64) * stride_xs + kb, mask=mm, other=0.0)
-        if BN <= 128:
-            bs = tl.load(ws_ptr + (pid_n * BN // 128) * stride_sn + kb)
-            acc += tl.dot(a, b) * (a_s * bs)[:, None]
-        else:
-            bs = tl.load(ws_ptr + (offs_n // 128) * stride_sn + kb, mask=mn, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * bs[None, :]
-        a_ptrs += 128
-        b_ptrs += 128
+    for kb in range(0, K // (128 * KSUB)):
+        for j in tl.static_range(KSUB):
+            kk = kb * KSUB + j
+            a = tl.load(a_ptrs + j * 128, mask=mm[:, None], other=0.0)
+            b = tl.load(b_ptrs + j * 128, mask=mn[None, :], other=0.0)
+            if QUANT_A:
+                a, a_s = _quant_rows(a)
+            else:
+                a_s = tl.load(as_ptrs + kk, mask=mm, other=0.0)
+            if BN <= 128:
+                acc += tl.dot(a, b) * (a_s * tl.load(s_ptrs + kk))[:, None]
+            else:
+                bs = tl.load(s_ptrs + kk, mask=mn, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * bs[None, :]
+        a_ptrs += 128 * KSUB
+        b_ptrs += 128 * KSUB
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+# Decode sizes (M <= SMALL_M): weights stream once, so the tile is narrow in N (enough programs to
+# fill the GPU) and deep in K (KSUB blocks of 128 in flight per iteration); x is quantized inside
+# the GEMM. Larger M: square-ish tiles over a pre-quantized x.
+SMALL_M = 64
+
+
+def pick_config(m: int, n: int, k: int) -> dict:
+    """Tile config of one call: BM, BN, KSUB, QUANT_A, num_warps, num_stages."""
+    if m <= SMALL_M:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bn = 128
+        while bn > 16 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < 128:
+            bn //= 2
+        ksub = next(s for s in (4, 2, 1) if (k // FP8_BLOCK) % s == 0)
+        return dict(BM=bm, BN=bn, KSUB=ksub, QUANT_A=True, num_warps=4, num_stages=3)
+    bm = 64 if m <= 2048 else 128
+    return dict(BM=bm, BN=128, KSUB=1, QUANT_A=False, num_warps=8 if bm == 128 else 4, num_stages=3)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+               config: dict | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, weight_scale_inv [N/128, K/128]
-    float32 -> [..., N] in x's dtype. K and N must be multiples of 128."""
+    float32 -> [..., N] in x's dtype. K and N must be multiples of 128. ``config``: a tile config
+    as :func:`pick_config` returns (for tuning scripts)."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dim {x.shape[-1]} != weight's K {k}")
@@ -64,27 +99,29 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         raise ValueError(f"weight_scale_inv must be [{n // FP8_BLOCK}, {k // FP8_BLOCK}], "
                          f"got {list(weight_scale_inv.shape)}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
-    xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x.device)
-    g = 4
-    _quant_act_kernel[(m, triton.cdiv(k // FP8_BLOCK, g))](
-        x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g)
+    cfg = config or pick_config(m, n, k)
+    if (k // FP8_BLOCK) % cfg["KSUB"]:
+        raise ValueError(f"KSUB {cfg['KSUB']} does not divide K/128 = {k // FP8_BLOCK}")
+    if cfg["QUANT_A"]:
+        xq, xs = x2, x2  # xs: a dummy pointer
+    else:
+        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x.device)
+        g = 4
+        _quant_act_kernel[(m, triton.cdiv(k // FP8_BLOCK, g))](
+            x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g)
     ws = weight_scale_inv.contiguous()
-    bm = 16 if m <= 16 else 64 if m <= 2048 else 128
-    bn = 128
-    if m <= 64:
-        # decode sizes stream the weight once: at BN 128 the o projection (N 2048) ran 16 CTAs on
-        # 132 SMs. Narrower tiles until there are >= 128 (still one 128-row scale block per tile)
-        while bn > 16 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < 128:
-            bn //= 2
-    warps = 8 if bm == 128 else 4
+    bm, bn = cfg["BM"], cfg["BN"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
+    _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), 0 if cfg["QUANT_A"] else xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),
-                             BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=3)
+                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, QUANT_A=cfg["QUANT_A"],
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)

@@ -10,8 +10,8 @@ Pipeline of one call (6 launches, no host sync, so it can live inside a CUDA gra
      launch, SwiGLU in the epilogue), written to ``h[pair]``;
   5. ``_gemm2_kernel``: ``y[pair] = (h[pair] @ w2^T) * weight[pair]``;
   6. ``_sum_kernel``: ``out[t] = sum_j y[t, j]`` over the pairs whose slot is local.
-Calls of at most 128 pairs (decode) do 1-3 in one single-CTA launch (``_align_small_kernel``): 4
-launches in all, since at that size launch overhead, not bytes, is the cost.
+Calls of at most 2048 pairs (decode, up to 256 tokens at top-8) do 1-3 in one single-CTA launch
+(``_align_small_kernel``): 4 launches in all, since at that size launch overhead, not bytes, is the cost.
 
 Size arguments (pair and block counts) are ``do_not_specialize``: Triton would otherwise compile
 a variant for each combination of their divisibility by 16, and serving steps, whose sizes change
@@ -23,7 +23,8 @@ result does not depend on that order.
 
 FP8 (``w13_scale``/``w2_scale`` given): weights are float8_e4m3fn with float32 ``weight_scale_inv``
 per 128x128 block. Activations are quantized per token and 128-channel group (scale = amax / 448):
-x by one small extra launch (``_quant_act_kernel``); the intermediate h by gemm1's epilogue when
+x by one small extra launch (``_quant_act_kernel``), or at decode sizes by gemm1 as it loads
+the rows; the intermediate h by gemm1's epilogue when
 its tile is 128 wide (one group per tile row), otherwise by gemm2 right after each 128-wide load.
 Each K step is an FP8 tensor-core dot whose float32 result gets activation scale x weight scale.
 """
@@ -85,12 +86,15 @@ def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, 
 
 
 @triton.jit(do_not_specialize=["n_pairs", "max_blocks"])
-def _align_small_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+def _align_small_kernel(slot_ptr, counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
                         n_pairs, n_slots, max_blocks,
                         BM: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                        B_PAD: tl.constexpr):
+                        J_PAD: tl.constexpr):
     """memset + _count_kernel + _scatter_kernel in one program, for small calls (decode), where
-    launches, not bytes, are the cost. One CTA, so barriers order its phases."""
+    launches, not bytes, are the cost. One CTA, so barriers order its phases; the slot starts go
+    through ``start_ptr`` (global, L2) and are gathered per pair, and each slot writes the slot id
+    of its own blocks: no [pairs x slots] or [blocks x slots] tile, which at 2048 pairs would not
+    fit in registers. Blocks past ``num_post`` are left unwritten (the GEMMs never read them)."""
     so = tl.arange(0, S_PAD)
     smask = so < n_slots
     tl.store(counts_ptr + so, tl.zeros([S_PAD], dtype=tl.int32), mask=smask)
@@ -105,15 +109,18 @@ def _align_small_kernel(slot_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_po
     padded = (c + BM - 1) // BM * BM
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
-    st = tl.sum(tl.where(s[:, None] == so[None, :], starts[None, :], 0), axis=1)
+    tl.store(start_ptr + so, starts, mask=smask)
+    tl.debug_barrier()
+    st = tl.load(start_ptr + s, mask=valid, other=0, cache_modifier=".cg")
     tl.store(sorted_ptr + st + r, offs.to(tl.int32), mask=valid)
     po = tl.arange(0, BM)
     pos = (starts + c)[:, None] + po[None, :]
     pm = (pos < ends[:, None]) & smask[:, None]
     tl.store(sorted_ptr + pos, tl.zeros([S_PAD, BM], dtype=tl.int32) + n_pairs, mask=pm)
-    bo = tl.arange(0, B_PAD)
-    hit = (ends[None, :] <= bo[:, None] * BM) & smask[None, :]
-    tl.store(block_slot_ptr + bo, tl.sum(hit.to(tl.int32), axis=1), mask=bo < max_blocks)
+    j = tl.arange(0, J_PAD)
+    blk = (starts // BM)[:, None] + j[None, :]
+    bmask = (blk < (ends // BM)[:, None]) & smask[:, None]
+    tl.store(block_slot_ptr + blk, so[:, None] + tl.zeros([S_PAD, J_PAD], dtype=tl.int32), mask=bmask)
     tl.store(num_post_ptr, tl.sum(padded, 0))
 
 
@@ -165,9 +172,11 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
                   stride_hs,
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
-                  EVEN_K: tl.constexpr):
-    """FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
-    also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
+                  EVEN_K: tl.constexpr, QUANT_A: tl.constexpr):
+    """FP8: x is pre-quantized (xs = its scales [T, H/128]), or with QUANT_A read in x's dtype and
+    quantized here per row and 128-group (bit for bit what _quant_act_kernel writes; decode sizes,
+    where that launch cost more than re-quantizing a few rows per tile). With H_FP8 (BN == 128) the
+    epilogue also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
     pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
@@ -200,7 +209,10 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
             g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
         if FP8:
-            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+            if QUANT_A:
+                a, a_s = _quant_rows(a)
+            else:
+                a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
             if BN <= 128:
                 # the tile lies in one 128-row weight block: one scale, folded into the row scale
                 # so the promotion is a single FMA per element
@@ -352,8 +364,10 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
     return fp8
 
 
+# FP8 calls with at most this many pairs quantize x inside gemm1 (no _quant_act_kernel launch)
+QUANT_IN_GEMM_MAX_PAIRS = 2048
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
-SMALL_ALIGN_MAX_PAIRS = 128
+SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
 
 
@@ -381,10 +395,11 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     s_pad = triton.next_power_of_2(s_local)
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
+        starts = torch.empty(s_local, dtype=torch.int32, device=dev)
         _align_small_kernel[(1,)](
-            slots, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
+            slots, counts, starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
             BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
-            B_PAD=max(16, triton.next_power_of_2(max_blocks)), num_warps=8)
+            J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), num_warps=8)
     else:
         counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
         rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
@@ -401,7 +416,11 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
     # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
     h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
-    if fp8:
+    quant_a = fp8 and n_pairs <= QUANT_IN_GEMM_MAX_PAIRS
+    if quant_a:
+        xq, xs = x, x  # gemm1 quantizes the rows it reads; xs: a dummy pointer
+        ws13, ws2 = w13_scale, w2_scale
+    elif fp8:
         xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
         xs = torch.empty((t, h // FP8_BLOCK), dtype=torch.float32, device=dev)
         g = 4
@@ -416,11 +435,11 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     grid1 = (max_blocks * triton.cdiv(i, c1["BN"]),)
     _gemm1_kernel[grid1](
         xq, xs, w13, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
-        xq.stride(0), xs.stride(0) if fp8 else 0, w13.stride(0), w13.stride(1),
+        xq.stride(0), xs.stride(0) if fp8 and not quant_a else 0, w13.stride(0), w13.stride(1),
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
         hs.stride(0) if h_fp8 else 0,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(h % bk1 == 0), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        EVEN_K=(h % bk1 == 0), QUANT_A=quant_a, num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](

@@ -1,0 +1,124 @@
+"""Dev: block-FP8 dense linear tiles at decode sizes, Qwen3-30B-A3B's attention projections.
+
+For each shape (qkv: 2048 -> 5120, o: 4096 -> 2048) and M: the shipped ``pick_config``, the
+pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration, x quantized by a
+separate launch), a grid of candidates, and bf16 F.linear on the dequantized weight; microseconds
+from a CUDA graph of ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in
+a 48-layer step), and the weight-byte floor at the copy rate measured in the same run.
+    PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json]
+"""
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+from eplb.kernels import quantize_block_fp8  # noqa: E402
+from eplb.kernels.linear_fp8 import fp8_linear, pick_config  # noqa: E402
+
+SETS = 16
+SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096)}
+MS = (1, 16, 32, 64, 128, 256)
+
+
+def timed(fn, reps=30, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(out)
+
+
+def graph_us(call):
+    def body():
+        for j in range(SETS):
+            call(j)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    return timed(g.replay) / SETS
+
+
+def old_config(m, n):
+    bm = 16 if m <= 16 else 64
+    bn = 128
+    if m <= 64:
+        while bn > 16 and -(-m // bm) * -(-n // bn) < 128:
+            bn //= 2
+    return dict(BM=bm, BN=bn, KSUB=1, QUANT_A=False, num_warps=4, num_stages=3)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    x = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_gbps = 4 * x.numel() / (timed(lambda: y.copy_(x), reps=10) / 1e6) / 1e9
+    x = y = None  # free the 1 GiB
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        ws = [quantize_block_fp8(torch.randn(n, k, device="cuda") / k**0.5) for _ in range(SETS)]
+        wb = [(q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)).to(torch.bfloat16)
+              for q, s in ws]
+        floor_us = n * k / (copy_gbps * 1e9) * 1e6
+        for m in ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(SETS)]
+            res = {}
+
+            def run(cfg):
+                return graph_us(lambda j: fp8_linear(xs[j], ws[j][0], ws[j][1], config=cfg))
+
+            res["shipped"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
+            res["before"] = (run(old_config(m, n)), old_config(m, n))
+            res["bf16_F.linear"] = (graph_us(lambda j: F.linear(xs[j], wb[j])), None)
+            cands = []
+            small = m <= 64
+            bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
+            for bm, bn, ksub, st, qa in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
+                                                          (2, 4, 8), (3, 4), (True, False) if small else (False,)):
+                w = 4
+                if (k // 128) % ksub:
+                    continue
+                cfg = dict(BM=bm, BN=bn, KSUB=ksub, QUANT_A=qa, num_warps=w, num_stages=st)
+                try:
+                    cands.append((run(cfg), cfg))
+                except Exception as exc:  # noqa: BLE001 (out of shared memory etc.)
+                    print(f"  fail {cfg}: {type(exc).__name__}", flush=True)
+            cands.sort(key=lambda c: c[0])
+            res["best"] = cands[0]
+            row = {"shape": name, "n": n, "k": k, "m": m, "floor_us": floor_us,
+                   **{f"{key}_us": v[0] for key, v in res.items()},
+                   "best_config": cands[0][1], "top5": [[round(t, 2), c] for t, c in cands[:5]]}
+            rows.append(row)
+            print(f"{name:3s} M={m:4d} floor {floor_us:6.2f}  shipped {res['shipped'][0]:6.2f}  before "
+                  f"{res['before'][0]:6.2f}  bf16 {res['bf16_F.linear'][0]:6.2f}  best {cands[0][0]:6.2f} "
+                  f"{cands[0][1]}", flush=True)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": copy_gbps,
+           "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
