@@ -113,6 +113,30 @@ def test_split_extremes(shape, target):
 
 
 @needs_triton
+@pytest.mark.parametrize("target", [1, 1 << 20], ids=["one_split_direct", "max_splits"])
+def test_fp8_output_is_the_quantized_output(target):
+    """fp8_out: the output quantized per row and head, bit for bit what the FP8 GEMMs' own
+    quantization launch makes of it, from either launch that writes the output."""
+    from eplb.kernels.moe_triton import _quant_act_kernel
+
+    hq, hkv, d = QWEN
+    q, k, v, slots, ctx = make_case(hq, hkv, d, 7, 300, [1, 300, 64, 0], DTYPES[0], DEV, seed=2)
+    plain = _decode_attention(q, k, v, slots, ctx, d**-0.5, target_programs=target)
+    out, (q8, qs) = _decode_attention(q, k, v, slots, ctx, d**-0.5, target_programs=target, fp8_out=True)
+    assert torch.equal(out, plain)
+    b = q.shape[0]
+    assert q8.shape == (b, hq * d) and q8.dtype == torch.float8_e4m3fn and qs.shape == (b, hq)
+    flat = out.reshape(b, hq * d)
+    want_q, want_s = torch.empty_like(q8), torch.empty_like(qs)
+    _quant_act_kernel[(b, hq)](flat, want_q, want_s, hq * d, hq * d, hq * d, hq, G=1)
+    assert torch.equal(qs, want_s)
+    assert torch.equal(q8.view(torch.uint8), want_q.view(torch.uint8))
+    with pytest.raises(ValueError, match="head_dim 128"):
+        t = make_case(*TINY, 3, 50, [5, 6], DTYPES[0], DEV)
+        decode_attention(*t, 0.1, fp8_out=True)
+
+
+@needs_triton
 def test_zero_ctx_rows_and_clamp():
     hq, hkv, d = TINY
     dtype = DTYPES[0]

@@ -79,6 +79,39 @@ def test_rms_norm_fused_matches_torch(dtype, n, h) -> None:
     assert_close_bits(out, ref)
 
 
+@pytest.mark.parametrize("n,h,with_res", [(1, 2048, True), (37, 384, False), (300, 256, True)])
+def test_rms_norm_fp8_output_is_the_quantized_output(n, h, with_res) -> None:
+    # the FP8 form the norm writes must be, bit for bit, what the FP8 GEMMs' own quantization
+    # makes of its bf16/fp16 output (per row and 128 columns, scale amax / 448)
+    from eplb.kernels import quant_dequant_act
+    from eplb.kernels.moe_triton import _quant_act_kernel
+
+    dtype = DTYPES[0]
+    g = torch.Generator().manual_seed(n)
+    x = (3 * torch.randn(n, h, generator=g)).to(dtype).to(DEV)
+    res = torch.randn(n, h, generator=g).to(dtype).to(DEV) if with_res else None
+    w = (1 + 0.2 * torch.randn(h, generator=g)).to(dtype).to(DEV)
+    got = rms_norm_fused(x, w, 1e-6, res, fp8=True)
+    plain = rms_norm_fused(x, w, 1e-6, res)
+    if with_res:
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    else:
+        assert torch.equal(got[0], plain)
+    q, qs = got[-2:]
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (n, h) and qs.shape == (n, h // 128)
+    want_q = torch.empty_like(q)
+    want_s = torch.empty_like(qs)
+    _quant_act_kernel[(n, h // 128)](got[0], want_q, want_s, h, h, h, h // 128, G=1)
+    assert torch.equal(qs, want_s)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    if CUDA:  # and it is the quantization the reference path emulates (triton's interpreter
+        # gets some e4m3 casts wrong, e.g. -127.0 -> -64; the same way in both kernels above)
+        deq = (q.float().view(n, h // 128, 128) * qs[..., None]).view(n, h).cpu()
+        assert torch.equal(deq, quant_dequant_act(got[0].float().cpu()))
+    with pytest.raises(ValueError, match="128"):
+        rms_norm_fused(x[:, :100], w[:100], 1e-6, fp8=True)
+
+
 def test_rms_norm_fused_strided_rows_and_model_wrapper() -> None:
     """A column slice (row stride > H, as OLMoE's q slice of qkv) and transformer.rms_norm's dispatch."""
     dtype = DTYPES[0]

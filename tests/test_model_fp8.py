@@ -265,7 +265,7 @@ def test_fp8_kept_model_matches_dequantized_model(fp8_128, monkeypatch):
     meta = AttentionMetadata.build([], [(i, 0, len(p)) for i, p in enumerate(prompts)], device="cuda")
     ids = torch.cat(prompts).cuda()
 
-    def emulated_linear(x, weight, bias=None, scale=None):
+    def emulated_linear(x, weight, bias=None, scale=None, x_fp8=None):  # x_fp8: x's e4m3 form
         xq = quant_dequant_act(x.reshape(-1, x.shape[-1])).view(x.shape)
         return F.linear(xq, weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
@@ -326,6 +326,70 @@ def test_fp8_kept_engine_greedy_tokens_mostly_match(fp8_128):
     total = sum(len(b) for b in runs[1])
     print(f"greedy: first tokens equal {first}/{len(prompts)}, positions equal {same}/{total}")
     assert first >= len(prompts) - 2 and same >= 0.5 * total, (runs, first, same)
+
+
+@needs_fp8_gpu
+def test_fp8_inputs_quantized_by_their_producers_change_no_bit(tmp_path, monkeypatch):
+    """The qkv projection's input quantized by the RMSNorm launch and the o projection's by the
+    decode-attention launch (CUDA-graph decode) must give the engine the same tokens and the model
+    the same logits as quantizing inside each FP8 GEMM call."""
+    import eplb.model.transformer as tr
+    from eplb.engine import SamplingParams
+    from eplb.engine.llm import LLM
+    from eplb.model import AttentionMetadata
+
+    # head_dim 128: one quantization group per head, which the decode-attention path needs
+    src, dst = str(tmp_path / "bf16"), str(tmp_path / "fp8")
+    make_tiny_checkpoint(src, "qwen3_moe", seed=7, hidden_size=128, intermediate_size=256,
+                         moe_intermediate_size=128, head_dim=128, num_attention_heads=2,
+                         num_key_value_heads=1, num_hidden_layers=2, initializer_range=0.05)
+    quantize_checkpoint_fp8(src, dst, device="cpu")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 16, 3)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def unfused_norm(x, weight, eps, residual=None):
+        if residual is None:
+            return tr.rms_norm(x, weight, eps), x, None
+        return (*tr.rms_norm(x, weight, eps, residual), None)
+
+    def unfused_attend(*args, **kwargs):
+        return tr.attend(*args, **kwargs), None
+
+    from eplb.kernels import decode_attention as da
+    from eplb.kernels import norm_rope
+
+    calls = {"attention": 0, "norm": 0}
+
+    def counting(fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += bool(kwargs.get("fp8_out") or kwargs.get("fp8"))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    runs, logits = [], []
+    for fused in (True, False):
+        with monkeypatch.context() as mp:
+            mp.setattr(da, "decode_attention", counting(da.decode_attention, "attention"))
+            mp.setattr(norm_rope, "rms_norm_fused", counting(norm_rope.rms_norm_fused, "norm"))
+            if not fused:
+                assert calls["attention"] > 0 and calls["norm"] > 0, calls  # the fused run used both
+                calls.update(attention=0, norm=0)
+                mp.setattr(tr, "rms_norm_fp8", unfused_norm)
+                mp.setattr(tr, "attend_fp8_out", unfused_attend)
+            llm = LLM(dst, dtype="bfloat16", device="cuda", max_model_len=64, max_num_seqs=8, quantization="fp8")
+            runs.append([o.token_ids for o in llm.generate(prompts, params)])
+            del llm
+            model, cfg = load_model(dst, dtype="bfloat16", device="cuda", quantization="fp8", max_len=64)
+            kv = [(torch.zeros(4, cfg.num_kv_heads, 64, cfg.head_dim, dtype=torch.bfloat16, device="cuda"),
+                   torch.zeros(4, cfg.num_kv_heads, 64, cfg.head_dim, dtype=torch.bfloat16, device="cuda"))
+                  for _ in range(cfg.num_layers)]
+            meta = AttentionMetadata.build([], [(i, 0, len(p)) for i, p in enumerate(prompts)], device="cuda")
+            with torch.no_grad():
+                logits.append(model.compute_logits(model(torch.tensor(sum(prompts, [])).cuda(), meta, kv)))
+    assert calls == {"attention": 0, "norm": 0}
+    assert runs[0] == runs[1]
+    assert torch.equal(logits[0], logits[1])
 
 
 @needs_fp8_gpu

@@ -11,6 +11,8 @@ keys ``0 .. ctx_lens[b]-1``. Two launches:
    partial output and the log2-sum-exp of its scores; an empty range reads nothing, lse = -inf.
 2. ``_combine_kernel``, grid ``(B, Hq)``: the online-softmax merge of the splits. Skipped when
    ``num_splits == 1`` (large batches): the split kernel then writes the output itself.
+Whichever launch writes the output can also write it quantized for a block-FP8 o projection
+(``fp8_out``), so that GEMM needs no quantization launch of its own.
 
 Nothing on the host depends on ``ctx_lens`` values and nothing is read back, so a captured CUDA
 graph can be replayed with new ``ctx_lens``/``slots``/``q`` contents.
@@ -41,9 +43,9 @@ def _split_kernel(
     stride_qb, stride_qh,
     stride_ks, stride_kh, stride_kl,
     stride_vs, stride_vh, stride_vl,
-    stride_ob, stride_oh,
+    stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8, stride_qs,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -96,8 +98,12 @@ def _split_kernel(
     l_safe = tl.where(has, l, 1.0)
     o = acc / l_safe[:, None]  # 0 where nothing was attended
     if DIRECT:  # the only split: this is the output (zeros for ctx_len 0)
-        tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 o.to(o_ptr.dtype.element_ty), mask=gm[:, None])
+        ob = o.to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :], ob,
+                 mask=gm[:, None])
+        if FP8:
+            _store_fp8(ob, q8_ptr + b.to(tl.int64) * stride_q8 + heads[:, None] * D + d[None, :],
+                       qs_ptr + b.to(tl.int64) * stride_qs + heads, gm[:, None], gm)
     else:
         row = (b * HQ + heads).to(tl.int64) * NS + sp
         tl.store(lse_ptr + row, tl.where(has, m + tl.log2(l_safe), float("-inf")), mask=gm)
@@ -105,8 +111,18 @@ def _split_kernel(
 
 
 @triton.jit
-def _combine_kernel(o_ptr, lse_ptr, out_ptr, NS, HQ, stride_ob, stride_oh,
-                    D: tl.constexpr, NS_PAD: tl.constexpr):
+def _store_fp8(ob, q_ptrs, s_ptrs, mask, smask):
+    """Rows of ``ob`` (output dtype; one head of D = 128 each) quantized for a block-FP8 GEMM:
+    e4m3 and one float32 scale per row (amax / 448, as moe_triton._quant_act_kernel does)."""
+    of = ob.to(tl.float32)
+    sc = tl.maximum(tl.max(tl.abs(of), axis=1), 1e-12) / 448.0
+    tl.store(q_ptrs, (of / sc[:, None]).to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptrs, sc, mask=smask)
+
+
+@triton.jit
+def _combine_kernel(o_ptr, lse_ptr, out_ptr, NS, HQ, stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8,
+                    stride_qs, D: tl.constexpr, NS_PAD: tl.constexpr, FP8: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * HQ + h).to(tl.int64) * NS
@@ -120,7 +136,12 @@ def _combine_kernel(o_ptr, lse_ptr, out_ptr, NS, HQ, stride_ob, stride_oh,
     o = tl.load(o_ptr + (row + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
     tot = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    ob = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, ob)
+    if FP8:
+        one = tl.arange(0, 1)
+        _store_fp8(tl.reshape(ob, [1, D]), q8_ptr + b.to(tl.int64) * stride_q8 + h * D + one[:, None] * D + d[None, :],
+                   qs_ptr + b.to(tl.int64) * stride_qs + h + one, (one[:, None] < 1) & (d[None, :] < D), one < 1)
 
 
 def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64,
@@ -147,8 +168,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-    ctx_lens: torch.Tensor, scale: float,
-) -> torch.Tensor:
+    ctx_lens: torch.Tensor, scale: float, fp8_out: bool = False,
+):
     """q [B, Hq, D]; k_cache/v_cache [S, Hkv, L, D]; slots [B] int (cache slot of each row);
     ctx_lens [B] int32/int64 (keys 0..ctx_len-1 of that slot are attended, current token included).
     -> out [B, Hq, D] in q's dtype. GQA: q head h uses kv head h // (Hq // Hkv).
@@ -156,12 +177,16 @@ def decode_attention(
     No host synchronisation; the launch grid depends on (B, Hkv, L) only, so it can be captured in a
     CUDA graph and replayed with other ``ctx_lens``. Rows with ctx_len 0 give zeros. ctx_lens above L
     are clamped to L. D must be a power of two >= 16.
+
+    ``fp8_out`` (D == 128): returns (out, (q8 [B, Hq * D] float8_e4m3fn, scales [B, Hq] float32)),
+    the output also quantized per row and head (= 128 columns) for the block-FP8 o projection,
+    written by the same launch that writes ``out``.
     """
-    return _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale)
+    return _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, fp8_out=fp8_out)
 
 
 def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: int = 64, num_warps: int = 4,
-                      num_stages: int = 2, target_programs: int = _TARGET_PROGRAMS) -> torch.Tensor:
+                      num_stages: int = 2, target_programs: int = _TARGET_PROGRAMS, fp8_out: bool = False):
     # the knobs are for tests and scripts/dev/bench_decode_attention.py; callers use decode_attention
     _check(q, k_cache, v_cache, slots, ctx_lens)
     b, hq, d = q.shape
@@ -171,8 +196,16 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache/v_cache need a contiguous head_dim (stride(-1) == 1)")
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    if fp8_out:
+        if d != 128:
+            raise ValueError(f"fp8_out needs head_dim 128 (one quantization group per head), got {d}")
+        q8 = torch.empty((b, hq * d), dtype=torch.float8_e4m3fn, device=q.device)
+        qs = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+        fp8_args = (q8, qs, q8.stride(0), qs.stride(0))
+    else:
+        fp8_args = (out, out, 0, 0)  # dummy pointers
     if b == 0:
-        return out
+        return (out, fp8_args[:2]) if fp8_out else out
     if q.stride(-1) != 1:
         q = q.contiguous()
     slots, ctx_lens = slots.contiguous(), ctx_lens.contiguous()  # read as flat arrays (no-op if already)
@@ -189,15 +222,16 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), *fp8_args,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
-        IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, num_warps=num_warps, num_stages=num_stages,
+        IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, FP8=fp8_out and ns == 1,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if ns > 1:
         _combine_kernel[(b, hq)](
-            o_part, lse, out, ns, hq, out.stride(0), out.stride(1),
-            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), num_warps=4,
+            o_part, lse, out, ns, hq, out.stride(0), out.stride(1), *fp8_args,
+            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, num_warps=4,
         )
-    return out
+    return (out, fp8_args[:2]) if fp8_out else out
 
 

@@ -90,10 +90,13 @@ def pick_config(m: int, n: int, k: int) -> dict:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-               config: dict | None = None) -> torch.Tensor:
+               config: dict | None = None,
+               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, weight_scale_inv [N/128, K/128]
     float32 -> [..., N] in x's dtype. K and N must be multiples of 128. ``config``: a tile config
-    as :func:`pick_config` returns (for tuning scripts)."""
+    as :func:`pick_config` returns (for tuning scripts). ``x_fp8``: x already quantized per row
+    and 128 columns (q [M, K] e4m3, scales [M, K/128] float32, e.g. from ``rms_norm_fused(...,
+    fp8=True)``), used instead of quantizing x here."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dim {x.shape[-1]} != weight's K {k}")
@@ -115,7 +118,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     cfg = config or pick_config(m, n, k)
     if (k // FP8_BLOCK) % cfg["KSUB"]:
         raise ValueError(f"KSUB {cfg['KSUB']} does not divide K/128 = {k // FP8_BLOCK}")
-    if cfg["QUANT_A"]:
+    if x_fp8 is not None:
+        xq, xs = x_fp8
+        if (xq.shape != (m, k) or xq.dtype != torch.float8_e4m3fn or xq.stride(-1) != 1
+                or xs.shape != (m, k // FP8_BLOCK) or xs.dtype != torch.float32):
+            raise ValueError(f"x_fp8 must be (float8_e4m3fn [{m}, {k}], float32 [{m}, {k // FP8_BLOCK}])")
+        cfg = dict(cfg, QUANT_A=False)
+    elif cfg["QUANT_A"]:
         xq, xs = x2, x2  # xs: a dummy pointer
     else:
         xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)

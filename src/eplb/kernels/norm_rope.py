@@ -80,9 +80,13 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
+                     q_ptr, qs_ptr, sq, sqs,
                      BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
-                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr):
-    """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES)."""
+                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
+                     FP8: tl.constexpr):
+    """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
+    FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
+    per row and 128 columns, amax / 448: what moe_triton._quant_act_kernel makes of it)."""
     DP: tl.constexpr = 4 * LANES
     dt = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -121,7 +125,16 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
             x = (x + r).to(dt).to(tl.float32)
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         y = (x * rstd[:, None]).to(dt).to(tl.float32)
-        tl.store(out_ptr + rows64[:, None] * sout + c[None, :], (y * w[None, :]).to(dt), mask=m)
+        o = (y * w[None, :]).to(dt)
+        tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)
+        if FP8:
+            NG: tl.constexpr = DP // 128
+            of = tl.reshape(o.to(tl.float32), [BR, NG, 128])
+            sc = tl.maximum(tl.max(tl.abs(of), axis=2), 1e-12) / 448.0
+            q = tl.reshape((of / sc[:, :, None]).to(tl.float8e4nv), [BR, DP])
+            tl.store(q_ptr + rows64[:, None] * sq + c[None, :], q, mask=m)
+            gi = j * NG + tl.arange(0, NG)
+            tl.store(qs_ptr + rows64[:, None] * sqs + gi[None, :], sc, mask=rm[:, None] & (gi < H // 128)[None, :])
 
 
 def _warps(elems: int) -> int:
@@ -140,10 +153,14 @@ def _lanes(h: int) -> tuple[int, int]:
 
 
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None):
+                   residual: torch.Tensor | None = None, fp8: bool = False):
     """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
     [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
-    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0."""
+    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
+
+    ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
+    and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
+    (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [N, H] with a contiguous last dim, got {list(x.shape)} / {x.stride()}")
     t, h = x.shape
@@ -155,6 +172,13 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
             raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
         rout = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if fp8:
+        if h % 128:
+            raise ValueError(f"fp8 output needs H divisible by 128, got {h}")
+        q = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
+        qs = torch.empty((t, h // 128), dtype=torch.float32, device=x.device)
+    else:
+        q = qs = out  # dummy pointers
     if t:
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))
@@ -162,9 +186,13 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         ro = rout if rout is not None else out
         _rms_norm_kernel[(triton.cdiv(t, br),)](
             x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
-            eps, BR=br, LANES=lanes, ITERS=iters, HAS_RES=residual is not None, EXACT=EXACT,
-            FMA=_TORCH_FMA, num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
-    return out if residual is None else (out, rout)
+            eps, q, qs, q.stride(0), qs.stride(0), BR=br, LANES=lanes, ITERS=iters,
+            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8,
+            num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
+    res = (out,) if residual is None else (out, rout)
+    if fp8:
+        res += (q, qs)
+    return res[0] if len(res) == 1 else res
 
 
 @triton.jit

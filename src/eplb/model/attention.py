@@ -107,6 +107,34 @@ def sdpa_backends(device: torch.device | str) -> contextlib.AbstractContextManag
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def attend_fp8_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float, kv_written: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``attend`` for a block-FP8 o projection: (out, out_fp8). In a CUDA-graph decode step with
+    D = 128 the Triton decode kernel also writes the output quantized per row and head
+    ((q [N, Hq * D] e4m3, scales [N, Hq]); the o projection then skips its quantization launch);
+    elsewhere out_fp8 is None."""
+    n, hq, d = q.shape
+    if n and d == 128 and meta.num_decode == n and meta.static:
+        from eplb.kernels import triton_usable
+
+        if triton_usable(q.device):
+            from eplb.kernels.decode_attention import decode_attention
+
+            if not kv_written:
+                _write_kv(k, v, k_cache, v_cache, meta)
+            return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale, fp8_out=True)
+    return attend(q, k, v, k_cache, v_cache, meta, scale, kv_written), None
+
+
+def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata) -> None:
+    # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
+    k_cache[meta.token_slots, :, meta.positions] = k
+    v_cache[meta.token_slots, :, meta.positions] = v
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     meta: AttentionMetadata, scale: float, kv_written: bool = False,
@@ -117,9 +145,7 @@ def attend(
     if n == 0:
         return q.new_empty(n, hq, d)
     if not kv_written:
-        # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
-        k_cache[meta.token_slots, :, meta.positions] = k
-        v_cache[meta.token_slots, :, meta.positions] = v
+        _write_kv(k, v, k_cache, v_cache, meta)
     nd = meta.num_decode
     if nd == n and meta.static:
         from eplb.kernels import triton_usable

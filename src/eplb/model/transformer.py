@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eplb.kernels import HAS_TRITON
-from eplb.model.attention import AttentionMetadata, attend, sdpa_backends
+from eplb.model.attention import AttentionMetadata, attend, attend_fp8_out, sdpa_backends
 from eplb.model.config import ModelConfig
 from eplb.model.moe import MoELayer
 
@@ -21,12 +21,13 @@ _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """F.linear, but float32 on CPU goes through oneDNN: x [N, in] @ weight[out, in].T.
 
     ``scale`` given: ``weight`` is block-FP8 (float8_e4m3fn) with ``weight_scale_inv`` [out/128,
-    in/128], run by the Triton kernel :func:`eplb.kernels.fp8_linear` (CUDA only).
+    in/128], run by the Triton kernel :func:`eplb.kernels.fp8_linear` (CUDA only); ``x_fp8``: x
+    already quantized for it (see :func:`rms_norm_fp8`).
 
     Why: at decode sizes (a few rows) MKL's sgemm runs one thread at ~8-15 GFLOP/s here,
     while oneDNN splits the output columns over the intra-op threads (lm_head at 8 rows:
@@ -35,7 +36,7 @@ def linear(
     if scale is not None:
         from eplb.kernels import fp8_linear
 
-        y = fp8_linear(x, weight, scale)
+        y = fp8_linear(x, weight, scale, x_fp8=x_fp8)
         return y if bias is None else y + bias
     if _onednn_linear is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2:
         return _onednn_linear(x, weight, bias, "none", [], "")
@@ -114,6 +115,25 @@ class Rope(nn.Module):
         return x * cos + rot * sin
 
 
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``rms_norm`` for a block-FP8 GEMM's input: (out, residual stream, x_fp8), where the
+    residual stream is x + residual (x itself when ``residual`` is None) and x_fp8 is (q, scales),
+    ``out`` quantized per row and 128 columns by the norm's own launch, or None where the fused
+    kernel does not apply (the GEMM then quantizes)."""
+    k = _kernels(x)
+    if (k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 128 == 0
+            and weight.dtype == x.dtype):
+        if residual is None:
+            out, q, qs = k.rms_norm_fused(x, weight, eps, None, fp8=True)
+            return out, x, (q, qs)
+        out, r, q, qs = k.rms_norm_fused(x, weight, eps, residual, fp8=True)
+        return out, r, (q, qs)
+    if residual is None:
+        return rms_norm(x, weight, eps), x, None
+    out, r = rms_norm(x, weight, eps, residual)
+    return out, r, None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None):
         super().__init__()
@@ -134,9 +154,15 @@ class Attention(nn.Module):
             self.k_norm = _param(self.nkv * d, dtype=dtype, device=device)
         self.scale = d**-0.5
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor]):
+    @property
+    def fp8_input(self) -> bool:
+        """The qkv projection is block-FP8 (it can take its input pre-quantized: ``x_fp8``)."""
+        return self.qkv_scale is not None
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
         n = x.shape[0]
-        qkv = linear(x, self.qkv, self.qkv_bias, self.qkv_scale)
+        qkv = linear(x, self.qkv, self.qkv_bias, self.qkv_scale, x_fp8=x_fp8)
         sq, skv = self.nq * self.d, self.nkv * self.d
         q, k, v = qkv[:, :sq], qkv[:, sq : sq + skv], qkv[:, sq + skv :]
         eps = self.cfg.rms_norm_eps
@@ -163,8 +189,11 @@ class Attention(nn.Module):
                 qk = Rope.apply(qk, cos, sin)
                 q, k = qk[:, : self.nq], qk[:, self.nq :]
                 v = qkv[:, sq + skv :].reshape(n, self.nkv, self.d)
-            o = attend(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written)
-            return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale)
+            if self.o_scale is not None:  # block-FP8 o projection: take the output pre-quantized
+                o, o_fp8 = attend_fp8_out(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written)
+            else:
+                o, o_fp8 = attend(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written), None
+            return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale, x_fp8=o_fp8)
         if self.cfg.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
         if self.cfg.clip_qkv is not None:
@@ -206,11 +235,13 @@ class DecoderLayer(nn.Module):
         residual [N, H]: the residual stream it is to be added to. Returns (mlp output, residual
         stream after attention): each residual add is left to the next norm, which fuses it (as
         vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
-        if residual is None:
-            h, residual = rms_norm(x, self.input_norm, self.eps), x
+        if self.attn.fp8_input:
+            h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual)
+        elif residual is None:
+            h, residual, h_fp8 = rms_norm(x, self.input_norm, self.eps), x, None
         else:
-            h, residual = rms_norm(x, self.input_norm, self.eps, residual)
-        h = self.attn(h, cos, sin, meta, kv)
+            (h, residual), h_fp8 = rms_norm(x, self.input_norm, self.eps, residual), None
+        h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
         h, residual = rms_norm(h, self.post_norm, self.eps, residual)
         return self.mlp(h, num_real_tokens), residual
 
