@@ -221,6 +221,24 @@ def test_fp8_activation_quantized_in_gemm_is_bit_identical(monkeypatch, bn1):
     assert torch.equal(fused, separate)
 
 
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("t", [3, 300])
+def test_fp8_prequantized_x_is_bit_identical(t):
+    # x_fp8 (as the RMSNorm launch writes it) instead of quantizing x here: the same bits
+    from eplb.kernels.moe_triton import _quant_act_kernel
+
+    x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(t, 256, 384, 10, 4, seed=t)
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)
+    xs = torch.empty((t, 2), dtype=torch.float32, device=DEV)
+    _quant_act_kernel[(t, 2)](x, xq, xs, 256, 256, 256, 2, G=1)
+    want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2)
+    got = fused_moe(torch.full_like(x, float("nan")), slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
+                    x_fp8=(xq, xs))  # x itself is not read
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="x_fp8"):
+        fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, x_fp8=(xq, xs[:, :1]))
+
+
 @pytest.mark.parametrize("bm,bn1,bn2", [(128, 128, 256), (64, 64, 128)])
 def test_bf16_large_tiles(bm, bn1, bn2):
     x, slot, wt, w13, w2 = make_case(300, 256, 256, 6, 4, seed=bm)

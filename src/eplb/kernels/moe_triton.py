@@ -371,9 +371,9 @@ SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
 
 
-def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False):
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
-    unwritten, or zero with ``zero_y``."""
+    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8)."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
     x = x.contiguous()
     t, k = topk_slot.shape
@@ -416,8 +416,14 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
     # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
     h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
-    quant_a = fp8 and n_pairs <= QUANT_IN_GEMM_MAX_PAIRS
-    if quant_a:
+    quant_a = fp8 and x_fp8 is None and n_pairs <= QUANT_IN_GEMM_MAX_PAIRS
+    if fp8 and x_fp8 is not None:
+        xq, xs = x_fp8
+        if (xq.shape != x.shape or xq.dtype != torch.float8_e4m3fn or xq.stride(-1) != 1
+                or xs.shape != (t, h // FP8_BLOCK) or xs.dtype != torch.float32):
+            raise ValueError(f"x_fp8 must be (float8_e4m3fn {list(x.shape)}, float32 [{t}, {h // FP8_BLOCK}])")
+        ws13, ws2 = w13_scale, w2_scale
+    elif quant_a:
         xq, xs = x, x  # gemm1 quantizes the rows it reads; xs: a dummy pointer
         ws13, ws2 = w13_scale, w2_scale
     elif fp8:
@@ -455,16 +461,18 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
 def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
-              config: dict | None = None):
+              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
     [T, k]; w13 [S, 2I, H] (gate rows then up rows), w2 [S, H, I]; block-FP8: weights
     float8_e4m3fn and w13_scale [S, 2I/128, H/128], w2_scale [S, H/128, I/128] float32
     (``weight_scale_inv``). Returns out [T, H] = sum over local pairs of weight * expert(x), and with
-    ``return_load`` also counts [S] int32: pairs routed to each local slot.
+    ``return_load`` also counts [S] int32: pairs routed to each local slot. ``x_fp8`` (block-FP8
+    weights only): x already quantized per row and 128 columns (q [T, H] e4m3, scales [T, H/128]
+    float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
     """
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8)
     t, k = topk_slot.shape
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)

@@ -216,8 +216,14 @@ class DenseMLP(nn.Module):
         self.w13, self.w13_scale = _linear_params(2 * inter, hidden, dtype, device, quantization)
         self.w2, self.w2_scale = _linear_params(hidden, inter, dtype, device, quantization)
 
-    def forward(self, x: torch.Tensor, num_real_tokens: int | None = None) -> torch.Tensor:
-        gu = linear(x, self.w13, scale=self.w13_scale)
+    @property
+    def fp8_input(self) -> bool:
+        """Block-FP8 weights: forward can take x pre-quantized (``x_fp8``)."""
+        return self.w13_scale is not None
+
+    def forward(self, x: torch.Tensor, num_real_tokens: int | None = None,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        gu = linear(x, self.w13, scale=self.w13_scale, x_fp8=x_fp8)
         return linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.w2, scale=self.w2_scale)
 
 
@@ -242,6 +248,9 @@ class DecoderLayer(nn.Module):
         else:
             (h, residual), h_fp8 = rms_norm(x, self.input_norm, self.eps, residual), None
         h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
+        if self.mlp.fp8_input:
+            h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual)
+            return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
         h, residual = rms_norm(h, self.post_norm, self.eps, residual)
         return self.mlp(h, num_real_tokens), residual
 
