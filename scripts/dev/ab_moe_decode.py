@@ -16,7 +16,8 @@ from eplb.kernels import moe_triton  # noqa: E402
 
 layer = gpu.Layer()
 VARIANTS = {"shipped": {}, "quant_launch": {"QUANT_IN_GEMM_MAX_PAIRS": 0},
-            "sort_launches": {"SMALL_ALIGN_MAX_PAIRS": 128}}
+            "sort_launches": {"SMALL_ALIGN_MAX_PAIRS": 128}, "sum_256": {"SUM_BLOCK_H": 256},
+            "sum_512": {"SUM_BLOCK_H": 512}}
 rows = []
 for fp8 in (True, False):
     kw = {"w13_scale": layer.s13, "w2_scale": layer.s2} if fp8 else {}

@@ -364,6 +364,8 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
     return fp8
 
 
+# columns per program of the final sum over k (programs = tokens x H / SUM_BLOCK_H)
+SUM_BLOCK_H = 1024
 # FP8 calls with at most this many pairs quantize x inside gemm1 (no _quant_act_kernel launch)
 QUANT_IN_GEMM_MAX_PAIRS = 2048
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
@@ -477,8 +479,9 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     if t:
-        bh = 1024
-        _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh)
+        bh = SUM_BLOCK_H
+        _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,
+                                             num_warps=max(1, min(4, bh // 256)))
     return (out, counts) if return_load else out
 
 
