@@ -315,9 +315,10 @@ def test_fp8_linear(m, n, k):
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m", [1, 24, 64, 200])
 def test_fp8_linear_configs_agree_bit_for_bit(m):
-    # K blocks are accumulated in the same order whatever the tile, and in-GEMM activation
-    # quantization is the separate launch's arithmetic: every config must give the same bits
+    # K blocks are accumulated in the same order whatever KSUB, and x given pre-quantized
+    # (x_fp8) is what the separate launch makes of it: the same bits every way
     from eplb.kernels.linear_fp8 import fp8_linear, pick_config
+    from eplb.kernels.moe_triton import _quant_act_kernel
 
     n, k = 512, 1024
     g = torch.Generator().manual_seed(m)
@@ -325,10 +326,17 @@ def test_fp8_linear_configs_agree_bit_for_bit(m):
     q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
     q, s = q.to(DEV), s.to(DEV)
     base = pick_config(m, n, k)
-    want = fp8_linear(x, q, s, config=dict(base, KSUB=1, QUANT_A=False, num_stages=2))
+    want = fp8_linear(x, q, s, config=dict(base, KSUB=1, num_stages=2))
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)
+    xs = torch.empty((m, k // 128), dtype=torch.float32, device=DEV)
+    _quant_act_kernel[(m, k // 128)](x, xq, xs, k, k, k, k // 128, G=1)
     for ksub in (1, 2, 4, 8):
-        for quant_a in (False, True):
-            got = fp8_linear(x, q, s, config=dict(base, KSUB=ksub, QUANT_A=quant_a, num_stages=2))
-            assert torch.equal(got, want), (ksub, quant_a)
+        got = fp8_linear(x, q, s, config=dict(base, KSUB=ksub, num_stages=2))
+        assert torch.equal(got, want), ksub
+        pre = fp8_linear(torch.full_like(x, float("nan")), q, s, config=dict(base, KSUB=ksub, num_stages=2),
+                         x_fp8=(xq, xs))  # x itself is not read
+        assert torch.equal(pre, want), ksub
+    with pytest.raises(ValueError, match="x_fp8"):
+        fp8_linear(x, q, s, x_fp8=(xq, xs[:, :1]))
     with pytest.raises(ValueError, match="KSUB"):
         fp8_linear(x, q, s, config=dict(base, KSUB=16))

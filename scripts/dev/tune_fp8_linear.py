@@ -1,9 +1,8 @@
 """Dev: block-FP8 dense linear tiles at decode sizes, Qwen3-30B-A3B's attention projections.
 
 For each shape (qkv: 2048 -> 5120, o: 4096 -> 2048) and M: the shipped ``pick_config``, the
-pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration, x quantized by a
-separate launch), a grid of candidates, and bf16 F.linear on the dequantized weight; microseconds
-from a CUDA graph of ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in
+pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration), a grid of
+candidates, and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in
 a 48-layer step), and the weight-byte floor at the copy rate measured in the same run.
     PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json]
 """
@@ -62,7 +61,7 @@ def old_config(m, n):
     if m <= 64:
         while bn > 16 and -(-m // bm) * -(-n // bn) < 128:
             bn //= 2
-    return dict(BM=bm, BN=bn, KSUB=1, QUANT_A=False, num_warps=4, num_stages=3)
+    return dict(BM=bm, BN=bn, KSUB=1, num_warps=4, num_stages=3)
 
 
 def main():
@@ -94,12 +93,11 @@ def main():
             cands = []
             small = m <= 64
             bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
-            for bm, bn, ksub, st, qa in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
-                                                          (2, 4, 8), (3, 4), (True, False) if small else (False,)):
-                w = 4
+            for bm, bn, ksub, st in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
+                                                      (2, 4, 8), (3, 4)):
                 if (k // 128) % ksub:
                     continue
-                cfg = dict(BM=bm, BN=bn, KSUB=ksub, QUANT_A=qa, num_warps=w, num_stages=st)
+                cfg = dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st)
                 try:
                     cands.append((run(cfg), cfg))
                 except Exception as exc:  # noqa: BLE001 (out of shared memory etc.)

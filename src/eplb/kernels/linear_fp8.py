@@ -11,18 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel, _quant_rows
+from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
-                       BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
-                       QUANT_A: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr):
     """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
-    tile, and more independent loads in flight per SM is what reaches the read rate.
-    QUANT_A: x is the bf16/fp16 activation, quantized here per row and 128-group (what
-    _quant_act_kernel writes, bit for bit) instead of read pre-quantized: one launch fewer."""
+    tile, and more independent loads in flight per SM is what reaches the read rate."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -49,10 +46,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
             kk = kb * KSUB + j
             a = tl.load(a_ptrs + j * 128, mask=mm[:, None], other=0.0)
             b = tl.load(b_ptrs + j * 128, mask=mn[None, :], other=0.0)
-            if QUANT_A:
-                a, a_s = _quant_rows(a)
-            else:
-                a_s = tl.load(as_ptrs + kk, mask=mm, other=0.0)
+            a_s = tl.load(as_ptrs + kk, mask=mm, other=0.0)
             if BN <= 128:
                 acc += tl.dot(a, b) * (a_s * tl.load(s_ptrs + kk))[:, None]
             else:
@@ -68,10 +62,11 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
 # streamed from HBM, CUDA-graph timing) at Qwen3-30B-A3B's projections (qkv 2048 -> 5120, o
 # 4096 -> 2048). Decode sizes stream the weight once: narrow N tiles so that enough programs run,
 # and KSUB 128-deep blocks per iteration so that more loads are in flight per SM (o, K 4096: 8).
-# x is quantized by a separate launch: quantizing inside the K loop (QUANT_A) measured 25-55%
-# slower at every M, since its row reductions sit in the loop's critical path.
+# x comes quantized (``x_fp8``, from the launch that produced it) or is quantized by a separate
+# launch: quantizing inside the K loop measured 25-55% slower at every M (its row reductions sit
+# in the loop's critical path; bench/results/tune-fp8-linear-h100-80gb-hbm3.json).
 def pick_config(m: int, n: int, k: int) -> dict:
-    """Tile config of one call: BM, BN, KSUB, QUANT_A, num_warps, num_stages."""
+    """Tile config of one call: BM, BN, KSUB, num_warps, num_stages."""
     wide = n >= 4096
     if m <= 32:
         cfg = dict(BM=16, BN=64 if wide else 32, KSUB=2 if k <= 2048 else 8, num_stages=4 if wide else 3)
@@ -83,10 +78,10 @@ def pick_config(m: int, n: int, k: int) -> dict:
         cfg = dict(BM=64, BN=128, KSUB=1, num_stages=3) if wide else dict(BM=64, BN=64, KSUB=2, num_stages=4)
     else:
         bm = 64 if m <= 2048 else 128
-        return dict(BM=bm, BN=128, KSUB=1, QUANT_A=False, num_warps=8 if bm == 128 else 4, num_stages=3)
+        return dict(BM=bm, BN=128, KSUB=1, num_warps=8 if bm == 128 else 4, num_stages=3)
     while (k // FP8_BLOCK) % cfg["KSUB"]:
         cfg["KSUB"] //= 2
-    return dict(cfg, QUANT_A=False, num_warps=4)
+    return dict(cfg, num_warps=4)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -123,9 +118,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         if (xq.shape != (m, k) or xq.dtype != torch.float8_e4m3fn or xq.stride(-1) != 1
                 or xs.shape != (m, k // FP8_BLOCK) or xs.dtype != torch.float32):
             raise ValueError(f"x_fp8 must be (float8_e4m3fn [{m}, {k}], float32 [{m}, {k // FP8_BLOCK}])")
-        cfg = dict(cfg, QUANT_A=False)
-    elif cfg["QUANT_A"]:
-        xq, xs = x2, x2  # xs: a dummy pointer
     else:
         xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
         xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x.device)
@@ -135,8 +127,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     ws = weight_scale_inv.contiguous()
     bm, bn = cfg["BM"], cfg["BN"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), 0 if cfg["QUANT_A"] else xs.stride(0),
+    _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),
-                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, QUANT_A=cfg["QUANT_A"],
+                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8,
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)
