@@ -2,8 +2,9 @@
 
 For each shape (qkv: 2048 -> 5120, o: 4096 -> 2048) and M: the shipped ``pick_config``, the
 pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration), a grid of
-candidates, and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in
-a 48-layer step), and the weight-byte floor at the copy rate measured in the same run.
+candidates, and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of
+``SETS`` calls over distinct weight copies (so weights stream from HBM, as in a 48-layer step),
+and the weight-byte floor at the copy rate measured in the same run.
     PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json]
 """
 import argparse
