@@ -1,6 +1,6 @@
 """Dev: A/B of the decode-size MoE launch choices on one Qwen3-30B-A3B-shaped layer (CUDA-graph
-timing, microseconds per call): x quantized inside gemm1 vs by its own launch (FP8), and the
-one-program slot sort vs the count + scatter launches, at 1-256 tokens.
+timing, microseconds per call): the one-program slot sort vs the count + scatter launches, and
+the k-sum's tile width, at 1-256 tokens.
     PYTHONPATH=src python3 scripts/dev/ab_moe_decode.py"""
 import json
 import os
@@ -15,8 +15,7 @@ import gpu  # noqa: E402
 from eplb.kernels import moe_triton  # noqa: E402
 
 layer = gpu.Layer()
-VARIANTS = {"shipped": {}, "quant_launch": {"QUANT_IN_GEMM_MAX_PAIRS": 0},
-            "sort_launches": {"SMALL_ALIGN_MAX_PAIRS": 128}, "sum_256": {"SUM_BLOCK_H": 256},
+VARIANTS = {"shipped": {}, "sort_launches": {"SMALL_ALIGN_MAX_PAIRS": 128}, "sum_256": {"SUM_BLOCK_H": 256},
             "sum_512": {"SUM_BLOCK_H": 512}}
 rows = []
 for fp8 in (True, False):
@@ -27,8 +26,6 @@ for fp8 in (True, False):
         routes = [layer.route(x) for x in xs]
         row = {"fp8": fp8, "tokens": t}
         for name, patch in VARIANTS.items():
-            if name == "quant_launch" and not fp8:
-                continue
             old = {key: getattr(moe_triton, key) for key in patch}
             for key, val in patch.items():
                 setattr(moe_triton, key, val)

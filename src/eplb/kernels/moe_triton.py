@@ -23,8 +23,8 @@ result does not depend on that order.
 
 FP8 (``w13_scale``/``w2_scale`` given): weights are float8_e4m3fn with float32 ``weight_scale_inv``
 per 128x128 block. Activations are quantized per token and 128-channel group (scale = amax / 448):
-x by one small extra launch (``_quant_act_kernel``), or at decode sizes by gemm1 as it loads
-the rows; the intermediate h by gemm1's epilogue when
+x by one small extra launch (``_quant_act_kernel``) unless the caller passes it quantized
+(``x_fp8``, e.g. from the RMSNorm launch that made x); the intermediate h by gemm1's epilogue when
 its tile is 128 wide (one group per tile row), otherwise by gemm2 right after each 128-wide load.
 Each K step is an FP8 tensor-core dot whose float32 result gets activation scale x weight scale.
 """
@@ -172,11 +172,9 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
                   stride_hs,
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
-                  EVEN_K: tl.constexpr, QUANT_A: tl.constexpr):
-    """FP8: x is pre-quantized (xs = its scales [T, H/128]), or with QUANT_A read in x's dtype and
-    quantized here per row and 128-group (bit for bit what _quant_act_kernel writes; decode sizes,
-    where that launch cost more than re-quantizing a few rows per tile). With H_FP8 (BN == 128) the
-    epilogue also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
+                  EVEN_K: tl.constexpr):
+    """FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
+    also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
     pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
@@ -209,10 +207,7 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
             g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
         if FP8:
-            if QUANT_A:
-                a, a_s = _quant_rows(a)
-            else:
-                a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
             if BN <= 128:
                 # the tile lies in one 128-row weight block: one scale, folded into the row scale
                 # so the promotion is a single FMA per element
@@ -366,8 +361,6 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
 
 # columns per program of the final sum over k (programs = tokens x H / SUM_BLOCK_H)
 SUM_BLOCK_H = 1024
-# FP8 calls with at most this many pairs quantize x inside gemm1 (no _quant_act_kernel launch)
-QUANT_IN_GEMM_MAX_PAIRS = 2048
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
@@ -418,15 +411,11 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
     # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
     h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
-    quant_a = fp8 and x_fp8 is None and n_pairs <= QUANT_IN_GEMM_MAX_PAIRS
     if fp8 and x_fp8 is not None:
         xq, xs = x_fp8
         if (xq.shape != x.shape or xq.dtype != torch.float8_e4m3fn or xq.stride(-1) != 1
                 or xs.shape != (t, h // FP8_BLOCK) or xs.dtype != torch.float32):
             raise ValueError(f"x_fp8 must be (float8_e4m3fn {list(x.shape)}, float32 [{t}, {h // FP8_BLOCK}])")
-        ws13, ws2 = w13_scale, w2_scale
-    elif quant_a:
-        xq, xs = x, x  # gemm1 quantizes the rows it reads; xs: a dummy pointer
         ws13, ws2 = w13_scale, w2_scale
     elif fp8:
         xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
@@ -443,11 +432,11 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     grid1 = (max_blocks * triton.cdiv(i, c1["BN"]),)
     _gemm1_kernel[grid1](
         xq, xs, w13, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
-        xq.stride(0), xs.stride(0) if fp8 and not quant_a else 0, w13.stride(0), w13.stride(1),
+        xq.stride(0), xs.stride(0) if fp8 else 0, w13.stride(0), w13.stride(1),
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
         hs.stride(0) if h_fp8 else 0,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(h % bk1 == 0), QUANT_A=quant_a, num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        EVEN_K=(h % bk1 == 0), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
