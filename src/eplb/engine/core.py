@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb.engine.detokenizer import IncrementalDetokenizer
 from eplb.engine.kv_cache import KVCache
 from eplb.engine.prompt import check_prompt_ids
 from eplb.engine.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, token_logprobs
@@ -114,7 +115,8 @@ class EngineCore:
         gen = None  # None: the engine's shared generator
         if params.seed is not None:  # manual_seed takes [0, 2^64): fold negative seeds into it
             gen = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
-        seq = Sequence(request_id, ids, params, generator=gen)
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        seq = Sequence(request_id, ids, params, generator=gen, detokenizer=detok)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -325,16 +327,18 @@ class EngineCore:
         reason = None
         if (not p.ignore_eos and tok in self.eos_token_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
             reason = "stop"
-        if self.tokenizer is not None:
-            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        if reason is None and (len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len):
+            reason = "length"
+        if s.detokenizer is not None:
+            # a window per step; the whole output decoded once, when it ends
+            detok = s.detokenizer
+            s.text = detok.update(s.output_ids) if reason is None else detok.finish(s.output_ids)
             # as vLLM: no stop string ends a request before min_tokens
-            if p.stop and reason is None and len(s.output_ids) >= p.min_tokens:
+            if p.stop and reason != "stop" and len(s.output_ids) >= p.min_tokens:
                 hits = [i for i in (s.text.find(x) for x in p.stop) if i >= 0]
                 if hits:
                     s.text = s.text[: min(hits)]
                     reason = "stop"
-        if reason is None and (len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len):
-            reason = "length"
         if reason is not None:
             s.finished = True
             s.finish_reason = reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, if asked
     prompt_logprobs: list | None = None  # [None, TokenLogprob per later prompt token], if asked
+    detokenizer: Any = None  # IncrementalDetokenizer of the output, when the model has a tokenizer
 
     @property
     def num_tokens(self) -> int:
