@@ -104,10 +104,14 @@ def test_rms_norm_fp8_output_is_the_quantized_output(n, h, with_res) -> None:
     _quant_act_kernel[(n, h // 128)](got[0], want_q, want_s, h, h, h, h // 128, G=1)
     assert torch.equal(qs, want_s)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    if CUDA:  # and it is the quantization the reference path emulates (triton's interpreter
-        # gets some e4m3 casts wrong, e.g. -127.0 -> -64; the same way in both kernels above)
+    if CUDA:  # and it is the quantization the reference path emulates, up to the kernels'
+        # float32 division (not IEEE-rounded in triton: a value may land one e4m3 step away;
+        # triton's interpreter gets some e4m3 casts wrong, e.g. -127.0 -> -64, the same way in
+        # both kernels above, so only on CUDA)
         deq = (q.float().view(n, h // 128, 128) * qs[..., None]).view(n, h).cpu()
-        assert torch.equal(deq, quant_dequant_act(got[0].float().cpu()))
+        ref = quant_dequant_act(got[0].float().cpu())
+        assert ((deq - ref).abs() <= ref.abs() * 2**-3 + 1e-6).all()
+        assert (deq != ref).float().mean() < 0.05
     with pytest.raises(ValueError, match="128"):
         rms_norm_fused(x[:, :100], w[:100], 1e-6, fp8=True)
 

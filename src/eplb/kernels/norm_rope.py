@@ -88,6 +88,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
     FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
     per row and 128 columns, amax / 448: what moe_triton._quant_act_kernel makes of it)."""
     DP: tl.constexpr = 4 * LANES
+    NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
     dt = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = rows < T
@@ -128,7 +129,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
         o = (y * w[None, :]).to(dt)
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)
         if FP8:
-            NG: tl.constexpr = DP // 128
             of = tl.reshape(o.to(tl.float32), [BR, NG, 128])
             sc = tl.maximum(tl.max(tl.abs(of), axis=2), 1e-12) / 448.0
             q = tl.reshape((of / sc[:, :, None]).to(tl.float8e4nv), [BR, DP])
