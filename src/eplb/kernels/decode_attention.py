@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.moe_triton import _quant_rows
+
 _LOG2E = 1.4426950408889634
 # num_splits: enough (row, kv head, split) programs to fill the GPU (~_TARGET_PROGRAMS; B*Hkv alone
 # does at large B), at most _MAX_SPLITS (the combine kernel merges them in one tile) and at most one
@@ -113,10 +115,9 @@ def _split_kernel(
 @triton.jit
 def _store_fp8(ob, q_ptrs, s_ptrs, mask, smask):
     """Rows of ``ob`` (output dtype; one head of D = 128 each) quantized for a block-FP8 GEMM:
-    e4m3 and one float32 scale per row (amax / 448, as moe_triton._quant_act_kernel does)."""
-    of = ob.to(tl.float32)
-    sc = tl.maximum(tl.max(tl.abs(of), axis=1), 1e-12) / 448.0
-    tl.store(q_ptrs, (of / sc[:, None]).to(tl.float8e4nv), mask=mask)
+    e4m3 and one float32 scale per row (moe_triton._quant_rows)."""
+    q, sc = _quant_rows(ob)
+    tl.store(q_ptrs, q, mask=mask)
     tl.store(s_ptrs, sc, mask=smask)
 
 

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.moe_triton import _quant_rows
+
 _TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
 _TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to an FMA (same sums for bf16/fp16)
 EXACT = True  # reproduce torch's reduction order (see module docstring)
@@ -86,7 +88,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
                      FP8: tl.constexpr):
     """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
     FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
-    per row and 128 columns, amax / 448: what moe_triton._quant_act_kernel makes of it)."""
+    per row and 128 columns: moe_triton._quant_rows)."""
     DP: tl.constexpr = 4 * LANES
     NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
     dt = out_ptr.dtype.element_ty
@@ -128,13 +130,12 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
         y = (x * rstd[:, None]).to(dt).to(tl.float32)
         o = (y * w[None, :]).to(dt)
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)
-        if FP8:
-            of = tl.reshape(o.to(tl.float32), [BR, NG, 128])
-            sc = tl.maximum(tl.max(tl.abs(of), axis=2), 1e-12) / 448.0
-            q = tl.reshape((of / sc[:, :, None]).to(tl.float8e4nv), [BR, DP])
-            tl.store(q_ptr + rows64[:, None] * sq + c[None, :], q, mask=m)
+        if FP8:  # one row of _quant_rows per 128 columns
+            q, sc = _quant_rows(tl.reshape(o, [BR * NG, 128]))
+            tl.store(q_ptr + rows64[:, None] * sq + c[None, :], tl.reshape(q, [BR, DP]), mask=m)
             gi = j * NG + tl.arange(0, NG)
-            tl.store(qs_ptr + rows64[:, None] * sqs + gi[None, :], sc, mask=rm[:, None] & (gi < H // 128)[None, :])
+            tl.store(qs_ptr + rows64[:, None] * sqs + gi[None, :], tl.reshape(sc, [BR, NG]),
+                     mask=rm[:, None] & (gi < H // 128)[None, :])
 
 
 def _warps(elems: int) -> int:
