@@ -348,7 +348,7 @@ def test_fp8_inputs_quantized_by_their_producers_change_no_bit(tmp_path, monkeyp
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 16, 3)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
-    def unfused_norm(x, weight, eps, residual=None):
+    def unfused_norm(x, weight, eps, residual=None, quantize=True):
         if residual is None:
             return tr.rms_norm(x, weight, eps), x, None
         return (*tr.rms_norm(x, weight, eps, residual), None)

@@ -115,17 +115,25 @@ def attend_fp8_out(
     D = 128 the Triton decode kernel also writes the output quantized per row and head
     ((q [N, Hq * D] e4m3, scales [N, Hq]); the o projection then skips its quantization launch);
     elsewhere out_fp8 is None."""
-    n, hq, d = q.shape
-    if n and d == 128 and meta.num_decode == n and meta.static:
-        from eplb.kernels import triton_usable
+    if q.shape[2] == 128 and _triton_decode_step(q, meta):
+        from eplb.kernels.decode_attention import decode_attention
 
-        if triton_usable(q.device):
-            from eplb.kernels.decode_attention import decode_attention
-
-            if not kv_written:
-                _write_kv(k, v, k_cache, v_cache, meta)
-            return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale, fp8_out=True)
+        if not kv_written:
+            _write_kv(k, v, k_cache, v_cache, meta)
+        return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale, fp8_out=True)
     return attend(q, k, v, k_cache, v_cache, meta, scale, kv_written), None
+
+
+def _static_decode_step(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Every row decodes, with static metadata (a CUDA-graph step or its eager twin)."""
+    return q.shape[0] > 0 and meta.num_decode == q.shape[0] and meta.static
+
+
+def _triton_decode_step(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """A static decode step on a device the Triton decode-attention kernel runs on."""
+    from eplb.kernels import triton_usable
+
+    return _static_decode_step(q, meta) and triton_usable(q.device)
 
 
 def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -147,10 +155,8 @@ def attend(
     if not kv_written:
         _write_kv(k, v, k_cache, v_cache, meta)
     nd = meta.num_decode
-    if nd == n and meta.static:
-        from eplb.kernels import triton_usable
-
-        if triton_usable(q.device):
+    if _static_decode_step(q, meta):
+        if _triton_decode_step(q, meta):
             from eplb.kernels.decode_attention import decode_attention
 
             return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)

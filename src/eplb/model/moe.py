@@ -95,7 +95,7 @@ def local_dispatch(
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
         local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
         return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2, w13_scale=layer.w13_scale,
-                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8 if layer.w13_scale is not None else None)
+                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)

@@ -62,14 +62,22 @@ def _kernels(x: torch.Tensor):
     return _norm_rope
 
 
+def _norm_kernel(x: torch.Tensor, weight: torch.Tensor):
+    """The norm_rope kernel module when ``rms_norm_fused`` takes this x and weight, else None."""
+    k = _kernels(x)
+    if k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and weight.dtype == x.dtype:
+        return k
+    return None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Matches transformers: normalise in float32, cast back, then scale.
 
     With ``residual``: ``(rms_norm(x + residual), x + residual)``, the decoder layer's residual
     add fused into the next norm (one launch on CUDA bf16/fp16; bit-identical to the torch ops).
     """
-    k = _kernels(x)
-    if k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and weight.dtype == x.dtype:
+    k = _norm_kernel(x, weight)
+    if k is not None:
         return k.rms_norm_fused(x, weight, eps, residual)
     if residual is not None:
         x = x + residual
@@ -115,19 +123,17 @@ class Rope(nn.Module):
         return x * cos + rot * sin
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """``rms_norm`` for a block-FP8 GEMM's input: (out, residual stream, x_fp8), where the
-    residual stream is x + residual (x itself when ``residual`` is None) and x_fp8 is (q, scales),
-    ``out`` quantized per row and 128 columns by the norm's own launch, or None where the fused
-    kernel does not apply (the GEMM then quantizes)."""
-    k = _kernels(x)
-    if (k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 128 == 0
-            and weight.dtype == x.dtype):
-        if residual is None:
-            out, q, qs = k.rms_norm_fused(x, weight, eps, None, fp8=True)
-            return out, x, (q, qs)
-        out, r, q, qs = k.rms_norm_fused(x, weight, eps, residual, fp8=True)
-        return out, r, (q, qs)
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 quantize: bool = True):
+    """A decoder layer's norm: (out, residual stream, x_fp8), where the residual stream is
+    x + residual (x itself when ``residual`` is None) and, with ``quantize`` (the next GEMM is
+    block-FP8), x_fp8 is (q, scales), ``out`` quantized per row and 128 columns by the norm's own
+    launch; None without ``quantize`` or where the fused kernel does not apply (the GEMM then
+    quantizes)."""
+    k = _norm_kernel(x, weight) if quantize and x.shape[-1] % 128 == 0 else None
+    if k is not None:
+        *normed, q, qs = k.rms_norm_fused(x, weight, eps, residual, fp8=True)
+        return normed[0], normed[-1] if residual is not None else x, (q, qs)
     if residual is None:
         return rms_norm(x, weight, eps), x, None
     out, r = rms_norm(x, weight, eps, residual)
@@ -241,18 +247,10 @@ class DecoderLayer(nn.Module):
         residual [N, H]: the residual stream it is to be added to. Returns (mlp output, residual
         stream after attention): each residual add is left to the next norm, which fuses it (as
         vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
-        if self.attn.fp8_input:
-            h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual)
-        elif residual is None:
-            h, residual, h_fp8 = rms_norm(x, self.input_norm, self.eps), x, None
-        else:
-            (h, residual), h_fp8 = rms_norm(x, self.input_norm, self.eps, residual), None
+        h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual, self.attn.fp8_input)
         h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
-        if self.mlp.fp8_input:
-            h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual)
-            return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
-        h, residual = rms_norm(h, self.post_norm, self.eps, residual)
-        return self.mlp(h, num_real_tokens), residual
+        h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual, self.mlp.fp8_input)
+        return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
 
 
 class MoEForCausalLM(nn.Module):
