@@ -232,10 +232,10 @@ def graph_time(xs, routes, wargs, kw, reps: int = 30) -> float:
     return graph_time_fn(lambda j: fused_moe(xs[j], routes[j][0], routes[j][1], *wargs, **kw), reps)
 
 
-def graph_time_fn(call, reps: int = 30) -> float:
-    """Seconds per call(j), from a CUDA graph that calls it for j = 0..NSETS-1."""
+def graph_time_fn(call, reps: int = 30, sets: int = NSETS) -> float:
+    """Seconds per call(j), from a CUDA graph that calls it for j = 0..sets-1."""
     def body():
-        for j in range(NSETS):
+        for j in range(sets):
             call(j)
 
     s = torch.cuda.Stream()
@@ -246,7 +246,7 @@ def graph_time_fn(call, reps: int = 30) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         body()
-    return timed(g.replay, reps=reps) / NSETS
+    return timed(g.replay, reps=reps) / sets
 
 
 # ----------------------------------------------------------------------------- tuning

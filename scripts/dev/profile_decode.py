@@ -14,27 +14,17 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import statistics
 import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu  # noqa: E402  (bench/gpu.py: timed)
+
 CONFIGS = {"bf16": os.path.join(ROOT, "configs", "Qwen3-30B-A3B"),
            "fp8": os.path.join(ROOT, "configs", "Qwen3-30B-A3B-FP8")}
-
-
-def cuda_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def kernel_table(fn, steps: int, top: int) -> None:
@@ -81,9 +71,9 @@ def run(kind: str, batches: list[int], args) -> None:
             core.step()
         for _ in range(3):
             core.step()
-        step_ms = cuda_ms(core.step, 15)
+        step_ms = gpu.timed(core.step, reps=15, warmup=0) * 1e3
         bs = graphs.sizes[[s >= b for s in graphs.sizes].index(True)]
-        replay_ms = cuda_ms(graphs.graphs[bs].replay, 20)
+        replay_ms = gpu.timed(graphs.graphs[bs].replay, reps=20, warmup=0) * 1e3
         print(f"[{kind}] batch {b}: step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
               f"(host/sampling gap {step_ms - replay_ms:.3f} ms)", flush=True)
         print("  replay:")

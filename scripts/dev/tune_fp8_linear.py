@@ -11,13 +11,15 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+import gpu  # noqa: E402
+
 from eplb.kernels import quantize_block_fp8  # noqa: E402
 from eplb.kernels.linear_fp8 import fp8_linear, pick_config  # noqa: E402
 
@@ -26,34 +28,8 @@ SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096)}
 MS = (1, 16, 32, 64, 128, 256)
 
 
-def timed(fn, reps=30, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
-
-
 def graph_us(call):
-    def body():
-        for j in range(SETS):
-            call(j)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        body()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    return timed(g.replay) / SETS
+    return gpu.graph_time_fn(call, sets=SETS) * 1e6
 
 
 def old_config(m, n):
@@ -71,10 +47,7 @@ def main():
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
-    x = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    copy_gbps = 4 * x.numel() / (timed(lambda: y.copy_(x), reps=10) / 1e6) / 1e9
-    x = y = None  # free the 1 GiB
+    copy_gbps = gpu.ceilings()["copy_GBps_read_plus_write"]
     rows = []
     for name, (n, k) in SHAPES.items():
         ws = [quantize_block_fp8(torch.randn(n, k, device="cuda") / k**0.5) for _ in range(SETS)]
