@@ -6,6 +6,8 @@ with triton installed: what CI does, scripts/run_tests.sh sets it), otherwise it
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -316,13 +318,53 @@ def test_fp8_linear_configs_agree_bit_for_bit(m):
     xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)
     xs = torch.empty((m, k // 128), dtype=torch.float32, device=DEV)
     _quant_act_kernel[(m, k // 128)](x, xq, xs, k, k, k, k // 128, G=1)
-    for ksub in (1, 2, 4, 8):
-        got = fp8_linear(x, q, s, config=dict(base, KSUB=ksub, num_stages=2))
-        assert torch.equal(got, want), ksub
-        pre = fp8_linear(torch.full_like(x, float("nan")), q, s, config=dict(base, KSUB=ksub, num_stages=2),
-                         x_fp8=(xq, xs))  # x itself is not read
-        assert torch.equal(pre, want), ksub
+    for ksub, split in itertools.product((1, 2, 4), (1, 2)):
+        cfg = dict(base, KSUB=ksub, SPLIT=split, num_stages=2)
+        got = fp8_linear(x, q, s, config=cfg)
+        assert torch.equal(got, want), cfg
+        pre = fp8_linear(torch.full_like(x, float("nan")), q, s, config=cfg, x_fp8=(xq, xs))  # x is not read
+        assert torch.equal(pre, want), cfg
     with pytest.raises(ValueError, match="x_fp8"):
         fp8_linear(x, q, s, x_fp8=(xq, xs[:, :1]))
     with pytest.raises(ValueError, match="KSUB"):
-        fp8_linear(x, q, s, config=dict(base, KSUB=16))
+        fp8_linear(x, q, s, config=dict(base, KSUB=8))
+    with pytest.raises(ValueError, match="SPLIT"):
+        fp8_linear(x, q, s, config=dict(base, SPLIT=3))
+
+
+def _quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (e4m3 [M, K], scales [M, K/128]): the activation quantization in torch
+    (triton's interpreter mis-rounds in-kernel e4m3 casts; loads and dots of e4m3 data are right)."""
+    m, k = x.shape
+    blocks = x.view(m, k // 128, 128)
+    sc = blocks.abs().amax(-1) / 448.0
+    return (blocks / sc[..., None]).to(torch.float8_e4m3fn).view(m, k), sc.float()
+
+
+@pytest.mark.parametrize("n,k", [(256, 2048), (384, 384)])
+def test_fp8_linear_split_k_gives_the_same_bits_at_every_batch_size(n, k):
+    # K is summed chunk by chunk in one order whether one program or one program per chunk does
+    # it, so a row's result is the same at every M (CUDA graphs and DP ranks batch rows
+    # differently) and matches the dequantized product
+    from eplb.kernels.linear_fp8 import chunk_blocks, fp8_linear, pick_config
+
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(40, k, generator=g)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    xq, xs = _quantize_rows_torch(x)
+    q, s, xq, xs = q.to(DEV), s.to(DEV), xq.to(DEV), xs.to(DEV)
+    xb = x.to(BF16).to(DEV)
+    chunks = k // (128 * chunk_blocks(k))
+    assert chunks > 1 and pick_config(1, n, k)["SPLIT"] == chunks  # decode sizes split K
+    # on the interpreter numpy's matmul of a [BM, 128] tile may round differently per BM, so
+    # there every call uses the M = 1 tiles (split or not); on a GPU each M its own config
+    def config(m: int, **over) -> dict:
+        return dict(pick_config(m if DEV == "cuda" else 1, n, k), **over)
+
+    full = fp8_linear(xb, q, s, x_fp8=(xq, xs), config=config(40, SPLIT=1))
+    for m in (1, 3, 17, 40):
+        got = fp8_linear(xb[:m], q, s, x_fp8=(xq[:m], xs[:m]), config=config(m))
+        assert torch.equal(got, full[:m]), m
+    deq = (xq.float().cpu().view(40, k // 128, 128) * xs.cpu()[..., None]).view(40, k)
+    ref = deq @ dequantize_block_fp8(q.cpu(), s.cpu(), [128, 128]).T
+    assert rel_err(full.float().cpu(), ref) < 1e-2
