@@ -273,13 +273,24 @@ class MoELayer(nn.Module):
         """The router tail runs in the Triton kernel (``kernels.route_topk``)."""
         return x.is_cuda and x.shape[0] > 0 and kernels.HAS_TRITON
 
+    def _route_kernel(self, x: torch.Tensor, **kw):
+        """Router matmul + tail on the Triton path -> route_topk's (weights, ids, slots). Decode
+        sizes: both in one launch (``kernels.route_logits_topk``; the step is launch-bound);
+        larger batches: cuBLAS, then ``kernels.route_topk``."""
+        if x.shape[0] > kernels.ROUTER_FUSED_MAX_TOKENS or self.num_experts % 16:
+            return kernels.route_topk(self._router_logits(x), self.top_k, self.norm_topk_prob, **kw)
+        if self.before_route is not None:
+            self.before_route()
+        return kernels.route_logits_topk(x, self.gate_weight, self.router_bias, self.top_k,
+                                         self.norm_topk_prob, **kw)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
-        logits = self._router_logits(x)
         if self._fused_router(x):
-            # softmax + top-k + renormalise + cast in one launch (eplb.kernels.routing)
-            w, ids, _ = kernels.route_topk(logits, self.top_k, self.norm_topk_prob, weight_dtype=x.dtype)
+            # softmax + top-k + renormalise + cast in the launch (eplb.kernels.routing)
+            w, ids, _ = self._route_kernel(x, weight_dtype=x.dtype)
             return w, ids
+        logits = self._router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -355,14 +366,13 @@ class MoELayer(nn.Module):
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
 
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
-        """route + count_load + choose_slots with one Triton launch after the router matmul
-        (``kernels.route_topk``; the replica choice stays in torch when experts have several
-        replicas). Same values as the unfused path: weights rounded once from float32, exact
-        integer counts."""
+        """route + count_load + choose_slots in the router's Triton launch (``_route_kernel``; the
+        replica choice stays in torch when experts have several replicas). The unfused path's
+        arithmetic: weights rounded once from float32, exact integer counts (at decode sizes the
+        logits are summed in another order than cuBLAS's: they may differ by a rounding)."""
         single = self.single_replica_map()
-        weights, ids, slots = kernels.route_topk(
-            self._router_logits(x), self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
-            load=self.expert_load, num_real=num_real_tokens)
+        weights, ids, slots = self._route_kernel(x, weight_dtype=x.dtype, slot_map=single,
+                                                 load=self.expert_load, num_real=num_real_tokens)
         if slots is None:
             slots = self.choose_slots(ids)
         return weights, slots
