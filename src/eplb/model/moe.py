@@ -82,9 +82,12 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def local_dispatch(
     hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, expert_fn: ExpertFn,
     layer: "MoELayer", hidden_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+):
     """In-process dispatcher: every slot is local. hidden [T, H], slot_ids/weights [T, k];
-    ``hidden_fp8``: hidden already quantized for block-FP8 experts (used by the Triton path)."""
+    ``hidden_fp8``: hidden already quantized for block-FP8 experts (used by the Triton path).
+    ``defer_sum``: the Triton path may return its weighted pair outputs unsummed
+    (``kernels.moe_triton.PairOutputs``, summed over k by the next fused RMSNorm)."""
     t, k = slot_ids.shape
     flat = slot_ids.reshape(-1)
     partial = layer.slot_start != 0 or layer.slot_end != layer.num_physical
@@ -95,7 +98,7 @@ def local_dispatch(
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
         local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
         return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2, w13_scale=layer.w13_scale,
-                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8)
+                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8, reduce=not defer_sum)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
@@ -350,19 +353,22 @@ class MoELayer(nn.Module):
         return self.w13_scale is not None and self._dispatcher is local_dispatch
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, defer_sum: bool = False):
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs).
         ``x_fp8``: x quantized per row and 128 columns (see ``fp8_input``); the router still
-        reads x."""
+        reads x. ``defer_sum``: with the in-process Triton path the result may be the weighted
+        pair outputs before the sum over k (``PairOutputs``, which the decoder's next fused
+        RMSNorm sums in its own launch); EP dispatchers always return [T, H]."""
         if self._fused_router(x):
             weights, slots = self._route_fused(x, num_real_tokens)
         else:
             weights, ids = self.route(x)
             self.count_load(ids, num_real_tokens)
             slots = self.choose_slots(ids)
-        if x_fp8 is not None and self.fp8_input:
-            return local_dispatch(x, slots, weights, self.expert_fn, self, hidden_fp8=x_fp8)
+        if self._dispatcher is local_dispatch:
+            return local_dispatch(x, slots, weights, self.expert_fn, self,
+                                  hidden_fp8=x_fp8 if self.fp8_input else None, defer_sum=defer_sum)
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
 
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):

@@ -1,0 +1,84 @@
+"""Dev: A/B of the decode-step launch fusions at Qwen3-30B-A3B(-FP8)'s full size (dummy weights,
+CUDA graphs, engine alone, bench/full_size.py's decode loop): every fusion on, each one off, all
+off. One engine per variant (the graphs bake the choice in); TPOT = median CUDA-event step time.
+    PYTHONPATH=src python3 scripts/dev/ab_decode_fusions.py [--dtypes fp8,bf16] [--batches 1,32]
+Fusions: ``split_k`` (fp8_linear's one program per K chunk at decode sizes), ``router`` (router
+matmul + top-k in one launch), ``defer_sum`` (the MoE k-sum done by the next RMSNorm)."""
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
+import full_size  # noqa: E402
+
+from eplb.kernels import linear_fp8, routing  # noqa: E402
+from eplb.model import transformer  # noqa: E402
+
+SWITCHES = {"split_k": (linear_fp8, "_SPLIT_MAX_M", 0), "router": (routing, "ROUTER_FUSED_MAX_TOKENS", 0),
+            "defer_sum": (transformer, "DEFER_MOE_SUM", False)}
+VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
+
+
+def run_variant(kind, off, args, tmp):
+    from eplb.engine.core import EngineCore
+
+    saved = {k: getattr(mod, name) for k, (mod, name, _) in SWITCHES.items()}
+    for k in off:
+        mod, name, val = SWITCHES[k]
+        setattr(mod, name, val)
+    try:
+        path = full_size.model_dir(kind, args.layers, args.small, tmp)
+        core = EngineCore(path, load_format="dummy", dtype=args.dtype, device=args.device,
+                          max_model_len=args.prompt_len + full_size.decode_tokens(args, max(args.batches)) + 8,
+                          max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.chunk, max(args.batches)))
+        core.tokenizer = None
+        core.warm_up()
+        timer = full_size.StepTimer(torch.device(args.device))
+        out = {b: full_size.decode(core, b, args, timer, core.config.vocab_size)["tpot_ms"] for b in args.batches}
+        del core
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return out
+    finally:
+        for k, (mod, name, _) in SWITCHES.items():
+            setattr(mod, name, saved[k])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="fp8")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true", help="2 small layers on the CPU (checks the script)")
+    a = ap.parse_args()
+    extra = ["--device", "cpu", "--small", "--layers", "2", "--prompt-len", "16", "--decode-steps", "2"] \
+        if a.cpu_smoke else ["--device", "cuda", "--decode-steps", "20"]
+    args = full_size.parse_args(["--batches", a.batches, "--warmup-steps", "3", "--count-steps", "1", *extra])
+    args.dtype = "float32" if a.cpu_smoke else "bfloat16"
+    res = {"device": full_size.device_name(args.device), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "method": "TPOT ms (median CUDA-event time of EngineCore.step(), CUDA graphs), prompts 512 tokens",
+           "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in a.dtypes.split(","):
+            for name in a.variants.split(","):
+                tpot = run_variant(kind, VARIANTS[name], args, tmp)
+                res["runs"][f"{kind}/{name}"] = tpot
+                print(f"{kind:4s} {name:12s} " + "  ".join(f"b{b} {t:7.3f} ms" for b, t in tpot.items()), flush=True)
+                if a.out:
+                    with open(a.out, "w") as f:
+                        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
