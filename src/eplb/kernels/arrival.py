@@ -33,6 +33,10 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     device = torch.device(device)
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # zeros made inside a capture are only written when the graph first replays
+            raise RuntimeError("arrival counters are allocated on a launch's first eager run; run it "
+                               "once outside CUDA graph capture (the engine's warm-up does)")
         buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
