@@ -20,6 +20,9 @@ from eplb.kernels.arrival import arrival_counters, last_to_arrive
 # ones (prefill) are not launch-bound and keep cuBLAS + route_topk.
 ROUTER_FUSED_MAX_TOKENS = 256
 _BT, _EB = 16, 16  # route_logits_topk's tile: token rows x experts per program, fixed for every T
+# its K step and launch settings (scripts/dev/ab_router.py times the choices); BK must not depend
+# on T (the summation order would)
+ROUTER_LAUNCH = {"BK": 128, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -195,12 +198,13 @@ def route_logits_topk(
     x = x if x.stride(-1) == 1 else x.contiguous()
     gate_weight = gate_weight if gate_weight.stride(-1) == 1 else gate_weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    bk = 128 if h >= 128 else 64  # a function of H alone: the summation order must not depend on T
+    bk = ROUTER_LAUNCH["BK"] if h >= ROUTER_LAUNCH["BK"] else 64  # a function of H alone, never of T
     tb = triton.cdiv(t, _BT)
     lg = torch.empty((t, e), dtype=torch.float32, device=x.device)
     _router_kernel[(tb, e // _EB)](
         x, gate_weight, bias if bias is not None else x, lg, arrival_counters(x.device, tb), t, e, h,
         x.stride(0), gate_weight.stride(0), *args,
         BT=_BT, EB=_EB, BK=bk, EVEN_K=h % bk == 0, HAS_BIAS=bias is not None,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", **flags, num_warps=4)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", **flags,
+        num_warps=ROUTER_LAUNCH["num_warps"], num_stages=ROUTER_LAUNCH["num_stages"])
     return outs
