@@ -498,3 +498,17 @@ def test_fp8_linear_split_k_gives_the_same_bits_at_every_batch_size(n, k):
     deq = (xq.float().cpu().view(40, k // 128, 128) * xs.cpu()[..., None]).view(40, k)
     ref = deq @ dequantize_block_fp8(q.cpu(), s.cpu(), [128, 128]).T
     assert rel_err(full.float().cpu(), ref) < 1e-2
+
+
+def test_arrival_counters_grow_without_freeing_what_graphs_captured():
+    from eplb.kernels import arrival
+
+    dev = torch.device("cpu")
+    arrival._COUNTERS.pop(dev, None)
+    first = arrival.arrival_counters(dev, 10)
+    assert first.numel() >= 10 and int(first.abs().sum()) == 0
+    assert arrival.arrival_counters(dev, 10) is first  # one buffer per device while it is big enough
+    bigger = arrival.arrival_counters(dev, first.numel() + 1)
+    assert bigger.numel() > first.numel() and int(bigger.abs().sum()) == 0
+    assert any(b is first for b in arrival._OUTGROWN)  # a captured graph may still point at it
+    arrival._COUNTERS.pop(dev, None)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
 @triton.jit
@@ -37,6 +38,8 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
             # zeros made inside a capture are only written when the graph first replays
             raise RuntimeError("arrival counters are allocated on a launch's first eager run; run it "
                                "once outside CUDA graph capture (the engine's warm-up does)")
+        if buf is not None:  # graphs captured with it keep its address: never free it
+            _OUTGROWN.append(buf)
         buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
