@@ -18,7 +18,7 @@ needs_triton = pytest.mark.skipif(DEV is None, reason="needs CUDA + triton (or T
 needs_cuda = pytest.mark.skipif(DEV != "cuda", reason="needs CUDA + triton (CUDA graphs)")
 
 if HAS_TRITON:  # the kernel module imports triton; tests using it are marked needs_triton/needs_cuda
-    from eplb.kernels.decode_attention import _decode_attention, decode_attention, split_plan
+    from eplb.kernels.decode_attention import _MERGE_MAX_SPLITS, _decode_attention, decode_attention, split_plan
 
 # triton's CPU interpreter gets bf16 dots wrong: under it only float32 runs
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if DEV == "cuda" else [torch.float32]
@@ -99,10 +99,11 @@ def test_decode_attention_matches_reference(shape, num_slots, max_len, b, dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("target", [1, 1 << 20], ids=["one_split_direct", "max_splits"])
+@pytest.mark.parametrize("target", [1, 64, 1 << 20], ids=["one_split_direct", "merged_in_kernel", "max_splits"])
 @pytest.mark.parametrize("shape", [QWEN, TINY], ids=["qwen", "tiny"])
 def test_split_extremes(shape, target):
-    """num_splits 1 (the split kernel writes the output, no combine) and as many as max_len allows."""
+    """num_splits 1 (the split kernel writes the output, no combine), a few (the split kernel's
+    last program merges them) and as many as max_len allows (the combine launch)."""
     hq, hkv, d = shape
     dtype, max_len = DTYPES[0], 300
     ctx = [1, 300, 64, 65, 0]
@@ -113,7 +114,7 @@ def test_split_extremes(shape, target):
 
 
 @needs_triton
-@pytest.mark.parametrize("target", [1, 1 << 20], ids=["one_split_direct", "max_splits"])
+@pytest.mark.parametrize("target", [1, 64, 1 << 20], ids=["one_split_direct", "merged_in_kernel", "max_splits"])
 def test_fp8_output_is_the_quantized_output(target):
     """fp8_out: the output quantized per row and head, bit for bit what the FP8 GEMMs' own
     quantization launch makes of it, from either launch that writes the output."""
@@ -121,6 +122,7 @@ def test_fp8_output_is_the_quantized_output(target):
 
     hq, hkv, d = QWEN
     q, k, v, slots, ctx = make_case(hq, hkv, d, 7, 300, [1, 300, 64, 0], DTYPES[0], DEV, seed=2)
+    assert (1 < split_plan(4, hkv, 300, target_programs=target) <= _MERGE_MAX_SPLITS) == (target == 64)
     plain = _decode_attention(q, k, v, slots, ctx, d**-0.5, target_programs=target)
     out, (q8, qs) = _decode_attention(q, k, v, slots, ctx, d**-0.5, target_programs=target, fp8_out=True)
     assert torch.equal(out, plain)

@@ -10,7 +10,9 @@ keys ``0 .. ctx_lens[b]-1``. Two launches:
    short context does not leave most of a large grid idle. Each program writes its normalised
    partial output and the log2-sum-exp of its scores; an empty range reads nothing, lse = -inf.
 2. ``_combine_kernel``, grid ``(B, Hq)``: the online-softmax merge of the splits. Skipped when
-   ``num_splits == 1`` (large batches): the split kernel then writes the output itself.
+   ``num_splits == 1`` (large batches): the split kernel then writes the output itself; and up to
+   ``_MERGE_MAX_SPLITS`` splits, where the last split program of a (row, kv head) to finish merges
+   them (the same ``_merge_splits``, for all G heads at once).
 Whichever launch writes the output can also write it quantized for a block-FP8 o projection
 (``fp8_out``), so that GEMM needs no quantization launch of its own.
 
@@ -26,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import _quant_rows
 
 _LOG2E = 1.4426950408889634
@@ -36,6 +39,10 @@ _LOG2E = 1.4426950408889634
 # B>=128 -> 1, i.e. no combine launch); block 64 / 4 warps / 2 stages were as good as any.
 _TARGET_PROGRAMS = 512
 _MAX_SPLITS = 128
+# Up to this many splits the split kernel merges them itself: the last program of a (row, kv head)
+# to finish reads the G heads' partials back (one [G, splits, D] tile) and writes the output, so
+# there is no combine launch (eplb.kernels.arrival). More splits (small batches) keep _combine_kernel.
+_MERGE_MAX_SPLITS = 4
 
 
 @triton.jit
@@ -45,9 +52,9 @@ def _split_kernel(
     stride_qb, stride_qh,
     stride_ks, stride_kh, stride_kl,
     stride_vs, stride_vh, stride_vl,
-    stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8, stride_qs,
+    stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8, stride_qs, out_ptr, cnt_ptr,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    DIRECT: tl.constexpr, FP8: tl.constexpr,
+    DIRECT: tl.constexpr, FP8: tl.constexpr, MERGE: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -110,6 +117,41 @@ def _split_kernel(
         row = (b * HQ + heads).to(tl.int64) * NS + sp
         tl.store(lse_ptr + row, tl.where(has, m + tl.log2(l_safe), float("-inf")), mask=gm)
         tl.store(o_ptr + row[:, None] * D + d[None, :], o, mask=(gm & active)[:, None])
+        if MERGE:  # noqa: SIM102 (a constexpr branch: no atomic at all without MERGE)
+            # few splits: the last of this (row, kv head)'s programs to finish merges them
+            if last_to_arrive(cnt_ptr + b * (HQ // G) + kvh, NS):
+                _merge_splits(o_ptr, lse_ptr, out_ptr, b, kvh * G, G, NS, HQ, stride_ob, stride_oh, q8_ptr,
+                              qs_ptr, stride_q8, stride_qs, D, G_PAD, NS_PAD, FP8, ".cg")
+
+
+@triton.jit
+def _merge_splits(o_ptr, lse_ptr, out_ptr, b, h0, NH, NS, HQ, stride_ob, stride_oh, q8_ptr, qs_ptr,
+                  stride_q8, stride_qs, D: tl.constexpr, H_PAD: tl.constexpr, NS_PAD: tl.constexpr,
+                  FP8: tl.constexpr, CACHE: tl.constexpr):
+    """Heads h0 .. h0 + NH - 1 of row b: the online-softmax merge of their NS split partials
+    (o [B, HQ, NS, D] float32 normalised per split, lse [B, HQ, NS] log2-sum-exp, -inf for an
+    empty split, whose o is not read) -> out (and its FP8 form)."""
+    hh = tl.arange(0, H_PAD)
+    hm = hh < NH
+    heads = h0 + hh
+    s = tl.arange(0, NS_PAD)
+    d = tl.arange(0, D)
+    row = (b * HQ + heads).to(tl.int64) * NS
+    lse = tl.load(lse_ptr + row[:, None] + s[None, :], mask=hm[:, None] & (s < NS)[None, :],
+                  other=float("-inf"), cache_modifier=CACHE)
+    mx = tl.max(lse, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # ctx_len 0: all weights 0 -> output 0, not NaN
+    w = tl.exp2(lse - mx[:, None])
+    live = lse > float("-inf")  # empty splits wrote no partial output: do not read it
+    o = tl.load(o_ptr + (row[:, None, None] + s[None, :, None]) * D + d[None, None, :],
+                mask=live[:, :, None], other=0.0, cache_modifier=CACHE)
+    tot = tl.sum(w, 1)
+    out = tl.sum(w[:, :, None] * o, 1) / tl.where(tot > 0, tot, 1.0)[:, None]
+    ob = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :], ob, mask=hm[:, None])
+    if FP8:
+        _store_fp8(ob, q8_ptr + b.to(tl.int64) * stride_q8 + heads[:, None] * D + d[None, :],
+                   qs_ptr + b.to(tl.int64) * stride_qs + heads, hm[:, None], hm)
 
 
 @triton.jit
@@ -124,25 +166,10 @@ def _store_fp8(ob, q_ptrs, s_ptrs, mask, smask):
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, NS, HQ, stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8,
                     stride_qs, D: tl.constexpr, NS_PAD: tl.constexpr, FP8: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    row = (b * HQ + h).to(tl.int64) * NS
-    s = tl.arange(0, NS_PAD)
-    d = tl.arange(0, D)
-    lse = tl.load(lse_ptr + row + s, mask=s < NS, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)  # ctx_len 0: all weights 0 -> output 0, not NaN
-    w = tl.exp2(lse - mx)
-    live = lse > float("-inf")  # empty splits wrote no partial output: do not read it
-    o = tl.load(o_ptr + (row + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    tot = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
-    ob = out.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, ob)
-    if FP8:
-        one = tl.arange(0, 1)
-        _store_fp8(tl.reshape(ob, [1, D]), q8_ptr + b.to(tl.int64) * stride_q8 + h * D + one[:, None] * D + d[None, :],
-                   qs_ptr + b.to(tl.int64) * stride_qs + h + one, (one[:, None] < 1) & (d[None, :] < D), one < 1)
+    """Grid (B, HQ): the merge of one head's splits, for split counts too large for one tile per
+    kv head (see _MERGE_MAX_SPLITS)."""
+    _merge_splits(o_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), 1, NS, HQ, stride_ob, stride_oh,
+                  q8_ptr, qs_ptr, stride_q8, stride_qs, D, 1, NS_PAD, FP8, "")
 
 
 def split_plan(batch: int, kv_heads: int, max_len: int, block_n: int = 64,
@@ -212,23 +239,25 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
     slots, ctx_lens = slots.contiguous(), ctx_lens.contiguous()  # read as flat arrays (no-op if already)
     g = hq // hkv
     ns = split_plan(b, hkv, max_len, block_n, target_programs)
+    merge = 1 < ns <= _MERGE_MAX_SPLITS
     if ns == 1:
         o_part = lse = out
     else:
         o_part = torch.empty((b, hq, ns, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, ns), dtype=torch.float32, device=q.device)
+    cnt = arrival_counters(q.device, b * hkv) if merge else out
     _split_kernel[(b, hkv, ns)](
         q, k_cache, v_cache, slots, ctx_lens, o_part, lse,
         max_len, g, hq, ns, float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), *fp8_args,
+        out.stride(0), out.stride(1), *fp8_args, out, cnt,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
-        IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, FP8=fp8_out and ns == 1,
-        num_warps=num_warps, num_stages=num_stages,
+        IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, FP8=fp8_out and (ns == 1 or merge),
+        MERGE=merge, NS_PAD=max(2, triton.next_power_of_2(ns)), num_warps=num_warps, num_stages=num_stages,
     )
-    if ns > 1:
+    if ns > 1 and not merge:
         _combine_kernel[(b, hq)](
             o_part, lse, out, ns, hq, out.stride(0), out.stride(1), *fp8_args,
             D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, num_warps=4,
