@@ -116,35 +116,6 @@ def test_rms_norm_fp8_output_is_the_quantized_output(n, h, with_res) -> None:
         rms_norm_fused(x[:, :100], w[:100], 1e-6, fp8=True)
 
 
-@pytest.mark.parametrize("n,h,k", [(1, 2048, 8), (13, 256, 4), (40, 384, 2)])
-def test_moe_pair_outputs_summed_by_the_norm_give_the_same_bits(n, h, k) -> None:
-    # the next norm summing a MoE layer's pair outputs over k must be, bit for bit, the MoE
-    # layer's own sum launch followed by the norm (pairs of other ranks, slot -1, add nothing)
-    from eplb.kernels.moe_triton import PairOutputs
-
-    dtype = DTYPES[0]
-    g = torch.Generator().manual_seed(n + k)
-    slots = torch.randint(0, 16, (n, k), generator=g)
-    slots[torch.rand(n, k, generator=g) < 0.3] = -1
-    y = torch.randn(n * k, h, generator=g).to(dtype)
-    y[(slots.view(-1) < 0)] = float("nan")  # rows of other ranks are never written: never read
-    pairs = PairOutputs(y.to(DEV), slots.to(DEV))
-    res = torch.randn(n, h, generator=g).to(dtype).to(DEV)
-    w = (1 + 0.2 * torch.randn(h, generator=g)).to(dtype).to(DEV)
-    summed = pairs.sum()
-    assert not summed.isnan().any()
-    for fp8 in (False, True):
-        got = rms_norm_fused(pairs, w, 1e-6, res, fp8=fp8)
-        want = rms_norm_fused(summed, w, 1e-6, res, fp8=fp8)
-        for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn \
-                else torch.equal(a, b)
-    with pytest.raises(ValueError, match="residual"):
-        rms_norm_fused(pairs, w, 1e-6)
-    with pytest.raises(ValueError, match="PairOutputs"):
-        rms_norm_fused(PairOutputs(pairs.y[:-1], pairs.slots), w, 1e-6, res)
-
-
 def test_rms_norm_fused_strided_rows_and_model_wrapper() -> None:
     """A column slice (row stride > H, as OLMoE's q slice of qkv) and transformer.rms_norm's dispatch."""
     dtype = DTYPES[0]

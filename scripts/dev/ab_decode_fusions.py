@@ -2,9 +2,9 @@
 CUDA graphs, engine alone, bench/full_size.py's decode loop): every fusion on, each one off, all
 off. One engine per variant (the graphs bake the choice in); TPOT = median CUDA-event step time.
     PYTHONPATH=src python3 scripts/dev/ab_decode_fusions.py [--dtypes fp8,bf16] [--batches 1,32]
-Fusions: ``split_k`` (fp8_linear's one program per K chunk at decode sizes), ``router`` (router
-matmul + top-k in one launch), ``defer_sum`` (the MoE k-sum done by the next RMSNorm),
-``attn_merge`` (decode attention's few splits merged by the split kernel, no combine launch)."""
+Fusions: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
+launch). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
+fp8_linear split-K, the router matmul in the top-k launch, the MoE k-sum in the next RMSNorm."""
 import argparse
 import datetime
 import gc
@@ -20,13 +20,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import full_size  # noqa: E402
 
-from eplb.kernels import decode_attention, linear_fp8, routing  # noqa: E402
-from eplb.model import transformer  # noqa: E402
+from eplb.kernels import decode_attention  # noqa: E402
 
-SWITCHES = {"split_k": (linear_fp8, "_SPLIT_MAX_M", 0), "router": (routing, "ROUTER_FUSED_MAX_TOKENS", 0),
-            "defer_sum": (transformer, "DEFER_MOE_SUM", False),
-            "attn_merge": (decode_attention, "_MERGE_MAX_SPLITS", 1)}
-VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
+SWITCHES = {"attn_merge": (decode_attention, "_MERGE_MAX_SPLITS", 1)}
+VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}}
+if len(SWITCHES) > 1:
+    VARIANTS["all_off"] = tuple(SWITCHES)
 
 
 def run_variant(kind, off, args, tmp):

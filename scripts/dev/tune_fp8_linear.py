@@ -1,9 +1,8 @@
 """Dev: block-FP8 dense linear tiles at decode sizes, Qwen3-30B-A3B's attention projections.
 
 For each shape (qkv: 2048 -> 5120, o: 4096 -> 2048) and M: the shipped ``pick_config``, the
-first config (BN narrowed to >= 128 programs, one 128-block per iteration), a grid of
-candidates (tiles, KSUB, stages, K split or not; ``--quick``: the shipped tile with each BN,
-split or not), and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of
+pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration), a grid of
+candidates, and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of
 ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in a 48-layer step),
 and the weight-byte floor at the copy rate measured in the same run.
     PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json]
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gpu  # noqa: E402
 
 from eplb.kernels import quantize_block_fp8  # noqa: E402
-from eplb.kernels.linear_fp8 import chunk_blocks, fp8_linear, pick_config  # noqa: E402
+from eplb.kernels.linear_fp8 import fp8_linear, pick_config  # noqa: E402
 
 SETS = 16
 SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096)}
@@ -39,14 +38,13 @@ def old_config(m, n):
     if m <= 64:
         while bn > 16 and -(-m // bm) * -(-n // bn) < 128:
             bn //= 2
-    return dict(BM=bm, BN=bn, KSUB=1, SPLIT=1, num_warps=4, num_stages=3)
+    return dict(BM=bm, BN=bn, KSUB=1, num_warps=4, num_stages=3)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--quick", action="store_true", help="sweep BN and SPLIT around the shipped tile only")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     copy_gbps = gpu.ceilings()["copy_GBps_read_plus_write"]
@@ -63,25 +61,17 @@ def main():
             def run(cfg):
                 return graph_us(lambda j: fp8_linear(xs[j], ws[j][0], ws[j][1], config=cfg))
 
-            ship = pick_config(m, n, k)
-            res["shipped"] = (run(ship), ship)
+            res["shipped"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
             res["before"] = (run(old_config(m, n)), old_config(m, n))
             res["bf16_F.linear"] = (graph_us(lambda j: F.linear(xs[j], wb[j])), None)
             cands = []
             small = m <= 64
             bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
-            chunks = k // (128 * chunk_blocks(k))
-            if args.quick:
-                grid = [(ship["BM"], bn, ship["KSUB"], ship["num_stages"], split)
-                        for bn in (16, 32, 64, 128) for split in {1, chunks}]
-            else:
-                grid = itertools.product(
-                    bms, (16, 32, 64, 128) if small else (32, 64, 128), (1, 2, 4), (3, 4),
-                    (1, chunks) if m <= 128 else (1,))
-            for bm, bn, ksub, st, split in grid:
-                if chunk_blocks(k) % ksub:
+            for bm, bn, ksub, st in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
+                                                      (2, 4, 8), (3, 4)):
+                if (k // 128) % ksub:
                     continue
-                cfg = dict(BM=bm, BN=bn, KSUB=ksub, SPLIT=split, num_warps=4, num_stages=st)
+                cfg = dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st)
                 try:
                     cands.append((run(cfg), cfg))
                 except Exception as exc:  # noqa: BLE001 (out of shared memory etc.)

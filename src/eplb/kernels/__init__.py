@@ -1,8 +1,7 @@
 """Fused MoE kernels for one EP rank's local expert slots.
 
 ``fused_moe``/``fused_moe_pairs``/``fused_experts`` run the Triton kernels (CUDA + triton needed;
-``HAS_TRITON`` says whether triton imports; ``softmax_topk`` is the fused router tail,
-``route_logits_topk`` the router matmul and tail in one launch);
+``HAS_TRITON`` says whether triton imports; ``softmax_topk`` is the fused router tail);
 ``moe_torch``/``moe_pairs_torch`` are the plain torch
 path with the same arguments, for CPU and as the reference.
 """
@@ -59,7 +58,7 @@ def __getattr__(name: str):
         from eplb.kernels import norm_rope
 
         return getattr(norm_rope, name)
-    if name in ("softmax_topk", "route_topk", "route_logits_topk", "ROUTER_FUSED_MAX_TOKENS"):
+    if name in ("softmax_topk", "route_topk"):
         from eplb.kernels import routing
 
         return getattr(routing, name)
@@ -68,6 +67,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "triton_test_device", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "route_topk", "route_logits_topk", "ROUTER_FUSED_MAX_TOKENS", "fp8_linear", "rms_norm_fused",
-    "qk_norm_rope", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+    "softmax_topk", "route_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "moe_torch", "moe_pairs_torch",
+    "quant_dequant_act", "quantize_block_fp8",
 ]

@@ -31,8 +31,6 @@ Each K step is an FP8 tensor-core dot whose float32 result gets activation scale
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -453,32 +451,10 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     return y, counts
 
 
-class PairOutputs(NamedTuple):
-    """A MoE layer's weighted per-(token, k) outputs before the sum over k: y [T * k, H] (row
-    t * k + j: pair (t, j)) and slots [T, k] (-1: a pair of another rank; its row is not read).
-    The next RMSNorm takes them as its x and sums them in its own launch (``rms_norm_fused``);
-    ``sum()`` is the same sum on its own."""
-
-    y: torch.Tensor
-    slots: torch.Tensor
-
-    def sum(self) -> torch.Tensor:
-        """[T, H]: the sum over k in float32, in k order, rounded to y's dtype."""
-        t, k = self.slots.shape
-        h = self.y.shape[1]
-        out = torch.empty((t, h), dtype=self.y.dtype, device=self.y.device)
-        if t:
-            bh = SUM_BLOCK_H
-            _sum_kernel[(t, triton.cdiv(h, bh))](self.y, self.slots, out, h, TOP_K=k, BLOCK_H=bh,
-                                                 num_warps=max(1, min(4, bh // 256)))
-        return out
-
-
 def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
-              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              reduce: bool = True):
+              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -488,11 +464,15 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     ``return_load`` also counts [S] int32: pairs routed to each local slot. ``x_fp8`` (block-FP8
     weights only): x already quantized per row and 128 columns (q [T, H] e4m3, scales [T, H/128]
     float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
-    ``reduce=False``: out is a :class:`PairOutputs`, the sum over k left to its consumer.
     """
     y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8)
-    pairs = PairOutputs(y, topk_slot.contiguous())
-    out = pairs.sum() if reduce else pairs
+    t, k = topk_slot.shape
+    h = x.shape[1]
+    out = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    if t:
+        bh = SUM_BLOCK_H
+        _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,
+                                             num_warps=max(1, min(4, bh // 256)))
     return (out, counts) if return_load else out
 
 

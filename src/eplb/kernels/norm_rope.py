@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.moe_triton import PairOutputs, _quant_rows
+from eplb.kernels.moe_triton import _quant_rows
 
 _TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
 _TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to an FMA (same sums for bf16/fp16)
@@ -80,31 +80,15 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
     return tl.sum(s, axis=1)
 
 
-@triton.jit
-def _load_x(x_ptr, slot_ptr, rows64, rm, c, m, sx, TOP_K: tl.constexpr, dt: tl.constexpr):
-    """Rows ``rows64``, columns ``c`` of x as float32. TOP_K > 0: x is the sum over k of MoE pair
-    outputs (rows t * TOP_K + j of x_ptr, skipped where slot < 0), in float32 in j order and
-    rounded to the dtype: what moe_triton._sum_kernel writes."""
-    if TOP_K == 0:
-        return tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
-    acc = tl.zeros(m.shape, dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = rows64 * TOP_K + j
-        live = tl.load(slot_ptr + pair, mask=rm, other=-1) >= 0
-        acc += tl.load(x_ptr + pair[:, None] * sx + c[None, :], mask=m & live[:, None], other=0.0).to(tl.float32)
-    return acc.to(dt).to(tl.float32)
-
-
 @triton.jit(do_not_specialize=["T"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
-                     q_ptr, qs_ptr, sq, sqs, slot_ptr,
+                     q_ptr, qs_ptr, sq, sqs,
                      BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
                      HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                     FP8: tl.constexpr, TOP_K: tl.constexpr):
+                     FP8: tl.constexpr):
     """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
     FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
-    per row and 128 columns: moe_triton._quant_rows). TOP_K > 0: x is MoE pair outputs summed here
-    over k (``_load_x``), which saves the MoE layer its own sum launch."""
+    per row and 128 columns: moe_triton._quant_rows)."""
     DP: tl.constexpr = 4 * LANES
     NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
     dt = out_ptr.dtype.element_ty
@@ -117,7 +101,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
     for j in tl.static_range(ITERS):
         c = j * DP + cols
         m = rm[:, None] & (c < H)[None, :]
-        x = _load_x(x_ptr, slot_ptr, rows64, rm, c, m, sx, TOP_K, dt)
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
             x = (x + r).to(dt)  # the torch add rounds the sum to the dtype
@@ -138,7 +122,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
         c = j * DP + cols
         cm = c < H
         m = rm[:, None] & cm[None, :]
-        x = _load_x(x_ptr, slot_ptr, rows64, rm, c, m, sx, TOP_K, dt)
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
             x = (x + r).to(dt).to(tl.float32)
@@ -169,39 +153,24 @@ def _lanes(h: int) -> tuple[int, int]:
     return max(32, triton.next_power_of_2(nvec)), 1
 
 
-def rms_norm_fused(x: torch.Tensor | PairOutputs, weight: torch.Tensor, eps: float,
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None, fp8: bool = False):
     """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
     [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
     Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
 
-    x may be a MoE layer's ``PairOutputs`` (y [N * k, H], slots [N, k]): x is then their sum over
-    k, taken here with the bits of ``PairOutputs.sum()``.
-
     ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
     and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
     (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
-    pairs = x if isinstance(x, PairOutputs) else None
-    if pairs is not None:
-        x = pairs.y
-        if residual is None:
-            raise ValueError("PairOutputs need a residual (the summed x is only written as x + residual)")
-        top_k = pairs.slots.shape[1]
-        t, h = pairs.slots.shape[0], x.shape[1]
-        if x.shape[0] != t * top_k or x.stride(-1) != 1 or not pairs.slots.is_contiguous():
-            raise ValueError(f"PairOutputs must be y [N * k, H] (last dim contiguous) and slots [N, k] "
-                             f"contiguous, got {list(x.shape)} and {list(pairs.slots.shape)}")
-    elif x.dim() != 2 or x.stride(-1) != 1:
+    if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [N, H] with a contiguous last dim, got {list(x.shape)} / {x.stride()}")
-    else:
-        t, h = x.shape
-        top_k = 0
+    t, h = x.shape
     if h % 4:
         raise ValueError(f"H must be a multiple of 4 (torch's vectorized RMSNorm), got {h}")
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     rout = None
     if residual is not None:
-        if residual.shape != (t, h) or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+        if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
             raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
         rout = torch.empty((t, h), dtype=x.dtype, device=x.device)
     if fp8:
@@ -214,13 +183,12 @@ def rms_norm_fused(x: torch.Tensor | PairOutputs, weight: torch.Tensor, eps: flo
     if t:
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))
-        res = residual if residual is not None else out
+        res = residual if residual is not None else x
         ro = rout if rout is not None else out
         _rms_norm_kernel[(triton.cdiv(t, br),)](
             x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
-            eps, q, qs, q.stride(0), qs.stride(0), pairs.slots if pairs is not None else out,
-            BR=br, LANES=lanes, ITERS=iters,
-            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8, TOP_K=top_k,
+            eps, q, qs, q.stride(0), qs.stride(0), BR=br, LANES=lanes, ITERS=iters,
+            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8,
             num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
     res = (out,) if residual is None else (out, rout)
     if fp8:

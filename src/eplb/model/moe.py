@@ -82,12 +82,9 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def local_dispatch(
     hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, expert_fn: ExpertFn,
     layer: "MoELayer", hidden_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-    defer_sum: bool = False,
-):
+) -> torch.Tensor:
     """In-process dispatcher: every slot is local. hidden [T, H], slot_ids/weights [T, k];
-    ``hidden_fp8``: hidden already quantized for block-FP8 experts (used by the Triton path).
-    ``defer_sum``: the Triton path may return its weighted pair outputs unsummed
-    (``kernels.moe_triton.PairOutputs``, summed over k by the next fused RMSNorm)."""
+    ``hidden_fp8``: hidden already quantized for block-FP8 experts (used by the Triton path)."""
     t, k = slot_ids.shape
     flat = slot_ids.reshape(-1)
     partial = layer.slot_start != 0 or layer.slot_end != layer.num_physical
@@ -98,7 +95,7 @@ def local_dispatch(
         # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
         local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
         return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2, w13_scale=layer.w13_scale,
-                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8, reduce=not defer_sum)
+                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
@@ -276,24 +273,13 @@ class MoELayer(nn.Module):
         """The router tail runs in the Triton kernel (``kernels.route_topk``)."""
         return x.is_cuda and x.shape[0] > 0 and kernels.HAS_TRITON
 
-    def _route_kernel(self, x: torch.Tensor, **kw):
-        """Router matmul + tail on the Triton path -> route_topk's (weights, ids, slots). Decode
-        sizes: both in one launch (``kernels.route_logits_topk``; the step is launch-bound);
-        larger batches: cuBLAS, then ``kernels.route_topk``."""
-        if x.shape[0] > kernels.ROUTER_FUSED_MAX_TOKENS or self.num_experts % 16:
-            return kernels.route_topk(self._router_logits(x), self.top_k, self.norm_topk_prob, **kw)
-        if self.before_route is not None:
-            self.before_route()
-        return kernels.route_logits_topk(x, self.gate_weight, self.router_bias, self.top_k,
-                                         self.norm_topk_prob, **kw)
-
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] in x.dtype, logical ids [T, k])."""
-        if self._fused_router(x):
-            # softmax + top-k + renormalise + cast in the launch (eplb.kernels.routing)
-            w, ids, _ = self._route_kernel(x, weight_dtype=x.dtype)
-            return w, ids
         logits = self._router_logits(x)
+        if self._fused_router(x):
+            # softmax + top-k + renormalise + cast in one launch (eplb.kernels.routing)
+            w, ids, _ = kernels.route_topk(logits, self.top_k, self.norm_topk_prob, weight_dtype=x.dtype)
+            return w, ids
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         w, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -353,32 +339,30 @@ class MoELayer(nn.Module):
         return self.w13_scale is not None and self._dispatcher is local_dispatch
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None = None,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, defer_sum: bool = False):
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]. Only the first ``num_real_tokens`` rows count as load (padding
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs).
         ``x_fp8``: x quantized per row and 128 columns (see ``fp8_input``); the router still
-        reads x. ``defer_sum``: with the in-process Triton path the result may be the weighted
-        pair outputs before the sum over k (``PairOutputs``, which the decoder's next fused
-        RMSNorm sums in its own launch); EP dispatchers always return [T, H]."""
+        reads x."""
         if self._fused_router(x):
             weights, slots = self._route_fused(x, num_real_tokens)
         else:
             weights, ids = self.route(x)
             self.count_load(ids, num_real_tokens)
             slots = self.choose_slots(ids)
-        if self._dispatcher is local_dispatch:
-            return local_dispatch(x, slots, weights, self.expert_fn, self,
-                                  hidden_fp8=x_fp8 if self.fp8_input else None, defer_sum=defer_sum)
+        if x_fp8 is not None and self.fp8_input:
+            return local_dispatch(x, slots, weights, self.expert_fn, self, hidden_fp8=x_fp8)
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
 
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
-        """route + count_load + choose_slots in the router's Triton launch (``_route_kernel``; the
-        replica choice stays in torch when experts have several replicas). The unfused path's
-        arithmetic: weights rounded once from float32, exact integer counts (at decode sizes the
-        logits are summed in another order than cuBLAS's: they may differ by a rounding)."""
+        """route + count_load + choose_slots with one Triton launch after the router matmul
+        (``kernels.route_topk``; the replica choice stays in torch when experts have several
+        replicas). Same values as the unfused path: weights rounded once from float32, exact
+        integer counts."""
         single = self.single_replica_map()
-        weights, ids, slots = self._route_kernel(x, weight_dtype=x.dtype, slot_map=single,
-                                                 load=self.expert_load, num_real=num_real_tokens)
+        weights, ids, slots = kernels.route_topk(
+            self._router_logits(x), self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
+            load=self.expert_load, num_real=num_real_tokens)
         if slots is None:
             slots = self.choose_slots(ids)
         return weights, slots

@@ -46,9 +46,6 @@ def linear(
 # The fused Triton norm/RoPE kernels (eplb.kernels.norm_rope) replace the torch ops below on CUDA
 # bf16/fp16 with the same rounding steps; False keeps the torch path (tests compare the two).
 FUSED_NORM_ROPE = True
-# A MoE layer leaves its sum over k to the next fused RMSNorm (one launch fewer per layer; same
-# bits); False sums in the MoE layer (tests and A/B benches compare the two).
-DEFER_MOE_SUM = True
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _norm_rope = None
 
@@ -65,36 +62,23 @@ def _kernels(x: torch.Tensor):
     return _norm_rope
 
 
-def _norm_kernel(x, weight: torch.Tensor):
-    """The norm_rope kernel module when ``rms_norm_fused`` takes this x (a tensor, or a MoE
-    layer's ``PairOutputs``, judged by its pair rows) and weight, else None."""
-    rows = x if isinstance(x, torch.Tensor) else x.y
-    k = _kernels(rows)
-    if (k is not None and rows.dim() == 2 and rows.stride(-1) == 1 and rows.shape[-1] % 4 == 0
-            and weight.dtype == rows.dtype):
+def _norm_kernel(x: torch.Tensor, weight: torch.Tensor):
+    """The norm_rope kernel module when ``rms_norm_fused`` takes this x and weight, else None."""
+    k = _kernels(x)
+    if k is not None and x.dim() == 2 and x.stride(-1) == 1 and x.shape[-1] % 4 == 0 and weight.dtype == x.dtype:
         return k
     return None
 
 
-def _summed(x) -> torch.Tensor:
-    """x itself, or a MoE layer's ``PairOutputs`` (see ``MoELayer.forward(defer_sum=True)``)
-    summed over k by their own launch, where no fused norm takes them."""
-    return x if isinstance(x, torch.Tensor) else x.sum()
-
-
-def rms_norm(x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Matches transformers: normalise in float32, cast back, then scale.
 
     With ``residual``: ``(rms_norm(x + residual), x + residual)``, the decoder layer's residual
     add fused into the next norm (one launch on CUDA bf16/fp16; bit-identical to the torch ops).
-    x may be a MoE layer's ``PairOutputs``: the fused norm sums them over k in the same launch.
     """
-    if residual is None:
-        x = _summed(x)
     k = _norm_kernel(x, weight)
     if k is not None:
         return k.rms_norm_fused(x, weight, eps, residual)
-    x = _summed(x)
     if residual is not None:
         x = x + residual
         return rms_norm(x, weight, eps), x
@@ -139,16 +123,14 @@ class Rope(nn.Module):
         return x * cos + rot * sin
 
 
-def rms_norm_fp8(x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                  quantize: bool = True):
     """A decoder layer's norm: (out, residual stream, x_fp8), where the residual stream is
     x + residual (x itself when ``residual`` is None) and, with ``quantize`` (the next GEMM is
     block-FP8), x_fp8 is (q, scales), ``out`` quantized per row and 128 columns by the norm's own
     launch; None without ``quantize`` or where the fused kernel does not apply (the GEMM then
     quantizes)."""
-    if residual is None:
-        x = _summed(x)
-    k = _norm_kernel(x, weight) if quantize and weight.shape[-1] % 128 == 0 else None
+    k = _norm_kernel(x, weight) if quantize and x.shape[-1] % 128 == 0 else None
     if k is not None:
         *normed, q, qs = k.rms_norm_fused(x, weight, eps, residual, fp8=True)
         return normed[0], normed[-1] if residual is not None else x, (q, qs)
@@ -246,8 +228,7 @@ class DenseMLP(nn.Module):
         return self.w13_scale is not None
 
     def forward(self, x: torch.Tensor, num_real_tokens: int | None = None,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, defer_sum: bool = False) -> torch.Tensor:
-        """x [N, H] -> [N, H] (``defer_sum`` is MoELayer's; a dense MLP has no sum to defer)."""
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         gu = linear(x, self.w13, scale=self.w13_scale, x_fp8=x_fp8)
         return linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], self.w2, scale=self.w2_scale)
 
@@ -265,12 +246,11 @@ class DecoderLayer(nn.Module):
         """x [N, H]: the previous layer's output (layer 0: the embeddings, residual None);
         residual [N, H]: the residual stream it is to be added to. Returns (mlp output, residual
         stream after attention): each residual add is left to the next norm, which fuses it (as
-        vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute.
-        A MoE output may come as ``PairOutputs`` (its sum over k left to the next norm as well)."""
+        vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
         h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual, self.attn.fp8_input)
         h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
         h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual, self.mlp.fp8_input)
-        return self.mlp(h, num_real_tokens, x_fp8=h_fp8, defer_sum=DEFER_MOE_SUM), residual
+        return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
 
 
 class MoEForCausalLM(nn.Module):
