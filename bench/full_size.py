@@ -220,19 +220,27 @@ def prefill_flops_per_token(cfg, n: int) -> tuple[float, float]:
     return float(linear), float(attention)
 
 
-def run_dtype(kind: str, args, dev: torch.device, ceil: dict, tmp: str, res: dict) -> dict:
+def build_engine(kind: str, args, dev: torch.device, tmp: str):
+    """An EngineCore on ``kind``'s config with dummy weights, sized for ``args``' decode runs,
+    detokenization off (engine alone: token ids only); CUDA graphs not yet captured."""
     from eplb.engine.core import EngineCore
 
-    path = model_dir(kind, args.layers, args.small, tmp)
     dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     batches = args.batches
-    t0 = time.perf_counter()
-    core = EngineCore(path, load_format="dummy", dtype=dtype, device=str(dev),
-                      max_model_len=args.prompt_len + decode_tokens(args, max(batches)) + 8,
+    core = EngineCore(model_dir(kind, args.layers, args.small, tmp), load_format="dummy", dtype=dtype,
+                      device=str(dev), max_model_len=args.prompt_len + decode_tokens(args, max(batches)) + 8,
                       max_num_seqs=max(batches), max_num_batched_tokens=max(args.chunk, max(batches)))
+    core.tokenizer = None
+    return core
+
+
+def run_dtype(kind: str, args, dev: torch.device, ceil: dict, tmp: str, res: dict) -> dict:
+    batches = args.batches
+    t0 = time.perf_counter()
+    core = build_engine(kind, args, dev, tmp)
     sync(dev)
     load_s = time.perf_counter() - t0
-    core.tokenizer = None  # engine alone: token ids only, no detokenization
+    dtype = str(core.dtype).replace("torch.", "")
     t0 = time.perf_counter()
     graphs = core.warm_up()
     sync(dev)

@@ -29,18 +29,12 @@ if len(SWITCHES) > 1:
 
 
 def run_variant(kind, off, args, tmp):
-    from eplb.engine.core import EngineCore
-
     saved = {k: getattr(mod, name) for k, (mod, name, _) in SWITCHES.items()}
     for k in off:
         mod, name, val = SWITCHES[k]
         setattr(mod, name, val)
     try:
-        path = full_size.model_dir(kind, args.layers, args.small, tmp)
-        core = EngineCore(path, load_format="dummy", dtype=args.dtype, device=args.device,
-                          max_model_len=args.prompt_len + full_size.decode_tokens(args, max(args.batches)) + 8,
-                          max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.chunk, max(args.batches)))
-        core.tokenizer = None
+        core = full_size.build_engine(kind, args, torch.device(args.device), tmp)
         core.warm_up()
         timer = full_size.StepTimer(torch.device(args.device))
         out = {b: full_size.decode(core, b, args, timer, core.config.vocab_size)["tpot_ms"] for b in args.batches}
