@@ -133,3 +133,32 @@ def test_cuda_graphs_match_eager_and_survive_commit(path):
     for layer in core.model.moe_layers():
         permute_slots(layer, torch.randperm(layer.num_physical, generator=g))
     assert run(core, 5) == graphed
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    from eplb.kernels.pdl import use_pdl
+
+    assert not use_pdl(torch.device("cpu"))
+    if torch.cuda.is_available():
+        monkeypatch.setenv("EPLB_PDL", "0")
+        assert not use_pdl(torch.device("cuda"))
+
+
+@needs_cuda
+def test_pdl_graphs_give_the_tokens_of_plain_launches(path, monkeypatch):
+    """Programmatic dependent launch changes when a kernel starts, never what it computes: the
+    graphed bf16 decode gives bit-for-bit the same greedy tokens and expert load with PDL on as
+    the same graphs captured with ordinary launches (a missing wait would read stale inputs)."""
+    from eplb.kernels.pdl import use_pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EPLB_PDL", flag)
+        assert use_pdl(torch.device("cuda")) == (flag == "1")
+        core = make_core(path, False, "cuda", "bfloat16", eager=False)
+        results[flag] = (run(core, 5, max_tokens=24), [layer.expert_load.clone() for layer in core.model.moe_layers()])
+        assert core._graphs is not None and core._graphs.graphs
+    assert results["1"][0] == results["0"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["1"][1], results["0"][1]))

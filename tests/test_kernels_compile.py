@@ -3,7 +3,8 @@
 Compile errors that triton's CPU interpreter cannot see (constexpr misuse, unsupported ops, type
 mismatches) otherwise surface only on a GPU. Triton lowers a kernel to PTX in-process, so CI
 compiles launch variants with device-specific code (the atomics and L2 reads of the last-arrival
-merge, FP8 dots and casts) for ``GPUTarget("cuda", 90, 32)``. Runs in
+merge, FP8 dots and casts, programmatic dependent launch and L2 prefetch, whose instructions the
+PTX is checked for) for ``GPUTarget("cuda", 90, 32)``. Runs in
 a subprocess: under TRITON_INTERPRET=1 (how the kernel tests run here) kernels are not compilable.
 """
 
@@ -22,28 +23,46 @@ I64, I32, F32, BF16, FP8 = "*i64", "*i32", "*fp32", "*bf16", "*fp8e4nv"
 
 
 def _variants():
-    """(name, kernel, pointer/float argument types (others i32), constexprs, num_warps, num_stages)."""
+    """(name, kernel, pointer/float argument types (others i32), constexprs, num_warps, num_stages,
+    strings the PTX must contain)."""
     from eplb.kernels import decode_attention as da
-    from eplb.kernels import linear_fp8, norm_rope, routing
+    from eplb.kernels import linear_fp8, moe_triton, norm_rope, routing
 
+    pdl = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
     return [
-        ("fp8_linear", linear_fp8._fp8_linear_kernel,
+        ("fp8_linear + PDL + weight prefetch", linear_fp8._fp8_linear_kernel,
          dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, ws_ptr=F32, y_ptr=BF16),
-         dict(BM=16, BN=64, KSUB=2, GROUP_M=8), 4, 4),
-        ("rms_norm + FP8 output", norm_rope._rms_norm_kernel,
+         dict(BM=16, BN=64, KSUB=2, GROUP_M=8, USE_PDL=True, PREFETCH=True), 4, 4,
+         pdl + ["prefetch.global.L2::evict_last"]),
+        ("rms_norm + FP8 output + PDL", norm_rope._rms_norm_kernel,
          dict(x_ptr=BF16, res_ptr=BF16, w_ptr=BF16, out_ptr=BF16, rout_ptr=BF16, eps="fp32", q_ptr=FP8,
               qs_ptr=F32),
-         dict(BR=1, LANES=128, ITERS=4, HAS_RES=True, EXACT=True, FMA=True, FP8=True), 4, 3),
+         dict(BR=1, LANES=128, ITERS=4, HAS_RES=True, EXACT=True, FMA=True, FP8=True, USE_PDL=True), 4, 3, pdl),
         ("router softmax + top-k", routing._softmax_topk_kernel,
          dict(logit_ptr=BF16, w_ptr=BF16, id_ptr=I64, map_ptr=I64, slot_ptr=I64, load_ptr=I64, n_real_ptr=I64),
-         dict(K=8, K_PAD=8, E_PAD=128, BR=16, RENORM=True, HAS_MAP=True, COUNT=True, REAL_PTR=True), 4, 3),
-        ("decode attention merged splits + FP8", da._split_kernel,
+         dict(K=8, K_PAD=8, E_PAD=128, BR=16, RENORM=True, HAS_MAP=True, COUNT=True, REAL_PTR=True,
+              USE_PDL=False), 4, 3, []),
+        ("decode attention merged splits + FP8 + PDL", da._split_kernel,
          dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, slot_ptr=I64, ctx_ptr=I32, o_ptr=F32, lse_ptr=F32,
               qk_scale="fp32", q8_ptr=FP8, qs_ptr=F32, out_ptr=BF16, cnt_ptr=I32),
-         dict(D=128, G_PAD=16, BLOCK_N=64, IEEE=False, DIRECT=False, FP8=True, MERGE=True, NS_PAD=4), 4, 2),
+         dict(D=128, G_PAD=16, BLOCK_N=64, IEEE=False, DIRECT=False, FP8=True, MERGE=True, NS_PAD=4,
+              USE_PDL=True), 4, 2, pdl),
         ("decode attention combine + FP8", da._combine_kernel,
          dict(o_ptr=F32, lse_ptr=F32, out_ptr=BF16, q8_ptr=FP8, qs_ptr=F32),
-         dict(D=128, NS_PAD=128, FP8=True), 4, 3),
+         dict(D=128, NS_PAD=128, FP8=True, USE_PDL=False), 4, 3, []),
+        ("MoE one-program sort + PDL", moe_triton._align_small_kernel,
+         dict(slot_ptr=I64, counts_ptr=I32, start_ptr=I32, sorted_ptr=I32, block_slot_ptr=I32, num_post_ptr=I32),
+         dict(BM=16, N_PAD=256, S_PAD=128, J_PAD=16, USE_PDL=True), 8, 3, pdl),
+        ("MoE FP8 gate/up GEMM + PDL + expert prefetch", moe_triton._gemm1_kernel,
+         dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, ws_ptr=F32, h_ptr=FP8, hs_ptr=F32, sorted_ptr=I32,
+              block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),
+         dict(TOP_K=8, BM=16, BN=128, BK=128, GROUP_M=1, FP8=True, H_FP8=True, EVEN_K=True, USE_PDL=True,
+              PREFETCH=True, LINE=128), 4, 4, pdl + ["prefetch.global.L2::evict_last"]),
+        ("MoE bf16 down GEMM + PDL + expert prefetch", moe_triton._gemm2_kernel,
+         dict(h_ptr=BF16, hs_ptr=BF16, w_ptr=BF16, ws_ptr=BF16, y_ptr=BF16, weight_ptr=F32, sorted_ptr=I32,
+              block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),
+         dict(BM=16, BN=64, BK=64, GROUP_M=1, FP8=False, H_FP8=False, EVEN_K=True, MUL_WEIGHT=True,
+              USE_PDL=True, PREFETCH=True, LINE=64), 4, 4, pdl + ["prefetch.global.L2::evict_last"]),
     ]
 
 
@@ -52,13 +71,21 @@ def _compile_all() -> int:
     from triton.compiler import ASTSource
 
     failed = 0
-    for name, kernel, types, consts, warps, stages in _variants():
+    for name, kernel, types, consts, warps, stages, expect in _variants():
         params = list(inspect.signature(kernel.fn).parameters)
         sig = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
         src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()})
         try:
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-            print("compiled", name)
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                 options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
+            missing = [e for e in expect if e not in ptx]
+            if not expect and "griddepcontrol" in ptx:
+                missing.append("no griddepcontrol without USE_PDL")
+            if missing:
+                failed += 1
+                print("FAILED", name, "PTX lacks", missing)
+            else:
+                print("compiled", name)
         except Exception as exc:  # noqa: BLE001 (report every kernel, then fail)
             failed += 1
             print("FAILED", name, type(exc).__name__, str(exc)[:2000])

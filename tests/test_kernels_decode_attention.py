@@ -130,7 +130,7 @@ def test_fp8_output_is_the_quantized_output(target):
     assert q8.shape == (b, hq * d) and q8.dtype == torch.float8_e4m3fn and qs.shape == (b, hq)
     flat = out.reshape(b, hq * d)
     want_q, want_s = torch.empty_like(q8), torch.empty_like(qs)
-    _quant_act_kernel[(b, hq)](flat, want_q, want_s, hq * d, hq * d, hq * d, hq, G=1)
+    _quant_act_kernel[(b, hq)](flat, want_q, want_s, hq * d, hq * d, hq * d, hq, G=1, USE_PDL=False)
     assert torch.equal(qs, want_s)
     assert torch.equal(q8.view(torch.uint8), want_q.view(torch.uint8))
     with pytest.raises(ValueError, match="head_dim 128"):

@@ -216,7 +216,7 @@ def test_fp8_prequantized_x_is_bit_identical(t):
     x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(t, 256, 384, 10, 4, seed=t)
     xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)
     xs = torch.empty((t, 2), dtype=torch.float32, device=DEV)
-    _quant_act_kernel[(t, 2)](x, xq, xs, 256, 256, 256, 2, G=1)
+    _quant_act_kernel[(t, 2)](x, xq, xs, 256, 256, 256, 2, G=1, USE_PDL=False)
     want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2)
     got = fused_moe(torch.full_like(x, float("nan")), slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
                     x_fp8=(xq, xs))  # x itself is not read
@@ -315,7 +315,7 @@ def test_fp8_linear_configs_agree_bit_for_bit(m):
     want = fp8_linear(x, q, s, config=dict(base, KSUB=1, num_stages=2))
     xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)
     xs = torch.empty((m, k // 128), dtype=torch.float32, device=DEV)
-    _quant_act_kernel[(m, k // 128)](x, xq, xs, k, k, k, k // 128, G=1)
+    _quant_act_kernel[(m, k // 128)](x, xq, xs, k, k, k, k // 128, G=1, USE_PDL=False)
     # KSUB blocks of both operands per pipeline stage must fit an H100's 228 KB of shared memory
     # (at M = 200 the 64 x 64 tile with KSUB 8 and 2 stages would take 256 KB: OutOfResources)
     fits = [ks for ks in (1, 2, 4, 8) if 2 * ks * 128 * (base["BM"] + base["BN"]) <= 200 * 1024]

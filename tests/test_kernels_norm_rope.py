@@ -101,7 +101,7 @@ def test_rms_norm_fp8_output_is_the_quantized_output(n, h, with_res) -> None:
     assert q.dtype == torch.float8_e4m3fn and q.shape == (n, h) and qs.shape == (n, h // 128)
     want_q = torch.empty_like(q)
     want_s = torch.empty_like(qs)
-    _quant_act_kernel[(n, h // 128)](got[0], want_q, want_s, h, h, h, h // 128, G=1)
+    _quant_act_kernel[(n, h // 128)](got[0], want_q, want_s, h, h, h, h // 128, G=1, USE_PDL=False)
     assert torch.equal(qs, want_s)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     if CUDA:  # and it is the quantization the reference path emulates, up to the kernels'

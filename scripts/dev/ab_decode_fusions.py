@@ -1,9 +1,12 @@
-"""Dev: A/B of the decode-step launch fusions at Qwen3-30B-A3B(-FP8)'s full size (dummy weights,
-CUDA graphs, engine alone, bench/full_size.py's decode loop): every fusion on, each one off, all
-off. One engine per variant (the graphs bake the choice in); TPOT = median CUDA-event step time.
+"""Dev: A/B of the decode step's launch fusions and launch modes at Qwen3-30B-A3B(-FP8)'s full
+size (dummy weights, CUDA graphs, engine alone, bench/full_size.py's decode loop): every switch on,
+each one off, all off. One engine per variant (the graphs bake the choice in); TPOT = median
+CUDA-event step time.
     PYTHONPATH=src python3 scripts/dev/ab_decode_fusions.py [--dtypes fp8,bf16] [--batches 1,32]
-Fusions: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
-launch). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
+Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
+launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
+(under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
+GEMMs). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
 fp8_linear split-K, the router matmul in the top-k launch, the MoE k-sum in the next RMSNorm."""
 import argparse
 import datetime
@@ -20,19 +23,35 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import full_size  # noqa: E402
 
-from eplb.kernels import decode_attention  # noqa: E402
+from eplb.kernels import decode_attention, linear_fp8, moe_triton  # noqa: E402
 
-SWITCHES = {"attn_merge": (decode_attention, "_MERGE_MAX_SPLITS", 1)}
-VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}}
-if len(SWITCHES) > 1:
-    VARIANTS["all_off"] = tuple(SWITCHES)
+
+def _set_attr(mod, name, value):
+    old = getattr(mod, name)
+    setattr(mod, name, value)
+    return lambda: setattr(mod, name, old)
+
+
+def _set_env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    return lambda: os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
+
+
+# switch -> what turns it off (returns the undo)
+SWITCHES = {
+    "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
+    "pdl": lambda: _set_env("EPLB_PDL", "0"),
+    "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_PAIRS", 0)),
+}
+VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 
 
 def run_variant(kind, off, args, tmp):
-    saved = {k: getattr(mod, name) for k, (mod, name, _) in SWITCHES.items()}
+    undo = []
     for k in off:
-        mod, name, val = SWITCHES[k]
-        setattr(mod, name, val)
+        u = SWITCHES[k]()
+        undo.extend(u if isinstance(u, tuple) else (u,))
     try:
         core = full_size.build_engine(kind, args, torch.device(args.device), tmp)
         core.warm_up()
@@ -44,8 +63,8 @@ def run_variant(kind, off, args, tmp):
             torch.cuda.empty_cache()
         return out
     finally:
-        for k, (mod, name, _) in SWITCHES.items():
-            setattr(mod, name, saved[k])
+        for u in reversed(undo):
+            u()
 
 
 def main():

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import _quant_rows
+from eplb.kernels.pdl import pdl_wait, use_pdl
 
 _LOG2E = 1.4426950408889634
 # num_splits: enough (row, kv head, split) programs to fill the GPU (~_TARGET_PROGRAMS; B*Hkv alone
@@ -55,7 +56,9 @@ def _split_kernel(
     stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8, stride_qs, out_ptr, cnt_ptr,
     D: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr, FP8: tl.constexpr, MERGE: tl.constexpr, NS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -165,9 +168,11 @@ def _store_fp8(ob, q_ptrs, s_ptrs, mask, smask):
 
 @triton.jit
 def _combine_kernel(o_ptr, lse_ptr, out_ptr, NS, HQ, stride_ob, stride_oh, q8_ptr, qs_ptr, stride_q8,
-                    stride_qs, D: tl.constexpr, NS_PAD: tl.constexpr, FP8: tl.constexpr):
+                    stride_qs, D: tl.constexpr, NS_PAD: tl.constexpr, FP8: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """Grid (B, HQ): the merge of one head's splits, for split counts too large for one tile per
     kv head (see _MERGE_MAX_SPLITS)."""
+    pdl_wait(USE_PDL)
     _merge_splits(o_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), 1, NS, HQ, stride_ob, stride_oh,
                   q8_ptr, qs_ptr, stride_q8, stride_qs, D, 1, NS_PAD, FP8, "")
 
@@ -246,6 +251,7 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
         o_part = torch.empty((b, hq, ns, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, ns), dtype=torch.float32, device=q.device)
     cnt = arrival_counters(q.device, b * hkv) if merge else out
+    pdl = use_pdl(q.device)
     _split_kernel[(b, hkv, ns)](
         q, k_cache, v_cache, slots, ctx_lens, o_part, lse,
         max_len, g, hq, ns, float(scale) * _LOG2E,
@@ -255,12 +261,13 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
         out.stride(0), out.stride(1), *fp8_args, out, cnt,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
         IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, FP8=fp8_out and (ns == 1 or merge),
-        MERGE=merge, NS_PAD=max(2, triton.next_power_of_2(ns)), num_warps=num_warps, num_stages=num_stages,
+        MERGE=merge, NS_PAD=max(2, triton.next_power_of_2(ns)), USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if ns > 1 and not merge:
         _combine_kernel[(b, hq)](
             o_part, lse, out, ns, hq, out.stride(0), out.stride(1), *fp8_args,
-            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, num_warps=4,
+            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, USE_PDL=pdl, launch_pdl=pdl, num_warps=4,
         )
     return (out, fp8_args[:2]) if fp8_out else out
 

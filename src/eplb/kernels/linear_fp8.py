@@ -12,14 +12,18 @@ import triton
 import triton.language as tl
 
 from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
+from eplb.kernels.pdl import pdl_wait, prefetch_l2, use_pdl
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
-                       BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
+                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
-    tile, and more independent loads in flight per SM is what reaches the read rate."""
+    tile, and more independent loads in flight per SM is what reaches the read rate.
+    PREFETCH (with USE_PDL): the program's weight rows go to L2 before it waits for the previous
+    kernel, so that they stream in while that kernel finishes."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -32,6 +36,12 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
     offs_n = pid_n * BN + tl.arange(0, BN)
     mm = offs_m < M
     mn = offs_n < N
+    if PREFETCH:  # weights are written by no kernel: safe to read before the wait
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+        for kl in range(0, tl.cdiv(K, 128 * 16)):  # 16 lines of 128 bytes per row and iteration
+            line = tl.minimum(kl * 16 + tl.arange(0, 16), K // 128 - 1) * 128
+            prefetch_l2(w_ptr + rows[:, None] + line[None, :])
+    pdl_wait(USE_PDL)
     offs_k = tl.arange(0, 128)
     a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
@@ -65,6 +75,11 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
 # x comes quantized (``x_fp8``, from the launch that produced it) or is quantized by a separate
 # launch: quantizing inside the K loop measured 25-55% slower at every M (its row reductions sit
 # in the loop's critical path; bench/results/tune-fp8-linear-h100-80gb-hbm3.json).
+# calls of at most this many rows prefetch their weights (under PDL): at decode sizes the weights
+# are most of the bytes, and the kernels before a projection (norm, attention) leave L2 to them
+PREFETCH_MAX_M = 64
+
+
 def pick_config(m: int, n: int, k: int) -> dict:
     """Tile config of one call: BM, BN, KSUB, num_warps, num_stages."""
     wide = n >= 4096
@@ -111,6 +126,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if m == 0:
         return y.view(*lead, n)
     cfg = config or pick_config(m, n, k)
+    pdl = use_pdl(x.device)
     if (k // FP8_BLOCK) % cfg["KSUB"]:
         raise ValueError(f"KSUB {cfg['KSUB']} does not divide K/128 = {k // FP8_BLOCK}")
     if x_fp8 is not None:
@@ -123,12 +139,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x.device)
         g = 4
         _quant_act_kernel[(m, triton.cdiv(k // FP8_BLOCK, g))](
-            x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g)
+            x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g,
+            USE_PDL=pdl, launch_pdl=pdl)
     ws = weight_scale_inv.contiguous()
     bm, bn = cfg["BM"], cfg["BN"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),
-                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8,
+                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, USE_PDL=pdl,
+                             PREFETCH=pdl and m <= PREFETCH_MAX_M, launch_pdl=pdl,
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)

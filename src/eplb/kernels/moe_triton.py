@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.pdl import pdl_wait, prefetch_l2, use_pdl
 from eplb.kernels.tile_table import TABLE
 
 FP8_BLOCK = 128
@@ -43,7 +44,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # ----------------------------------------------------------------------------- alignment
 
 @triton.jit(do_not_specialize=["n_pairs"])
-def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr):
+def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_pairs
@@ -57,7 +59,8 @@ def _count_kernel(slot_ptr, counts_ptr, rank_ptr, n_pairs, BLOCK: tl.constexpr):
 def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
                     n_pairs, n_slots, max_blocks,
                     BM: tl.constexpr, BLOCK: tl.constexpr, S_PAD: tl.constexpr,
-                    BLK_CHUNK: tl.constexpr):
+                    BLK_CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     so = tl.arange(0, S_PAD)
     smask = so < n_slots
@@ -89,12 +92,13 @@ def _scatter_kernel(slot_ptr, rank_ptr, counts_ptr, sorted_ptr, block_slot_ptr, 
 def _align_small_kernel(slot_ptr, counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
                         n_pairs, n_slots, max_blocks,
                         BM: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                        J_PAD: tl.constexpr):
+                        J_PAD: tl.constexpr, USE_PDL: tl.constexpr):
     """memset + _count_kernel + _scatter_kernel in one program, for small calls (decode), where
     launches, not bytes, are the cost. One CTA, so barriers order its phases; the slot starts go
     through ``start_ptr`` (global, L2) and are gathered per pair, and each slot writes the slot id
     of its own blocks: no [pairs x slots] or [blocks x slots] tile, which at 2048 pairs would not
     fit in registers. Blocks past ``num_post`` are left unwritten (the GEMMs never read them)."""
+    pdl_wait(USE_PDL)
     so = tl.arange(0, S_PAD)
     smask = so < n_slots
     tl.store(counts_ptr + so, tl.zeros([S_PAD], dtype=tl.int32), mask=smask)
@@ -153,9 +157,10 @@ def _quant_rows(a):
 
 @triton.jit
 def _quant_act_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
-                      G: tl.constexpr):
+                      G: tl.constexpr, USE_PDL: tl.constexpr):
     """x [T, H] -> q [T, H] e4m3 and s [T, H/128] float32: one scale per token and 128 channels.
     Grid (T, cdiv(H/128, G))."""
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1) * G + tl.arange(0, G)
     ch = tl.arange(0, 128)
@@ -167,17 +172,44 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
     tl.store(s_ptr + t * stride_s + grp, sc, mask=grp < H // 128)
 
 
+@triton.jit
+def _prefetch_experts(w_ptr, slot_ptr, n_pairs, n_slots, first, step, row0, n_rows, row_len,
+                      stride_we, stride_wn, ROWS: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of weight rows [row0, row0 + ROWS) (clamped below n_rows), all row_len elements
+    (LINE elements = one 128-byte line), of the slot of pairs first, first + step, ... < n_pairs.
+    Called before the PDL wait: the slots come from the router, which finished before the previous
+    kernel started, and are read through L2. A wrong guess would only cost a useless prefetch."""
+    rows = tl.minimum(row0 + tl.arange(0, ROWS), n_rows - 1).to(tl.int64) * stride_wn
+    for p in range(first, n_pairs, step):
+        s = tl.load(slot_ptr + p, cache_modifier=".cg").to(tl.int64)
+        if (s >= 0) & (s < n_slots):
+            base = w_ptr + s * stride_we
+            for c0 in range(0, row_len, 16 * LINE):
+                cols = tl.minimum(c0 + tl.arange(0, 16) * LINE, row_len - 1)
+                prefetch_l2(base + rows[:, None] + cols[None, :])
+
+
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
 def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_xm, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                  stride_hs,
+                  stride_hs, pair_slot_ptr, n_slots,
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
-                  EVEN_K: tl.constexpr):
+                  EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                  LINE: tl.constexpr):
     """FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
-    also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8."""
+    also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8.
+    PREFETCH (small calls under PDL): program (m, n) first prefetches column tile n's gate and up
+    rows of pair m's expert (pair_slot_ptr: the unsorted slot per pair), so that the experts'
+    weights stream into L2 while the sort runs."""
     pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
+    if PREFETCH:
+        _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, I, H,
+                          stride_we, stride_wn, BN, LINE)
+        _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, I + pid_n * BN, 2 * I,
+                          H, stride_we, stride_wn, BN, LINE)
+    pdl_wait(USE_PDL)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
         return
@@ -242,12 +274,18 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
 def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_hm, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
+                  pair_slot_ptr, n_slots,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
-                  MUL_WEIGHT: tl.constexpr):
+                  MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                  LINE: tl.constexpr):
     """FP8: h is either FP8 with scales hs (H_FP8) or bf16, quantized per row right after each
-    128-wide load."""
+    128-wide load. PREFETCH: as in _gemm1_kernel, the down rows, while gemm1 runs."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
+    if PREFETCH:
+        _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, H, I,
+                          stride_we, stride_wn, BN, LINE)
+    pdl_wait(USE_PDL)
     num_post = tl.load(num_post_ptr)
     if pid_m * BM >= num_post:
         return
@@ -298,7 +336,9 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
 
 
 @triton.jit
-def _sum_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sum_kernel(y_ptr, slot_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs < H
@@ -366,6 +406,9 @@ SUM_BLOCK_H = 1024
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
+# calls with at most this many pairs prefetch their experts' weights into L2 under PDL (8 tokens at
+# top-8): few experts, whose bytes fit L2 and are the step's critical path
+PREFETCH_MAX_PAIRS = 64
 
 
 def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
@@ -390,23 +433,26 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(s_local)
+    pdl = use_pdl(dev)
+    prefetch = pdl and n_pairs <= PREFETCH_MAX_PAIRS
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
         starts = torch.empty(s_local, dtype=torch.int32, device=dev)
         _align_small_kernel[(1,)](
             slots, counts, starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
             BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
-            J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), num_warps=8)
+            J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), USE_PDL=pdl, launch_pdl=pdl, num_warps=8)
     else:
         counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
         rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
-        _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024)
+        _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024,
+                                                     USE_PDL=pdl, launch_pdl=pdl)
         blk = max(16, min(256, 8192 // s_pad))
         chunk = max(16, min(128, 8192 // s_pad))
         grid = (max(triton.cdiv(n_pairs, blk), triton.cdiv(max_blocks, chunk)),)
         _scatter_kernel[grid](
             slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
-            BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk)
+            BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk, USE_PDL=pdl, launch_pdl=pdl)
 
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
@@ -424,7 +470,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         xs = torch.empty((t, h // FP8_BLOCK), dtype=torch.float32, device=dev)
         g = 4
         _quant_act_kernel[(t, triton.cdiv(h // FP8_BLOCK, g))](
-            x, xq, xs, h, x.stride(0), xq.stride(0), xs.stride(0), G=g)
+            x, xq, xs, h, x.stride(0), xq.stride(0), xs.stride(0), G=g, USE_PDL=pdl, launch_pdl=pdl)
         ws13, ws2 = w13_scale, w2_scale
     else:
         xq, xs = x, x  # xs, ws13, ws2: dummy pointers when unused
@@ -436,17 +482,19 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         xq, xs, w13, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
         xq.stride(0), xs.stride(0) if fp8 else 0, w13.stride(0), w13.stride(1),
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
-        hs.stride(0) if h_fp8 else 0,
+        hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(h % bk1 == 0), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        EVEN_K=(h % bk1 == 0), USE_PDL=pdl, launch_pdl=pdl, PREFETCH=prefetch, LINE=128 // w13.element_size(),
+        num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
         hbuf, hs, w2, ws2, y, wflat, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
         hbuf.stride(0), hs.stride(0) if h_fp8 else 0, w2.stride(0), w2.stride(1),
-        ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0),
+        ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None,
+        EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, USE_PDL=pdl, launch_pdl=pdl,
+        PREFETCH=prefetch, LINE=128 // w2.element_size(),
         num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
@@ -471,8 +519,9 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     if t:
         bh = SUM_BLOCK_H
+        pdl = use_pdl(x.device)
         _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,
-                                             num_warps=max(1, min(4, bh // 256)))
+                                             USE_PDL=pdl, launch_pdl=pdl, num_warps=max(1, min(4, bh // 256)))
     return (out, counts) if return_load else out
 
 

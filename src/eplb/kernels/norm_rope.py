@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from eplb.kernels.moe_triton import _quant_rows
+from eplb.kernels.pdl import pdl_wait, use_pdl
 
 _TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
 _TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to an FMA (same sums for bf16/fp16)
@@ -85,10 +86,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
                      q_ptr, qs_ptr, sq, sqs,
                      BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
                      HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                     FP8: tl.constexpr):
+                     FP8: tl.constexpr, USE_PDL: tl.constexpr):
     """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
     FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
     per row and 128 columns: moe_triton._quant_rows)."""
+    pdl_wait(USE_PDL)
     DP: tl.constexpr = 4 * LANES
     NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
     dt = out_ptr.dtype.element_ty
@@ -184,11 +186,12 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))
         res = residual if residual is not None else x
+        pdl = use_pdl(x.device)
         ro = rout if rout is not None else out
         _rms_norm_kernel[(triton.cdiv(t, br),)](
             x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
             eps, q, qs, q.stride(0), qs.stride(0), BR=br, LANES=lanes, ITERS=iters,
-            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8,
+            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
             num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
     res = (out,) if residual is None else (out, rout)
     if fp8:
@@ -202,10 +205,11 @@ def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, out
                          kc_ptr, vc_ptr, slot_ptr, kvpos_ptr, s_cslot, s_chead, s_cpos,
                          BH: tl.constexpr, LANES: tl.constexpr, HAS_NORM: tl.constexpr,
                          HAS_POS: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                         WRITE_KV: tl.constexpr):
+                         WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr):
     """One token x BH heads (of the HQ + HKV q/k heads) per program; tiles [BH, 4 * LANES >= D].
     WRITE_KV: the k heads' results and the matching v heads also go to the KV cache at
     [slot, head, position] (caches [S, HKV, L, D], strides s_cslot, s_chead, s_cpos)."""
+    pdl_wait(USE_PDL)
     DP: tl.constexpr = 4 * LANES
     dt = out_ptr.dtype.element_ty
     tok = tl.program_id(0).to(tl.int64)
@@ -311,6 +315,6 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
             eps, kc, vc, kv_slots, kv_positions, *cstr,
             BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
             FMA=_TORCH_FMA, num_warps=NUM_WARPS_QK or _warps(bh * 4 * lanes), enable_fp_fusion=False,
-            WRITE_KV=kv_cache is not None)
+            WRITE_KV=kv_cache is not None, USE_PDL=use_pdl(qkv.device), launch_pdl=use_pdl(qkv.device))
     v = qkv[:, nh * d:].unflatten(1, (hkv, d))  # a view, as the torch path's reshape
     return out[:, :hq], out[:, hq:], v

@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.pdl import pdl_wait, use_pdl
+
 
 @triton.jit(do_not_specialize=["T", "n_real"])
 def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
                          map_ptr, stride_map, slot_ptr, load_ptr, n_real_ptr, n_real,
                          K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                          BR: tl.constexpr, RENORM: tl.constexpr, HAS_MAP: tl.constexpr,
-                         COUNT: tl.constexpr, REAL_PTR: tl.constexpr):
+                         COUNT: tl.constexpr, REAL_PTR: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = rows < T
     cols = tl.arange(0, E_PAD)
@@ -95,11 +98,13 @@ def route_topk(
     real_ptr = isinstance(num_real, torch.Tensor)
     e_pad = triton.next_power_of_2(e)
     br = max(1, min(16, 4096 // e_pad))
+    pdl = use_pdl(dev)
     _softmax_topk_kernel[(triton.cdiv(t, br),)](
         logits, w, ids, t, e, logits.stride(0),
         slot_map if slots is not None else ids, slot_map.stride(0) if slots is not None else 0,
         slots if slots is not None else ids, load if load is not None else ids,
         num_real if real_ptr else ids, t if num_real is None or real_ptr else int(num_real),
         K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BR=br, RENORM=renormalize,
-        HAS_MAP=slots is not None, COUNT=load is not None, REAL_PTR=real_ptr, num_warps=4)
+        HAS_MAP=slots is not None, COUNT=load is not None, REAL_PTR=real_ptr, USE_PDL=pdl,
+        launch_pdl=pdl, num_warps=4)
     return w, ids, slots

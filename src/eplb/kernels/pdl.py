@@ -1,0 +1,61 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the decode path's Triton kernels.
+
+A decode step at small batch is a chain of ~13 short kernels per layer, each a few microseconds,
+and a good part of each is the launch itself: the grid is set up only when the previous kernel has
+fully finished. Launched with PDL (``launch_pdl=True``), a kernel's programs may become resident
+while the previous kernel on the stream is still running; each of them first waits for that kernel
+to finish and its writes to be visible (``griddepcontrol.wait``), then lets the next kernel launch
+(``griddepcontrol.launch_dependents``). What is gained is the launch latency and, with
+:func:`prefetch_l2`, the time to pull a kernel's weights into L2 while the previous kernel runs.
+
+The rule that keeps it correct: every program of a PDL-launched kernel calls :func:`pdl_wait`
+before its first read of anything an earlier kernel wrote, before its first write, and before an
+early return. A kernel that completes has then waited for its predecessor, so completion is
+transitive down the chain; only data no kernel writes (weights, scales, static tables) may be read
+before the wait. Kernels launched without PDL (cuBLAS, torch ops, memsets) keep the stream's
+ordinary full ordering, before and after. CUDA graph capture keeps these edges.
+
+``EPLB_PDL=0`` turns it off (same kernels, ordinary launches). It is on for CUDA devices of
+compute capability 9.0 and above, off elsewhere (older GPUs, triton's CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENV = "EPLB_PDL"
+_SM90: dict[int, bool] = {}
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel on the stream has finished (its writes visible), then let
+    the next one launch. A no-op unless ``USE_PDL`` (the launch passed ``launch_pdl=True``)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at ``ptrs`` (a tensor of addresses) to be brought into L2. Writes
+    nothing, returns nothing; for weights, before :func:`pdl_wait`."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; // $0", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL`` not 0.
+    The variable is read at every call, so a process can compare both (graphs keep what they
+    captured)."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get(ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM90:
+        _SM90[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _SM90[idx]
