@@ -229,8 +229,8 @@ def build_engine(kind: str, args, dev: torch.device, tmp: str):
     batches = args.batches
     core = EngineCore(model_dir(kind, args.layers, args.small, tmp), load_format="dummy", dtype=dtype,
                       device=str(dev), max_model_len=args.prompt_len + decode_tokens(args, max(batches)) + 8,
-                      max_num_seqs=max(batches), max_num_batched_tokens=max(args.chunk, max(batches)))
-    core.tokenizer = None
+                      max_num_seqs=max(batches), max_num_batched_tokens=max(args.chunk, max(batches)),
+                      skip_tokenizer_init=True)
     return core
 
 

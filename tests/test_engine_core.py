@@ -41,6 +41,19 @@ def test_continuous_batching_more_requests_than_slots(engine):
     assert engine.kv.num_free == engine.kv.num_slots  # every slot returned
 
 
+def test_skip_tokenizer_init_gives_ids_only(path, engine):
+    """Token ids in and out, no detokenization (the benches' engine-alone runs): the same tokens
+    as with the tokenizer (the tiny vocabulary has no ids past the tokenizer), and no text."""
+    bare = EngineCore(path, dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
+                      skip_tokenizer_init=True)
+    assert bare.tokenizer is None and engine.tokenizer is not None
+    reqs = [(f"r{i}", list(range(4, 12 + i)), greedy(6)) for i in range(3)]
+    with_text = run_to_completion(engine, reqs)
+    ids_only = run_to_completion(bare, reqs)
+    assert {r: o.token_ids for r, o in ids_only.items()} == {r: o.token_ids for r, o in with_text.items()}
+    assert all(o.text for o in with_text.values()) and not any(o.text for o in ids_only.values())
+
+
 def test_each_step_calls_every_moe_layer_once_and_dummy_counts_no_load(engine):
     calls = []
     layers = engine.model.moe_layers()

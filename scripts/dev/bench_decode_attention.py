@@ -1,6 +1,6 @@
 """Time the Triton split-K decode attention at the Qwen3-30B-A3B shape (Hq=32, Hkv=4, D=128, bf16).
 
-    python scripts/dev/bench_decode_attention.py [--sweep]
+    python scripts/dev/bench_decode_attention.py [--sweep] [--sweep-only --cases 64:540,256:540]
 
 For B in 1, 32, 128 and ctx in 64, 1024, 8192 (every row at that ctx, cache max_len 8320, slots in
 shuffled order): microseconds per call measured with CUDA events around CUDA-graph replays (how the
@@ -64,12 +64,15 @@ def kv_gb(b: int, ctx: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--cases", default="1:1024,1:8192,32:64,32:1024,32:8192,128:1024,128:8192",
+                    help="the sweep's B:ctx cases")
+    ap.add_argument("--sweep-only", action="store_true", help="skip the fixed table")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", da.triton.__version__)
     scale = D**-0.5
     print(f"{'B':>4} {'ctx':>5} {'ns':>4} {'graph_us':>9} {'GB/s':>7} {'eager_us':>9} "
           f"{'sdpa_us':>8} {'sdpa_GB/s':>9} {'maxerr':>7}")
-    for b in (1, 32, 128):
+    for b in () if args.sweep_only else (1, 32, 128):
         for ctx in (64, 1024, 8192):
             q, k, v, slots, ctx_lens = make(b, ctx)
             fn = lambda: da.decode_attention(q, k, v, slots, ctx_lens, scale)  # noqa: E731
@@ -88,12 +91,11 @@ def main() -> None:
                   f"{ts:>8.1f} {kv_gb(b, ctx) / ts * 1e6:>9.0f} {err:>7.4f}")
             q = k = v = ks = vs = None  # free the cache before the next case
             torch.cuda.empty_cache()
-    if args.sweep:
-        sweep(scale)
+    if args.sweep or args.sweep_only:
+        sweep(scale, [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")])
 
 
-def sweep(scale: float) -> None:
-    cases = [(1, 1024), (1, 8192), (32, 64), (32, 1024), (32, 8192), (128, 1024), (128, 8192)]
+def sweep(scale: float, cases: list[tuple[int, int]]) -> None:
     data = {c: make(*c) for c in cases}
     refs = {}
     for c, (q, k, v, slots, _) in data.items():

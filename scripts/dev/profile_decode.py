@@ -56,8 +56,7 @@ def run(kind: str, batches: list[int], args) -> None:
 
     core = EngineCore(CONFIGS[kind], load_format="dummy", dtype="bfloat16", device="cuda",
                       max_model_len=args.prompt_len + 128, max_num_seqs=max(batches),
-                      max_num_batched_tokens=8192)
-    core.tokenizer = None
+                      max_num_batched_tokens=8192, skip_tokenizer_init=True)
     core.warm_up()
     graphs = core._decode_graphs()
     vocab = core.config.vocab_size

@@ -42,7 +42,7 @@ class EngineCore:
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
         quantization: str | None = None, load_format: str = "auto",
         dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
-        static_decode: bool = False,
+        static_decode: bool = False, skip_tokenizer_init: bool = False,
     ):
         from eplb.model.config import load_config
 
@@ -65,7 +65,8 @@ class EngineCore:
             phy2log=phy2log, max_len=max_model_len, quantization=quantization, load_format=load_format,
             seed=seed, router_skew=router_skew(dummy_router_skew, dummy_router_drift, seed),
         )
-        self.tokenizer = load_tokenizer(model_path)
+        # skip_tokenizer_init (vLLM's name): token ids in and out only, no detokenization
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_path)
         cfg = self.config
         per_slot = KVCache.bytes_per_slot(
             num_layers=cfg.num_layers, max_len=max_model_len, num_kv_heads=cfg.num_kv_heads,
