@@ -45,6 +45,25 @@ class EplbMetrics:
         self.balancedness_history.append(value)
         del self.balancedness_history[:-MAX_EVENTS]
 
+    def record_policy(self, seconds: float) -> None:
+        self.last_policy_s = seconds
+
+    def record_rebalance(self, seconds: float, steps_in_flight: int, copies: int, layers: int, step: int) -> None:
+        """One rebalance finished: its time, the steps served while it ran, and its event."""
+        self.rebalances += 1
+        self.last_rebalance_s = seconds
+        self.total_rebalance_s += seconds
+        self.steps_during_last_rebalance = steps_in_flight
+        self.add_event(ok=True, step=step, layers_committed=layers, copies=copies, seconds=seconds,
+                       steps_in_flight=steps_in_flight)
+
+    def record_failure(self, why: str, seconds: float, steps_in_flight: int, copies: int, layers: int,
+                       step: int) -> None:
+        """One rebalance abandoned on every rank; layers = those it had already changed."""
+        self.rebalances_failed += 1
+        self.add_event(ok=False, step=step, layers_committed=layers, copies=copies, seconds=seconds,
+                       steps_in_flight=steps_in_flight, why=why)
+
     def count_commit(self, copies: int, nbytes: int) -> None:
         self.layers_committed += 1
         self.copies_moved += copies

@@ -44,7 +44,7 @@ from eplb.controller.async_rebalance import (
 from eplb.controller.faults import CommitVerifier, Fault, fault_for
 from eplb.controller.load_recorder import LoadRecorder
 from eplb.controller.metrics import EplbMetrics
-from eplb.parallel.groups import DistContext, new_transfer_group, retire_transfer_group
+from eplb.parallel.groups import DistContext
 from eplb.parallel.transfer import PendingLayer, commit_layer, plan_bytes, start_layer_transfer
 
 log = logging.getLogger("eplb.controller")
@@ -210,7 +210,7 @@ class EplbState:
             new = self._broadcast_placement(r.policy.result if r.policy is not None else None)
             r.set_plan(new, self._plan(r.old, new))
             if r.policy is not None:
-                self.metrics.last_policy_s = r.policy.seconds
+                self.metrics.record_policy(r.policy.seconds)
             if r.fault is not None:
                 r.fault.freeze_here("transfer")
         else:
@@ -274,7 +274,7 @@ class EplbState:
                 new = self._run_policy(load, old, history)
             except Exception as exc:  # noqa: BLE001 - the others must not wait forever
                 log.warning("EPLB policy %r failed: %s", self.cfg.policy, exc)
-            self.metrics.last_policy_s = time.monotonic() - t0
+            self.metrics.record_policy(time.monotonic() - t0)
         try:
             new = self._broadcast_placement(new)
         except RuntimeError as exc:
@@ -376,12 +376,7 @@ class EplbState:
     def _finish(self, started: float, copies: int, layers: int, steps_in_flight: int) -> None:
         m = self.metrics
         elapsed = time.monotonic() - started
-        m.rebalances += 1
-        m.last_rebalance_s = elapsed
-        m.total_rebalance_s += elapsed
-        m.steps_during_last_rebalance = steps_in_flight
-        m.add_event(ok=True, step=self.steps, layers_committed=layers, copies=copies,
-                    seconds=elapsed, steps_in_flight=steps_in_flight)
+        m.record_rebalance(elapsed, steps_in_flight, copies, layers, self.steps)
         if self.cfg.debug_verify_commits:
             self.verifier.verify_maps(self.placement, self.layers, self.ctx)
         if self.ctx.rank == 0:
@@ -390,18 +385,12 @@ class EplbState:
 
     def _fail(self, why: str, layers: int, started: float, copies: int, steps_in_flight: int,
               *, abort_transfers: bool = False) -> None:
-        self.metrics.rebalances_failed += 1
-        self.metrics.add_event(ok=False, step=self.steps, layers_committed=layers, copies=copies,
-                               seconds=time.monotonic() - started,
-                               steps_in_flight=steps_in_flight, why=why)
+        self.metrics.record_failure(why, time.monotonic() - started, steps_in_flight, copies, layers, self.steps)
         if self.ctx.rank == 0:
             log.warning("EPLB rebalance abandoned on every rank: %s", why)
         # The old transfer group may hold unmatched or timed-out messages: never reuse it.
-        old = self.ctx.transfer_group
-        if abort_transfers:
-            retire_transfer_group(self.ctx, old)
         self._progress("eplb: new transfer group")
-        self.ctx.transfer_group = new_transfer_group(self.ctx)
+        self.ctx.renew_transfer_group(abort_old=abort_transfers)
         if self.cfg.debug_verify_commits:
             self.verifier.verify_maps(self.placement, self.layers, self.ctx)
 

@@ -177,10 +177,8 @@ def install_router_skew(model, skew: RouterSkew) -> RouterSkewState:
     state = RouterSkewState(skew, len(layers), layers[0].num_experts, layers[0].gate_weight.dtype,
                             layers[0].gate_weight.device)
     for i, layer in enumerate(layers):
-        layer.router_bias = state.bias[i]
-    if skew.drift_steps:
-        layers[0].before_route = state.advance
-    model.router_skew = state
+        layer.set_router_skew(state.bias[i], state.advance if skew.drift_steps and i == 0 else None)
+    model.set_router_skew(state)
     return state
 
 

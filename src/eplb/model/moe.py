@@ -193,6 +193,12 @@ class MoELayer(nn.Module):
         self.router_bias: torch.Tensor | None = None
         self.before_route: Callable[[], None] | None = None
 
+    def set_router_skew(self, bias: torch.Tensor, before_route: Callable[[], None] | None = None) -> None:
+        """Dummy weights only: add ``bias`` [E] to the router logits, and run ``before_route``
+        before each routing (eplb.model.dummy.install_router_skew)."""
+        self.router_bias = bias
+        self.before_route = before_route
+
     # -- contract -----------------------------------------------------------------------------
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """Every per-slot tensor (leading dim = local slot count); with FP8 the scales too, so an

@@ -267,6 +267,10 @@ class MoEForCausalLM(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
         )
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, device)
+        self.router_skew = None  # dummy weights' RouterSkewState (set_router_skew), for tests and logs
+
+    def set_router_skew(self, state) -> None:
+        self.router_skew = state
 
     def moe_layers(self) -> list[MoELayer]:
         return [l.mlp for l in self.layers if isinstance(l.mlp, MoELayer)]

@@ -46,6 +46,13 @@ class DistContext:
         """Device of tensors handed to collectives (CPU for gloo, the GPU for NCCL)."""
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
+    def renew_transfer_group(self, abort_old: bool = False) -> None:
+        """Replace the transfer group by a fresh one (a collective: every rank calls it); with
+        ``abort_old``, the old one is aborted first (see retire_transfer_group)."""
+        if abort_old:
+            retire_transfer_group(self, self.transfer_group)
+        self.transfer_group = new_transfer_group(self)
+
 
 def find_free_port(address: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the rendezvous binds it right after)."""
@@ -156,7 +163,7 @@ def init_distributed(
         transfer_group=None,
         transfer_timeout_s=transfer_timeout_s,
     )
-    ctx.transfer_group = new_transfer_group(ctx)
+    ctx.renew_transfer_group()
     return ctx
 
 

@@ -81,9 +81,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             )
             collector = _Collector()
             worker = RankWorker(spec, collector)
-            if sc.record_steps:
-                worker.step_log = []
-            worker.mode_log = []
+            worker.record(steps=sc.record_steps, modes=True)
             in_q: queue.Queue = queue.Queue()
             assign = sc.assign or [i % world_size for i in range(len(sc.requests))]
             for i, ((prompt, params), r) in enumerate(zip(sc.requests, assign)):

@@ -192,6 +192,14 @@ class RankWorker:
         self.step_log: list[tuple[float, str]] | None = None
         self._closed = False
 
+    def record(self, *, steps: bool = False, modes: bool = False) -> None:
+        """Start keeping ``step_log`` (per-iteration seconds and phase) and/or ``mode_log`` (the
+        path each EP forward took): off by default, for benchmarks and tests."""
+        if steps:
+            self.step_log = []
+        if modes:
+            self.mode_log = []
+
     def beat(self, operation: str) -> None:
         """Tell the front which operation this rank is about to run (see heartbeat.py)."""
         if self._heartbeat is not None:

@@ -91,7 +91,7 @@ class ServingContext:
         vocab = s.vocab_size if s.vocab_size is not None else (
             vocab_size(tok) if tok is not None else None)
         self.prep = Preprocessor(tok, formatter, s.max_model_len, vocab, self.pool)
-        self.lifecycle.ready = True
+        self.lifecycle.mark_ready()
 
     def check_model(self, name: str | None) -> str:
         names = self.settings.served_model_names

@@ -30,6 +30,10 @@ class Lifecycle:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def mark_ready(self) -> None:
+        """The engine is up: requests are accepted from now on."""
+        self.ready = True
+
     # ---- the requests' side --------------------------------------------------------------
     def check_accepting(self) -> None:
         if self.draining:
