@@ -42,7 +42,7 @@ def _set_env(name, value):
 SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
-    "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_PAIRS", 0)),
+    "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

@@ -406,9 +406,11 @@ SUM_BLOCK_H = 1024
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
-# calls with at most this many pairs prefetch their experts' weights into L2 under PDL (8 tokens at
-# top-8): few experts, whose bytes fit L2 and are the step's critical path
-PREFETCH_MAX_PAIRS = 64
+# under PDL a GEMM prefetches its experts' weights into L2 when they are at most this many bytes
+# (counting one expert per pair, at most one per slot): about half the L2 of an H100/H200 (50 MB),
+# so the prefetched lines are still there when the GEMM reads them. FP8 at batch 1 (8 pairs):
+# gate/up 25 MB, down 12.6 MB; bf16 at batch 1 only down.
+PREFETCH_MAX_BYTES = 32 << 20
 
 
 def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
@@ -434,7 +436,9 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(s_local)
     pdl = use_pdl(dev)
-    prefetch = pdl and n_pairs <= PREFETCH_MAX_PAIRS
+    experts = min(n_pairs, s_local)  # at most this many distinct slots are read
+    prefetch1 = pdl and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
+    prefetch2 = pdl and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
         starts = torch.empty(s_local, dtype=torch.int32, device=dev)
@@ -484,7 +488,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(h % bk1 == 0), USE_PDL=pdl, launch_pdl=pdl, PREFETCH=prefetch, LINE=128 // w13.element_size(),
+        EVEN_K=(h % bk1 == 0), USE_PDL=pdl, launch_pdl=pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
         num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
@@ -494,7 +498,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, USE_PDL=pdl, launch_pdl=pdl,
-        PREFETCH=prefetch, LINE=128 // w2.element_size(),
+        PREFETCH=prefetch2, LINE=128 // w2.element_size(),
         num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
