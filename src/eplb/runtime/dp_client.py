@@ -43,6 +43,7 @@ from eplb.runtime.messages import (
     StatsReply,
     Wake,
 )
+from eplb.runtime.output_stream import DeltaDecoder
 
 log = logging.getLogger("eplb.engine.dp")
 
@@ -104,6 +105,7 @@ class DPEngineClient:
         self.remote_stopped = False  # another node's front stopped the job
         self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._outputs = DeltaDecoder()  # the ranks send deltas; under _lock
         self._load = {r: 0 for r in self.rank_ids}
         self._rr = itertools.count()
         self._stats_waiters: dict[int, tuple[threading.Event, dict]] = {}
@@ -258,6 +260,7 @@ class DPEngineClient:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             rank = self._pick_rank()
             self._streams[request_id] = (loop, q, rank)
+            self._outputs.start(request_id, [int(t) for t in prompt_token_ids])
             self._load[rank] += 1
         self._in_qs[rank].put(AddRequest(request_id, [int(t) for t in prompt_token_ids], params))
         for other, iq in self._in_qs.items():  # idle ranks block on their queues: wake them
@@ -293,6 +296,7 @@ class DPEngineClient:
     def _forget(self, request_id: str) -> None:
         with self._lock:
             entry = self._streams.pop(request_id, None)
+            self._outputs.forget(request_id)
             if entry is not None:
                 self._load[entry[2]] -= 1
 
@@ -390,8 +394,11 @@ class DPEngineClient:
             except (EOFError, OSError, ValueError):
                 return
             if isinstance(msg, RankOutputs):
-                for out in msg.outputs:
-                    self._deliver(out.request_id, out)
+                with self._lock:
+                    outs = [self._outputs.apply(d) for d in msg.outputs]
+                for out in outs:
+                    if out is not None:  # None: aborted meanwhile
+                        self._deliver(out.request_id, out)
             elif isinstance(msg, RequestRejected):
                 self._deliver(msg.request_id, ValueError(msg.message))
             elif isinstance(msg, StatsReply):

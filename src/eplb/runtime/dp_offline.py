@@ -29,6 +29,7 @@ from eplb.config import EPLBConfig, ParallelConfig
 from eplb.parallel.groups import find_free_port
 from eplb.runtime.dp_worker import RankSpec, RankWorker, exit_with_parent
 from eplb.runtime.messages import AddRequest, RankOutputs, RequestRejected
+from eplb.runtime.output_stream import DeltaDecoder
 
 
 @dataclass
@@ -51,11 +52,16 @@ class _Collector:
     def __init__(self) -> None:
         self.final: dict[str, Any] = {}
         self.other: list[tuple] = []
+        self._outputs = DeltaDecoder()
+
+    def expect(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        self._outputs.start(request_id, prompt_token_ids)
 
     def put(self, msg: object) -> None:
         if isinstance(msg, RankOutputs):
-            for out in msg.outputs:
-                if out.finished:
+            for delta in msg.outputs:
+                out = self._outputs.apply(delta)
+                if out is not None and out.finished:
                     self.final[out.request_id] = out
         else:
             self.other.append(msg)
@@ -86,6 +92,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             assign = sc.assign or [i % world_size for i in range(len(sc.requests))]
             for i, ((prompt, params), r) in enumerate(zip(sc.requests, assign)):
                 if r == rank:
+                    collector.expect(f"req-{i}", prompt)
                     in_q.put(AddRequest(f"req-{i}", prompt, params))
             worker.loop(in_q, exit_when_idle=True)
             stats = worker.stats()

@@ -131,9 +131,11 @@ class RankWorker:
         from eplb.model.config import load_config
         from eplb.parallel.all2all import make_dispatcher
         from eplb.parallel.groups import init_distributed
+        from eplb.runtime.output_stream import DeltaEncoder
 
         self.spec = spec
         self.out_q = out_q
+        self._deltas = DeltaEncoder()  # outputs go to the front as deltas
         self._heartbeat = heartbeat
         self.steps = 0  # forward steps (every rank runs the same number)
         self.beat("starting")
@@ -220,6 +222,7 @@ class RankWorker:
                 self.out_q.put(RequestRejected(self.rank, msg.request_id, str(exc)))
         elif isinstance(msg, AbortRequest):
             self.engine.abort_request(msg.request_id)
+            self._deltas.forget(msg.request_id)
         elif isinstance(msg, StatsQuery):
             self.out_q.put(StatsReply(self.rank, msg.token, self.stats()))
         elif isinstance(msg, Shutdown):
@@ -306,7 +309,7 @@ class RankWorker:
                          else "async" if self.state.rebalance_in_flight else "steady")
                 self.step_log.append((time.perf_counter() - t0, phase))
             if outs:
-                self.out_q.put(RankOutputs(self.rank, outs))
+                self.out_q.put(RankOutputs(self.rank, [self._deltas.encode(o) for o in outs]))
 
     def step_plan(self, vec: torch.Tensor) -> int | None:
         """From the reduced header: the padded decode size every rank runs this step, or None

@@ -7,7 +7,7 @@ frozen dataclasses of picklable fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 # ----- front -> rank ---------------------------------------------------------------------------
@@ -45,10 +45,26 @@ class RankReady:
     info: dict
 
 
+class OutputDelta(NamedTuple):
+    """What one step added to a request's output (``eplb.runtime.output_stream``): the front
+    rebuilds the cumulative ``RequestOutput`` from these. A NamedTuple, not a frozen dataclass
+    like the other messages: one is made and pickled per request per step, and a frozen
+    dataclass's construction and pickling cost about 3x as much."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_keep: int  # characters of the text sent so far that still stand (a stop string or the
+    text_add: str  # final decode may rewrite the tail), then what follows them
+    finished: bool
+    finish_reason: str | None
+    new_logprobs: list | None  # [TokenLogprob] of the new tokens; None when not requested
+    prompt_logprobs: list | None = None  # sent once, with the first delta that has them
+
+
 @dataclass(frozen=True)
 class RankOutputs:
     rank: int
-    outputs: list  # [RequestOutput]
+    outputs: list  # [OutputDelta]
 
 
 @dataclass(frozen=True)
