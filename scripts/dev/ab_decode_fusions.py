@@ -44,6 +44,7 @@ SWITCHES = {
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
 }
+os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 
 

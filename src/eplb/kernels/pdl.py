@@ -15,8 +15,10 @@ transitive down the chain; only data no kernel writes (weights, scales, static t
 before the wait. Kernels launched without PDL (cuBLAS, torch ops, memsets) keep the stream's
 ordinary full ordering, before and after. CUDA graph capture keeps these edges.
 
-``EPLB_PDL=0`` turns it off (same kernels, ordinary launches). It is on for CUDA devices of
-compute capability 9.0 and above, off elsewhere (older GPUs, triton's CPU interpreter).
+``EPLB_PDL=1`` turns it on for CUDA devices of compute capability 9.0 and above (never on older
+GPUs or under triton's CPU interpreter). Off by default until it has run on a GPU: it compiles
+for sm_90 in CI (tests/test_kernels_compile.py checks the PTX), but neither its GPU tests nor its
+A/B (scripts/dev/ab_decode_fusions.py, switches ``pdl`` and ``prefetch``) have run yet.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ def prefetch_l2(ptrs):
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL`` not 0.
+    """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL=1``.
     The variable is read at every call, so a process can compare both (graphs keep what they
     captured)."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get(ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or os.environ.get(ENV, "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM90:
