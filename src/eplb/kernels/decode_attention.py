@@ -30,7 +30,7 @@ import triton.language as tl
 
 from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import _quant_rows
-from eplb.kernels.pdl import pdl_wait, use_pdl
+from eplb.kernels.pdl import pdl_args, pdl_wait
 
 _LOG2E = 1.4426950408889634
 # num_splits: enough (row, kv head, split) programs to fill the GPU (~_TARGET_PROGRAMS; B*Hkv alone
@@ -251,7 +251,7 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
         o_part = torch.empty((b, hq, ns, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, hq, ns), dtype=torch.float32, device=q.device)
     cnt = arrival_counters(q.device, b * hkv) if merge else out
-    pdl = use_pdl(q.device)
+    pdl = pdl_args(q.device)
     _split_kernel[(b, hkv, ns)](
         q, k_cache, v_cache, slots, ctx_lens, o_part, lse,
         max_len, g, hq, ns, float(scale) * _LOG2E,
@@ -261,13 +261,13 @@ def _decode_attention(q, k_cache, v_cache, slots, ctx_lens, scale, *, block_n: i
         out.stride(0), out.stride(1), *fp8_args, out, cnt,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
         IEEE=k_cache.dtype == torch.float32, DIRECT=ns == 1, FP8=fp8_out and (ns == 1 or merge),
-        MERGE=merge, NS_PAD=max(2, triton.next_power_of_2(ns)), USE_PDL=pdl, launch_pdl=pdl,
+        MERGE=merge, NS_PAD=max(2, triton.next_power_of_2(ns)), **pdl,
         num_warps=num_warps, num_stages=num_stages,
     )
     if ns > 1 and not merge:
         _combine_kernel[(b, hq)](
             o_part, lse, out, ns, hq, out.stride(0), out.stride(1), *fp8_args,
-            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, USE_PDL=pdl, launch_pdl=pdl, num_warps=4,
+            D=d, NS_PAD=max(2, triton.next_power_of_2(ns)), FP8=fp8_out, **pdl, num_warps=4,
         )
     return (out, fp8_args[:2]) if fp8_out else out
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
-from eplb.kernels.pdl import pdl_wait, prefetch_l2, use_pdl
+from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -37,10 +37,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
     mm = offs_m < M
     mn = offs_n < N
     if PREFETCH:  # weights are written by no kernel: safe to read before the wait
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-        for kl in range(0, tl.cdiv(K, 128 * 16)):  # 16 lines of 128 bytes per row and iteration
-            line = tl.minimum(kl * 16 + tl.arange(0, 16), K // 128 - 1) * 128
-            prefetch_l2(w_ptr + rows[:, None] + line[None, :])
+        prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn, K, 128)  # 128 FP8 = a line
     pdl_wait(USE_PDL)
     offs_k = tl.arange(0, 128)
     a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
@@ -126,7 +123,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if m == 0:
         return y.view(*lead, n)
     cfg = config or pick_config(m, n, k)
-    pdl = use_pdl(x.device)
+    pdl = pdl_args(x.device)
     if (k // FP8_BLOCK) % cfg["KSUB"]:
         raise ValueError(f"KSUB {cfg['KSUB']} does not divide K/128 = {k // FP8_BLOCK}")
     if x_fp8 is not None:
@@ -140,13 +137,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         g = 4
         _quant_act_kernel[(m, triton.cdiv(k // FP8_BLOCK, g))](
             x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g,
-            USE_PDL=pdl, launch_pdl=pdl)
+            **pdl)
     ws = weight_scale_inv.contiguous()
     bm, bn = cfg["BM"], cfg["BN"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),
-                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, USE_PDL=pdl,
-                             PREFETCH=pdl and m <= PREFETCH_MAX_M, launch_pdl=pdl,
+                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, **pdl,
+                             PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M,
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.pdl import pdl_wait, prefetch_l2, use_pdl
+from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 from eplb.kernels.tile_table import TABLE
 
 FP8_BLOCK = 128
@@ -183,10 +183,7 @@ def _prefetch_experts(w_ptr, slot_ptr, n_pairs, n_slots, first, step, row0, n_ro
     for p in range(first, n_pairs, step):
         s = tl.load(slot_ptr + p, cache_modifier=".cg").to(tl.int64)
         if (s >= 0) & (s < n_slots):
-            base = w_ptr + s * stride_we
-            for c0 in range(0, row_len, 16 * LINE):
-                cols = tl.minimum(c0 + tl.arange(0, 16) * LINE, row_len - 1)
-                prefetch_l2(base + rows[:, None] + cols[None, :])
+            prefetch_rows(w_ptr + s * stride_we, rows, row_len, LINE)
 
 
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
@@ -435,28 +432,28 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_post = torch.empty(1, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(s_local)
-    pdl = use_pdl(dev)
+    pdl = pdl_args(dev)
     experts = min(n_pairs, s_local)  # at most this many distinct slots are read
-    prefetch1 = pdl and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
-    prefetch2 = pdl and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
+    prefetch1 = pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
+    prefetch2 = pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
         starts = torch.empty(s_local, dtype=torch.int32, device=dev)
         _align_small_kernel[(1,)](
             slots, counts, starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
             BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
-            J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), USE_PDL=pdl, launch_pdl=pdl, num_warps=8)
+            J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), **pdl, num_warps=8)
     else:
         counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
         rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
         _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024,
-                                                     USE_PDL=pdl, launch_pdl=pdl)
+                                                     **pdl)
         blk = max(16, min(256, 8192 // s_pad))
         chunk = max(16, min(128, 8192 // s_pad))
         grid = (max(triton.cdiv(n_pairs, blk), triton.cdiv(max_blocks, chunk)),)
         _scatter_kernel[grid](
             slots, rank, counts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
-            BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk, USE_PDL=pdl, launch_pdl=pdl)
+            BM=bm, BLOCK=blk, S_PAD=s_pad, BLK_CHUNK=chunk, **pdl)
 
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
@@ -474,7 +471,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         xs = torch.empty((t, h // FP8_BLOCK), dtype=torch.float32, device=dev)
         g = 4
         _quant_act_kernel[(t, triton.cdiv(h // FP8_BLOCK, g))](
-            x, xq, xs, h, x.stride(0), xq.stride(0), xs.stride(0), G=g, USE_PDL=pdl, launch_pdl=pdl)
+            x, xq, xs, h, x.stride(0), xq.stride(0), xs.stride(0), G=g, **pdl)
         ws13, ws2 = w13_scale, w2_scale
     else:
         xq, xs = x, x  # xs, ws13, ws2: dummy pointers when unused
@@ -488,7 +485,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(h % bk1 == 0), USE_PDL=pdl, launch_pdl=pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
+        EVEN_K=(h % bk1 == 0), **pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
         num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
@@ -497,7 +494,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         hbuf.stride(0), hs.stride(0) if h_fp8 else 0, w2.stride(0), w2.stride(1),
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
-        EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, USE_PDL=pdl, launch_pdl=pdl,
+        EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
         PREFETCH=prefetch2, LINE=128 // w2.element_size(),
         num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
@@ -523,9 +520,8 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     if t:
         bh = SUM_BLOCK_H
-        pdl = use_pdl(x.device)
         _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,
-                                             USE_PDL=pdl, launch_pdl=pdl, num_warps=max(1, min(4, bh // 256)))
+                                             **pdl_args(x.device), num_warps=max(1, min(4, bh // 256)))
     return (out, counts) if return_load else out
 
 

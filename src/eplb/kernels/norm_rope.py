@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from eplb.kernels.moe_triton import _quant_rows
-from eplb.kernels.pdl import pdl_wait, use_pdl
+from eplb.kernels.pdl import pdl_args, pdl_wait
 
 _TORCH_THREADS = 128  # at::native num_threads() on CUDA: warp size * 4
 _TORCH_FMA = True  # nvcc contracts ``sigma2 + val * val`` to an FMA (same sums for bf16/fp16)
@@ -186,12 +186,11 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))
         res = residual if residual is not None else x
-        pdl = use_pdl(x.device)
         ro = rout if rout is not None else out
         _rms_norm_kernel[(triton.cdiv(t, br),)](
             x, res, weight, out, ro, t, h, x.stride(0), res.stride(0), out.stride(0), ro.stride(0),
             eps, q, qs, q.stride(0), qs.stride(0), BR=br, LANES=lanes, ITERS=iters,
-            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8, USE_PDL=pdl, launch_pdl=pdl,
+            HAS_RES=residual is not None, EXACT=EXACT, FMA=_TORCH_FMA, FP8=fp8, **pdl_args(x.device),
             num_warps=NUM_WARPS_RMS or _warps(br * h), enable_fp_fusion=False)
     res = (out,) if residual is None else (out, rout)
     if fp8:
@@ -315,6 +314,6 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
             eps, kc, vc, kv_slots, kv_positions, *cstr,
             BH=bh, LANES=lanes, HAS_NORM=has_norm, HAS_POS=positions is not None, EXACT=EXACT,
             FMA=_TORCH_FMA, num_warps=NUM_WARPS_QK or _warps(bh * 4 * lanes), enable_fp_fusion=False,
-            WRITE_KV=kv_cache is not None, USE_PDL=use_pdl(qkv.device), launch_pdl=use_pdl(qkv.device))
+            WRITE_KV=kv_cache is not None, **pdl_args(qkv.device))
     v = qkv[:, nh * d:].unflatten(1, (hkv, d))  # a view, as the torch path's reshape
     return out[:, :hq], out[:, hq:], v

@@ -50,6 +50,22 @@ def prefetch_l2(ptrs):
                               dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def prefetch_rows(base, row_offs, row_len, LINE: tl.constexpr):
+    """:func:`prefetch_l2` of whole rows: the elements [0, row_len) from ``base + row_offs[r]``
+    (element offsets), LINE elements being one 128-byte line; 16 lines per row at a time."""
+    for c0 in range(0, row_len, 16 * LINE):
+        cols = tl.minimum(c0 + tl.arange(0, 16) * LINE, row_len - 1)
+        prefetch_l2(base + row_offs[:, None] + cols[None, :])
+
+
+def pdl_args(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel that calls :func:`pdl_wait`: its ``USE_PDL`` and triton's
+    ``launch_pdl``, always equal (a PDL launch of a kernel that does not wait would race)."""
+    on = use_pdl(device)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL=1``.
     The variable is read at every call, so a process can compare both (graphs keep what they

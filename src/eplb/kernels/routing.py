@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.pdl import pdl_wait, use_pdl
+from eplb.kernels.pdl import pdl_args, pdl_wait
 
 
 @triton.jit(do_not_specialize=["T", "n_real"])
@@ -98,13 +98,12 @@ def route_topk(
     real_ptr = isinstance(num_real, torch.Tensor)
     e_pad = triton.next_power_of_2(e)
     br = max(1, min(16, 4096 // e_pad))
-    pdl = use_pdl(dev)
     _softmax_topk_kernel[(triton.cdiv(t, br),)](
         logits, w, ids, t, e, logits.stride(0),
         slot_map if slots is not None else ids, slot_map.stride(0) if slots is not None else 0,
         slots if slots is not None else ids, load if load is not None else ids,
         num_real if real_ptr else ids, t if num_real is None or real_ptr else int(num_real),
         K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad, BR=br, RENORM=renormalize,
-        HAS_MAP=slots is not None, COUNT=load is not None, REAL_PTR=real_ptr, USE_PDL=pdl,
-        launch_pdl=pdl, num_warps=4)
+        HAS_MAP=slots is not None, COUNT=load is not None, REAL_PTR=real_ptr, **pdl_args(dev),
+        num_warps=4)
     return w, ids, slots
