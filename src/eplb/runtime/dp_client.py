@@ -255,14 +255,15 @@ class DPEngineClient:
             raise RuntimeError(self._error or "the engine is not running")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        prompt = [int(t) for t in prompt_token_ids]
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             rank = self._pick_rank()
             self._streams[request_id] = (loop, q, rank)
-            self._outputs.start(request_id, [int(t) for t in prompt_token_ids])
+            self._outputs.start(request_id, prompt)
             self._load[rank] += 1
-        self._in_qs[rank].put(AddRequest(request_id, [int(t) for t in prompt_token_ids], params))
+        self._in_qs[rank].put(AddRequest(request_id, prompt, params))
         for other, iq in self._in_qs.items():  # idle ranks block on their queues: wake them
             if other != rank:
                 iq.put(Wake())

@@ -14,6 +14,8 @@ whole output may differ from the running windows).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from eplb.engine.core import RequestOutput
 from eplb.runtime.messages import OutputDelta
 
@@ -57,15 +59,25 @@ class DeltaEncoder:
         return len(self._sent)
 
 
+@dataclass(slots=True)
+class _Output:
+    """One request's output as the front has rebuilt it so far."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list | None = None  # None until a delta brings some (not requested otherwise)
+    prompt_logprobs: list | None = None
+
+
 class DeltaDecoder:
     """Front side: the cumulative output of every request in flight."""
 
     def __init__(self) -> None:
-        self._acc: dict[str, tuple[list[int], list[int], list[str], list | None, list]] = {}
+        self._acc: dict[str, _Output] = {}
 
     def start(self, request_id: str, prompt_token_ids: list[int]) -> None:
-        # prompt ids, token ids, [text], logprobs (None until the first delta says), [prompt lps]
-        self._acc[request_id] = (prompt_token_ids, [], [""], None, [None])
+        self._acc[request_id] = _Output(prompt_token_ids)
 
     def apply(self, delta: OutputDelta) -> RequestOutput | None:
         """The request's cumulative output after ``delta``; None for a request not started here
@@ -73,20 +85,19 @@ class DeltaDecoder:
         acc = self._acc.get(delta.request_id)
         if acc is None:
             return None
-        prompt, tokens, text, lps, prompt_lps = acc
-        tokens.extend(delta.new_token_ids)
-        text[0] = text[0][: delta.text_keep] + delta.text_add
+        acc.token_ids.extend(delta.new_token_ids)
+        acc.text = acc.text[: delta.text_keep] + delta.text_add
         if delta.new_logprobs is not None:
-            if lps is None:
-                lps = []
-                self._acc[delta.request_id] = (prompt, tokens, text, lps, prompt_lps)
-            lps.extend(delta.new_logprobs)
+            if acc.logprobs is None:
+                acc.logprobs = []
+            acc.logprobs.extend(delta.new_logprobs)
         if delta.prompt_logprobs is not None:
-            prompt_lps[0] = delta.prompt_logprobs
+            acc.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             del self._acc[delta.request_id]
-        return RequestOutput(delta.request_id, prompt, list(tokens), text[0], delta.finished,
-                             delta.finish_reason, list(lps) if lps is not None else None, prompt_lps[0])
+        return RequestOutput(delta.request_id, acc.prompt_token_ids, list(acc.token_ids), acc.text,
+                             delta.finished, delta.finish_reason,
+                             list(acc.logprobs) if acc.logprobs is not None else None, acc.prompt_logprobs)
 
     def forget(self, request_id: str) -> None:
         self._acc.pop(request_id, None)
