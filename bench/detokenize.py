@@ -12,8 +12,6 @@ methods on the same ids in the same run). Writes bench/results/detokenize.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import statistics
@@ -24,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 sys.path.insert(0, HERE)
 
-from machine import device_name  # noqa: E402
+from machine import write_rows  # noqa: E402
 
 from eplb.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
 from eplb.engine.tokenizer import IdTokenizer, load_tokenizer  # noqa: E402
@@ -67,12 +65,7 @@ def main() -> int:
                          "whole_output_ms_per_step": whole, "window_ms_per_step": window,
                          "ratio": whole / window})
             print(f"{name:34s} {r:8d} {whole:14.3f} {window:15.3f} {whole / window:6.1f}")
-    out = {"machine": device_name("cpu"), "date": datetime.date.today().isoformat(),
-           "method": __doc__.strip().splitlines()[0],
-           "args": {"requests": args.requests, "steps": args.steps}, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_rows(args.out, __doc__.strip().splitlines()[0], {"requests": args.requests, "steps": args.steps}, rows)
     return 0
 
 

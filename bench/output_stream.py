@@ -13,8 +13,6 @@ medians over the steps. Writes bench/results/output-stream.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import pickle
 import statistics
@@ -25,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 sys.path.insert(0, HERE)
 
-from machine import device_name  # noqa: E402
+from machine import write_rows  # noqa: E402
 
 from eplb.engine.core import RequestOutput  # noqa: E402
 from eplb.runtime.messages import RankOutputs  # noqa: E402
@@ -76,13 +74,8 @@ def main() -> int:
             rows.append({"requests": r, "way": way, **res})
             print(f"{r:8d} {way:>10s} {res['bytes_per_step'] / 1e3:8.1f} {res['rank_ms_per_step']:8.3f} "
                   f"{res['front_ms_per_step']:9.3f}")
-    out = {"machine": device_name("cpu"), "date": datetime.date.today().isoformat(),
-           "method": __doc__.strip().splitlines()[0],
-           "args": {"requests": args.requests, "prompt_len": args.prompt_len, "steps": args.steps},
-           "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_rows(args.out, __doc__.strip().splitlines()[0],
+               {"requests": args.requests, "prompt_len": args.prompt_len, "steps": args.steps}, rows)
     return 0
 
 
