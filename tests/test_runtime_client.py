@@ -79,11 +79,14 @@ def test_streams_equal_single_process_and_spread_over_ranks(model, served):
     reqs, streams, stats = served["requests"], served["streams"], served["stats"]
     want = [o.token_ids for o in LLM(model, **ENGINE).generate([p for p, _ in reqs],
                                                                 [s for _, s in reqs])]
-    for outs, tokens, (_, params) in zip(streams, want, reqs):
+    for outs, tokens in zip(streams, want):
         assert outs[-1].finished and outs[-1].finish_reason == "length"
         assert outs[-1].token_ids == tokens
-        # streamed: one output per generated token, each a prefix of the next
-        assert [len(o.token_ids) for o in outs] == list(range(1, params.max_tokens + 1))
+        # streamed: each output strictly extends the one before (one per step, or the newest
+        # of several when the consumer fell behind: eplb.runtime.mailbox)
+        assert len(outs[0].token_ids) >= 1 and not any(o.finished for o in outs[:-1])
+        for a, b in zip(outs, outs[1:]):
+            assert len(b.token_ids) > len(a.token_ids) and b.token_ids[:len(a.token_ids)] == a.token_ids
     assert stats["healthy"] and len(stats["ranks"]) == 2
     assert all(r["requests_added"] >= 2 for r in stats["ranks"])  # least-loaded routing spreads
     assert stats["requests_added"] == sum(r["requests_added"] for r in stats["ranks"])

@@ -47,6 +47,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
         (["--dtype", "int8"], "invalid choice"),
         (["--max-request-bytes", "0"], "--max-request-bytes"),
         (["--drain-timeout", "-1"], "--drain-timeout"),
+        (["--uvicorn-http", "fast"], "invalid choice"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(fake_model_dir, flags, needle, capsys):
@@ -55,6 +56,15 @@ def test_bad_flag_exits_2_with_one_line(fake_model_dir, flags, needle, capsys):
     assert rc == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_uvicorn_loop_that_is_not_installed_names_the_flag(fake_model_dir, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    rc, err = _run(["serve", str(fake_model_dir), "--uvicorn-loop", "uvloop"], capsys)
+    assert rc == 2 and "--uvicorn-loop uvloop" in err and "asyncio" in err
 
 
 def test_eplb_needs_expert_parallel(fake_model_dir, capsys):

@@ -11,7 +11,14 @@ from eplb.server.chat_template import FALLBACK_TEMPLATE, ChatFormatter, encode, 
 from eplb.server.errors import APIError, param_from_loc
 from eplb.server.metrics import ServerMetrics, per_rank
 from eplb.server.protocol import ChatCompletionRequest, CompletionRequest
-from eplb.server.streaming import TextDeltas
+from eplb.server.responses import (
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionResponse,
+)
+from eplb.server.streaming import ChunkLines, TextDeltas, sse
 
 
 def test_completion_request_checks_name_the_param():
@@ -175,3 +182,18 @@ def test_metrics_survive_a_failing_engine():
     assert "eplb_requests_total" in ServerMetrics(boom).render().decode()
     assert per_rank({"running": [1, 2]}, "running") == [1.0, 2.0]
     assert per_rank({}, "running") == []
+
+
+@given(rid=st.text(max_size=12), model=st.text(max_size=12), created=st.integers(0, 2**40),
+       index=st.integers(0, 300), text=st.text(max_size=40) | st.none(),
+       finish=st.sampled_from([None, "stop", "length"]))
+def test_chunk_lines_are_the_models_sse_lines_byte_for_byte(rid, model, created, index, text, finish):
+    """The streaming fast path serializes exactly what the response models do (any text: quotes,
+    control characters, non-ASCII, surrogates)."""
+    head = {"id": rid, "created": created, "model": model}
+    completion = sse(CompletionResponse(**head, choices=[CompletionChoice(
+        index=index, text=text or "", finish_reason=finish)]).body())
+    assert ChunkLines(head, "text_completion", chat=False).line(index, text or "", finish) == completion
+    chat = sse(ChatCompletionChunk(**head, choices=[ChatStreamChoice(
+        index=index, delta=ChatDelta(content=text), finish_reason=finish)]).body())
+    assert ChunkLines(head, "chat.completion.chunk", chat=True).line(index, text, finish) == chat

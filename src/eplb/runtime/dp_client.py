@@ -30,6 +30,7 @@ from eplb.config import EPLBConfig, ParallelConfig
 from eplb.parallel.groups import find_free_port, resolve_rendezvous, set_nccl_env
 from eplb.runtime.dp_worker import RankSpec, rank_main
 from eplb.runtime.heartbeat import DEFAULT_STALL_TIMEOUT_S, Heartbeats
+from eplb.runtime.mailbox import LatestOutput, put_all
 from eplb.runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -104,7 +105,7 @@ class DPEngineClient:
         self._fatal_callbacks: list = []
         self.remote_stopped = False  # another node's front stopped the job
         self._lock = threading.Lock()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, LatestOutput, int]] = {}
         self._outputs = DeltaDecoder()  # the ranks send deltas; under _lock
         self._load = {r: 0 for r in self.rank_ids}
         self._rr = itertools.count()
@@ -250,17 +251,18 @@ class DPEngineClient:
         self, request_id: str, prompt_token_ids: list[int], params: Any
     ) -> AsyncIterator[Any]:
         """Stream ``RequestOutput``s of one request until it finishes (ValueError for a request
-        the rank rejects, RuntimeError if the engine fails)."""
+        the rank rejects, RuntimeError if the engine fails). Outputs are cumulative; a caller
+        that falls behind gets the newest one (``eplb.runtime.mailbox``), the finished one always."""
         if not self.is_healthy():
             raise RuntimeError(self._error or "the engine is not running")
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        box = LatestOutput()
         prompt = [int(t) for t in prompt_token_ids]
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             rank = self._pick_rank()
-            self._streams[request_id] = (loop, q, rank)
+            self._streams[request_id] = (loop, box, rank)
             self._outputs.start(request_id, prompt)
             self._load[rank] += 1
         self._in_qs[rank].put(AddRequest(request_id, prompt, params))
@@ -270,7 +272,7 @@ class DPEngineClient:
         finished = False
         try:
             while True:
-                item = await q.get()
+                item = await box.get()
                 if item is _ABORTED:
                     return
                 if isinstance(item, BaseException):
@@ -289,10 +291,10 @@ class DPEngineClient:
             entry = self._streams.get(request_id)
         if entry is None:
             return
-        loop, q, rank = entry
+        loop, box, rank = entry
         self._in_qs[rank].put(AbortRequest(request_id))
         self._forget(request_id)
-        loop.call_soon_threadsafe(q.put_nowait, _ABORTED)
+        loop.call_soon_threadsafe(box.put, _ABORTED, True)
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -335,9 +337,24 @@ class DPEngineClient:
         with self._lock:
             entry = self._streams.get(request_id)
         if entry is not None:
-            loop, q, _ = entry
+            loop, box, _ = entry
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(box.put, item, True)  # errors end the stream
+            except RuntimeError:  # the caller's loop is closed
+                pass
+
+    def _deliver_step(self, msg: RankOutputs) -> None:
+        """One step's outputs of a rank, with one wake-up per event loop (not one per request)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for delta in msg.outputs:
+                out = self._outputs.apply(delta)
+                entry = self._streams.get(delta.request_id)
+                if out is not None and entry is not None:  # None: aborted meanwhile
+                    batches.setdefault(entry[0], []).append((entry[1], out, bool(out.finished)))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:  # the caller's loop is closed
                 pass
 
@@ -395,11 +412,7 @@ class DPEngineClient:
             except (EOFError, OSError, ValueError):
                 return
             if isinstance(msg, RankOutputs):
-                with self._lock:
-                    outs = [self._outputs.apply(d) for d in msg.outputs]
-                for out in outs:
-                    if out is not None:  # None: aborted meanwhile
-                        self._deliver(out.request_id, out)
+                self._deliver_step(msg)
             elif isinstance(msg, RequestRejected):
                 self._deliver(msg.request_id, ValueError(msg.message))
             elif isinstance(msg, StatsReply):

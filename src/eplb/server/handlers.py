@@ -28,7 +28,7 @@ from eplb.server.responses import (
     CompletionResponse,
     TopLogprob,
 )
-from eplb.server.streaming import DONE, TextDeltas, sse
+from eplb.server.streaming import DONE, ChunkLines, TextDeltas, sse
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 MIN_LOGPROB = -9999.0  # as vLLM: JSON has no -Infinity
@@ -172,8 +172,12 @@ class CompletionHandler:
         prep = self.ctx.prep
         offset = [len(e) for e in echo]  # characters sent per choice, for text_offset
 
+        lines = ChunkLines(head, "text_completion", chat=False)
+
         def chunk(k: int, text: str, finish: str | None, lp: CompletionLogprobs | None) -> str:
             offset[k] += len(text)
+            if lp is None:
+                return lines.line(k, text, finish)
             return sse(CompletionResponse(**head, choices=[CompletionChoice(
                 index=k, text=text, logprobs=lp, finish_reason=finish)]).body())
 
@@ -235,6 +239,8 @@ class ChatHandler:
                       prompt_tokens: int) -> AsyncIterator[str]:
         prep = self.ctx.prep
 
+        lines = ChunkLines(head, "chat.completion.chunk", chat=True)
+
         def chunk(k: int, delta: ChatDelta, finish: str | None = None,
                   lp: ChatLogprobs | None = None) -> str:
             return sse(ChatCompletionChunk(**head, choices=[ChatStreamChoice(
@@ -244,12 +250,13 @@ class ChatHandler:
             yield chunk(k, ChatDelta(role="assistant", content=""))
 
         def render(k: int, out: Any, text: str, pairs: list) -> Iterator[str]:
-            lp = chat_logprobs(prep, pairs) if out.logprobs is not None else None
-            delta = ChatDelta(content=text or None)
-            if out.finished:
-                yield chunk(k, delta, out.finish_reason or "stop", lp)
-            elif text or pairs:
-                yield chunk(k, delta, None, lp)
+            if not (out.finished or text or pairs):
+                return
+            finish = (out.finish_reason or "stop") if out.finished else None
+            if out.logprobs is None:
+                yield lines.line(k, text or None, finish)
+            else:
+                yield chunk(k, ChatDelta(content=text or None), finish, chat_logprobs(prep, pairs))
 
         async for line in _stream_choices(
                 self.ctx, req, jobs, prompt_tokens, render,

@@ -6,6 +6,7 @@ Every flag is checked before any rank process starts; a bad one exits with code 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import socket
 import sys
@@ -21,6 +22,8 @@ from eplb.server.context import DEFAULT_DRAIN_S, DEFAULT_MAX_REQUEST_BYTES
 DEFAULT_MODEL = DEFAULT_MODEL_NAME  # the shipped model, installed with the package
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+UVICORN_LOOPS = ("auto", "asyncio", "uvloop")
+UVICORN_HTTP = ("auto", "h11", "httptools")
 
 
 class UsageError(ValueError):
@@ -112,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="log level (default: %(default)s)")
     o.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    o.add_argument("--uvicorn-loop", choices=UVICORN_LOOPS, default="auto",
+                   help="uvicorn's event loop (default: %(default)s = uvloop when installed)")
+    o.add_argument("--uvicorn-http", choices=UVICORN_HTTP, default="auto",
+                   help="uvicorn's HTTP parser (default: %(default)s = httptools when installed)")
     o.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    metavar="N", help="larger request bodies answer 413 unread "
                                      "(default: %(default)s = 4 MiB)")
@@ -159,6 +166,11 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
     for flag in ("data_parallel_size", "max_model_len", "max_num_seqs"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag, value, choices in (("--uvicorn-loop", args.uvicorn_loop, UVICORN_LOOPS),
+                                 ("--uvicorn-http", args.uvicorn_http, UVICORN_HTTP)):
+        if value in ("uvloop", "httptools") and importlib.util.find_spec(value) is None:
+            raise UsageError(f"{flag} {value}: the {value} package is not installed "
+                             f"(allowed: {', '.join(choices)})")
     if args.max_request_bytes < 1:
         raise UsageError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.drain_timeout <= 3600:
@@ -320,7 +332,7 @@ def _draining_server(app: Any, args: argparse.Namespace) -> Any:
     return DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=args.access_log, timeout_graceful_shutdown=args.drain_timeout + 10,
-        lifespan="on"))
+        lifespan="on", loop=args.uvicorn_loop, http=args.uvicorn_http))
 
 
 def _engine_exit_code(engine: Any) -> int:
