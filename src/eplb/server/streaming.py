@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 DONE = "data: [DONE]\n\n"
@@ -26,16 +27,17 @@ class ChunkLines:
 
     def line(self, index: int, text: str | None, finish_reason: str | None) -> str:
         """``text``: the new text (chat: None sends an empty delta)."""
-        finish = "null" if finish_reason is None else _dumps(finish_reason)
+        finish = "null" if finish_reason is None else _json_str(finish_reason)
         if self._chat:
-            body = '"delta":{}' if text is None else '"delta":{"content":' + _dumps(text) + "}"
+            body = '"delta":{}' if text is None else '"delta":{"content":' + _json_str(text) + "}"
         else:
-            body = '"text":' + _dumps(text)
+            body = '"text":' + _json_str(text)
         return f'{self._prefix}{index},{body},"logprobs":null,"finish_reason":{finish}}}]}}\n\n'
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps's defaults (ensure_ascii) otherwise
+_dumps = _ENCODER.encode
+_json_str = encode_basestring_ascii  # what the encoder writes for a str, without its dispatch
 
 
 def holdback(stops: list[str]) -> int:
