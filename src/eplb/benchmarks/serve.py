@@ -6,13 +6,15 @@ asking for ``--random-output-len`` tokens (``--ignore-eos`` makes that length fi
 arrive all at once (``--request-rate inf``) or as a Poisson process (gamma with
 ``--burstiness``), at most ``--max-concurrency`` in flight. Every response is streamed: TTFT is the
 time to the first chunk, ITL the gaps between chunks, TPOT (E2E - TTFT) / (output tokens - 1) per
-request; output tokens come from the stream's ``usage``. Speaks only HTTP (httpx).
+request; output tokens come from the stream's ``usage``. Speaks only HTTP (``sse_client`` for
+http://, httpx for https://).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from eplb.benchmarks.sse_client import HTTPStatusError, stream_events
 
 
 @dataclass
@@ -139,39 +143,46 @@ def sample_random_requests(num: int, input_len: int, output_len: int, range_rati
     return [(prefix + rng.integers(0, vocab, size=int(n)).tolist(), int(m)) for n, m in zip(in_lens, out_lens)]
 
 
+async def _httpx_events(client, url: str, headers: dict, payload: bytes):
+    """The ``data:`` payloads of a streamed POST through httpx (https:// servers)."""
+    async with client.stream("POST", url, content=payload,
+                             headers={**headers, "Content-Type": "application/json"}) as r:
+        if r.status_code != 200:
+            raise HTTPStatusError(r.status_code, (await r.aread()).decode(errors="replace"))
+        async for line in r.aiter_lines():
+            line = line.strip()
+            if line.startswith("data:"):
+                yield line[len("data:"):].strip().encode()
+
+
 async def send_request(client, url: str, headers: dict, body: dict, prompt_len: int) -> RequestResult:
-    """One streamed completion; chunks that carry choices count as tokens arriving."""
+    """One streamed completion; chunks that carry choices count as tokens arriving. ``client``:
+    an httpx client for https:// URLs, None for http:// (read by ``sse_client``)."""
     res = RequestResult(prompt_len=prompt_len)
+    payload = json.dumps(body).encode()
     res.start = st = time.perf_counter()
     last = st
     chunks = 0
     usage_tokens = None
+    events = stream_events(url, payload, headers) if client is None else _httpx_events(client, url, headers, payload)
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+        async for data in events:
+            if data == b"[DONE]":
+                break
+            msg = json.loads(data)
+            if "error" in msg:
+                res.error = str(msg["error"])[:300]
                 return res
-            async for line in r.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if "error" in msg:
-                    res.error = str(msg["error"])[:300]
-                    return res
-                now = time.perf_counter()
-                if msg.get("choices"):
-                    if chunks == 0:
-                        res.ttft = now - st
-                    else:
-                        res.itl.append(now - last)
-                    chunks += 1
-                    last = now
-                if msg.get("usage"):
-                    usage_tokens = msg["usage"].get("completion_tokens")
+            now = time.perf_counter()
+            if msg.get("choices"):
+                if chunks == 0:
+                    res.ttft = now - st
+                else:
+                    res.itl.append(now - last)
+                chunks += 1
+                last = now
+            if msg.get("usage"):
+                usage_tokens = msg["usage"].get("completion_tokens")
         res.latency = time.perf_counter() - st
         if chunks == 0:
             res.error = "the stream carried no choices"
@@ -179,7 +190,9 @@ async def send_request(client, url: str, headers: dict, body: dict, prompt_len: 
         res.output_len = int(usage_tokens) if usage_tokens is not None else chunks
         res.success = True
     except Exception as exc:  # noqa: BLE001 - a failed request is reported, not fatal
-        res.error = f"{type(exc).__name__}: {exc}"[:300]
+        res.error = (str(exc) if isinstance(exc, HTTPStatusError) else f"{type(exc).__name__}: {exc}")[:300]
+    finally:
+        await events.aclose()
     return res
 
 
@@ -240,23 +253,35 @@ async def run_benchmark(a: argparse.Namespace, base: str, model: str,
         return b
 
     limits = httpx.Limits(max_connections=a.max_concurrency or None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(a.timeout, connect=60.0), limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = None  # http:// servers: the lean reader (sse_client), no client object
+        if not url.startswith("http://"):
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(timeout=httpx.Timeout(a.timeout, connect=60.0), limits=limits))
+
+        async def send(prompt: list[int], max_tokens: int, prompt_len: int) -> RequestResult:
+            try:
+                return await asyncio.wait_for(send_request(client, url, headers, body(prompt, max_tokens), prompt_len),
+                                              a.timeout)
+            except asyncio.TimeoutError:
+                return RequestResult(prompt_len=prompt_len, error=f"timed out after {a.timeout:g} s")
+
         # vLLM's initial single-prompt test: fail early, with the server's reason, on a bad setup
-        test = await send_request(client, url, headers, body(*requests[0]), len(requests[0][0]))
+        test = await send(*requests[0], len(requests[0][0]))
         if not test.success:
             raise RuntimeError(f"the initial test request failed: {test.error}")
         for i in range(a.num_warmups):
-            await send_request(client, url, headers, body(*requests[i % len(requests)]), 0)
+            await send(*requests[i % len(requests)], 0)
         sem = asyncio.Semaphore(a.max_concurrency) if a.max_concurrency else None
         bar = Progress(len(requests), a.disable_tqdm)
 
         async def one(i: int) -> RequestResult:
             prompt, mt = requests[i]
             if sem is None:
-                r = await send_request(client, url, headers, body(prompt, mt), len(prompt))
+                r = await send(prompt, mt, len(prompt))
             else:
                 async with sem:
-                    r = await send_request(client, url, headers, body(prompt, mt), len(prompt))
+                    r = await send(prompt, mt, len(prompt))
             bar.update()
             return r
 
@@ -338,6 +363,15 @@ def first_model(base: str, api_key: str | None) -> str:
     return data[0]["id"]
 
 
+def _run(coro):
+    """asyncio.run, on uvloop when it is installed (cheaper per chunk read)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def main(a: argparse.Namespace) -> int:
     try:
         check_args(a)
@@ -354,7 +388,7 @@ def main(a: argparse.Namespace) -> int:
         print(f"{len(requests)} random prompts of ~{a.random_input_len} token ids in [0, {vocab}), "
               f"max_tokens ~{a.random_output_len}{', ignore_eos' if a.ignore_eos else ''}; model {model!r} at {base}",
               file=sys.stderr)
-        results, duration = asyncio.run(run_benchmark(a, base, model, requests))
+        results, duration = _run(run_benchmark(a, base, model, requests))
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback
         print(f"eplb bench serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
