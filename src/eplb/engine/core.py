@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     # one per prompt token (None for the first) when SamplingParams.prompt_logprobs is set
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def _nothing() -> None:
+    pass
 
 
 class EngineCore:
@@ -169,15 +174,20 @@ class EngineCore:
         self.model(ids, meta, self.kv.layers, num_real_tokens=0)
 
     @torch.inference_mode()
-    def step(self, pad_to: int | None = None) -> list[RequestOutput]:
+    def step(self, pad_to: int | None = None, on_launched: Callable[[], None] | None = None
+             ) -> list[RequestOutput]:
         """One forward of the scheduled batch. ``pad_to``: the padded decode size the DP ranks
         agreed on (a decode-only batch then runs the graph of that size). With an EP dispatcher
         installed a decode-only step uses the graphs only with ``pad_to``: alone, ranks could
-        pick different sizes."""
+        pick different sizes. ``on_launched``: called once, when the forward is queued on the
+        device and before the host waits for it (a rank sends the previous step's outputs
+        there, so that host work overlaps the GPU's)."""
         batch = self._next_batch if self._next_batch is not None else self.scheduler.schedule()
         self._next_batch = None
+        launched = on_launched or _nothing
         if batch.num_tokens == 0:
             self.dummy_step(pad_to)
+            launched()
             return []
         ids: list[int] = [s.token_at(s.num_tokens - 1) for s in batch.decodes]
         graphs = self._decode_graphs() if not batch.prefills else None
@@ -188,6 +198,7 @@ class EngineCore:
         if graphs is not None and graphs.fits(len(ids)):
             logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes],
                                 bs=pad_to)
+            launched()
             for s in batch.decodes:
                 s.num_computed += 1
             return self._sample(list(batch.decodes), logits)
@@ -211,6 +222,7 @@ class EngineCore:
         )
         input_ids = long_tensor(ids, self.device)
         hidden = self.model(input_ids, meta, self.kv.layers)
+        launched()
         for s, row, start, n in scored:
             self._score_prompt(s, hidden, row, start, n)
         for s in batch.decodes:

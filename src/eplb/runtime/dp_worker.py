@@ -136,6 +136,7 @@ class RankWorker:
         self.spec = spec
         self.out_q = out_q
         self._deltas = DeltaEncoder()  # outputs go to the front as deltas
+        self._unsent: list = []  # the last step's outputs, sent during the next forward
         self._heartbeat = heartbeat
         self.steps = 0  # forward steps (every rank runs the same number)
         self.beat("starting")
@@ -222,6 +223,7 @@ class RankWorker:
                 self.out_q.put(RequestRejected(self.rank, msg.request_id, str(exc)))
         elif isinstance(msg, AbortRequest):
             self.engine.abort_request(msg.request_id)
+            self._unsent = [o for o in self._unsent if o.request_id != msg.request_id]
             self._deltas.forget(msg.request_id)
         elif isinstance(msg, StatsQuery):
             self.out_q.put(StatsReply(self.rank, msg.token, self.stats()))
@@ -263,6 +265,7 @@ class RankWorker:
             idle_here = not self.engine.has_unfinished_requests()
             if not anyone_busy and idle_here:
                 wait = INFLIGHT_IDLE_WAIT_S if self.state.rebalance_in_flight else IDLE_WAIT_S
+                self._send_outputs()  # no forward follows soon to overlap them with
             else:
                 wait = 0.0
             self.beat("idle wait")
@@ -281,10 +284,12 @@ class RankWorker:
             self.state.on_boundary(vec[_DECODES + self.world_size:], forward_before)
             if int(vec[_STOP]) > 0:
                 self.beat("stopping")
+                self._send_outputs()
                 return stop
             anyone_busy = int(vec[_HAS_WORK]) > 0
             forward_before = anyone_busy
             if not anyone_busy:
+                self._send_outputs()
                 if exit_when_idle and not self.state.rebalance_in_flight:
                     return True
                 continue
@@ -295,11 +300,13 @@ class RankWorker:
                 self.dispatcher.begin_step()
             pad_to = self.step_plan(vec)
             if has_work:
-                outs = self.engine.step(pad_to)
+                # the previous step's outputs go out while this forward runs on the device
+                outs = self.engine.step(pad_to, on_launched=self._send_outputs)
             else:
                 if self.ep:  # without EP the forward has no collectives to line up
                     self.engine.dummy_step(pad_to)
                     self.dummy_steps += 1
+                self._send_outputs()
                 outs = []
             self._count_mode(has_work, decodes, prefill, pad_to)
             self.steps += 1
@@ -308,8 +315,15 @@ class RankWorker:
                 phase = ("sync" if self.state.synced_at_boundary
                          else "async" if self.state.rebalance_in_flight else "steady")
                 self.step_log.append((time.perf_counter() - t0, phase))
-            if outs:
-                self.out_q.put(RankOutputs(self.rank, [self._deltas.encode(o) for o in outs]))
+            self._unsent = outs
+
+    def _send_outputs(self) -> None:
+        """Send the last step's outputs to the front (as deltas), if not sent yet. Called while
+        the next forward runs (``EngineCore.step``'s ``on_launched``), or before the loop
+        waits, stops or returns, so no output waits longer than one step."""
+        outs, self._unsent = self._unsent, []
+        if outs:
+            self.out_q.put(RankOutputs(self.rank, [self._deltas.encode(o) for o in outs]))
 
     def step_plan(self, vec: torch.Tensor) -> int | None:
         """From the reduced header: the padded decode size every rank runs this step, or None
