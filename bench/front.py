@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,15 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
+sys.path.insert(0, SRC)
 sys.path.insert(0, HERE)
 
 from machine import write_rows  # noqa: E402
 
+from eplb.parallel.groups import find_free_port  # noqa: E402
+
 SETTINGS = {"asyncio+h11": ("asyncio", "h11"), "uvloop+httptools": ("auto", "auto")}
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_s(pid: int) -> float:
@@ -73,7 +69,7 @@ def _steps(port: int) -> float:
 
 def run(setting: str, concurrency: int, output_len: int, others: set[int], env: dict) -> dict:
     loop, http = SETTINGS[setting]
-    port = _free_port()
+    port = find_free_port()
     cmd = [sys.executable, "-m", "eplb.cli", "serve", "--port", str(port), "--max-num-seqs", str(concurrency),
            "--max-num-batched-tokens", "8192", "--max-model-len", str(64 + output_len),
            "--uvicorn-loop", loop, "--uvicorn-http", http, "--log-level", "warning"]

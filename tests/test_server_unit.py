@@ -193,7 +193,7 @@ def test_chunk_lines_are_the_models_sse_lines_byte_for_byte(rid, model, created,
     head = {"id": rid, "created": created, "model": model}
     completion = sse(CompletionResponse(**head, choices=[CompletionChoice(
         index=index, text=text or "", finish_reason=finish)]).body())
-    assert ChunkLines(head, "text_completion", chat=False).line(index, text or "", finish) == completion
+    assert ChunkLines(head, chat=False).line(index, text or "", finish) == completion
     chat = sse(ChatCompletionChunk(**head, choices=[ChatStreamChoice(
         index=index, delta=ChatDelta(content=text), finish_reason=finish)]).body())
-    assert ChunkLines(head, "chat.completion.chunk", chat=True).line(index, text, finish) == chat
+    assert ChunkLines(head, chat=True).line(index, text, finish) == chat

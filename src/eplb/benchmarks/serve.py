@@ -252,10 +252,10 @@ async def run_benchmark(a: argparse.Namespace, base: str, model: str,
             b["ignore_eos"] = True
         return b
 
-    limits = httpx.Limits(max_connections=a.max_concurrency or None, max_keepalive_connections=None)
     async with contextlib.AsyncExitStack() as stack:
         client = None  # http:// servers: the lean reader (sse_client), no client object
         if not url.startswith("http://"):
+            limits = httpx.Limits(max_connections=a.max_concurrency or None, max_keepalive_connections=None)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(a.timeout, connect=60.0), limits=limits))
 

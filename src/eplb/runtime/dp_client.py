@@ -337,11 +337,7 @@ class DPEngineClient:
         with self._lock:
             entry = self._streams.get(request_id)
         if entry is not None:
-            loop, box, _ = entry
-            try:
-                loop.call_soon_threadsafe(box.put, item, True)  # errors end the stream
-            except RuntimeError:  # the caller's loop is closed
-                pass
+            self._post(entry[0], [(entry[1], item, True)])  # errors end the stream
 
     def _deliver_step(self, msg: RankOutputs) -> None:
         """One step's outputs of a rank, with one wake-up per event loop (not one per request)."""
@@ -353,10 +349,15 @@ class DPEngineClient:
                 if out is not None and entry is not None:  # None: aborted meanwhile
                     batches.setdefault(entry[0], []).append((entry[1], out, bool(out.finished)))
         for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(put_all, items)
-            except RuntimeError:  # the caller's loop is closed
-                pass
+            self._post(loop, items)
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+        """Hand (mailbox, item, final) triples to their event loop, one wake-up for all."""
+        try:
+            loop.call_soon_threadsafe(put_all, items)
+        except RuntimeError:  # the caller's loop is closed
+            pass
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

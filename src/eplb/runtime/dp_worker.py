@@ -265,7 +265,6 @@ class RankWorker:
             idle_here = not self.engine.has_unfinished_requests()
             if not anyone_busy and idle_here:
                 wait = INFLIGHT_IDLE_WAIT_S if self.state.rebalance_in_flight else IDLE_WAIT_S
-                self._send_outputs()  # no forward follows soon to overlap them with
             else:
                 wait = 0.0
             self.beat("idle wait")
@@ -319,8 +318,9 @@ class RankWorker:
 
     def _send_outputs(self) -> None:
         """Send the last step's outputs to the front (as deltas), if not sent yet. Called while
-        the next forward runs (``EngineCore.step``'s ``on_launched``), or before the loop
-        waits, stops or returns, so no output waits longer than one step."""
+        the next forward runs (``EngineCore.step``'s ``on_launched``, or beside a dummy step),
+        or at a boundary with no forward (no rank busy: the loop may then wait; stop), so no
+        output waits longer than one step."""
         outs, self._unsent = self._unsent, []
         if outs:
             self.out_q.put(RankOutputs(self.rank, [self._deltas.encode(o) for o in outs]))

@@ -172,7 +172,7 @@ class CompletionHandler:
         prep = self.ctx.prep
         offset = [len(e) for e in echo]  # characters sent per choice, for text_offset
 
-        lines = ChunkLines(head, "text_completion", chat=False)
+        lines = ChunkLines(head, chat=False)
 
         def chunk(k: int, text: str, finish: str | None, lp: CompletionLogprobs | None) -> str:
             offset[k] += len(text)
@@ -239,7 +239,7 @@ class ChatHandler:
                       prompt_tokens: int) -> AsyncIterator[str]:
         prep = self.ctx.prep
 
-        lines = ChunkLines(head, "chat.completion.chunk", chat=True)
+        lines = ChunkLines(head, chat=True)
 
         def chunk(k: int, delta: ChatDelta, finish: str | None = None,
                   lp: ChatLogprobs | None = None) -> str:

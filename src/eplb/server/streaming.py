@@ -6,6 +6,8 @@ import json
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
+from eplb.server.responses import ChatCompletionChunk, CompletionResponse
+
 DONE = "data: [DONE]\n\n"
 
 
@@ -20,8 +22,10 @@ class ChunkLines:
     checks), built from the response's head serialized once. Per streamed token the pydantic
     models and the walk over their dict were most of the front's CPU (bench/front.py)."""
 
-    def __init__(self, head: dict[str, Any], object_name: str, chat: bool) -> None:
-        fields = {"id": head["id"], "object": object_name, "created": head["created"], "model": head["model"]}
+    def __init__(self, head: dict[str, Any], chat: bool) -> None:
+        model = ChatCompletionChunk if chat else CompletionResponse
+        fields = {"id": head["id"], "object": model.model_fields["object"].default, "created": head["created"],
+                  "model": head["model"]}
         self._prefix = "data: " + _dumps(fields)[:-1] + ',"choices":[{"index":'
         self._chat = chat
 
