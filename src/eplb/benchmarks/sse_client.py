@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 client for one streamed (server-sent events) POST, on asyncio streams.
 
 A load generator must read chunks faster than the server writes them. httpx streaming (httpcore,
-h11 and anyio layers) cost the load generator ~250 us of CPU per chunk, so one client process
-could not read more than ~4,000 tokens/s, below what one GPU serves; this reader costs a small
-fraction of that (bench/front.py records both). Plain ``http://`` only (a benchmark talks to a
+h11 and anyio layers) cost the load generator ~340 us of CPU per chunk, so one client process
+could not read much more than 3,000 tokens/s, below what one GPU serves; this reader costs about
+a quarter of that, start-up included (bench/results/front.json). Plain ``http://`` only (a benchmark talks to a
 server near it); one connection per request, closed after it.
 """
 
