@@ -1,6 +1,7 @@
 """CPU the server's front process spends per streamed token, with uvicorn on the pure-Python stack
 (asyncio event loop, h11 parser) against uvloop + httptools (what ``--uvicorn-loop/--uvicorn-http
-auto`` pick when installed), same run.
+auto`` pick when installed), and the latter with ``--stream-interval 4`` (a chunk every 4
+tokens, vLLM's flag), same run.
 
     PYTHONPATH=src python bench/front.py [--concurrency 64,256] [--output-len 64]
 
@@ -38,7 +39,9 @@ from machine import write_rows  # noqa: E402
 
 from eplb.parallel.groups import find_free_port  # noqa: E402
 
-SETTINGS = {"asyncio+h11": ("asyncio", "h11"), "uvloop+httptools": ("auto", "auto")}
+# name -> (--uvicorn-loop, --uvicorn-http, --stream-interval)
+SETTINGS = {"asyncio+h11": ("asyncio", "h11", 1), "uvloop+httptools": ("auto", "auto", 1),
+            "uvloop+httptools, interval 4": ("auto", "auto", 4)}
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -68,11 +71,12 @@ def _steps(port: int) -> float:
 
 
 def run(setting: str, concurrency: int, output_len: int, others: set[int], env: dict) -> dict:
-    loop, http = SETTINGS[setting]
+    loop, http, interval = SETTINGS[setting]
     port = find_free_port()
     cmd = [sys.executable, "-m", "eplb.cli", "serve", "--port", str(port), "--max-num-seqs", str(concurrency),
            "--max-num-batched-tokens", "8192", "--max-model-len", str(64 + output_len),
-           "--uvicorn-loop", loop, "--uvicorn-http", http, "--log-level", "warning"]
+           "--uvicorn-loop", loop, "--uvicorn-http", http, "--stream-interval", str(interval),
+           "--log-level", "warning"]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's log, read if it fails to start
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                               preexec_fn=lambda: os.sched_setaffinity(0, {0}))
@@ -140,10 +144,10 @@ def main() -> None:
         base = rows[-len(SETTINGS)]
         for r in rows[-len(SETTINGS):]:
             r["baseline_over_this"] = round(base["front_us_per_token"] / r["front_us_per_token"], 2)
-    print(f"{'setting':<18}{'conc':>5}{'us/token':>10}{'ms/step':>9}{'vs base':>9}{'client us/tok':>14}"
+    print(f"{'setting':<30}{'conc':>5}{'us/token':>10}{'ms/step':>9}{'vs base':>9}{'client us/tok':>14}"
           f"{'tok/s':>9}{'ITL ms':>8}")
     for r in rows:
-        print(f"{r['setting']:<18}{r['concurrency']:>5}{r['front_us_per_token']:>10}{r['front_ms_per_step']:>9}"
+        print(f"{r['setting']:<30}{r['concurrency']:>5}{r['front_us_per_token']:>10}{r['front_ms_per_step']:>9}"
               f"{r['baseline_over_this']:>9}{r['client_us_per_token']:>14}{r['output_tok_s']:>9}{r['median_itl_ms']:>8}")
     write_rows(args.out, "front process CPU (user+system, /proc) per streamed token and per engine step while "
                "`eplb bench serve` streams from `eplb serve` (shipped model, CPU); front pinned to CPU 0, ranks "

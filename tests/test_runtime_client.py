@@ -181,6 +181,25 @@ def test_rejected_and_aborted_requests(plain):
     assert outs[-1].finished and len(outs[-1].token_ids) == 3
 
 
+def test_stream_interval_thins_outputs_on_the_rank(plain):
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+
+    async def run():
+        every = [o async for o in plain.generate("i1", [9, 8, 7], params)]
+        fourth = [o async for o in plain.generate("i4", [9, 8, 7], params, stream_interval=4)]
+        final = [o async for o in plain.generate("i0", [9, 8, 7], params, stream_interval=None)]
+        with pytest.raises(ValueError, match="stream_interval"):
+            [o async for o in plain.generate("bad", [9], params, stream_interval=0)]
+        return every, fourth, final
+
+    every, fourth, final = asyncio.run(run())
+    assert every[-1].finished and len(every[-1].token_ids) == 14
+    assert fourth[-1].token_ids == final[-1].token_ids == every[-1].token_ids
+    # sent at 1, 5, 9, 13 tokens (a lagging consumer may skip some: it gets the newest), then 14
+    assert [len(o.token_ids) % 4 for o in fourth[:-1]] == [1] * (len(fourth) - 1)
+    assert len(final) == 1 and final[0].finished
+
+
 def test_unknown_backend_lists_the_choices():
     with pytest.raises(ValueError, match="allgather_reducescatter, naive"):
         ParallelConfig(all2all_backend="deepep")

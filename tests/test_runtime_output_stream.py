@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from eplb.engine.core import RequestOutput
 from eplb.engine.sampling import TokenLogprob
-from eplb.runtime.output_stream import DeltaDecoder, DeltaEncoder
+from eplb.runtime.output_stream import DeltaDecoder, DeltaEncoder, check_stream_interval
 
 
 def _lp(t: int) -> TokenLogprob:
@@ -50,6 +50,39 @@ def test_decoder_rebuilds_every_cumulative_output(history):
         delta = pickle.loads(pickle.dumps(enc.encode(out)))  # as the queue carries it
         assert dec.apply(delta) == out
     assert len(enc) == 0 and len(dec) == 0  # the finished request is forgotten on both sides
+
+
+@settings(max_examples=200, deadline=None)
+@given(request_history(), st.one_of(st.none(), st.integers(1, 6)))
+def test_a_stream_interval_sends_the_first_every_nth_and_the_final_output(history, interval):
+    """vLLM's --stream-interval: an output goes out with the first token, then once ``interval``
+    tokens have come since the last one sent, and when the request finishes (None: the final
+    only); each one sent rebuilds exactly the engine's output of that step."""
+    prompt, outs = history
+    enc, dec = DeltaEncoder(), DeltaDecoder()
+    enc.start("r", interval)
+    dec.start("r", prompt)
+    sent_at = 0  # tokens in the last output sent
+    for out in outs:
+        n = len(out.token_ids)
+        due = out.finished or (interval is not None and (sent_at == 0 or n - sent_at >= interval))
+        delta = enc.encode(out)
+        assert (delta is not None) == due
+        if delta is not None:
+            assert dec.apply(pickle.loads(pickle.dumps(delta))) == out
+            sent_at = n
+    assert len(enc) == 0 and len(dec) == 0
+
+
+def test_stream_interval_is_an_integer_from_1_or_none():
+    assert check_stream_interval(None) is None and check_stream_interval(4) == 4
+    for bad in (0, -1, 2.0, True, "2"):
+        try:
+            check_stream_interval(bad)
+        except ValueError as exc:
+            assert "stream_interval" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
 
 
 def test_deltas_stay_small_and_aborted_requests_are_dropped():

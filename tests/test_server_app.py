@@ -61,6 +61,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.aborted: list[str] = []
         self.params: list = []
+        self.intervals: list = []  # each request's stream_interval
         self.healthy = True
 
     def start(self) -> None:
@@ -78,8 +79,9 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def generate(self, request_id, prompt_ids, params):
+    async def generate(self, request_id, prompt_ids, params, *, stream_interval=1):
         self.params.append(params)
+        self.intervals.append(stream_interval)
         ids: list[int] = []
         lps: list[TokenLogprob] = []
         for i in range(params.max_tokens):
@@ -350,6 +352,16 @@ def test_chat_logprobs_and_streamed_logprobs(srv):
     assert streamed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
+def test_only_streamed_requests_ask_the_engine_for_outputs_before_the_final(srv):
+    srv.post("/v1/completions", {"prompt": "ab", "max_tokens": 3, "n": 2})
+    srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+    assert srv.engine.intervals == [None, None, None]  # collected: the final output only
+    srv.post("/v1/completions", {"prompt": "ab", "max_tokens": 3, "stream": True})
+    srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                                      "stream": True})
+    assert srv.engine.intervals[3:] == [1, 1]  # the server's --stream-interval (default 1)
+
+
 def test_streamed_echo_and_usage(srv):
     events = _sse(srv.post("/v1/completions", {"prompt": "ab", "max_tokens": 3, "echo": True,
                                                "stream": True,
@@ -383,8 +395,8 @@ def test_drain_ends_open_requests_cleanly(srv):
     threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
     orig = srv.engine.generate
 
-    def generate(rid, ids, params):
-        return orig(rid, [ord("H") % VOCAB] + list(ids), params)
+    def generate(rid, ids, params, **kw):
+        return orig(rid, [ord("H") % VOCAB] + list(ids), params, **kw)
 
     srv.engine.generate = generate
     for t in threads:

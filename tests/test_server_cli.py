@@ -47,6 +47,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
         (["--dtype", "int8"], "invalid choice"),
         (["--max-request-bytes", "0"], "--max-request-bytes"),
         (["--drain-timeout", "-1"], "--drain-timeout"),
+        (["--stream-interval", "0"], "--stream-interval"),
         (["--uvicorn-http", "fast"], "invalid choice"),
     ],
 )
@@ -98,5 +99,5 @@ def test_help_documents_every_issue_flag(capsys):
                  "--enable-eplb", "--eplb-config", "--all2all-backend", "--max-model-len",
                  "--max-num-seqs", "--dtype", "--device", "--seed", "--served-model-name",
                  "--api-key", "--enforce-eager", "--trust-remote-code", "--max-request-bytes",
-                 "--drain-timeout"):
+                 "--drain-timeout", "--stream-interval"):
         assert flag in out, flag

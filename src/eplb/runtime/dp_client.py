@@ -44,7 +44,7 @@ from eplb.runtime.messages import (
     StatsReply,
     Wake,
 )
-from eplb.runtime.output_stream import DeltaDecoder
+from eplb.runtime.output_stream import DeltaDecoder, check_stream_interval
 
 log = logging.getLogger("eplb.engine.dp")
 
@@ -248,11 +248,15 @@ class DPEngineClient:
         return min(self.rank_ids, key=lambda r: (self._load[r], (r - turn) % n))
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: Any
+        self, request_id: str, prompt_token_ids: list[int], params: Any, *,
+        stream_interval: int | None = 1,
     ) -> AsyncIterator[Any]:
         """Stream ``RequestOutput``s of one request until it finishes (ValueError for a request
         the rank rejects, RuntimeError if the engine fails). Outputs are cumulative; a caller
-        that falls behind gets the newest one (``eplb.runtime.mailbox``), the finished one always."""
+        that falls behind gets the newest one (``eplb.runtime.mailbox``), the finished one always.
+        ``stream_interval``: the rank sends an output with the first token, then every N new
+        tokens, and the final one; None: the final one only (a caller that does not stream)."""
+        check_stream_interval(stream_interval)
         if not self.is_healthy():
             raise RuntimeError(self._error or "the engine is not running")
         loop = asyncio.get_running_loop()
@@ -265,7 +269,7 @@ class DPEngineClient:
             self._streams[request_id] = (loop, box, rank)
             self._outputs.start(request_id, prompt)
             self._load[rank] += 1
-        self._in_qs[rank].put(AddRequest(request_id, prompt, params))
+        self._in_qs[rank].put(AddRequest(request_id, prompt, params, stream_interval))
         for other, iq in self._in_qs.items():  # idle ranks block on their queues: wake them
             if other != rank:
                 iq.put(Wake())

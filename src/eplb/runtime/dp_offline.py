@@ -93,7 +93,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             for i, ((prompt, params), r) in enumerate(zip(sc.requests, assign)):
                 if r == rank:
                     collector.expect(f"req-{i}", prompt)
-                    in_q.put(AddRequest(f"req-{i}", prompt, params))
+                    in_q.put(AddRequest(f"req-{i}", prompt, params, stream_interval=None))  # finals only
             worker.loop(in_q, exit_when_idle=True)
             stats = worker.stats()
             caught = _verifier_catches_corruption(worker) if sc.check_verifier else None

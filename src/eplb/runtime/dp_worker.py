@@ -218,6 +218,7 @@ class RankWorker:
         if isinstance(msg, AddRequest):
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                self._deltas.start(msg.request_id, msg.stream_interval)
                 self.requests_added += 1
             except ValueError as exc:
                 self.out_q.put(RequestRejected(self.rank, msg.request_id, str(exc)))
@@ -322,8 +323,9 @@ class RankWorker:
         or at a boundary with no forward (no rank busy: the loop may then wait; stop), so no
         output waits longer than one step."""
         outs, self._unsent = self._unsent, []
-        if outs:
-            self.out_q.put(RankOutputs(self.rank, [self._deltas.encode(o) for o in outs]))
+        deltas = [d for d in map(self._deltas.encode, outs) if d is not None]  # None: held back
+        if deltas:
+            self.out_q.put(RankOutputs(self.rank, deltas))
 
     def step_plan(self, vec: torch.Tensor) -> int | None:
         """From the reduced header: the padded decode size every rank runs this step, or None

@@ -16,6 +16,9 @@ class AddRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: Any  # SamplingParams
+    # an output every N new tokens (and the first and the final: output_stream.DeltaEncoder);
+    # None: the final one only
+    stream_interval: int | None = 1
 
 
 @dataclass(frozen=True)

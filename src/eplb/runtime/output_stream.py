@@ -31,28 +31,63 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+def check_stream_interval(value: object) -> int | None:
+    """A request's stream interval: an integer >= 1, or None (the final output only)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"stream_interval must be an integer >= 1 or None, got {value!r}")
+    return value
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What a request's earlier deltas carried, and how often it wants one."""
+
+    tokens: int = 0
+    logprobs: int = 0
+    text: str = ""
+    prompt_logprobs: bool = False
+    interval: int | None = 1
+
+
 class DeltaEncoder:
-    """Rank side: what each request's previous outputs already sent."""
+    """Rank side: what each request's previous outputs already sent, and which outputs are due.
+
+    A request's ``stream_interval`` (vLLM's ``--stream-interval``) thins its outputs: one goes
+    out with the first token, then whenever ``interval`` tokens have come since the last one, and
+    always when it finishes; None sends the final output only (a request nobody streams). The
+    outputs held back cost nothing on either side: outputs are cumulative, so the next delta
+    carries what they had."""
 
     def __init__(self) -> None:
-        self._sent: dict[str, tuple[int, int, str, bool]] = {}  # tokens, logprobs, text, prompt lps
+        self._sent: dict[str, _Sent] = {}
 
-    def encode(self, out: RequestOutput) -> OutputDelta:
-        n_tok, n_lp, text, prompt_sent = self._sent.get(out.request_id, (0, 0, "", False))
-        keep = _common_prefix(text, out.text)
-        new_lps = out.logprobs[n_lp:] if out.logprobs is not None else None
-        prompt_lps = out.prompt_logprobs if (out.prompt_logprobs is not None and not prompt_sent) else None
-        delta = OutputDelta(out.request_id, out.token_ids[n_tok:], keep, out.text[keep:], out.finished,
+    def start(self, request_id: str, stream_interval: int | None = 1) -> None:
+        """A new request; ``stream_interval`` as ``check_stream_interval`` allows."""
+        self._sent[request_id] = _Sent(interval=stream_interval)
+
+    def encode(self, out: RequestOutput) -> OutputDelta | None:
+        """What ``out`` adds to what was sent; None while the request's interval holds it back."""
+        sent = self._sent.get(out.request_id)
+        if sent is None:  # not started here (offline drivers): every output goes out
+            sent = self._sent[out.request_id] = _Sent()
+        due = out.finished or (sent.interval is not None and (
+            sent.tokens == 0 or len(out.token_ids) - sent.tokens >= sent.interval))
+        if not due:
+            return None
+        keep = _common_prefix(sent.text, out.text)
+        new_lps = out.logprobs[sent.logprobs:] if out.logprobs is not None else None
+        prompt_lps = out.prompt_logprobs if (out.prompt_logprobs is not None and not sent.prompt_logprobs) else None
+        delta = OutputDelta(out.request_id, out.token_ids[sent.tokens:], keep, out.text[keep:], out.finished,
                             out.finish_reason, new_lps, prompt_lps)
         if out.finished:
-            self._sent.pop(out.request_id, None)
+            del self._sent[out.request_id]
         else:
-            self._sent[out.request_id] = (len(out.token_ids), len(out.logprobs or ()), out.text,
-                                          prompt_sent or prompt_lps is not None)
+            sent.tokens, sent.logprobs, sent.text = len(out.token_ids), len(out.logprobs or ()), out.text
+            sent.prompt_logprobs = sent.prompt_logprobs or prompt_lps is not None
         return delta
 
     def forget(self, request_id: str) -> None:
-        """The request was aborted: no more outputs."""
+        """The request was aborted (or rejected): no more outputs."""
         self._sent.pop(request_id, None)
 
     def __len__(self) -> int:

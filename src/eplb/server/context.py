@@ -39,6 +39,7 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies answer 413
     drain_s: float = DEFAULT_DRAIN_S  # time open requests get after SIGTERM
     tokenizer_threads: int = 2
+    stream_interval: int = 1  # streamed outputs every N tokens (vLLM's --stream-interval)
     # called with the exception when the engine fails (serve_cli stops uvicorn, exits non-zero)
     on_fatal: Callable[[BaseException], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -49,7 +50,7 @@ class ServingContext:
         self.engine = engine
         self.settings = settings
         self.lifecycle = Lifecycle()
-        self.runner = EngineRunner(engine, self.lifecycle)
+        self.runner = EngineRunner(engine, self.lifecycle, settings.stream_interval)
         self.metrics = ServerMetrics(self._stats)
         self.prep: Preprocessor | None = None
         self.start_error: BaseException | None = None

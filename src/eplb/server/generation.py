@@ -25,12 +25,16 @@ class Job:
 
 
 class EngineRunner:
-    def __init__(self, engine: Any, lifecycle: Lifecycle) -> None:
+    """``stream_interval``: streamed requests get an output with the first token, then every N
+    tokens, and the final one (``eplb serve --stream-interval``); collected ones the final only."""
+
+    def __init__(self, engine: Any, lifecycle: Lifecycle, stream_interval: int = 1) -> None:
         self.engine = engine
         self.lifecycle = lifecycle
+        self.stream_interval = stream_interval
 
-    async def _run_one(self, job: Job) -> AsyncIterator[Any]:
-        it = self.engine.generate(job.request_id, job.prompt_ids, job.params)
+    async def _run_one(self, job: Job, stream_interval: int | None) -> AsyncIterator[Any]:
+        it = self.engine.generate(job.request_id, job.prompt_ids, job.params, stream_interval=stream_interval)
         if inspect.isawaitable(it):
             it = await it
         finished = False
@@ -42,15 +46,17 @@ class EngineRunner:
             if not finished:
                 await self.engine.abort(job.request_id)
 
-    async def stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Any]]:
-        """Runs every job at once; yields (job index, RequestOutput) as outputs come. Raises the
-        first engine error, or 503 when the server's drain time is up."""
+    async def stream(self, jobs: list[Job], *, final_only: bool = False) -> AsyncIterator[tuple[int, Any]]:
+        """Runs every job at once; yields (job index, RequestOutput) as outputs come (with
+        ``final_only``, each job's final output alone). Raises the first engine error, or 503
+        when the server's drain time is up."""
+        interval = None if final_only else self.stream_interval
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
         async def pump(i: int) -> None:
             try:
-                async for out in self._run_one(jobs[i]):
+                async for out in self._run_one(jobs[i], interval):
                     await queue.put((i, out))
                 await queue.put((i, done))
             except BaseException as exc:  # noqa: BLE001 - errors (and cancellation) go to the consumer
@@ -83,7 +89,7 @@ class EngineRunner:
         finals: list[Any] = [None] * len(jobs)
 
         async def gather() -> None:
-            async for i, out in self.stream(jobs):
+            async for i, out in self.stream(jobs, final_only=True):
                 finals[i] = out
 
         work = asyncio.create_task(gather())

@@ -119,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="uvicorn's event loop (default: %(default)s = uvloop when installed)")
     o.add_argument("--uvicorn-http", choices=UVICORN_HTTP, default="auto",
                    help="uvicorn's HTTP parser (default: %(default)s = httptools when installed)")
+    o.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="a streamed request gets a chunk with its first token, then every N "
+                        "tokens, and with its last: N > 1 costs the server N times less CPU per "
+                        "token, at coarser streaming (default: %(default)s)")
     o.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    metavar="N", help="larger request bodies answer 413 unread "
                                      "(default: %(default)s = 4 MiB)")
@@ -171,6 +175,8 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         if value in ("uvloop", "httptools") and importlib.util.find_spec(value) is None:
             raise UsageError(f"{flag} {value}: the {value} package is not installed "
                              f"(allowed: {', '.join(choices)})")
+    if args.stream_interval < 1:
+        raise UsageError(f"--stream-interval must be an integer >= 1, got {args.stream_interval}")
     if args.max_request_bytes < 1:
         raise UsageError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.drain_timeout <= 3600:
@@ -284,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
                               max_model_len=args.max_model_len, api_key=args.api_key,
                               chat_template=cfg.chat_template, vocab_size=cfg.vocab_size,
                               max_request_bytes=args.max_request_bytes,
-                              drain_s=args.drain_timeout)
+                              drain_s=args.drain_timeout, stream_interval=args.stream_interval)
     app = create_app(engine, settings)
     server = _draining_server(app, args)
 
