@@ -257,7 +257,11 @@ def test_auth_scheme_is_case_insensitive_and_one_header_only(srv):
 
 @pytest.mark.parametrize("path, raw, param", [
     ("/v1/completions", b'{"prompt": "a\\ud800b"}', "prompt"),
-    ("/v1/completions", b'{"prompt": ["ok", "a\\udfffb"]}', "prompt"),  # a union: the field
+    # the form is told by the first element, so the error names the element at fault
+    ("/v1/completions", b'{"prompt": ["ok", "a\\udfffb"]}', "prompt.1"),
+    ("/v1/completions", b'{"prompt": [5, 6, "7"]}', "prompt.2"),
+    ("/v1/completions", b'{"prompt": [[5], [6.5]]}', "prompt.1.0"),
+    ("/v1/completions", b'{"prompt": 5}', "prompt"),
     ("/v1/completions", b'{"prompt": "a", "stop": ["\\ud800"]}', "stop"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
      "messages.0.content"),
@@ -269,6 +273,8 @@ def test_bad_text_and_seed_name_the_field(srv, path, raw, param):
                    headers={**srv.headers, "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+    if raw == b'{"prompt": 5}':  # the forms a prompt may take, not one guessed member's error
+        assert "a list of token ids" in r.json()["error"]["message"]
     assert srv.post("/v1/completions", {"prompt": "ab", "max_tokens": 1}).status_code == 200
 
 

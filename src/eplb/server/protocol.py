@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, Tag)
 
 from eplb.server.errors import APIError
 
@@ -187,7 +188,22 @@ def _range(value: float | None, name: str, lo: float, hi: float) -> None:
         raise APIError(f"{name} must be in [{lo}, {hi}], got {value}", param=name)
 
 
-PromptType = Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
+def _prompt_kind(value: Any) -> str:
+    """Which form a prompt takes, from its first element: one variant is validated, not four
+    (a plain union tried list[str] on a 3,000-id prompt first: 0.9 ms of errors thrown away).
+    The tags read as types, so error locations drop them (``errors.param_from_loc``)."""
+    if not isinstance(value, list):
+        return "str" if isinstance(value, str) else type(value).__name__  # no such tag: a 400 listing them
+    first = value[0] if value else 0
+    return "list[str]" if isinstance(first, str) else "list[list[int]]" if isinstance(first, list) else "list[int]"
+
+
+PromptType = Annotated[Union[Annotated[Text, Tag("str")], Annotated[list[Text], Tag("list[str]")],
+                             Annotated[list[StrictInt], Tag("list[int]")],
+                             Annotated[list[list[StrictInt]], Tag("list[list[int]]")]],
+                       Discriminator(_prompt_kind, custom_error_type="prompt_type",
+                                     custom_error_message="should be a string, a list of strings, a list "
+                                                          "of token ids or a list of token-id lists")]
 
 
 class CompletionRequest(SamplingFields):
