@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from eplb.benchmarks.sse_client import HTTPStatusError, stream_events
+from eplb.benchmarks.sse_client import ConnectionPool, HTTPStatusError, stream_events
 
 
 @dataclass
@@ -157,18 +157,21 @@ async def _httpx_events(client, url: str, headers: dict, payload: bytes):
 
 async def send_request(client, url: str, headers: dict, body: dict, prompt_len: int) -> RequestResult:
     """One streamed completion; chunks that carry choices count as tokens arriving. ``client``:
-    an httpx client for https:// URLs, None for http:// (read by ``sse_client``)."""
+    an httpx client for https:// URLs, a ``sse_client.ConnectionPool`` for http://."""
     res = RequestResult(prompt_len=prompt_len)
     payload = json.dumps(body).encode()
     res.start = st = time.perf_counter()
     last = st
     chunks = 0
     usage_tokens = None
-    events = stream_events(url, payload, headers) if client is None else _httpx_events(client, url, headers, payload)
+    done = None
+    events = (stream_events(url, payload, headers, client) if isinstance(client, ConnectionPool)
+              else _httpx_events(client, url, headers, payload))
     try:
         async for data in events:
-            if data == b"[DONE]":
-                break
+            if data == b"[DONE]":  # read on to the body's end: the connection is then reusable
+                done = done or time.perf_counter()
+                continue
             msg = json.loads(data)
             if "error" in msg:
                 res.error = str(msg["error"])[:300]
@@ -183,7 +186,7 @@ async def send_request(client, url: str, headers: dict, body: dict, prompt_len: 
                 last = now
             if msg.get("usage"):
                 usage_tokens = msg["usage"].get("completion_tokens")
-        res.latency = time.perf_counter() - st
+        res.latency = (done or time.perf_counter()) - st
         if chunks == 0:
             res.error = "the stream carried no choices"
             return res
@@ -253,8 +256,10 @@ async def run_benchmark(a: argparse.Namespace, base: str, model: str,
         return b
 
     async with contextlib.AsyncExitStack() as stack:
-        client = None  # http:// servers: the lean reader (sse_client), no client object
-        if not url.startswith("http://"):
+        if url.startswith("http://"):  # the lean reader, on keep-alive connections
+            client = ConnectionPool()
+            stack.callback(client.close)
+        else:
             limits = httpx.Limits(max_connections=a.max_concurrency or None, max_keepalive_connections=None)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(timeout=httpx.Timeout(a.timeout, connect=60.0), limits=limits))

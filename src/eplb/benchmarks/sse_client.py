@@ -4,7 +4,7 @@ A load generator must read chunks faster than the server writes them. httpx stre
 h11 and anyio layers) cost the load generator ~340 us of CPU per chunk, so one client process
 could not read much more than 3,000 tokens/s, below what one GPU serves; this reader costs about
 a quarter of that, start-up included (bench/results/front.json). Plain ``http://`` only (a benchmark talks to a
-server near it); one connection per request, closed after it.
+server near it); keep-alive connections from a ``ConnectionPool``, or one connection per request.
 """
 
 from __future__ import annotations
@@ -45,37 +45,98 @@ async def _read_headers(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
         headers[name.strip().lower()] = value.strip()
 
 
-async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readline()).split(b";", 1)[0], 16)
-            if size == 0:
-                return
-            data = await reader.readexactly(size + 2)  # the chunk and its CRLF
-            yield data[:-2]
-    elif "content-length" in headers:
-        yield await reader.readexactly(int(headers["content-length"]))
-    else:
-        while data := await reader.read(65536):
-            yield data
+class _Body:
+    """A response body's chunks; ``complete`` once its framing says it ended (the connection
+    can then carry another request)."""
+
+    def __init__(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> None:
+        self.reader, self.headers = reader, headers
+        self.complete = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        reader, headers = self.reader, self.headers
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await reader.readline()).split(b";", 1)[0], 16)
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass  # trailer fields, up to the blank line that ends the message
+                    self.complete = True
+                    return
+                data = await reader.readexactly(size + 2)  # the chunk and its CRLF
+                yield data[:-2]
+        elif "content-length" in headers:
+            yield await reader.readexactly(int(headers["content-length"]))
+            self.complete = True
+        else:
+            while data := await reader.read(65536):
+                yield data
 
 
-async def stream_events(url: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[bytes]:
+class ConnectionPool:
+    """Keep-alive connections, as a load generator built on aiohttp (vLLM's) keeps them: a
+    request takes an idle connection to its server or opens one; a response read to its end, on
+    a connection the server keeps open, gives it back; anything else closes it."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def acquire(self, host: str, port: int, *, fresh: bool = False
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """(reader, writer, reused): an idle connection unless ``fresh`` or none is left."""
+        idle = self._idle.get((host, port), [])
+        while idle and not fresh:
+            reader, writer = idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                return reader, writer, True
+            writer.close()
+        reader, writer = await asyncio.open_connection(host, port)
+        return reader, writer, False
+
+    def release(self, host: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._idle.setdefault((host, port), []).append((reader, writer))
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for _, writer in conns:
+                writer.close()
+        self._idle.clear()
+
+
+async def stream_events(url: str, body: bytes, headers: dict[str, str],
+                        pool: ConnectionPool | None = None) -> AsyncIterator[bytes]:
     """POST ``body`` (JSON) to ``url``; yields the payload of every ``data:`` line of the
-    event stream as it arrives. HTTPStatusError for a status other than 200."""
+    event stream as it arrives. HTTPStatusError for a status other than 200. Without ``pool``,
+    one connection, closed after the response; with it, keep-alive connections (a reused one
+    that the server closed meanwhile is retried once on a new connection)."""
     host, port, path = split_url(url)
-    reader, writer = await asyncio.open_connection(host, port)
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Accept: text/event-stream"]
+    if pool is None:
+        head.append("Connection: close")
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    for retry in (False, True):
+        if pool is None:
+            reader, writer = await asyncio.open_connection(host, port)
+            reused = False
+        else:
+            reader, writer, reused = await pool.acquire(host, port, fresh=retry)
+        try:
+            writer.write(request)
+            status, resp_headers = await _read_headers(reader)
+            break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
+            if not reused:
+                raise
+    resp = _Body(reader, resp_headers)
     try:
-        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}", "Accept: text/event-stream", "Connection: close"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        status, resp_headers = await _read_headers(reader)
         if status != 200:
-            text = b"".join([c async for c in _body_chunks(reader, resp_headers)])
+            text = b"".join([c async for c in resp.chunks()])
             raise HTTPStatusError(status, text.decode(errors="replace"))
         pending = b""
-        async for chunk in _body_chunks(reader, resp_headers):
+        async for chunk in resp.chunks():
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
@@ -84,4 +145,7 @@ async def stream_events(url: str, body: bytes, headers: dict[str, str]) -> Async
         if pending.startswith(b"data:"):
             yield pending[5:].strip()
     finally:
-        writer.close()
+        if pool is not None and resp.complete and resp_headers.get("connection", "").lower() != "close":
+            pool.release(host, port, reader, writer)
+        else:
+            writer.close()
