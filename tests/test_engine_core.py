@@ -113,6 +113,38 @@ def test_stop_string_truncates_text(engine):
     assert s.finish_reason == "stop" and s.text == o.text[:first]
 
 
+def _every_step(core, reqs, *, deferred: bool):
+    """Each step's outputs of ``reqs`` (rendered after the step when ``deferred``)."""
+    core.defer_detokenization(deferred)
+    for rid, ids, p in reqs:
+        core.add_request(rid, ids, p)
+    steps = []
+    while core.has_unfinished_requests():
+        outs = core.step()
+        if deferred:
+            if any(not p.stop for _, _, p in reqs):
+                assert any(o.text == "" for o in outs)  # left for render_text
+            core.render_text()
+        steps.append([(o.request_id, o.token_ids, o.text, o.finish_reason) for o in outs])
+    core.defer_detokenization(False)
+    return steps
+
+
+def test_deferred_detokenization_gives_the_same_outputs(path):
+    """The DP rank detokenizes while the next forward runs: outputs of every step equal the
+    in-step ones once rendered, stop strings (decided in the step) included."""
+    core = EngineCore(path, dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16)
+    probe = run_to_completion(core, [("p", [4, 5, 6], greedy(12))])["p"].text.split()
+    reqs = [("a", [4, 5, 6], greedy(12)), ("b", list(range(3, 11)), greedy(9)),
+            ("c", [4, 5, 6], greedy(12, stop=[probe[2]])), ("d", [7, 3], greedy(5))]
+    eager = _every_step(core, reqs, deferred=False)
+    later = _every_step(core, reqs, deferred=True)
+    assert later == eager
+    finals = {rid: (text, reason) for step in later for rid, _, text, reason in step if reason is not None}
+    assert finals["c"][1] == "stop" and probe[2] not in finals["c"][0]  # the stop string hit, cut
+    assert all(text for text, _ in finals.values())
+
+
 def test_abort_frees_the_slot(engine):
     engine.add_request("a", [3, 4, 5], greedy(30))
     engine.step()

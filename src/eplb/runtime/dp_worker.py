@@ -159,6 +159,8 @@ class RankWorker:
                                       spec.eplb if ep else None)
         self.engine = EngineCore(spec.model_path, ep_rank=spec.rank if ep else 0, ep_size=ep_size,
                                  phy2log=placement.phy2log, **kwargs)
+        # text is detokenized in _send_outputs, while the next forward runs on the device
+        self.engine.defer_detokenization()
         self.layers = self.engine.model.moe_layers()
         self.dispatcher = None
         if ep:
@@ -318,10 +320,11 @@ class RankWorker:
             self._unsent = outs
 
     def _send_outputs(self) -> None:
-        """Send the last step's outputs to the front (as deltas), if not sent yet. Called while
-        the next forward runs (``EngineCore.step``'s ``on_launched``, or beside a dummy step),
-        or at a boundary with no forward (no rank busy: the loop may then wait; stop), so no
-        output waits longer than one step."""
+        """Detokenize and send the last step's outputs to the front (as deltas), if not sent
+        yet. Called while the next forward runs (``EngineCore.step``'s ``on_launched``, or beside
+        a dummy step), or at a boundary with no forward (no rank busy: the loop may then wait;
+        stop), so no output waits longer than one step."""
+        self.engine.render_text()  # the text of the outputs about to go (deferred in the step)
         outs, self._unsent = self._unsent, []
         deltas = [d for d in map(self._deltas.encode, outs) if d is not None]  # None: held back
         if deltas:
