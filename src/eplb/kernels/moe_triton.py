@@ -148,11 +148,14 @@ def _tile_ids(max_m_blocks, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
 def _quant_rows(a):
     """[BM, 128] tile -> (fp8 tile, float32 scale per row): one 128-channel group per row, scale
     amax / 448. The one statement of the activation quantization: every kernel that quantizes an
-    FP8 GEMM's input (this module, the RMSNorm, decode attention) calls it, so their bits agree."""
+    FP8 GEMM's input (this module, the RMSNorm, decode attention) calls it, so their bits agree.
+    Both divisions are IEEE-rounded (``div_rn``): triton's ``/`` is approximate on CUDA, and the
+    quotient's last bit flipped the e4m3 rounding of about half the elements against torch's
+    quantization (reference.quant_dequant_act) on an H100."""
     af = a.to(tl.float32)
     amax = tl.max(tl.abs(af), axis=1)
-    s = tl.maximum(amax, 1e-12) / 448.0
-    return (af / s[:, None]).to(tl.float8e4nv), s
+    s = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full(amax.shape, 448.0, tl.float32))
+    return tl.math.div_rn(af, tl.broadcast_to(s[:, None], af.shape)).to(tl.float8e4nv), s
 
 
 @triton.jit
