@@ -267,3 +267,11 @@ def test_tiny_model_logits_with_and_without_kernels() -> None:
     for a, b in zip(fused, plain):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b), f"max |diff| {(a.float() - b.float()).abs().max().item()}"
+
+
+def test_num_warps_is_a_power_of_two_for_every_size() -> None:
+    from eplb.kernels.norm_rope import _warps
+
+    for elems in range(0, 20000, 64):
+        w = _warps(elems)
+        assert 1 <= w <= 8 and w & (w - 1) == 0, (elems, w)

@@ -143,8 +143,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
 def _warps(elems: int) -> int:
     """num_warps for a program over ``elems`` elements: ~16 per thread. H100, 8192 tokens, bf16
     (scripts/dev/bench_norm_rope.py): add+rms_norm H=2048 best at 4 warps (64 us vs 70-72 at
-    1/2/8); q/k norm+RoPE with 4 heads x 128 best at 1 warp (69 us vs 75 / 87 / 157 at 2/4/8)."""
-    return max(1, min(8, elems // 512))
+    1/2/8); q/k norm+RoPE with 4 heads x 128 best at 1 warp (69 us vs 75 / 87 / 157 at 2/4/8).
+    A power of two, as triton requires on CUDA (its CPU interpreter does not check: 3 warps for
+    H = 384 failed only on an H100)."""
+    n = max(1, min(8, elems // 512))
+    return 1 << (n.bit_length() - 1)
 
 
 def _lanes(h: int) -> tuple[int, int]:
