@@ -21,12 +21,14 @@ def path(tmp_path_factory):
     return p
 
 
-def make_core(path, static: bool, device: str = "cpu", dtype: str = "float32", eager: bool = True):
+def make_core(path, static: bool, device: str = "cpu", dtype: str = "float32", eager: bool = True,
+              max_tokens: int | None = None, budget: int = 64):
     core = EngineCore(path, dtype=dtype, device=device, max_model_len=64, max_num_seqs=6,
-                      max_num_batched_tokens=64, enforce_eager=eager)
+                      max_num_batched_tokens=budget, enforce_eager=eager)
     if static:  # the graph runner's padded static forward, run eagerly (no CUDA needed)
         core._graphs = DecodeGraphs(core.model, core.kv.layers, max_batch=core.kv.num_slots,
-                                    scratch_slot=core.kv.scratch_slot, device=core.device, capture=False)
+                                    scratch_slot=core.kv.scratch_slot, device=core.device, capture=False,
+                                    max_tokens=max_tokens)
         core._graphs_checked = True
     return core
 
@@ -59,6 +61,83 @@ def test_static_decode_matches_plain_step_tokens_and_load(path):
     for lp, ls in zip(plain.model.moe_layers(), static.model.moe_layers()):
         assert torch.equal(lp.expert_load, ls.expert_load)  # padding rows add no load
         assert int(lp.expert_load.sum()) > 0
+
+
+def test_capture_sizes_of_mixed_steps():
+    """Above the decode sizes, multiples of 128 up to max_tokens, which is always in."""
+    s = capture_sizes(256, 1024)
+    assert s[s.index(256):] == [256, 384, 512, 640, 768, 896, 1024]
+    assert capture_sizes(300, 1000)[-7:] == [300, 384, 512, 640, 768, 896, 1000]
+    assert capture_sizes(6, 64) == [1, 2, 4, 6, 64]
+    assert capture_sizes(6, 6) == capture_sizes(6) == [1, 2, 4, 6]
+
+
+def count_graph_runs(core) -> dict[str, int]:
+    """Wrap the runner's run: counts of decode-only and mixed (sample_rows given) calls."""
+    calls = {"decode": 0, "mixed": 0}
+    inner = core._graphs.run
+
+    def counted(*a, **kw):
+        calls["mixed" if kw.get("sample_rows") is not None else "decode"] += 1
+        return inner(*a, **kw)
+
+    core._graphs.run = counted
+    return calls
+
+
+@pytest.mark.parametrize("budget", [64, 9])
+def test_mixed_steps_on_the_static_path_match_plain_steps(path, budget, monkeypatch):
+    """Steps with prefill chunks (whole prompts at budget 64; chunks that continue a prompt, next
+    to decodes, at budget 9) run as rows of the static forward: same tokens and expert load as
+    the plain step, and no step of the static engine ran eager."""
+    from eplb.model.attention import AttentionMetadata
+
+    plain = make_core(path, False, budget=budget)
+    static = make_core(path, True, max_tokens=64, budget=budget)
+    a = run(plain, 5)
+    calls = count_graph_runs(static)
+    eager = []
+    build = AttentionMetadata.build
+    monkeypatch.setattr(AttentionMetadata, "build", lambda *x, **kw: eager.append(1) or build(*x, **kw))
+    b = run(static, 5)
+    assert a == b and len(a) == 5
+    assert not eager and calls["mixed"] >= (1 if budget == 64 else 6) and calls["decode"] > 0
+    for lp, ls in zip(plain.model.moe_layers(), static.model.moe_layers()):
+        assert torch.equal(lp.expert_load, ls.expert_load)
+
+
+def test_mixed_steps_beyond_the_key_read_budget_run_eager(path, monkeypatch):
+    from eplb.engine import core as core_module
+
+    monkeypatch.setattr(core_module, "MAX_GRAPH_PREFILL_KEY_READS", 10)
+    static = make_core(path, True, max_tokens=64)
+    calls = count_graph_runs(static)
+    assert run(static, 5) == run(make_core(path, False), 5)
+    assert calls["mixed"] == 0 and calls["decode"] > 0
+
+
+def test_prompt_logprobs_steps_run_eager(path):
+    """Prompt log-probabilities need every row's logits: such a step stays off the graph path."""
+    static = make_core(path, True, max_tokens=64)
+    calls = count_graph_runs(static)
+    static.add_request("p", list(range(3, 12)), SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2))
+    outs = []
+    while static.has_unfinished_requests():
+        outs += static.step()
+    assert calls["mixed"] == 0 and len(outs[-1].prompt_logprobs) == 9
+
+
+def test_static_runner_rejects_bad_sample_rows(path):
+    core = make_core(path, True, max_tokens=64)
+    with pytest.raises(ValueError, match="rows to sample"):
+        core._graphs.run([1] * 8, [0] * 8, list(range(8)), sample_rows=list(range(7)))  # > 6 slots
+    with pytest.raises(ValueError, match="give sample_rows"):
+        core._graphs.run([1] * 8, [0] * 8, list(range(8)))
+
+
+def test_max_graph_tokens_is_checked(path):
+    with pytest.raises(ValueError, match="max_graph_tokens"):
+        EngineCore(path, max_model_len=64, max_num_seqs=6, max_num_batched_tokens=64, max_graph_tokens=0)
 
 
 def test_static_runner_rejects_oversized_batch(path):

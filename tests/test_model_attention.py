@@ -86,3 +86,50 @@ def test_long_prefill_cudnn_bucketed_matches_reference():
     lengths = [attention.CUDNN_PREFILL_MIN + 37, 100, 2 * attention.CUDNN_PREFILL_BUCKET]
     errs = run_prefills(lengths, "cuda", torch.bfloat16)
     assert max(errs) < 1e-2, errs  # bf16 operands: 1e-3..1e-2 relative (docs/gpu.md, Tests)
+
+
+def run_decodes_and_chunks(decodes, chunks, device, dtype, hq=8, hkv=2, d=64, max_len=1024):
+    """decodes: (slot, position); chunks: (slot, start, cnt), on other slots. Each decode row must
+    attend keys [0, position] of its slot, each chunk as in run_chunks. -> relative errors."""
+    torch.manual_seed(2)
+    num_slots = 1 + max([s for s, _ in decodes] + [s for s, _, _ in chunks])
+    kc = torch.randn(num_slots, hkv, max_len, d, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    n = len(decodes) + sum(c for _, _, c in chunks)
+    q = torch.randn(n, hq, d, device=device, dtype=dtype)
+    k = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(n, hkv, d, device=device, dtype=dtype)
+    meta = AttentionMetadata.build(decodes, chunks, device=device)
+    out = attend(q, k, v, kc, vc, meta, d**-0.5)
+    g, errs = hq // hkv, []
+    for row, (slot, pos) in enumerate(decodes):
+        kk = kc[slot, :, : pos + 1].float().repeat_interleave(g, 0)  # [Hq, pos + 1, D]
+        vv = vc[slot, :, : pos + 1].float().repeat_interleave(g, 0)
+        ref = F.scaled_dot_product_attention(q[row].float()[:, None], kk, vv, scale=d**-0.5)[:, 0]
+        errs.append(((out[row].float() - ref).norm() / ref.norm()).item())
+    off = len(decodes)
+    for slot, start, cnt in chunks:
+        kk = kc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
+        vv = vc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
+        mask = torch.arange(start + cnt, device=device)[None, :] <= torch.arange(cnt, device=device)[:, None] + start
+        ref = F.scaled_dot_product_attention(q[off : off + cnt].float().transpose(0, 1), kk, vv,
+                                             attn_mask=mask, scale=d**-0.5).transpose(0, 1)
+        errs.append(((out[off : off + cnt].float() - ref).norm() / ref.norm()).item())
+        off += cnt
+    return errs
+
+
+# decode rows of unequal lengths (a mask), not on slots 0..B-1 in order, with and without chunks
+DECODES = [(3, 700), (0, 17), (5, 0), (1, 300)]
+
+
+def test_decode_rows_of_eager_steps_cpu():
+    assert max(run_decodes_and_chunks(DECODES, [], "cpu", torch.float32)) < 1e-5
+    assert max(run_decodes_and_chunks(DECODES, [(2, 0, 30), (4, 9, 20)], "cpu", torch.float32)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_rows_of_eager_steps_cuda():
+    """On CUDA the decode rows of an eager step go through the Triton decode kernel."""
+    assert max(run_decodes_and_chunks(DECODES, [], "cuda", torch.bfloat16)) < 1e-2
+    assert max(run_decodes_and_chunks(DECODES, [(2, 0, 30), (4, 9, 20)], "cuda", torch.bfloat16)) < 1e-2

@@ -48,6 +48,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
         (["--max-request-bytes", "0"], "--max-request-bytes"),
         (["--drain-timeout", "-1"], "--drain-timeout"),
         (["--stream-interval", "0"], "--stream-interval"),
+        (["--max-cudagraph-capture-size", "0"], "--max-cudagraph-capture-size"),
         (["--uvicorn-http", "fast"], "invalid choice"),
     ],
 )

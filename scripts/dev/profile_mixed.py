@@ -69,7 +69,6 @@ def table(fn, top: int) -> None:
             print(f"    {us / 1e3:8.3f} ms  {n:6d}x  {name}")
 
 
-@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="fp8")
@@ -81,15 +80,26 @@ def main() -> None:
     ap.add_argument("--profile", default="mixed-16")
     ap.add_argument("--model", default=None, help="a model folder instead of --dtype's config")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-graph-tokens", default="2048",
+                    help="comma list: the whole run once per value (the batch or less: mixed steps eager)")
     args = ap.parse_args()
+    for mgt in args.max_graph_tokens.split(","):
+        print(f"== max_graph_tokens {mgt}", flush=True)
+        run(args, int(mgt))
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+@torch.inference_mode()
+def run(args, max_graph_tokens: int) -> None:
     from eplb.engine.core import EngineCore
     from eplb.engine.sampling import SamplingParams
 
     news = [int(k) for k in args.new.split(",")]
     b, plen = args.batch, args.prompt_len
     core = EngineCore(args.model or CONFIGS[args.dtype], load_format="dummy", dtype="bfloat16",
-                      device=args.device, max_model_len=plen + 300, max_num_seqs=b + max(news), max_num_batched_tokens=8192,
-                      skip_tokenizer_init=True)
+                      device=args.device, max_model_len=plen + 300, max_num_seqs=b + max(news),
+                      max_num_batched_tokens=8192,
+                      skip_tokenizer_init=True, max_graph_tokens=max_graph_tokens)
     core.set_graph_max_batch(b)
     t = time.perf_counter()
     core.warm_up()

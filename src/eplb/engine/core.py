@@ -36,6 +36,15 @@ def _nothing() -> None:
     pass
 
 
+# mixed steps of up to this many tokens replay from CUDA graphs by default (see _graph_rows_fit)
+DEFAULT_MAX_GRAPH_TOKENS = 2048
+# ... when their prefill rows read at most this many keys in all (sum over chunks of tokens x
+# keys): in a graph each prefill token attends through the decode kernel, which reads its keys
+# again per token (from L2: for a fresh 512-token prompt, 48 layers, about 2 ms on an H100),
+# where eager prefill attention reads them once
+MAX_GRAPH_PREFILL_KEY_READS = 1 << 20
+
+
 class EngineCore:
     """See docs/interfaces.md (engine). ``kv_cache_memory_bytes`` caps the KV cache; the
     number of slots (concurrent sequences) is min(max_num_seqs, what fits)."""
@@ -47,7 +56,7 @@ class EngineCore:
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
         quantization: str | None = None, load_format: str = "auto",
         dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
-        static_decode: bool = False, skip_tokenizer_init: bool = False,
+        static_decode: bool = False, skip_tokenizer_init: bool = False, max_graph_tokens: int | None = None,
     ):
         from eplb.model.config import load_config
 
@@ -58,6 +67,9 @@ class EngineCore:
                             ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if max_graph_tokens is not None and (isinstance(max_graph_tokens, bool) or not isinstance(max_graph_tokens, int)
+                                             or max_graph_tokens < 1):
+            raise ValueError(f"max_graph_tokens must be an integer >= 1, got {max_graph_tokens!r}")
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
@@ -107,6 +119,10 @@ class EngineCore:
         self._graphs = None
         self._graphs_checked = False
         self._graph_max_batch = self.kv.num_slots
+        # the largest step (tokens) run from the graphs: mixed steps of decodes and short
+        # prefill chunks up to this size replay too (vLLM's max_cudagraph_capture_size)
+        self._graph_max_tokens = min(max_num_batched_tokens, DEFAULT_MAX_GRAPH_TOKENS) \
+            if max_graph_tokens is None else max_graph_tokens
         self._ep = False  # an EP dispatcher is installed (known once the graphs are checked)
         self._next_batch: ScheduledBatch | None = None  # scheduled by schedule_step()
         # deferred detokenization (defer_detokenization): outputs whose text render_text fills
@@ -210,12 +226,12 @@ class EngineCore:
             launched()
             return []
         ids: list[int] = [s.token_at(s.num_tokens - 1) for s in batch.decodes]
-        graphs = self._decode_graphs() if not batch.prefills else None
-        if pad_to is not None and graphs is None:
+        graphs = self._decode_graphs()
+        if pad_to is not None and (graphs is None or batch.prefills):
             raise RuntimeError(f"step(pad_to={pad_to}) needs a decode-only batch on the graph path")
         if graphs is not None and self._ep and pad_to is None:
             graphs = None
-        if graphs is not None and graphs.fits(len(ids)):
+        if graphs is not None and not batch.prefills and graphs.fits(len(ids)):
             logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes],
                                 bs=pad_to)
             launched()
@@ -237,18 +253,24 @@ class EngineCore:
             if start + n == s.num_tokens:
                 sample_rows.append(off - 1)
                 sampled.append(s)
-        meta = AttentionMetadata.build(
-            [(s.slot, s.num_tokens - 1) for s in batch.decodes], prefills, device=self.device
-        )
+        decode_rows = [(s.slot, s.num_tokens - 1) for s in batch.decodes]
+        if graphs is not None and not scored and _graph_rows_fit(graphs, len(ids), prefills):
+            slots = [slot for slot, _ in decode_rows]
+            positions = [p for _, p in decode_rows]
+            for slot, start, n in prefills:
+                slots.extend([slot] * n)
+                positions.extend(range(start, start + n))
+            logits = graphs.run(ids, slots, positions, sample_rows=sample_rows)
+            launched()
+            self._advance(batch)
+            return self._sample(sampled, logits) if sampled else []
+        meta = AttentionMetadata.build(decode_rows, prefills, device=self.device)
         input_ids = long_tensor(ids, self.device)
         hidden = self.model(input_ids, meta, self.kv.layers)
         launched()
         for s, row, start, n in scored:
             self._score_prompt(s, hidden, row, start, n)
-        for s in batch.decodes:
-            s.num_computed += 1
-        for s, n in batch.prefills:
-            s.num_computed += n
+        self._advance(batch)
         if not sampled:
             return []
         if len(sample_rows) == hidden.shape[0]:  # every row samples (decode-only step)
@@ -257,6 +279,13 @@ class EngineCore:
             rows = torch.tensor(sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         return self._sample(sampled, logits)
+
+    @staticmethod
+    def _advance(batch: ScheduledBatch) -> None:
+        for s in batch.decodes:
+            s.num_computed += 1
+        for s, n in batch.prefills:
+            s.num_computed += n
 
     def _score_prompt(self, s: Sequence, hidden: torch.Tensor, row: int, start: int, n: int) -> None:
         """Log-probabilities of the prompt tokens this chunk predicts (position p predicts p + 1;
@@ -330,9 +359,12 @@ class EngineCore:
             if use:
                 from eplb.engine.cuda_graphs import DecodeGraphs
 
+                # with EP, decode sizes only: ranks pad decode steps to a size they agree on,
+                # and every step with a prefill chunk runs eager on every rank
                 self._graphs = DecodeGraphs(
                     self.model, self.kv.layers, max_batch=self._graph_max_batch,
                     scratch_slot=self.kv.scratch_slot, device=self.device, capture=capture,
+                    max_tokens=None if self._ep else self._graph_max_tokens,
                 )
                 self._graphs.capture()
         return self._graphs
@@ -384,3 +416,10 @@ class EngineCore:
             self.scheduler.finish(s)
             self._seqs.pop(s.request_id, None)
         return deferred
+
+
+def _graph_rows_fit(graphs, num_tokens: int, prefills: list[tuple[int, int, int]]) -> bool:
+    """A step with prefill chunks (slot, start, n) runs from the graphs: it fits a graph size
+    and its chunks' keys re-read per token stay within MAX_GRAPH_PREFILL_KEY_READS."""
+    reads = sum(n * (start + n) for _, start, n in prefills)
+    return graphs.fits(num_tokens) and reads <= MAX_GRAPH_PREFILL_KEY_READS

@@ -1,11 +1,20 @@
-"""Decode steps replayed from CUDA graphs captured at a fixed set of batch sizes.
+"""Steps replayed from CUDA graphs captured at a fixed set of token counts.
 
-A decode-only step of n sequences runs the graph of the smallest captured size >= n: the first
-n rows of the static buffers hold the real tokens; padding rows read token 0 at position 0 of
-the KV cache's scratch slot (context length 1), and are not counted as expert load. Everything
-a step changes lives in those buffers (ids, slots, positions, context lengths, the real-row
-count); the EPLB maps of the MoE layers live in fixed device buffers too (``MoELayer.set_static_maps``),
-so a placement commit that copies new maps and weights in place needs no re-capture.
+Every row of a graph step is one token: its id, KV slot and position; it attends keys
+[0, position] of its slot (the Triton decode kernel on CUDA), after the step's own keys were
+written. A decode-only step of n sequences runs the graph of the smallest captured size >= n.
+So does a step that mixes decodes with short prefill chunks (``run(..., sample_rows=)``): a
+chunk's tokens are rows like any other, each seeing the chunk's earlier tokens through the
+cache. Sizes up to ``max_batch`` (the KV slots) are the decode sizes; above it, steps of 128 up
+to ``max_tokens``. Graphs above ``max_batch`` gather the rows to sample (at most ``max_batch``:
+one per sequence) before the lm_head, so their logits cost what a decode step's do.
+
+The first n rows of the static buffers hold the real tokens; padding rows read token 0 at
+position 0 of the KV cache's scratch slot (context length 1), and are not counted as expert
+load. Everything a step changes lives in those buffers (ids, slots, positions, context lengths,
+rows to sample, the real-row count); the EPLB maps of the MoE layers live in fixed device
+buffers too (``MoELayer.set_static_maps``), so a placement commit that copies new maps and
+weights in place needs no re-capture.
 
 On CPU (or with ``capture=False``) the same padded static forward runs eagerly: the tests check
 this path against the plain engine step without a GPU.
@@ -26,10 +35,14 @@ import torch
 
 from eplb.model.attention import AttentionMetadata
 
+# steps above the decode sizes: graph sizes every MIXED_SIZE_STEP tokens
+MIXED_SIZE_STEP = 128
 
-def capture_sizes(max_batch: int) -> list[int]:
-    """Batch sizes to capture, as vLLM does: 1, 2, 4, 8, then steps of 8 to 64, of 16 to 256,
-    of 32 beyond; always including ``max_batch``."""
+
+def capture_sizes(max_batch: int, max_tokens: int | None = None) -> list[int]:
+    """Sizes to capture. Decode sizes as vLLM's: 1, 2, 4, 8, then steps of 8 to 64, of 16 to
+    256, of 32 beyond; always including ``max_batch``. Then, up to ``max_tokens`` (default
+    ``max_batch``), multiples of MIXED_SIZE_STEP and ``max_tokens`` itself."""
     sizes = [s for s in (1, 2, 4) if s <= max_batch]
     s = 8
     while s <= max_batch:
@@ -37,28 +50,39 @@ def capture_sizes(max_batch: int) -> list[int]:
         s += 8 if s < 64 else 16 if s < 256 else 32
     if sizes[-1] != max_batch:
         sizes.append(max_batch)
+    top = max_batch if max_tokens is None else max_tokens
+    s = (max_batch // MIXED_SIZE_STEP + 1) * MIXED_SIZE_STEP
+    while s < top:
+        sizes.append(s)
+        s += MIXED_SIZE_STEP
+    if sizes[-1] < top:
+        sizes.append(top)
     return sizes
 
 
 class DecodeGraphs:
     """model: MoEForCausalLM; kv_layers: the KV cache's per-layer (k, v); scratch_slot: a KV
-    slot no sequence owns. ``run(ids, slots, positions)`` -> logits [n, V] (a view into a static
-    buffer: consume it before the next call)."""
+    slot no sequence owns; max_batch: the most rows a step samples (the KV slots); max_tokens:
+    the largest step (default max_batch). ``run(ids, slots, positions)`` -> logits [n, V] (a
+    view into a static buffer: consume it before the next call)."""
 
     def __init__(self, model, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
-                 scratch_slot: int, device: torch.device, capture: bool = True):
+                 scratch_slot: int, device: torch.device, capture: bool = True, max_tokens: int | None = None):
         self.model = model
         self.kv_layers = kv_layers
-        self.sizes = capture_sizes(max_batch)
+        max_tokens = max_batch if max_tokens is None else max(max_tokens, max_batch)
+        self.sizes = capture_sizes(max_batch, max_tokens)
         self.max_batch = max_batch
+        self.max_tokens = max_tokens
         self.scratch_slot = scratch_slot
         self.device = device
         self.capture_enabled = capture and device.type == "cuda"
-        mb = max_batch
-        # rows: token ids, KV slots, positions, context lengths; filled by one copy per step
-        self._host = torch.zeros(4, mb, dtype=torch.long, pin_memory=device.type == "cuda")
-        self._dev = torch.zeros(4, mb, dtype=torch.long, device=device)
-        self.ids, self.slots, self.positions, self.ctx_lens = self._dev.unbind(0)
+        mt = max_tokens
+        # rows: token ids, KV slots, positions, context lengths, rows to sample (the first
+        # max_batch entries); filled by one copy per step
+        self._host = torch.zeros(5, mt, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(5, mt, dtype=torch.long, device=device)
+        self.ids, self.slots, self.positions, self.ctx_lens, self.sample_rows = self._dev.unbind(0)
         self.num_real = torch.zeros((), dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -79,6 +103,8 @@ class DecodeGraphs:
         finally:
             for d in self.static_dispatchers:
                 d.end_static_step()
+        if bs > self.max_batch:  # a mixed step: only the rows to sample reach the lm_head
+            hidden = hidden.index_select(0, self.sample_rows[: self.max_batch])
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -87,7 +113,7 @@ class DecodeGraphs:
         (num_real 0): nothing is counted and only the scratch slot is written."""
         if not self.capture_enabled or self.graphs:
             return
-        self._fill([], [], [])
+        self._fill([], [], [], self.max_tokens)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: Triton compiles and cuBLAS picks its kernels
@@ -104,21 +130,25 @@ class DecodeGraphs:
             self.graphs[bs] = g
         torch.cuda.synchronize(self.device)
 
-    def _fill(self, ids: list[int], slots: list[int], positions: list[int], bs: int | None = None) -> None:
+    def _fill(self, ids: list[int], slots: list[int], positions: list[int], bs: int | None = None,
+              sample_rows: list[int] | None = None) -> None:
         """Rows [0, bs) of the static buffers: the n real rows, then padding (one tensor build,
         one host-to-device copy)."""
         n = len(ids)
         bs = self.max_batch if bs is None else bs
         pad = bs - n
+        sample = list(range(n)) if sample_rows is None else sample_rows
         rows = [ids + [0] * pad, slots + [self.scratch_slot] * pad, positions + [0] * pad,
-                [p + 1 for p in positions] + [1] * pad]  # context length = position + 1
+                [p + 1 for p in positions] + [1] * pad,  # context length = position + 1
+                sample + [0] * (bs - len(sample))]
         h = self._host[:, :bs]
         h.copy_(torch.tensor(rows, dtype=torch.long))
         self._dev[:, :bs].copy_(h, non_blocking=True)
         self.num_real.fill_(n)
 
     def fits(self, n: int) -> bool:
-        return 0 < n <= self.max_batch
+        """A step of n tokens has a graph size."""
+        return 0 < n <= self.max_tokens
 
     def size_for(self, n: int) -> int | None:
         """The smallest captured size >= n (a pure function of n and max_batch, so ranks with the
@@ -127,19 +157,31 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ids: list[int], slots: list[int], positions: list[int], *,
-            bs: int | None = None) -> torch.Tensor:
-        """Decode ``len(ids)`` rows at size ``bs`` (default: the smallest that fits). An explicit
+            bs: int | None = None, sample_rows: list[int] | None = None) -> torch.Tensor:
+        """Run ``len(ids)`` rows at size ``bs`` (default: the smallest that fits) -> the logits
+        of every row, or of ``sample_rows`` (at most ``max_batch``, in that order). An explicit
         ``bs`` (the size the DP ranks agreed on) may carry zero real rows: a rank with no work
         runs the same graph as its peers."""
         n = len(ids)
         if bs is None:
             bs = self.size_for(n)
             if bs is None:
-                raise ValueError(f"decode batch of {n} does not fit the captured sizes (max {self.max_batch})")
+                raise ValueError(f"step of {n} tokens does not fit the captured sizes (max {self.max_tokens})")
         elif bs not in self.sizes or n > bs:
-            raise ValueError(f"decode batch of {n} at size {bs}: not one of {self.sizes} or too small")
-        self._fill(ids, slots, positions, bs)
+            raise ValueError(f"step of {n} tokens at size {bs}: not one of {self.sizes} or too small")
+        if sample_rows is not None and len(sample_rows) > min(n, self.max_batch):
+            raise ValueError(f"{len(sample_rows)} rows to sample: more than {min(n, self.max_batch)}")
+        if sample_rows is None and bs > self.max_batch:
+            raise ValueError(f"a step of size {bs} > {self.max_batch} samples at most {self.max_batch} rows: "
+                             "give sample_rows")
+        self._fill(ids, slots, positions, bs, sample_rows)
         if bs in self.graphs:
             self.graphs[bs].replay()
-            return self.outputs[bs][:n]
-        return self._forward(bs)[:n]
+            logits = self.outputs[bs]
+        else:
+            logits = self._forward(bs)
+        if sample_rows is None:
+            return logits[:n]
+        if bs > self.max_batch:  # gathered inside the step
+            return logits[: len(sample_rows)]
+        return logits.index_select(0, self.sample_rows[: len(sample_rows)])

@@ -42,10 +42,12 @@ class AttentionMetadata:
     decode_len: int = 0
     decode_mask: torch.Tensor | None = None
     decode_dense: bool = False  # decode_slots == arange(num_decode): no scatter/gather needed
+    decode_ctx_lens: torch.Tensor | None = None  # [B] position + 1 of each decode token
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
     # decode-only steps of fixed shape (``for_decode``: the static buffers of a CUDA graph): keys
     # [0, ctx_lens[b]) of slot token_slots[b] are attended, through the Triton decode kernel on
-    # CUDA. Eager steps (``build``) keep SDPA: the Triton launch costs 70-130 us of host time
+    # CUDA. Eager steps (``build``) give their decode rows' lengths in ``decode_ctx_lens`` (the same
+    # kernel on CUDA; SDPA over ``decode_mask`` elsewhere)
     ctx_lens: torch.Tensor | None = None
     static: bool = False  # shapes fixed, values live in device buffers: no host-side branching
 
@@ -88,6 +90,7 @@ class AttentionMetadata:
                     torch.arange(length, device=device)[None, :] < ctx_t[:, None]
                 ).view(hi, 1, 1, length)
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
+            meta.decode_ctx_lens = meta.positions[: len(decodes)] + 1
         return meta
 
 
@@ -136,6 +139,20 @@ def _triton_decode_step(q: torch.Tensor, meta: AttentionMetadata) -> bool:
     return _static_decode_step(q, meta) and triton_usable(q.device)
 
 
+def _kernel_device(q: torch.Tensor) -> bool:
+    from eplb.kernels import triton_usable
+
+    return q.is_cuda and triton_usable(q.device)
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float) -> torch.Tensor:
+    """The decode rows of an eager step (q [num_decode, Hq, D]) through the Triton decode kernel."""
+    from eplb.kernels.decode_attention import decode_attention
+
+    return decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_ctx_lens, scale)
+
+
 def _write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               meta: AttentionMetadata) -> None:
     # cache[slot, :, pos] = k  (advanced indices on dims 0 and 2 -> value shape [N, Hkv, D])
@@ -161,6 +178,13 @@ def attend(
 
             return decode_attention(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
         return decode_attention_torch(q, k_cache, v_cache, meta.token_slots, meta.ctx_lens, scale)
+    # eager steps on CUDA: the decode rows go through the Triton decode kernel too. SDPA cannot
+    # take them well: with a length mask and GQA it falls back to its math backend, which on an
+    # H100 made a full-size step of 255 decodes + one 512-token prompt take 420 ms instead of
+    # about 60 (scripts/dev/profile_mixed.py)
+    kernel = nd > 0 and d >= 16 and not d & (d - 1) and _kernel_device(q)
+    if kernel and nd == n:
+        return _decode_rows(q, k_cache, v_cache, meta, scale)
     if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k_cache[:nd, :, : meta.decode_len], v_cache[:nd, :, : meta.decode_len],
@@ -168,7 +192,9 @@ def attend(
         )
         return o.squeeze(2)
     out = q.new_empty(n, hq, d)
-    if nd:
+    if kernel:
+        out[:nd] = _decode_rows(q[:nd], k_cache, v_cache, meta, scale)
+    elif nd:
         hi, length = meta.decode_hi, meta.decode_len
         if meta.decode_dense:
             qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]

@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
                         "when a rank runs without EP dispatchers)")
+    e.add_argument("--max-cudagraph-capture-size", type=int, default=None, metavar="TOKENS",
+                   help="the largest step replayed from CUDA graphs, in tokens: steps that mix "
+                        "decodes with short prefill chunks up to this size replay too, without EP "
+                        "(default: min(2048, --max-num-batched-tokens); --max-num-seqs or less: "
+                        "decode-only steps only)")
     e.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
                    help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
                         "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist "
@@ -183,6 +188,8 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         raise UsageError(f"--drain-timeout must be in [0, 3600] seconds, got {args.drain_timeout}")
     if args.max_num_batched_tokens is not None and args.max_num_batched_tokens < 1:
         raise UsageError(f"--max-num-batched-tokens must be >= 1, got {args.max_num_batched_tokens}")
+    if args.max_cudagraph_capture_size is not None and args.max_cudagraph_capture_size < 1:
+        raise UsageError(f"--max-cudagraph-capture-size must be >= 1, got {args.max_cudagraph_capture_size}")
     if args.enable_eplb and not args.enable_expert_parallel:
         raise UsageError("--enable-eplb needs --enable-expert-parallel")
     if args.eplb_config is not None and not args.enable_eplb:
@@ -242,6 +249,8 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
                                      "enforce_eager": args.enforce_eager}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.max_cudagraph_capture_size is not None:
+        engine_kwargs["max_graph_tokens"] = args.max_cudagraph_capture_size
     if args.load_format != "auto":
         engine_kwargs["load_format"] = args.load_format
     if args.dummy_router_skew is not None or args.dummy_router_drift is not None:
