@@ -92,8 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto = cuda when available, else cpu (default: %(default)s)")
     e.add_argument("--seed", type=int, default=0, help="engine seed (default: %(default)s)")
     e.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: run decode steps eagerly (graphs are captured on CUDA "
-                        "when a rank runs without EP dispatchers)")
+                   help="no CUDA graphs: every step runs eagerly")
     e.add_argument("--max-cudagraph-capture-size", type=int, default=None, metavar="TOKENS",
                    help="the largest step replayed from CUDA graphs, in tokens: steps that mix "
                         "decodes with short prefill chunks up to this size replay too, without EP "
