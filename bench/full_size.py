@@ -13,7 +13,9 @@ an ``EngineCore`` with ``load_format="dummy"`` and CUDA graphs (captured at star
 does), detokenization off (token ids only), and:
 - decode at batch 1, 32, 64, 128, 256: prompts of ``--prompt-len`` random ids, greedy,
   ignore_eos; once every prompt is in, ``--warmup-steps`` steps, then ``--decode-steps`` timed
-  steps (CUDA events around each ``step()``, median) = TPOT; then ``--count-steps`` steps whose
+  steps (a CUDA event at the start of each ``step()``, none waited on in between: the median
+  interval is TPOT; with async scheduling a step launches the next before it returns);
+  ``--compare-async-off`` times the same steps again with it off; then ``--count-steps`` steps whose
   router output is counted (distinct experts per layer, from the layers' load counters);
 - the byte floor of a decode step: every non-expert weight (attention, router, norms, lm_head;
   the embedding is gathered, B rows) + every expert at least one token routes to + the KV cache
@@ -63,6 +65,25 @@ class StepTimer:
 
     def __init__(self, dev: torch.device):
         self.dev = dev
+
+    def intervals(self, fn, n: int) -> list[float]:
+        """Seconds between the starts of n back-to-back calls of fn and the end of the last: a
+        mark before each call, none waited on until the end (so a step that launches the next
+        one before it returns, async scheduling, is timed as it runs)."""
+        if self.dev.type == "cuda":
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+            for i in range(n):
+                marks[i].record()
+                fn()
+            marks[n].record()
+            marks[n].synchronize()
+            return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(n)]
+        stamps = []
+        for _ in range(n):
+            stamps.append(time.perf_counter())
+            fn()
+        stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
 
     def __call__(self, fn):
         if self.dev.type == "cuda":
@@ -139,7 +160,8 @@ def decode_tokens(args, batch: int) -> int:
     """Tokens each request may generate: the steps while the other prompts go in (the first ones
     decode meanwhile) + warm-up + timed + counted steps, with room to spare, so no request
     finishes (and shrinks the batch) before the counting is done."""
-    return -(-batch * args.prompt_len // args.chunk) + args.warmup_steps + args.decode_steps + args.count_steps + 8
+    timed = args.decode_steps * (2 if args.compare_sync else 1)
+    return -(-batch * args.prompt_len // args.chunk) + args.warmup_steps + timed + args.count_steps + 10
 
 
 @torch.inference_mode()
@@ -156,11 +178,15 @@ def decode(core, batch: int, args, timer: StepTimer, vocab: int) -> dict:
         core.step()
     for _ in range(args.warmup_steps):
         core.step()
-    times, ctx = [], []
-    for _ in range(args.decode_steps):
-        ctx.append(sum(s.num_tokens for s in seqs))  # keys each decode attends = tokens so far
-        t, _ = timer(core.step)
-        times.append(t)
+    ctx = [sum(s.num_tokens for s in seqs) + batch * i for i in range(args.decode_steps)]  # keys attended
+    times = timer.intervals(core.step, args.decode_steps)
+    sync_times = None
+    if args.compare_sync:  # the same steps with async scheduling off, same run (a ratio)
+        core.set_async_scheduling(False)
+        core.step()
+        sync_times = timer.intervals(core.step, args.decode_steps)
+        core.set_async_scheduling(True)
+        core.step()
     layers = core.model.moe_layers()
     for lay in layers:
         lay.take_load()
@@ -176,7 +202,8 @@ def decode(core, batch: int, args, timer: StepTimer, vocab: int) -> dict:
     return {"batch": batch, "tpot_ms": statistics.median(times) * 1e3, "tpot_ms_min": min(times) * 1e3,
             "tokens_per_s": batch / statistics.median(times), "mean_context": statistics.mean(ctx) / batch,
             "kv_tokens_read": statistics.mean(ctx), "experts_touched_per_step": float(per_layer.sum()),
-            "experts_touched_per_layer": float(per_layer.mean())}
+            "experts_touched_per_layer": float(per_layer.mean()),
+            "tpot_ms_async_off": statistics.median(sync_times) * 1e3 if sync_times else None}
 
 
 @torch.inference_mode()
@@ -270,7 +297,8 @@ def run_dtype(kind: str, args, dev: torch.device, ceil: dict, tmp: str, res: dic
         out["decode"].append(r)
         print(f"[{kind}] decode batch {b:4d}: TPOT {r['tpot_ms']:8.3f} ms  floor {r['floor_ms']:8.3f} ms  "
               f"x{r['tpot_over_floor']:.2f}  experts/layer {r['experts_touched_per_layer']:6.1f}  "
-              f"ctx {r['mean_context']:.0f}  {r['tokens_per_s']:9.1f} tok/s", flush=True)
+              f"ctx {r['mean_context']:.0f}  {r['tokens_per_s']:9.1f} tok/s"
+              + (f"  (async off: {r['tpot_ms_async_off']:.3f} ms)" if r["tpot_ms_async_off"] else ""), flush=True)
         write(res, args)
     if args.prefill_len:
         sec = prefill(core, args.prefill_len, args.prefill_reps, timer, cfg.vocab_size)
@@ -347,6 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=8192, help="max tokens per step while prompts go in")
     ap.add_argument("--prefill-len", type=int, default=8192, help="0 = skip the prefill measurement")
     ap.add_argument("--prefill-reps", type=int, default=5)
+    ap.add_argument("--compare-async-off", dest="compare_sync", action="store_true",
+                    help="also time each batch's decode steps with async scheduling off (tpot_ms_async_off)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -382,7 +412,9 @@ def main(argv=None) -> int:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "args": {k: v for k, v in vars(args).items() if k != "out"},
            "method": "engine alone (EngineCore, load_format=dummy, CUDA graphs, no detokenization); TPOT = "
-                     "median CUDA-event time of a decode step(); floor = (non-expert weights + distinct routed "
+                     "median interval between CUDA events recorded at the start of consecutive decode step() calls "
+                     "(none waited on in between, so async scheduling runs as in serving); "
+                     "floor = (non-expert weights + distinct routed "
                      "experts x bytes per expert + KV read) / device copy rate (read + written)",
            "runs": {}}
     print(f"{res['device']}, torch {res['torch']}, triton {triton_version}, {res['date']}", flush=True)

@@ -19,6 +19,17 @@ from eplb.model.loader import load_model, resolve_dtype
 
 
 @dataclass
+class _Launched:
+    """A decode step queued on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    rows: list[SampleRow]
+    tokens: torch.Tensor  # [n] sampled ids, on the device
+    host: torch.Tensor  # their copy in host memory (pinned on CUDA), complete once ``ready`` passed
+    ready: torch.cuda.Event | None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -57,6 +68,7 @@ class EngineCore:
         quantization: str | None = None, load_format: str = "auto",
         dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
         static_decode: bool = False, skip_tokenizer_init: bool = False, max_graph_tokens: int | None = None,
+        async_scheduling: bool = True,
     ):
         from eplb.model.config import load_config
 
@@ -125,6 +137,11 @@ class EngineCore:
             if max_graph_tokens is None else max_graph_tokens
         self._ep = False  # an EP dispatcher is installed (known once the graphs are checked)
         self._next_batch: ScheduledBatch | None = None  # scheduled by schedule_step()
+        # async scheduling (vLLM's name): a decode step on the graphs is followed, before the host
+        # reads its tokens, by the next one, fed with those tokens on the device (see _run_ahead)
+        self.async_scheduling = bool(async_scheduling)
+        self._ahead: _Launched | None = None
+        self.steps_ahead = 0  # decode steps launched ahead so far
         # deferred detokenization (defer_detokenization): outputs whose text render_text fills
         self._defer_text = False
         self._pending_text: list[tuple[IncrementalDetokenizer, RequestOutput]] = []
@@ -155,6 +172,11 @@ class EngineCore:
     def num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished()
 
+    def set_async_scheduling(self, on: bool) -> None:
+        """Turn async scheduling on or off (a step already launched ahead is still read by
+        the next ``step()``)."""
+        self.async_scheduling = bool(on)
+
     # -- detokenization -------------------------------------------------------------------------
     def defer_detokenization(self, defer: bool = True) -> None:
         """With ``defer``, ``step()`` returns outputs of requests without stop strings with their
@@ -177,6 +199,8 @@ class EngineCore:
         """Schedule the next ``step()``'s batch now and say what it is: (decode rows, has a
         prefill chunk). The DP rank loop sends this in its per-step all-reduce, so every rank
         knows the largest decode batch before the forward."""
+        if self._ahead is not None:  # already launched: decodes only
+            return sum(s.slot >= 0 for s in self._ahead.seqs), False
         if self._next_batch is None:
             self._next_batch = self.scheduler.schedule()
         b = self._next_batch
@@ -217,10 +241,18 @@ class EngineCore:
         installed a decode-only step uses the graphs only with ``pad_to``: alone, ranks could
         pick different sizes. ``on_launched``: called once, when the forward is queued on the
         device and before the host waits for it (a rank sends the previous step's outputs
-        there, so that host work overlaps the GPU's)."""
+        there, so that host work overlaps the GPU's).
+
+        Async scheduling: a decode-only step on the graphs may launch the next decode step
+        before it returns (``_run_ahead``); the next call then only reads that step's tokens."""
+        launched = on_launched or _nothing
+        if self._ahead is not None:
+            cur, self._ahead = self._ahead, None
+            self._ahead = self._run_ahead(cur)
+            launched()
+            return self._finish(cur)
         batch = self._next_batch if self._next_batch is not None else self.scheduler.schedule()
         self._next_batch = None
-        launched = on_launched or _nothing
         if batch.num_tokens == 0:
             self.dummy_step(pad_to)
             launched()
@@ -232,12 +264,16 @@ class EngineCore:
         if graphs is not None and self._ep and pad_to is None:
             graphs = None
         if graphs is not None and not batch.prefills and graphs.fits(len(ids)):
-            logits = graphs.run(ids, [s.slot for s in batch.decodes], [s.num_tokens - 1 for s in batch.decodes],
-                                bs=pad_to)
+            seqs = list(batch.decodes)
+            if pad_to is None and all(s.params.logprobs is None for s in seqs):
+                cur = self._launch_decode(graphs, seqs, ids, pending=0)
+                self._ahead = self._run_ahead(cur)
+                launched()
+                return self._finish(cur)
+            logits = graphs.run(ids, [s.slot for s in seqs], [s.num_tokens - 1 for s in seqs], bs=pad_to)
             launched()
-            for s in batch.decodes:
-                s.num_computed += 1
-            return self._sample(list(batch.decodes), logits)
+            self._advance(batch)
+            return self._sample(seqs, logits)
         sample_rows: list[int] = list(range(len(batch.decodes)))
         sampled: list[Sequence] = list(batch.decodes)
         prefills: list[tuple[int, int, int]] = []
@@ -280,6 +316,63 @@ class EngineCore:
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         return self._sample(sampled, logits)
 
+    def _launch_decode(self, graphs, seqs: list[Sequence], ids: list[int] | torch.Tensor,
+                       pending: int) -> _Launched:
+        """Queue a decode step of ``seqs`` on the graphs and its sampling, and start copying the
+        tokens to the host; nothing waits. ``pending``: tokens each sequence has sampled on
+        the device that the host has not appended yet (0, or 1 for a step run ahead); its row
+        sits at position ``num_computed``."""
+        logits = graphs.run(ids, [s.slot for s in seqs], [s.num_computed for s in seqs])
+        rows = [SampleRow(s.params, s.generator, s.slot, None, len(s.output_ids) + pending) for s in seqs]
+        tokens = self.sampler.sample_tokens(logits, rows)
+        for s in seqs:
+            s.num_computed += 1
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return _Launched(seqs, rows, tokens, host, ready)
+        return _Launched(seqs, rows, tokens, tokens, None)
+
+    def _run_ahead(self, cur: _Launched) -> _Launched | None:
+        """Launch the decode step after ``cur`` now, fed with cur's tokens on the device, when
+        the host can tell what it holds without those tokens: async scheduling is on, no EP,
+        nothing waits to be admitted, every running sequence is in cur, and no row wants
+        logprobs. Its rows: cur's, less those that ended before (EOS, stop, abort: slot
+        freed) and those that end at cur by length. A row that ends at cur by a token (EOS, a
+        stop) still runs once more; its extra token is dropped, and counts as expert load."""
+        if not self.async_scheduling or self._ep or self.scheduler.waiting:
+            return None
+        live = [i for i, s in enumerate(cur.seqs) if s.slot >= 0]
+        if len(live) != len(self.scheduler.running):
+            return None  # a prefill chunk is left: the next step is the scheduler's
+        keep = [i for i in live if not self._ends_by_length(cur.seqs[i], 1)]
+        graphs = self._graphs
+        if not keep or not graphs.fits(len(keep)):
+            return None
+        ids = cur.tokens if len(keep) == len(cur.seqs) else cur.tokens.index_select(
+            0, long_tensor(keep, "cpu").pin_memory().to(cur.tokens.device, non_blocking=True)
+            if cur.tokens.is_cuda else long_tensor(keep))
+        self.steps_ahead += 1
+        return self._launch_decode(graphs, [cur.seqs[i] for i in keep], ids, pending=1)
+
+    def _ends_by_length(self, s: Sequence, pending: int) -> bool:
+        """``s`` ends by max_tokens or max_model_len once its ``pending`` sampled tokens are in."""
+        return (len(s.output_ids) + pending >= s.params.max_tokens
+                or s.num_tokens + pending >= self.max_model_len)
+
+    def _finish(self, cur: _Launched) -> list[RequestOutput]:
+        """Wait for cur's tokens and emit the outputs of its rows still running."""
+        if cur.ready is not None:
+            cur.ready.synchronize()
+        tokens = cur.host.tolist()
+        live = [i for i, s in enumerate(cur.seqs) if s.slot >= 0]  # the others ended meanwhile
+        outs = self._emit([cur.seqs[i] for i in live], [tokens[i] for i in live], [None] * len(live))
+        if self._ahead is not None and not any(s.slot >= 0 for s in self._ahead.seqs):
+            self._ahead = None  # every row of the step run ahead ended: nothing to read there
+        return outs
+
     @staticmethod
     def _advance(batch: ScheduledBatch) -> None:
         for s in batch.decodes:
@@ -304,6 +397,10 @@ class EngineCore:
                           s.prompt_ids if not s.output_ids else None, len(s.output_ids))
                 for s in sampled]
         tokens, lps = self.sampler(logits, rows)
+        return self._emit(sampled, tokens, lps)
+
+    def _emit(self, sampled: list[Sequence], tokens: list[int], lps: list) -> list[RequestOutput]:
+        """Append each sequence's new token, decide whether it ends, and build its output."""
         outs = []
         for s, tok, lp in zip(sampled, tokens, lps):
             if lp is not None:

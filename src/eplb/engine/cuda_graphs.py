@@ -156,13 +156,17 @@ class DecodeGraphs:
         return self.sizes[bisect.bisect_left(self.sizes, n)] if self.fits(n) else None
 
     @torch.inference_mode()
-    def run(self, ids: list[int], slots: list[int], positions: list[int], *,
+    def run(self, ids: list[int] | torch.Tensor, slots: list[int], positions: list[int], *,
             bs: int | None = None, sample_rows: list[int] | None = None) -> torch.Tensor:
         """Run ``len(ids)`` rows at size ``bs`` (default: the smallest that fits) -> the logits
         of every row, or of ``sample_rows`` (at most ``max_batch``, in that order). An explicit
         ``bs`` (the size the DP ranks agreed on) may carry zero real rows: a rank with no work
-        runs the same graph as its peers."""
+        runs the same graph as its peers. ``ids`` may be a device tensor (tokens an earlier step
+        sampled and the host has not read yet): copied in on the device, after the host rows."""
         n = len(ids)
+        ids_dev = ids if isinstance(ids, torch.Tensor) else None
+        if ids_dev is not None:
+            ids = [0] * n
         if bs is None:
             bs = self.size_for(n)
             if bs is None:
@@ -175,6 +179,8 @@ class DecodeGraphs:
             raise ValueError(f"a step of size {bs} > {self.max_batch} samples at most {self.max_batch} rows: "
                              "give sample_rows")
         self._fill(ids, slots, positions, bs, sample_rows)
+        if ids_dev is not None:
+            self.ids[:n].copy_(ids_dev)
         if bs in self.graphs:
             self.graphs[bs].replay()
             logits = self.outputs[bs]

@@ -148,20 +148,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]
                  ) -> tuple[list[int], list[TokenLogprob | None]]:
+        tokens = self.sample_tokens(logits, rows)
         v = min(self.valid_vocab, logits.shape[1])
         logits = logits[:, :v]
         params = [r.params for r in rows]
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if all(p.greedy and not p.processes_logits for p in params):
-            tokens = logits.argmax(dim=-1)  # bf16 -> float32 is exact: no copy for argmax
-        else:
-            tokens = self._sample(logits, rows)
-        pen = [i for i, p in enumerate(params) if p.uses_penalties]
-        if pen:  # count the new tokens on the device, before their slots are freed
-            slots = torch.tensor([rows[i].slot for i in pen], device=logits.device)
-            idx = torch.tensor(pen, device=logits.device)
-            self._counts.index_put_((slots, tokens[idx]), torch.ones_like(slots, dtype=torch.int32),
-                                    accumulate=True)
         lps: list[TokenLogprob | None] = [None] * len(rows)
         if want_lp:
             idx = torch.tensor(want_lp, device=logits.device)
@@ -176,6 +167,25 @@ class Sampler:
                 kk = params[i].logprobs
                 lps[i] = TokenLogprob(chosen_l[j], list(zip(top_i[j][:kk], top_v[j][:kk])))
         return tokens.tolist(), lps
+
+    def sample_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """The sampled ids [B] on the device (penalty counts updated there too). Greedy rows
+        without logit processing need no host synchronisation (one argmax); the general path
+        copies its per-row parameters to the device."""
+        v = min(self.valid_vocab, logits.shape[1])
+        logits = logits[:, :v]
+        params = [r.params for r in rows]
+        if all(p.greedy and not p.processes_logits for p in params):
+            tokens = logits.argmax(dim=-1)  # bf16 -> float32 is exact: no copy for argmax
+        else:
+            tokens = self._sample(logits, rows)
+        pen = [i for i, p in enumerate(params) if p.uses_penalties]
+        if pen:  # count the new tokens on the device, before their slots are freed
+            slots = torch.tensor([rows[i].slot for i in pen], device=logits.device)
+            idx = torch.tensor(pen, device=logits.device)
+            self._counts.index_put_((slots, tokens[idx]), torch.ones_like(slots, dtype=torch.int32),
+                                    accumulate=True)
+        return tokens
 
     # -- the general path -----------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

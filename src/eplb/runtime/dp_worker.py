@@ -251,7 +251,7 @@ class RankWorker:
              "steps": self.steps, "dummy_steps": self.dummy_steps,
              "requests_added": self.requests_added, "static_steps": self.static_steps,
              "static_dummy_steps": self.static_dummy_steps,
-             "eager_decode_steps": self.eager_decode_steps}
+             "eager_decode_steps": self.eager_decode_steps, "steps_ahead": self.engine.steps_ahead}
         d.update(self.state.stats())
         return d
 

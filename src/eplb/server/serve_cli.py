@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "decodes with short prefill chunks up to this size replay too, without EP "
                         "(default: min(2048, --max-num-batched-tokens); --max-num-seqs or less: "
                         "decode-only steps only)")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="a decode step on the CUDA graphs launches the next one before the host reads "
+                        "its tokens, so scheduling and output work overlap the GPU (vLLM's name; "
+                        "without EP; default: on)")
     e.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
                    help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
                         "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist "
@@ -245,7 +249,8 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
     engine_kwargs: dict[str, Any] = {"dtype": dtype, "device": device,
                                      "max_model_len": args.max_model_len,
                                      "max_num_seqs": args.max_num_seqs, "seed": args.seed,
-                                     "enforce_eager": args.enforce_eager}
+                                     "enforce_eager": args.enforce_eager,
+                                     "async_scheduling": args.async_scheduling}
     if args.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.max_cudagraph_capture_size is not None:

@@ -1,0 +1,161 @@
+"""Async scheduling: a decode step on the graph path launches the next one before the host reads
+its tokens. Outputs must be exactly those of one step at a time, whatever ends a request (length,
+a stop token in flight, an abort) and whenever requests arrive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eplb.engine import EngineCore, SamplingParams
+from eplb.engine.cuda_graphs import DecodeGraphs
+from eplb.model.tiny import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    p = str(tmp_path_factory.mktemp("tiny"))
+    make_tiny_checkpoint(p, "qwen3_moe", seed=11)
+    return p
+
+
+def make_core(path, async_scheduling: bool, max_model_len: int = 64):
+    """The graph runner's static forward run eagerly (the CPU twin of the CUDA-graph path)."""
+    core = EngineCore(path, dtype="float32", device="cpu", max_model_len=max_model_len, max_num_seqs=6,
+                      max_num_batched_tokens=64, enforce_eager=True, async_scheduling=async_scheduling)
+    core._graphs = DecodeGraphs(core.model, core.kv.layers, max_batch=core.kv.num_slots,
+                                scratch_slot=core.kv.scratch_slot, device=core.device, capture=False, max_tokens=64)
+    core._graphs_checked = True
+    return core
+
+
+def count_ahead(core) -> list[int]:
+    """Wrap _launch_decode: one entry per step launched ahead (its row count). Checks that no
+    row of such a step belongs to a request that its pending token ends by length (max_tokens
+    or max_model_len): that row would be wasted work."""
+    ahead = []
+    inner = core._launch_decode
+
+    def wrapped(graphs, seqs, ids, pending):
+        if pending:
+            ahead.append(len(seqs))
+            for s in seqs:
+                assert len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < core.max_model_len
+        return inner(graphs, seqs, ids, pending)
+
+    core._launch_decode = wrapped
+    return ahead
+
+
+def drive(core, requests, *, late=(), abort_at=None):
+    """requests: (id, prompt, params) added at the start; late: (call index, id, prompt, params);
+    abort_at: (call index, id). -> ({id: (token ids, finish reason)}, outputs per id, steps)."""
+    for rid, prompt, params in requests:
+        core.add_request(rid, prompt, params)
+    done, seen, calls = {}, {}, 0
+    while core.has_unfinished_requests() or any(c >= calls for c, *_ in late):
+        for c, rid, prompt, params in late:
+            if c == calls:
+                core.add_request(rid, prompt, params)
+        if abort_at is not None and abort_at[0] == calls:
+            core.abort_request(abort_at[1])
+        for o in core.step():
+            seen.setdefault(o.request_id, []).append(list(o.token_ids))
+            if o.finished:
+                done[o.request_id] = (o.token_ids, o.finish_reason)
+        calls += 1
+    return done, seen, calls
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+REQUESTS = [(f"r{i}", list(range(3 + i, 10 + 2 * i)), greedy(5 + 3 * i)) for i in range(5)]
+
+
+def test_same_outputs_and_steps_ahead_ran(path):
+    ref = drive(make_core(path, False), REQUESTS)
+    core = make_core(path, True)
+    ahead = count_ahead(core)
+    got = drive(core, REQUESTS)
+    assert got[0] == ref[0] and len(ref[0]) == 5
+    assert got[1] == ref[1]  # every intermediate output too, in order
+    assert got[2] == ref[2]  # one forward per call either way
+    assert len(ahead) > 5 and min(ahead) >= 1
+
+
+def test_a_stop_token_in_flight_drops_the_extra_token(path):
+    """r1 ends by a stop token at a step whose successor was already launched: its output ends
+    there, as one step at a time, and the others are unchanged."""
+    ref = drive(make_core(path, False), REQUESTS)[0]
+    tok = ref["r1"][0][3]  # the 4th token r1 generates
+    first = ref["r1"][0].index(tok)
+    reqs = [(rid, p, greedy(prm.max_tokens, stop_token_ids=[tok]) if rid == "r1" else prm)
+            for rid, p, prm in REQUESTS]
+    ref2 = drive(make_core(path, False), reqs)
+    core = make_core(path, True)
+    ahead = count_ahead(core)
+    got = drive(core, reqs)
+    assert got[0] == ref2[0] and got[1] == ref2[1]
+    assert got[0]["r1"] == (ref["r1"][0][: first + 1], "stop")
+    assert ahead
+
+
+def test_eos_seeded_sampling_and_late_requests(path):
+    """Seeded random sampling gives the same tokens; a request that arrives while a step runs
+    ahead waits for the scheduler and then gets the same tokens as one step at a time."""
+    reqs = [("s0", [5, 6, 7, 8], SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)),
+            ("s1", [9, 10, 11], SamplingParams(max_tokens=9, temperature=0.7, top_k=5, seed=4, ignore_eos=True)),
+            ("g", [4, 4, 4], greedy(10))]
+    late = [(4, "late", [12, 13, 14, 15], greedy(6)), (7, "late2", [3, 5], greedy(4))]
+    ref = drive(make_core(path, False), reqs, late=late)
+    got = drive(make_core(path, True), reqs, late=late)
+    assert got[0] == ref[0] and len(ref[0]) == 5
+    assert got[1] == ref[1]
+
+
+def test_abort_while_a_step_runs_ahead(path):
+    for at in (3, 4, 6):
+        ref = drive(make_core(path, False), REQUESTS, abort_at=(at, "r4"))
+        got = drive(make_core(path, True), REQUESTS, abort_at=(at, "r4"))
+        assert got[0] == ref[0] and "r4" not in got[0]
+        assert got[1] == ref[1]
+
+
+def test_max_model_len_ends_are_not_run_past(path):
+    """Requests that end by max_model_len: the step after their last never runs their row."""
+    reqs = [("a", list(range(3, 20)), greedy(100)), ("b", list(range(3, 12)), greedy(100))]
+    ref = drive(make_core(path, False, max_model_len=24), reqs)
+    core = make_core(path, True, max_model_len=24)
+    ahead = count_ahead(core)
+    got = drive(core, reqs)
+    assert ahead
+    assert got[0] == ref[0]
+    assert {r: reason for r, (_, reason) in got[0].items()} == {"a": "length", "b": "length"}
+    assert len(got[0]["a"][0]) == 24 - 17 and len(got[0]["b"][0]) == 24 - 9
+
+
+def test_off_runs_no_step_ahead(path):
+    core = make_core(path, False)
+    ahead = count_ahead(core)
+    drive(core, REQUESTS)
+    assert ahead == []
+
+
+def test_rank_loop_with_async_scheduling_gives_one_process_tokens(path):
+    """A DP rank without EP (world size 1, over gloo) runs its decode steps ahead on the static
+    path: the merged greedy tokens equal one plain process's, and steps did run ahead."""
+    from dist_helpers import merged_tokens
+    from eplb.engine import LLM
+    from eplb.runtime.dp_offline import Scenario, run_scenarios
+
+    engine = {"dtype": "float32", "max_model_len": 64, "max_num_seqs": 6, "max_num_batched_tokens": 16}
+    reqs = [(p, prm) for _, p, prm in REQUESTS] + [(list(range(5, 40)), greedy(7))]  # 3 chunks
+    ref = LLM(path, **engine).generate([p for p, _ in reqs], [s for _, s in reqs])
+    sc = Scenario("dp1-static", engine={"static_decode": True}, requests=reqs, assign=[0] * len(reqs))
+    (res,) = run_scenarios(path, 1, [sc], engine, timeout_s=120)
+    assert merged_tokens(res) == {i: o.token_ids for i, o in enumerate(ref)}
+    assert res[0]["stats"]["steps_ahead"] > 5
