@@ -80,7 +80,13 @@ class DecodeGraphs:
         mt = max_tokens
         # rows: token ids, KV slots, positions, context lengths, rows to sample (the first
         # max_batch entries); filled by one copy per step
-        self._host = torch.zeros(5, mt, dtype=torch.long, pin_memory=device.type == "cuda")
+        # two host buffers taken in turn, each reused only once its last copy to the device has
+        # run: with async scheduling the host fills the next step's rows while the previous
+        # step's copy may still wait in the stream
+        cuda = device.type == "cuda"
+        self._host = [torch.zeros(5, mt, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._dev = torch.zeros(5, mt, dtype=torch.long, device=device)
         self.ids, self.slots, self.positions, self.ctx_lens, self.sample_rows = self._dev.unbind(0)
         self.num_real = torch.zeros((), dtype=torch.long, device=device)
@@ -141,9 +147,15 @@ class DecodeGraphs:
         rows = [ids + [0] * pad, slots + [self.scratch_slot] * pad, positions + [0] * pad,
                 [p + 1 for p in positions] + [1] * pad,  # context length = position + 1
                 sample + [0] * (bs - len(sample))]
-        h = self._host[:, :bs]
+        self._turn = i = 1 - self._turn
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()
+        h = self._host[i][:, :bs]
         h.copy_(torch.tensor(rows, dtype=torch.long))
         self._dev[:, :bs].copy_(h, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[i] = torch.cuda.Event()
+            self._copied[i].record()
         self.num_real.fill_(n)
 
     def fits(self, n: int) -> bool:

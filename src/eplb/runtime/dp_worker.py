@@ -278,10 +278,14 @@ class RankWorker:
             header = torch.zeros(_DECODES + self.world_size, dtype=torch.long)
             header[_HAS_WORK], header[_STOP], header[_PREFILL] = int(has_work), int(stop), int(prefill)
             header[_DECODES + self.rank] = decodes
-            vec = torch.cat([header, self.state.packet()]).to(self.ctx.comm_device)
-            self.beat("step all-reduce")
-            dist.all_reduce(vec, group=self.ctx.ep_group)
-            vec = vec.cpu()
+            vec = torch.cat([header, self.state.packet()])
+            if self.world_size > 1:
+                # alone, the sum is this rank's vector: no collective, and on NCCL no host wait
+                # for the GPU (the step launched ahead by async scheduling keeps running)
+                self.beat("step all-reduce")
+                vec = vec.to(self.ctx.comm_device)
+                dist.all_reduce(vec, group=self.ctx.ep_group)
+                vec = vec.cpu()
             self.beat("eplb")
             self.state.on_boundary(vec[_DECODES + self.world_size:], forward_before)
             if int(vec[_STOP]) > 0:
