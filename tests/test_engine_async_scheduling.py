@@ -159,3 +159,24 @@ def test_rank_loop_with_async_scheduling_gives_one_process_tokens(path):
     (res,) = run_scenarios(path, 1, [sc], engine, timeout_s=120)
     assert merged_tokens(res) == {i: o.token_ids for i, o in enumerate(ref)}
     assert res[0]["stats"]["steps_ahead"] > 5
+
+
+def test_a_request_that_arrives_waits_one_step_more_at_most(path):
+    """Added while a step runs ahead, a request gets its first token one call later than one
+    step at a time would give it, never more."""
+    first = {}
+    for on in (False, True):
+        core = make_core(path, on)
+        for rid, prompt, params in REQUESTS[:3]:
+            core.add_request(rid, prompt, params)
+        for _ in range(4):
+            core.step()
+        assert (core._ahead is not None) == on  # a step runs ahead now
+        core.add_request("new", [7, 8, 9], greedy(3))
+        calls = 0
+        while True:
+            calls += 1
+            if any(o.request_id == "new" for o in core.step()):
+                break
+        first[on] = calls
+    assert first[False] == 1 and first[True] == 2
