@@ -195,8 +195,13 @@ class DPEngineClient:
         self._monitor.start()
 
     def is_healthy(self) -> bool:
-        return (self._started and not self._shut and self._error is None
-                and not self.remote_stopped and all(p.is_alive() for p in self._procs.values()))
+        return self._serving() and all(p.is_alive() for p in self._procs.values())
+
+    def _serving(self) -> bool:
+        """Started, not shut down, not broken. Rank deaths reach ``_error`` through the monitor
+        thread within MONITOR_PERIOD_S (and fail every open request then), so a new request
+        checks only this, not each process (a wait syscall per rank per request)."""
+        return self._started and not self._shut and self._error is None and not self.remote_stopped
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop every rank process (idempotent). Ranks stop together at a step boundary; any
@@ -257,12 +262,14 @@ class DPEngineClient:
         ``stream_interval``: the rank sends an output with the first token, then every N new
         tokens, and the final one; None: the final one only (a caller that does not stream)."""
         check_stream_interval(stream_interval)
-        if not self.is_healthy():
+        if not self._serving():
             raise RuntimeError(self._error or "the engine is not running")
         loop = asyncio.get_running_loop()
         box = LatestOutput()
         prompt = [int(t) for t in prompt_token_ids]
         with self._lock:
+            if self._error is not None:  # broke after the check above: _fail_all has run
+                raise RuntimeError(self._error)
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             rank = self._pick_rank()
