@@ -1,5 +1,6 @@
-"""Test-only helpers for the model tests: the transformers reference, empty KV caches, and the
-relative logit error of one flattened prefill against the reference run per prompt."""
+"""Test-only helpers for the model tests: the transformers reference, empty KV caches, the
+relative logit error of one flattened prefill against the reference run per prompt, and a CPU
+engine on the CUDA-graph path's static forward."""
 
 from __future__ import annotations
 
@@ -50,3 +51,20 @@ def run_to_completion(engine, reqs) -> dict:
             if o.finished:
                 final[o.request_id] = o
     return final
+
+
+def static_path_core(path: str, *, max_tokens: int | None = None, **engine):
+    """A float32 CPU ``EngineCore`` (max_model_len 64, 6 slots, 64 tokens a step unless
+    ``engine`` says otherwise) whose graph-path steps run the graph runner's padded static
+    forward eagerly: the CPU twin of the CUDA-graph path. ``max_tokens``: its largest step."""
+    from eplb.engine import EngineCore
+    from eplb.engine.cuda_graphs import DecodeGraphs
+
+    kw = {"dtype": "float32", "device": "cpu", "max_model_len": 64, "max_num_seqs": 6,
+          "max_num_batched_tokens": 64, "enforce_eager": True, **engine}
+    core = EngineCore(path, **kw)
+    core._graphs = DecodeGraphs(core.model, core.kv.layers, max_batch=core.kv.num_slots,
+                                scratch_slot=core.kv.scratch_slot, device=core.device, capture=False,
+                                max_tokens=max_tokens)
+    core._graphs_checked = True
+    return core

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb.engine import EngineCore, SamplingParams
-from eplb.engine.cuda_graphs import DecodeGraphs
+from eplb.engine import SamplingParams
 from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import static_path_core
 
 torch.set_num_threads(1)
 
@@ -23,12 +23,7 @@ def path(tmp_path_factory):
 
 def make_core(path, async_scheduling: bool, max_model_len: int = 64):
     """The graph runner's static forward run eagerly (the CPU twin of the CUDA-graph path)."""
-    core = EngineCore(path, dtype="float32", device="cpu", max_model_len=max_model_len, max_num_seqs=6,
-                      max_num_batched_tokens=64, enforce_eager=True, async_scheduling=async_scheduling)
-    core._graphs = DecodeGraphs(core.model, core.kv.layers, max_batch=core.kv.num_slots,
-                                scratch_slot=core.kv.scratch_slot, device=core.device, capture=False, max_tokens=64)
-    core._graphs_checked = True
-    return core
+    return static_path_core(path, max_tokens=64, max_model_len=max_model_len, async_scheduling=async_scheduling)
 
 
 def count_ahead(core) -> list[int]:

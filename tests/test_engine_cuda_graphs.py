@@ -8,8 +8,9 @@ import torch
 
 from eplb.balancer.placement import Placement
 from eplb.engine import EngineCore, SamplingParams
-from eplb.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from eplb.engine.cuda_graphs import capture_sizes
 from eplb.model.tiny import make_tiny_checkpoint
+from model_helpers import static_path_core
 
 torch.set_num_threads(1)
 
@@ -23,14 +24,10 @@ def path(tmp_path_factory):
 
 def make_core(path, static: bool, device: str = "cpu", dtype: str = "float32", eager: bool = True,
               max_tokens: int | None = None, budget: int = 64):
-    core = EngineCore(path, dtype=dtype, device=device, max_model_len=64, max_num_seqs=6,
-                      max_num_batched_tokens=budget, enforce_eager=eager)
     if static:  # the graph runner's padded static forward, run eagerly (no CUDA needed)
-        core._graphs = DecodeGraphs(core.model, core.kv.layers, max_batch=core.kv.num_slots,
-                                    scratch_slot=core.kv.scratch_slot, device=core.device, capture=False,
-                                    max_tokens=max_tokens)
-        core._graphs_checked = True
-    return core
+        return static_path_core(path, max_tokens=max_tokens, max_num_batched_tokens=budget)
+    return EngineCore(path, dtype=dtype, device=device, max_model_len=64, max_num_seqs=6,
+                      max_num_batched_tokens=budget, enforce_eager=eager)
 
 
 def run(core, n_req: int, max_tokens: int = 8) -> dict[str, list[int]]:

@@ -53,12 +53,19 @@ def run_chunks(chunks, device, dtype, hq=8, hkv=2, d=64, max_len=2304):
     v = torch.randn(n, hkv, d, device=device, dtype=dtype)
     meta = AttentionMetadata.build([], chunks, device=device)
     out = attend(q, k, v, kc, vc, meta, d**-0.5)
-    off, errs = 0, []
+    return chunk_errors(q, out, kc, vc, chunks, 0)
+
+
+def chunk_errors(q, out, kc, vc, chunks, off: int) -> list[float]:
+    """Relative error of each chunk's rows of ``out`` (from row ``off`` on) against float32
+    attention over the cache after attend wrote it: keys [0, start + cnt) of the slot, query i
+    sees keys j <= start + i."""
+    g, d, errs = q.shape[1] // kc.shape[1], q.shape[2], []
     for slot, start, cnt in chunks:
-        g = hq // hkv
         kk = kc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
         vv = vc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
-        mask = torch.arange(start + cnt, device=device)[None, :] <= torch.arange(cnt, device=device)[:, None] + start
+        keys, queries = torch.arange(start + cnt, device=q.device), torch.arange(cnt, device=q.device)
+        mask = keys[None, :] <= queries[:, None] + start
         ref = F.scaled_dot_product_attention(q[off : off + cnt].float().transpose(0, 1), kk, vv,
                                              attn_mask=mask, scale=d**-0.5).transpose(0, 1)
         errs.append(((out[off : off + cnt].float() - ref).norm() / ref.norm()).item())
@@ -107,16 +114,7 @@ def run_decodes_and_chunks(decodes, chunks, device, dtype, hq=8, hkv=2, d=64, ma
         vv = vc[slot, :, : pos + 1].float().repeat_interleave(g, 0)
         ref = F.scaled_dot_product_attention(q[row].float()[:, None], kk, vv, scale=d**-0.5)[:, 0]
         errs.append(((out[row].float() - ref).norm() / ref.norm()).item())
-    off = len(decodes)
-    for slot, start, cnt in chunks:
-        kk = kc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
-        vv = vc[slot, :, : start + cnt].float().repeat_interleave(g, 0)
-        mask = torch.arange(start + cnt, device=device)[None, :] <= torch.arange(cnt, device=device)[:, None] + start
-        ref = F.scaled_dot_product_attention(q[off : off + cnt].float().transpose(0, 1), kk, vv,
-                                             attn_mask=mask, scale=d**-0.5).transpose(0, 1)
-        errs.append(((out[off : off + cnt].float() - ref).norm() / ref.norm()).item())
-        off += cnt
-    return errs
+    return errs + chunk_errors(q, out, kc, vc, chunks, len(decodes))
 
 
 # decode rows of unequal lengths (a mask), not on slots 0..B-1 in order, with and without chunks

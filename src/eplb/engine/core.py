@@ -23,7 +23,6 @@ class _Launched:
     """A decode step queued on the device whose sampled tokens the host has not read yet."""
 
     seqs: list[Sequence]
-    rows: list[SampleRow]
     tokens: torch.Tensor  # [n] sampled ids, on the device
     host: torch.Tensor  # their copy in host memory (pinned on CUDA), complete once ``ready`` passed
     ready: torch.cuda.Event | None
@@ -332,8 +331,8 @@ class EngineCore:
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return _Launched(seqs, rows, tokens, host, ready)
-        return _Launched(seqs, rows, tokens, tokens, None)
+            return _Launched(seqs, tokens, host, ready)
+        return _Launched(seqs, tokens, tokens, None)
 
     def _run_ahead(self, cur: _Launched) -> _Launched | None:
         """Launch the decode step after ``cur`` now, fed with cur's tokens on the device, when
@@ -494,7 +493,7 @@ class EngineCore:
         reason = None
         if (not p.ignore_eos and tok in self.eos_token_ids) or (p.stop_token_ids and tok in p.stop_token_ids):
             reason = "stop"
-        if reason is None and (len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len):
+        if reason is None and self._ends_by_length(s, 0):
             reason = "length"
         deferred = s.detokenizer is not None and self._defer_text and not p.stop
         if s.detokenizer is not None and not deferred:

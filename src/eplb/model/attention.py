@@ -139,12 +139,6 @@ def _triton_decode_step(q: torch.Tensor, meta: AttentionMetadata) -> bool:
     return _static_decode_step(q, meta) and triton_usable(q.device)
 
 
-def _kernel_device(q: torch.Tensor) -> bool:
-    from eplb.kernels import triton_usable
-
-    return q.is_cuda and triton_usable(q.device)
-
-
 def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float) -> torch.Tensor:
     """The decode rows of an eager step (q [num_decode, Hq, D]) through the Triton decode kernel."""
@@ -182,7 +176,9 @@ def attend(
     # take them well: with a length mask and GQA it falls back to its math backend, which on an
     # H100 made a full-size step of 255 decodes + one 512-token prompt take 420 ms instead of
     # about 60 (scripts/dev/profile_mixed.py)
-    kernel = nd > 0 and d >= 16 and not d & (d - 1) and _kernel_device(q)
+    from eplb.kernels import triton_usable
+
+    kernel = nd > 0 and d >= 16 and not d & (d - 1) and triton_usable(q.device)
     if kernel and nd == n:
         return _decode_rows(q, k_cache, v_cache, meta, scale)
     if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
