@@ -377,6 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prefill-reps", type=int, default=5)
     ap.add_argument("--compare-async-off", dest="compare_sync", action="store_true",
                     help="also time each batch's decode steps with async scheduling off (tpot_ms_async_off)")
+    ap.add_argument("--tile-table", default=None,
+                    help="JSON {dtype: {pairs: config}} merged over the fused MoE's tile table (A/B of tunings)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -418,6 +420,14 @@ def main(argv=None) -> int:
                      "experts x bytes per expert + KV read) / device copy rate (read + written)",
            "runs": {}}
     print(f"{res['device']}, torch {res['torch']}, triton {triton_version}, {res['date']}", flush=True)
+    if args.tile_table:
+        from eplb.kernels.tile_table import TABLE
+
+        with open(args.tile_table) as f:
+            override = json.load(f)
+        for key, entries in override.items():
+            TABLE[key].update(entries)
+        res["tile_table_override"] = override
     res["ceilings"] = ceilings(dev, args.small)
     print("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in res["ceilings"].items()
                                    if isinstance(v, float)), flush=True)

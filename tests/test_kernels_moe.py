@@ -191,10 +191,34 @@ def test_fp8_scales_are_applied_per_block():
     assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
 
 
-def _cfg(bm, bn1, bn2, fp8):
-    def c(bn):
-        return {"BN": bn, "BK": 128 if fp8 else 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
-    return {"BM": bm, "gemm1": c(bn1), "gemm2": c(bn2)}
+def _cfg(bm, bn1, bn2, fp8, swap=(False, False)):
+    def c(bn, sw):
+        return {"BN": bn, "BK": 128 if fp8 else 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 3, "SWAP": sw}
+    return {"BM": bm, "gemm1": c(bn1, swap[0]), "gemm2": c(bn2, swap[1])}
+
+
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("bm,bn1,bn2,swap", [(16, 128, 128, (True, True)), (16, 64, 64, (True, True)),
+                                            (32, 128, 256, (True, False)), (16, 256, 256, (False, True))])
+def test_fp8_swapped_dots(bm, bn1, bn2, swap):
+    # transposed dots (weight columns as the MMA's M side), each GEMM alone and both, both h paths
+    # (BN 128: h quantized in gemm1; else by gemm2) and tiles wider than one scale block
+    x, slot, wt, q13, s13, q2, s2, d13, d2 = _fp8_case(90, 256, 512, 10, 4, seed=bm + bn1)
+    out = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
+                    config=_cfg(bm, bn1, bn2, True, swap))
+    emu = reference(x, slot, wt, d13.to(DEV), d2.to(DEV), act_quant=True)
+    assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
+    plain = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=_cfg(bm, bn1, bn2, True))
+    assert rel_err(out.cpu(), plain.cpu()) < BF16_TOL
+
+
+@pytest.mark.parametrize("bm,bn1,bn2,swap", [(16, 64, 64, (True, True)), (32, 32, 128, (False, True)),
+                                            (16, 128, 64, (True, False))])
+def test_bf16_swapped_dots(bm, bn1, bn2, swap):
+    # uneven K (I = 96 with BK 64) takes the masked loads
+    x, slot, wt, w13, w2 = make_case(37, 128, 96, 6, 4, seed=bm + bn1)
+    out = fused_moe(x, slot, wt, w13, w2, config=_cfg(bm, bn1, bn2, False, swap))
+    assert rel_err(out.cpu(), reference(x, slot, wt, w13, w2)) < BF16_TOL
 
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")

@@ -1,6 +1,17 @@
-"""Dev: FP8 MoE tile configs at decode sizes (16/32/64 tokens), incl. BM=64 (native e4m3 wgmma;
-below 64 rows triton lowers e4m3 dots to fp16 mma.sync). Weights stream from HBM (128 experts)."""
+"""Dev: MoE tile configs at decode sizes, with and without transposed dots (SWAP: weight columns as
+the MMA's M side, so that an FP8 dot of a few pairs per expert can use Hopper's wgmma instead of
+fp16 mma.sync). Coordinate descent per BM (gemm1 with gemm2 fixed, then gemm2), experts-only CUDA
+graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
+
+    python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
+
+Prints the table entry before and the best found per token count, with the read rate of the
+touched expert bytes against the reduction read rate; --out writes {dtype: {pairs: config}} for
+bench/full_size.py --tile-table and tile_table.TABLE.
+"""
+import argparse
 import itertools
+import json
 import os
 import sys
 
@@ -12,31 +23,78 @@ import gpu  # noqa: E402
 
 from eplb.kernels.moe_triton import get_config  # noqa: E402
 
-layer = gpu.Layer()
-K = gpu.K
+
+def c(bn, w, s, swap, bk=128):
+    return {"BN": bn, "BK": bk, "GROUP_M": 1, "num_warps": w, "num_stages": s, "SWAP": swap}
 
 
-def c(bn, w, s):
-    return {"BN": bn, "BK": 128, "GROUP_M": 1, "num_warps": w, "num_stages": s}
+def candidates(fp8: bool):
+    bks = (128,) if fp8 else (64, 128)
+    g1 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), (4,), (3, 4, 5), (False, True), bks)]
+    g1 += [c(32, 4, 4, False, bk) for bk in bks]
+    g2 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), (4,), (3, 4), (False, True), bks)]
+    return g1, g2
 
 
-for t in (16, 32, 64, 128):
-    xs = [torch.randn(t, gpu.H, device="cuda", dtype=torch.bfloat16) for _ in range(gpu.NSETS)]
-    routes = [layer.route(x) for x in xs]
-    kw = {"w13_scale": layer.s13, "w2_scale": layer.s2}
-    wargs = (layer.q13, layer.q2)
-    base = gpu.graph_time(xs, routes, wargs, dict(kw, config=get_config(t * K, True)))
-    res = []
-    for bm, g1, g2 in itertools.product((16, 32, 64), (c(32, 4, 4), c(64, 4, 3), c(128, 4, 3), c(128, 8, 3)),
-                                        (c(64, 4, 3), c(128, 4, 3), c(128, 4, 4))):
-        cfg = {"BM": bm, "gemm1": g1, "gemm2": g2}
-        try:
-            res.append((gpu.graph_time(xs, routes, wargs, dict(kw, config=cfg)), cfg))
-        except Exception as exc:  # noqa: BLE001
-            print("fail", cfg, type(exc).__name__, flush=True)
-    res.sort(key=lambda r: r[0])
-    print(f"t={t}: table {base * 1e3:.4f} ms; best:", flush=True)
-    for sec, cfg in res[:4]:
-        g1 = cfg["gemm1"]
-        print(f"   {sec * 1e3:.4f} ms  BM={cfg['BM']} g1={g1['BN']}/w{g1['num_warps']}/s{g1['num_stages']} "
-              f"g2={cfg['gemm2']['BN']}/w{cfg['gemm2']['num_warps']}/s{cfg['gemm2']['num_stages']}", flush=True)
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="fp8")
+    ap.add_argument("--tokens", default="1,16,32,64,128,256")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    read_bps = gpu.ceilings()["reduction_read_GBps"] * 1e9
+    print(f"{torch.cuda.get_device_name()}: reduction read {read_bps / 1e9:.0f} GB/s", flush=True)
+    layer = gpu.Layer()
+    found: dict = {}
+    with torch.no_grad():
+        for key in args.dtypes.split(","):
+            fp8 = key == "fp8"
+            wargs = (layer.q13, layer.q2) if fp8 else (layer.w13, layer.w2)
+            kw = {"w13_scale": layer.s13, "w2_scale": layer.s2} if fp8 else {}
+            per_expert = 3 * gpu.H * gpu.I * (1 if fp8 else 2)
+            g1s, g2s = candidates(fp8)
+            found[key] = {}
+            for t in (int(v) for v in args.tokens.split(",")):
+                xs = [torch.randn(t, gpu.H, device="cuda", dtype=torch.bfloat16) for _ in range(gpu.NSETS)]
+                routes = [layer.route(x) for x in xs]
+                distinct = sum(len(torch.unique(r[0])) for r in routes) / len(routes)
+
+                def run(cfg, xs=xs, routes=routes, wargs=wargs, kw=kw):
+                    return gpu.graph_time(xs, routes, wargs, dict(kw, config=cfg))
+
+                def frac(sec, distinct=distinct, per_expert=per_expert):
+                    return distinct * per_expert / sec / read_bps
+
+                base = run(get_config(t * gpu.K, fp8))
+                best = None
+                for bm in ((16,) if t <= 16 else (16, 32)):
+                    cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
+                    for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
+                        res = []
+                        for cand in cands:
+                            cfg = dict(cur, **{part: cand})
+                            try:
+                                res.append((run(cfg), cand))
+                            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                                print(f"   fail {key} t={t} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
+                        if res:
+                            cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
+                    sec = run(cur)
+                    if best is None or sec < best[0]:
+                        best = (sec, cur)
+                    # the best without SWAP at this BM, for the A/B
+                    plain = {"BM": bm, "gemm1": dict(cur["gemm1"], SWAP=False),
+                             "gemm2": dict(cur["gemm2"], SWAP=False)}
+                    psec = run(plain)
+                    print(f"  {key} t={t} BM={bm}: {sec * 1e6:.1f} us ({frac(sec):.2f} of read) {cur}; "
+                          f"same tiles without SWAP {psec * 1e6:.1f} us", flush=True)
+                print(f"{key} t={t} ({distinct:.0f} experts): table {base * 1e6:.1f} us ({frac(base):.2f}), "
+                      f"best {best[0] * 1e6:.1f} us ({frac(best[0]):.2f})", flush=True)
+                found[key][str(t * gpu.K)] = best[1]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(found, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

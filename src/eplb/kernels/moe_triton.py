@@ -197,8 +197,11 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr):
-    """FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
+                  LINE: tl.constexpr, SWAP: tl.constexpr):
+    """SWAP: the dots run transposed (h^T = w @ x^T, weight columns as the MMA's M side): with a
+    few pairs per expert, BM rows are below the 64 that Hopper's FP8 tensor-core instruction
+    (wgmma) needs, and triton would lower an e4m3 dot of BM < 64 rows to fp16 mma.sync.
+    FP8: x is pre-quantized (xs = its scales [T, H/128]); with H_FP8 (BN == 128) the epilogue
     also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8.
     PREFETCH (small calls under PDL): program (m, n) first prefetches column tile n's gate and up
     rows of pair m's expert (pair_slot_ptr: the unsorted slot per pair), so that the experts'
@@ -221,17 +224,33 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < I
     offs_k = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if SWAP:
+        a_ptrs = x_ptr + tok[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BK, BM]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     u_ptrs = g_ptrs + I * stride_wn
     if FP8:
         as_ptrs = xs_ptr + tok * stride_xs
         sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
         su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, tl.cdiv(H, BK)):
-        if EVEN_K:
+        if SWAP:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=mask_n[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                km = offs_k < H - kb * BK
+                a = tl.load(a_ptrs, mask=mask_m[None, :] & km[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             g = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
             u = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
@@ -247,13 +266,24 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
                 # so the promotion is a single FMA per element
                 sg = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
                 su = tl.load(ws_ptr + slot * stride_se + ((pid_n * BN + I) // 128) * stride_sn + kb)
-                acc_g += tl.dot(a, g) * (a_s * sg)[:, None]
-                acc_u += tl.dot(a, u) * (a_s * su)[:, None]
+                if SWAP:
+                    acc_g += tl.dot(g, a) * (a_s * sg)[None, :]
+                    acc_u += tl.dot(u, a) * (a_s * su)[None, :]
+                else:
+                    acc_g += tl.dot(a, g) * (a_s * sg)[:, None]
+                    acc_u += tl.dot(a, u) * (a_s * su)[:, None]
             else:
                 sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
                 su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
-                acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
-                acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
+                if SWAP:
+                    acc_g += tl.dot(g, a) * sg[:, None] * a_s[None, :]
+                    acc_u += tl.dot(u, a) * su[:, None] * a_s[None, :]
+                else:
+                    acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
+                    acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
+        elif SWAP:
+            acc_g = tl.dot(g, a, acc_g)
+            acc_u = tl.dot(u, a, acc_u)
         else:
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
@@ -261,6 +291,8 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
         g_ptrs += BK
         u_ptrs += BK
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    if SWAP:
+        h = tl.trans(h)  # [BM, BN]: one row per pair, as the quantization and the store expect
     h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
     if H_FP8:
         hq, h_s = _quant_rows(h)
@@ -278,9 +310,10 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr):
-    """FP8: h is either FP8 with scales hs (H_FP8) or bf16, quantized per row right after each
-    128-wide load. PREFETCH: as in _gemm1_kernel, the down rows, while gemm1 runs."""
+                  LINE: tl.constexpr, SWAP: tl.constexpr):
+    """SWAP: transposed dots, as in _gemm1_kernel. FP8: h is either FP8 with scales hs (H_FP8) or
+    bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
+    down rows, while gemm1 runs."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
     if PREFETCH:
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, H, I,
@@ -298,20 +331,25 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
     mask_n = offs_n < H
     offs_k = tl.arange(0, BK)
     a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
-    b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if SWAP:
+        b_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    else:
+        b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     if FP8:
         s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
     if H_FP8:
         as_ptrs = hs_ptr + row * stride_hs
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
     for kb in range(0, tl.cdiv(I, BK)):
+        # a: h tile [BM, BK]; b: w2 tile [BK, BN], or [BN, BK] with SWAP (acc is then [BN, BM])
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] if SWAP else mask_n[None, :], other=0.0)
         else:
             km = offs_k < I - kb * BK
             a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+            bmask = (mask_n[:, None] & km[None, :]) if SWAP else (mask_n[None, :] & km[:, None])
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
         if FP8:
             if H_FP8:
                 aq = a
@@ -320,14 +358,24 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
                 aq, a_s = _quant_rows(a)
             if BN <= 128:
                 bs = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
-                acc += tl.dot(aq, b) * (a_s * bs)[:, None]
+                if SWAP:
+                    acc += tl.dot(b, tl.trans(aq)) * (a_s * bs)[None, :]
+                else:
+                    acc += tl.dot(aq, b) * (a_s * bs)[:, None]
             else:
                 bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
-                acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
+                if SWAP:
+                    acc += tl.dot(b, tl.trans(aq)) * bs[:, None] * a_s[None, :]
+                else:
+                    acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
+        elif SWAP:
+            acc = tl.dot(b, tl.trans(a), acc)
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BK
         b_ptrs += BK
+    if SWAP:
+        acc = tl.trans(acc)
     if MUL_WEIGHT:
         wt = tl.load(weight_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
         acc = acc * wt[:, None]
@@ -489,7 +537,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(h % bk1 == 0), **pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
-        num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        SWAP=c1.get("SWAP", False), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
@@ -498,7 +546,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
-        PREFETCH=prefetch2, LINE=128 // w2.element_size(),
+        PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False),
         num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 

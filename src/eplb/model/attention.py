@@ -29,7 +29,7 @@ class AttentionMetadata:
 
     token_slots [N]: cache slot of each token; positions [N]: its position in its sequence.
     Decodes: ``decode_slots [B]``, and for batched attention over slots ``[0, decode_hi)``:
-    ``decode_mask [decode_hi, 1, 1, decode_len]`` (True = attend; None when every slot in
+    ``decode_mask() [decode_hi, 1, 1, decode_len]`` (True = attend; None when every slot in
     range has the same length).
     Prefill chunks: ``prefills`` list of (slot, start, length) in token order after the decodes.
     """
@@ -40,16 +40,20 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None
     decode_hi: int = 0
     decode_len: int = 0
-    decode_mask: torch.Tensor | None = None
+    # context length per slot in [0, decode_hi) when they differ (None: all equal); the mask is
+    # built from it on first use only, since on CUDA the decode rows go through the Triton kernel
+    # and the mask's host-to-device copy would be wasted
+    decode_ctx: list[int] | None = None
     decode_dense: bool = False  # decode_slots == arange(num_decode): no scatter/gather needed
     decode_ctx_lens: torch.Tensor | None = None  # [B] position + 1 of each decode token
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
     # decode-only steps of fixed shape (``for_decode``: the static buffers of a CUDA graph): keys
     # [0, ctx_lens[b]) of slot token_slots[b] are attended, through the Triton decode kernel on
     # CUDA. Eager steps (``build``) give their decode rows' lengths in ``decode_ctx_lens`` (the same
-    # kernel on CUDA; SDPA over ``decode_mask`` elsewhere)
+    # kernel on CUDA; SDPA over ``decode_mask()`` elsewhere)
     ctx_lens: torch.Tensor | None = None
     static: bool = False  # shapes fixed, values live in device buffers: no host-side branching
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def for_decode(cls, slots: torch.Tensor, positions: torch.Tensor, ctx_lens: torch.Tensor) -> "AttentionMetadata":
@@ -57,6 +61,17 @@ class AttentionMetadata:
         static buffers of a CUDA graph); padding rows point at a scratch slot."""
         return cls(token_slots=slots, positions=positions, num_decode=int(slots.shape[0]),
                    decode_slots=slots, ctx_lens=ctx_lens, static=True)
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """[decode_hi, 1, 1, decode_len] bool, True = attend (None when every slot has the same length)."""
+        if self.decode_ctx is None:
+            return None
+        if self._decode_mask is None:
+            dev = self.token_slots.device
+            ctx_t = torch.tensor(self.decode_ctx, dtype=torch.long, device=dev)
+            self._decode_mask = (torch.arange(self.decode_len, device=dev)[None, :] < ctx_t[:, None]).view(
+                self.decode_hi, 1, 1, self.decode_len)
+        return self._decode_mask
 
     @classmethod
     def build(
@@ -85,10 +100,7 @@ class AttentionMetadata:
             meta.decode_hi = hi
             meta.decode_len = length
             if min(ctx) < length:  # equal lengths (e.g. a batch started together): no mask needed
-                ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
-                meta.decode_mask = (
-                    torch.arange(length, device=device)[None, :] < ctx_t[:, None]
-                ).view(hi, 1, 1, length)
+                meta.decode_ctx = ctx
             meta.decode_dense = slots[: len(decodes)] == list(range(len(decodes)))
             meta.decode_ctx_lens = meta.positions[: len(decodes)] + 1
         return meta
@@ -184,7 +196,7 @@ def attend(
     if nd == n and meta.decode_dense:  # decode-only step over packed slots: no copies
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k_cache[:nd, :, : meta.decode_len], v_cache[:nd, :, : meta.decode_len],
-            attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
+            attn_mask=meta.decode_mask(), scale=scale, enable_gqa=True,
         )
         return o.squeeze(2)
     out = q.new_empty(n, hq, d)
@@ -198,7 +210,7 @@ def attend(
             qd = q.new_zeros(hi, hq, 1, d)
             qd[meta.decode_slots] = q[:nd].unsqueeze(2)
         o = F.scaled_dot_product_attention(
-            qd, k_cache[:hi, :, :length], v_cache[:hi, :, :length], attn_mask=meta.decode_mask,
+            qd, k_cache[:hi, :, :length], v_cache[:hi, :, :length], attn_mask=meta.decode_mask(),
             scale=scale, enable_gqa=True,
         )
         out[:nd] = o[:nd, :, 0] if meta.decode_dense else o[meta.decode_slots, :, 0]
