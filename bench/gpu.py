@@ -252,8 +252,14 @@ def graph_time_fn(call, reps: int = 30, sets: int = NSETS) -> float:
 # ----------------------------------------------------------------------------- tuning
 
 def _cands(t: int, fp8: bool):
-    def c(bn, bk, g, w, s):
-        return {"BN": bn, "BK": 128 if fp8 else bk, "GROUP_M": g, "num_warps": w, "num_stages": s}
+    def c(bn, bk, g, w, s, swap=False):
+        return {"BN": bn, "BK": 128 if fp8 else bk, "GROUP_M": g, "num_warps": w, "num_stages": s, "SWAP": swap}
+    if fp8 and t <= 256:
+        # a few pairs per expert: transposed dots (SWAP) let the FP8 dot use wgmma
+        bms = [16] if t <= 16 else [16, 32]
+        g1 = [c(bn, 128, 1, 4, s, sw) for bn in (64, 128) for s in (3, 4) for sw in (False, True)]
+        g2 = [c(bn, 128, 1, 4, s, sw) for bn in (64, 128) for s in (3, 4) for sw in (False, True)]
+        return bms, g1, g2
     if t <= 16:
         bms = [16]
         g1 = [c(32, 128, 1, 4, 4), c(64, 128, 1, 4, 4), c(32, 256, 1, 4, 3), c(128, 128, 1, 4, 3)]

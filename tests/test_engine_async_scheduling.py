@@ -1,6 +1,7 @@
-"""Async scheduling: a decode step on the graph path launches the next one before the host reads
-its tokens. Outputs must be exactly those of one step at a time, whatever ends a request (length,
-a stop token in flight, an abort) and whenever requests arrive."""
+"""Async scheduling: a step on the graph path (decode-only or mixed with prefill chunks) schedules
+and launches the next one before the host reads its tokens. Outputs must be exactly those of one
+step at a time, whatever ends a request (length, a stop token in flight, an abort) and whenever
+requests arrive."""
 
 from __future__ import annotations
 
@@ -21,26 +22,31 @@ def path(tmp_path_factory):
     return p
 
 
-def make_core(path, async_scheduling: bool, max_model_len: int = 64):
+def make_core(path, async_scheduling: bool, max_model_len: int = 64, **engine):
     """The graph runner's static forward run eagerly (the CPU twin of the CUDA-graph path)."""
-    return static_path_core(path, max_tokens=64, max_model_len=max_model_len, async_scheduling=async_scheduling)
+    return static_path_core(path, max_tokens=64, max_model_len=max_model_len, async_scheduling=async_scheduling,
+                            **engine)
 
 
-def count_ahead(core) -> list[int]:
-    """Wrap _launch_decode: one entry per step launched ahead (its row count). Checks that no
-    row of such a step belongs to a request that its pending token ends by length (max_tokens
-    or max_model_len): that row would be wasted work."""
+def count_ahead(core, prefill_rows: list | None = None) -> list[int]:
+    """Wrap _launch: one entry per step launched ahead (its decode row count); with
+    ``prefill_rows`` also the prefill tokens of each. Checks that no row of such a step belongs
+    to a request that its pending token ends by length (max_tokens or max_model_len): that row
+    would be wasted work."""
     ahead = []
-    inner = core._launch_decode
+    inner = core._launch
 
-    def wrapped(graphs, seqs, ids, pending):
-        if pending:
-            ahead.append(len(seqs))
-            for s in seqs:
+    def wrapped(graphs, batch, first_ids):
+        if first_ids is not None:
+            ahead.append(len(batch.decodes))
+            if prefill_rows is not None:
+                prefill_rows.append(sum(n for _, n in batch.prefills))
+            assert len(first_ids) == len(batch.decodes)
+            for s in batch.decodes:
                 assert len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < core.max_model_len
-        return inner(graphs, seqs, ids, pending)
+        return inner(graphs, batch, first_ids)
 
-    core._launch_decode = wrapped
+    core._launch = wrapped
     return ahead
 
 
@@ -175,3 +181,34 @@ def test_a_request_that_arrives_waits_one_step_more_at_most(path):
                 break
         first[on] = calls
     assert first[False] == 1 and first[True] == 2
+
+
+def test_mixed_steps_run_ahead_with_the_same_outputs(path):
+    """Steps that carry prefill chunks (late requests, a prompt split over several steps by the
+    token budget) also run ahead: a waiting request is admitted while the step before it is in
+    flight. Every output equals one step at a time, and steps launched ahead carried prompts."""
+    reqs = REQUESTS + [("long", list(range(5, 45)), greedy(6))]
+    late = [(3, "late", list(range(20, 36)), greedy(5)), (5, "late2", [3, 5], greedy(4)),
+            (6, "late3", list(range(7, 30)), greedy(8))]
+    engine = {"max_num_batched_tokens": 24}
+    ref = drive(make_core(path, False, **engine), reqs, late=late)
+    core = make_core(path, True, **engine)
+    prefill_rows: list[int] = []
+    ahead = count_ahead(core, prefill_rows)
+    got = drive(core, reqs, late=late)
+    assert got[0] == ref[0] and len(ref[0]) == 9
+    assert got[1] == ref[1]
+    assert sum(1 for n in prefill_rows if n) >= 3  # mixed steps launched ahead
+    assert len(ahead) > 10
+
+
+def test_a_mixed_step_that_cannot_run_ahead_stays_scheduled(path):
+    """A prompt-logprobs request cannot run from a step launched ahead: the step scheduled for
+    it is kept and run by the next call (eager), and nothing is lost or repeated."""
+    lp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    late = [(3, "scored", [6, 7, 8, 9, 10], lp)]
+    ref = drive(make_core(path, False), REQUESTS, late=late)
+    core = make_core(path, True)
+    got = drive(core, REQUESTS, late=late)
+    assert got[0] == ref[0] and got[1] == ref[1]
+    assert core.steps_ahead > 5

@@ -368,3 +368,20 @@ def test_arrival_counters_grow_without_freeing_what_graphs_captured():
     assert bigger.numel() > first.numel() and int(bigger.abs().sum()) == 0
     assert any(b is first for b in arrival._OUTGROWN)  # a captured graph may still point at it
     arrival._COUNTERS.pop(dev, None)
+
+
+def _fp8_table_keys():
+    from eplb.kernels.tile_table import TABLE
+
+    return list(TABLE["fp8"])
+
+
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("config_key", _fp8_table_keys())
+def test_fp8_every_table_config_is_correct(config_key):
+    from eplb.kernels.tile_table import TABLE
+
+    x, slot, wt, q13, s13, q2, s2, d13, d2 = _fp8_case(70, 256, 256, 10, 4, seed=12)
+    out = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=TABLE["fp8"][config_key])
+    emu = reference(x, slot, wt, d13.to(DEV), d2.to(DEV), act_quant=True)
+    assert rel_err(out.cpu(), emu) < 2 * BF16_TOL

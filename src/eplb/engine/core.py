@@ -20,12 +20,13 @@ from eplb.model.loader import load_model, resolve_dtype
 
 @dataclass
 class _Launched:
-    """A decode step queued on the device whose sampled tokens the host has not read yet."""
+    """A step queued on the device whose sampled tokens the host has not read yet."""
 
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # the rows that sample, in order
     tokens: torch.Tensor  # [n] sampled ids, on the device
     host: torch.Tensor  # their copy in host memory (pinned on CUDA), complete once ``ready`` passed
     ready: torch.cuda.Event | None
+    prefill: bool = False  # the step carries a prefill chunk
 
 
 @dataclass
@@ -136,11 +137,11 @@ class EngineCore:
             if max_graph_tokens is None else max_graph_tokens
         self._ep = False  # an EP dispatcher is installed (known once the graphs are checked)
         self._next_batch: ScheduledBatch | None = None  # scheduled by schedule_step()
-        # async scheduling (vLLM's name): a decode step on the graphs is followed, before the host
-        # reads its tokens, by the next one, fed with those tokens on the device (see _run_ahead)
+        # async scheduling (vLLM's name): a step on the graphs is followed, before the host reads
+        # its tokens, by the next one, fed with those tokens on the device (see _run_ahead)
         self.async_scheduling = bool(async_scheduling)
         self._ahead: _Launched | None = None
-        self.steps_ahead = 0  # decode steps launched ahead so far
+        self.steps_ahead = 0  # steps launched ahead so far
         # deferred detokenization (defer_detokenization): outputs whose text render_text fills
         self._defer_text = False
         self._pending_text: list[tuple[IncrementalDetokenizer, RequestOutput]] = []
@@ -198,11 +199,9 @@ class EngineCore:
         """Schedule the next ``step()``'s batch now and say what it is: (decode rows, has a
         prefill chunk). The DP rank loop sends this in its per-step all-reduce, so every rank
         knows the largest decode batch before the forward."""
-        if self._ahead is not None:  # already launched: decodes only
-            return sum(s.slot >= 0 for s in self._ahead.seqs), False
-        if self._next_batch is None:
-            self._next_batch = self.scheduler.schedule()
-        b = self._next_batch
+        if self._ahead is not None:  # already launched
+            return sum(s.slot >= 0 for s in self._ahead.seqs), self._ahead.prefill
+        b = self._next_batch = self._take_batch()
         return len(b.decodes), bool(b.prefills)
 
     def graph_batch_size(self, num_decodes: int) -> int | None:
@@ -242,16 +241,16 @@ class EngineCore:
         device and before the host waits for it (a rank sends the previous step's outputs
         there, so that host work overlaps the GPU's).
 
-        Async scheduling: a decode-only step on the graphs may launch the next decode step
-        before it returns (``_run_ahead``); the next call then only reads that step's tokens."""
+        Async scheduling: a step on the graphs (decode-only, or decodes with short prefill
+        chunks) may schedule and launch the next one before it returns (``_run_ahead``); the
+        next call then only reads that step's tokens."""
         launched = on_launched or _nothing
         if self._ahead is not None:
             cur, self._ahead = self._ahead, None
             self._ahead = self._run_ahead(cur)
             launched()
             return self._finish(cur)
-        batch = self._next_batch if self._next_batch is not None else self.scheduler.schedule()
-        self._next_batch = None
+        batch = self._take_batch()
         if batch.num_tokens == 0:
             self.dummy_step(pad_to)
             launched()
@@ -262,13 +261,13 @@ class EngineCore:
             raise RuntimeError(f"step(pad_to={pad_to}) needs a decode-only batch on the graph path")
         if graphs is not None and self._ep and pad_to is None:
             graphs = None
+        if pad_to is None and self.async_scheduling and not self._ep and self._launchable(graphs, batch):
+            cur = self._launch(graphs, batch, None)
+            self._ahead = self._run_ahead(cur)
+            launched()
+            return self._finish(cur)
         if graphs is not None and not batch.prefills and graphs.fits(len(ids)):
             seqs = list(batch.decodes)
-            if pad_to is None and all(s.params.logprobs is None for s in seqs):
-                cur = self._launch_decode(graphs, seqs, ids, pending=0)
-                self._ahead = self._run_ahead(cur)
-                launched()
-                return self._finish(cur)
             logits = graphs.run(ids, [s.slot for s in seqs], [s.num_tokens - 1 for s in seqs], bs=pad_to)
             launched()
             self._advance(batch)
@@ -315,46 +314,98 @@ class EngineCore:
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         return self._sample(sampled, logits)
 
-    def _launch_decode(self, graphs, seqs: list[Sequence], ids: list[int] | torch.Tensor,
-                       pending: int) -> _Launched:
-        """Queue a decode step of ``seqs`` on the graphs and its sampling, and start copying the
-        tokens to the host; nothing waits. ``pending``: tokens each sequence has sampled on
-        the device that the host has not appended yet (0, or 1 for a step run ahead); its row
-        sits at position ``num_computed``."""
-        logits = graphs.run(ids, [s.slot for s in seqs], [s.num_computed for s in seqs])
-        rows = [SampleRow(s.params, s.generator, s.slot, None, len(s.output_ids) + pending) for s in seqs]
+    def _take_batch(self) -> ScheduledBatch:
+        """The batch ``schedule_step`` (or a step that could not be launched ahead) scheduled,
+        less the sequences that ended since (their slot freed), or a new one."""
+        batch, self._next_batch = self._next_batch, None
+        if batch is None:
+            return self.scheduler.schedule()
+        return ScheduledBatch([s for s in batch.decodes if s.slot >= 0],
+                              [(s, n) for s, n in batch.prefills if s.slot >= 0])
+
+    def _launchable(self, graphs, batch: ScheduledBatch) -> bool:
+        """``batch`` can run from the graphs with its sampling left on the device: it fits them
+        (a mixed step: ``_graph_rows_fit``), some row samples, and no row asks for
+        log-probabilities (of its tokens or of its prompt)."""
+        if graphs is None or batch.num_tokens == 0:
+            return False
+        if any(s.params.logprobs is not None for s in batch.decodes):
+            return False
+        samples = bool(batch.decodes)
+        chunks = []
+        for s, n in batch.prefills:
+            if s.params.prompt_logprobs is not None or s.params.logprobs is not None:
+                return False
+            samples = samples or s.num_computed + n == s.num_tokens
+            chunks.append((s.slot, s.num_computed, n))
+        return samples and _graph_rows_fit(graphs, batch.num_tokens, chunks)
+
+    def _launch(self, graphs, batch: ScheduledBatch, first_ids: torch.Tensor | None) -> _Launched:
+        """Queue ``batch`` on the graphs and its sampling, and start copying the sampled tokens
+        to the host; nothing waits. ``first_ids``: the decode rows' input ids on the device, the
+        tokens of a step still in flight that the host has not appended (each such row sits at
+        position ``num_computed``, one past its last appended token); None: every decode row's
+        last token is appended. Rows that sample: the decodes, then each prefill chunk that
+        ends its prompt."""
+        pending = int(first_ids is not None)
+        decodes = batch.decodes
+        ids = [0] * len(decodes) if pending else [s.token_at(s.num_tokens - 1) for s in decodes]
+        slots = [s.slot for s in decodes]
+        positions = [s.num_computed for s in decodes]
+        sampled = list(decodes)
+        rows = [SampleRow(s.params, s.generator, s.slot, None, len(s.output_ids) + pending) for s in decodes]
+        sample_rows = list(range(len(decodes)))
+        for s, n in batch.prefills:
+            start = s.num_computed
+            ids.extend(s.tokens(start, start + n))
+            slots.extend([s.slot] * n)
+            positions.extend(range(start, start + n))
+            if start + n == s.num_tokens:  # its first token
+                sample_rows.append(len(ids) - 1)
+                sampled.append(s)
+                rows.append(SampleRow(s.params, s.generator, s.slot, s.prompt_ids, len(s.output_ids)))
+        logits = graphs.run(ids, slots, positions, sample_rows=sample_rows if batch.prefills else None,
+                            first_ids=first_ids)
         tokens = self.sampler.sample_tokens(logits, rows)
-        for s in seqs:
+        for s in decodes:
             s.num_computed += 1
+        for s, n in batch.prefills:
+            s.num_computed += n
         if tokens.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return _Launched(seqs, tokens, host, ready)
-        return _Launched(seqs, tokens, tokens, None)
+            return _Launched(sampled, tokens, host, ready, bool(batch.prefills))
+        return _Launched(sampled, tokens, tokens, None, bool(batch.prefills))
 
     def _run_ahead(self, cur: _Launched) -> _Launched | None:
-        """Launch the decode step after ``cur`` now, fed with cur's tokens on the device, when
-        the host can tell what it holds without those tokens: async scheduling is on, no EP,
-        nothing waits to be admitted, every running sequence is in cur, and no row wants
-        logprobs. Its rows: cur's, less those that ended before (EOS, stop, abort: slot
-        freed) and those that end at cur by length. A row that ends at cur by a token (EOS, a
-        stop) still runs once more; its extra token is dropped, and counts as expert load."""
-        if not self.async_scheduling or self._ep or self.scheduler.waiting:
+        """Schedule the step after ``cur`` now and launch it, its decode rows fed with cur's
+        tokens on the device, when async scheduling is on (without EP) and that step can run
+        from the graphs (``_launchable``). The scheduler counts cur's rows as holding their
+        sampled token, less those that ended before (EOS, stop, abort: slot freed) and those
+        that end at cur by length; it may admit waiting requests and continue prompts as usual.
+        A row that ends at cur by a token (EOS, a stop) still runs once more; its extra token is
+        dropped, and counts as expert load. A step that cannot be launched stays scheduled for
+        the next call (``_take_batch``)."""
+        if not self.async_scheduling or self._ep or self._graphs is None:
             return None
-        live = [i for i, s in enumerate(cur.seqs) if s.slot >= 0]
-        if len(live) != len(self.scheduler.running):
-            return None  # a prefill chunk is left: the next step is the scheduler's
-        keep = [i for i in live if not self._ends_by_length(cur.seqs[i], 1)]
-        graphs = self._graphs
-        if not keep or not graphs.fits(len(keep)):
+        pending = frozenset(s.request_id for s in cur.seqs if s.slot >= 0 and not self._ends_by_length(s, 1))
+        batch = self.scheduler.schedule(pending)
+        if not self._launchable(self._graphs, batch):
+            self._next_batch = batch
             return None
-        ids = cur.tokens if len(keep) == len(cur.seqs) else cur.tokens.index_select(
-            0, long_tensor(keep, "cpu").pin_memory().to(cur.tokens.device, non_blocking=True)
-            if cur.tokens.is_cuda else long_tensor(keep))
+        row = {s.request_id: i for i, s in enumerate(cur.seqs)}
+        keep = [row[s.request_id] for s in batch.decodes]
+        if keep == list(range(len(cur.seqs))):
+            ids = cur.tokens
+        elif cur.tokens.is_cuda:
+            ids = cur.tokens.index_select(0, long_tensor(keep, "cpu").pin_memory().to(cur.tokens.device,
+                                                                                      non_blocking=True))
+        else:
+            ids = cur.tokens.index_select(0, long_tensor(keep))
         self.steps_ahead += 1
-        return self._launch_decode(graphs, [cur.seqs[i] for i in keep], ids, pending=1)
+        return self._launch(self._graphs, batch, ids)
 
     def _ends_by_length(self, s: Sequence, pending: int) -> bool:
         """``s`` ends by max_tokens or max_model_len once its ``pending`` sampled tokens are in."""

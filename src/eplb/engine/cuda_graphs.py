@@ -169,16 +169,21 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ids: list[int] | torch.Tensor, slots: list[int], positions: list[int], *,
-            bs: int | None = None, sample_rows: list[int] | None = None) -> torch.Tensor:
+            bs: int | None = None, sample_rows: list[int] | None = None,
+            first_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``len(ids)`` rows at size ``bs`` (default: the smallest that fits) -> the logits
         of every row, or of ``sample_rows`` (at most ``max_batch``, in that order). An explicit
         ``bs`` (the size the DP ranks agreed on) may carry zero real rows: a rank with no work
-        runs the same graph as its peers. ``ids`` may be a device tensor (tokens an earlier step
-        sampled and the host has not read yet): copied in on the device, after the host rows."""
+        runs the same graph as its peers. ``first_ids``: the ids of rows [0, len(first_ids)) as a
+        device tensor (tokens an earlier step sampled and the host has not read yet; ``ids`` holds
+        placeholders there), copied in on the device after the host rows; ``ids`` itself may be
+        such a tensor (every row)."""
         n = len(ids)
-        ids_dev = ids if isinstance(ids, torch.Tensor) else None
-        if ids_dev is not None:
-            ids = [0] * n
+        if isinstance(ids, torch.Tensor):
+            ids, first_ids = [0] * n, ids
+        if first_ids is not None and len(first_ids) > n:
+            raise ValueError(f"first_ids has {len(first_ids)} rows, the step {n}")
+        ids_dev = first_ids
         if bs is None:
             bs = self.size_for(n)
             if bs is None:
@@ -192,7 +197,7 @@ class DecodeGraphs:
                              "give sample_rows")
         self._fill(ids, slots, positions, bs, sample_rows)
         if ids_dev is not None:
-            self.ids[:n].copy_(ids_dev)
+            self.ids[: len(ids_dev)].copy_(ids_dev)
         if bs in self.graphs:
             self.graphs[bs].replay()
             logits = self.outputs[bs]

@@ -74,16 +74,23 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, pending: frozenset[str] = frozenset()) -> ScheduledBatch:
+        """The next step's batch. ``pending``: request ids of sequences that have sampled a token
+        the host has not appended yet (a step launched ahead, before the one in flight ended):
+        they count as holding it, so they decode."""
         budget = self.max_num_batched_tokens
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+
+        def left(s: Sequence) -> int:
+            return s.num_tokens + (s.request_id in pending) - s.num_computed
+
+        decodes = [s for s in self.running if left(s) == 1]
         decodes.sort(key=lambda s: s.slot)  # packed slots -> contiguous decode attention
         budget -= len(decodes)
         prefills: list[tuple[Sequence, int]] = []
         for s in self.running:
-            left = s.num_tokens - s.num_computed
-            if left > 1 and budget > 0:
-                n = min(left, budget)
+            n_left = left(s)
+            if n_left > 1 and budget > 0:
+                n = min(n_left, budget)
                 prefills.append((s, n))
                 budget -= n
         while budget > 0 and self.waiting and self.kv.num_free:
