@@ -9,6 +9,7 @@
 # and serve-full-size.log (the server logs); the per-run files stay in WORK (a temporary folder).
 # Env: KINDS="fp8 bf16", CONCURRENCY="1 32 64 128 256", PORT=8000, INPUT_LEN=512, OUTPUT_LEN=256,
 #      EXTRA_SERVE_ARGS (appended to eplb serve, e.g. "--dummy-router-skew"),
+#      PROMPTS_PER_CONCURRENCY=4 (prompts per run = concurrency x this, at least 8),
 #      FP8_MODEL / BF16_MODEL (other config folders, e.g. scaled-down copies for a CPU smoke test).
 set -u
 OUT=${1:-bench/results}
@@ -43,7 +44,7 @@ for kind in $KINDS; do
   fi
   echo "[$kind] server ready in $(( $(date +%s) - t0 )) s"
   for c in $CONCURRENCY; do
-    n=$(( c * 4 )); [ "$n" -lt 8 ] && n=8
+    n=$(( c * ${PROMPTS_PER_CONCURRENCY:-4} )); [ "$n" -lt 8 ] && n=8
     $PY -m eplb.cli bench serve --port "$PORT" --model "$name" --tokenizer "$model" \
       --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" --num-prompts "$n" \
       --max-concurrency "$c" --ignore-eos --disable-tqdm --save-result --result-dir "$WORK" \
