@@ -53,16 +53,23 @@ def _variants():
         ("MoE one-program sort + PDL", moe_triton._align_small_kernel,
          dict(slot_ptr=I64, counts_ptr=I32, start_ptr=I32, sorted_ptr=I32, block_slot_ptr=I32, num_post_ptr=I32),
          dict(BM=16, N_PAD=256, S_PAD=128, J_PAD=16, USE_PDL=True), 8, 3, pdl),
-        ("MoE FP8 gate/up GEMM + PDL + expert prefetch", moe_triton._gemm1_kernel,
+        # SWAP (the FP8 table's decode tiles): BM = 16 pairs on the dot's N side, so the e4m3 dot
+        # must lower to Hopper's wgmma
+        ("MoE FP8 gate/up GEMM, transposed dots + PDL + expert prefetch", moe_triton._gemm1_kernel,
          dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, ws_ptr=F32, h_ptr=FP8, hs_ptr=F32, sorted_ptr=I32,
               block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),
          dict(TOP_K=8, BM=16, BN=128, BK=128, GROUP_M=1, FP8=True, H_FP8=True, EVEN_K=True, USE_PDL=True,
-              PREFETCH=True, LINE=128), 4, 4, pdl + ["prefetch.global.L2::evict_last"]),
+              PREFETCH=True, LINE=128, SWAP=True), 4, 5, pdl + ["prefetch.global.L2::evict_last", "wgmma"]),
+        ("MoE FP8 down GEMM, transposed dots", moe_triton._gemm2_kernel,
+         dict(h_ptr=FP8, hs_ptr=F32, w_ptr=FP8, ws_ptr=F32, y_ptr=BF16, weight_ptr=F32, sorted_ptr=I32,
+              block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),
+         dict(BM=16, BN=64, BK=128, GROUP_M=1, FP8=True, H_FP8=True, EVEN_K=True, MUL_WEIGHT=True,
+              USE_PDL=False, PREFETCH=False, LINE=128, SWAP=True), 4, 4, ["wgmma"]),
         ("MoE bf16 down GEMM + PDL + expert prefetch", moe_triton._gemm2_kernel,
          dict(h_ptr=BF16, hs_ptr=BF16, w_ptr=BF16, ws_ptr=BF16, y_ptr=BF16, weight_ptr=F32, sorted_ptr=I32,
               block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),
          dict(BM=16, BN=64, BK=64, GROUP_M=1, FP8=False, H_FP8=False, EVEN_K=True, MUL_WEIGHT=True,
-              USE_PDL=True, PREFETCH=True, LINE=64), 4, 4, pdl + ["prefetch.global.L2::evict_last"]),
+              USE_PDL=True, PREFETCH=True, LINE=64, SWAP=False), 4, 4, pdl + ["prefetch.global.L2::evict_last"]),
     ]
 
 
