@@ -153,12 +153,38 @@ def test_warm_prefill_leaves_no_trace(path):
     assert run(core, 3) == ref
 
 
+def test_warm_eager_decode_one_forward_per_split_plan_and_no_trace(path):
+    """One eager decode forward per split plan of the decode-attention kernel (the variants
+    eager steps use), each in the scratch slot: no expert load, no later output changed."""
+    from eplb.kernels.decode_attention import split_plan
+
+    def make():  # long contexts and many slots: several split plans
+        return EngineCore(path, dtype="float32", device="cpu", max_model_len=1024, max_num_seqs=40,
+                          max_num_batched_tokens=64, enforce_eager=True)
+
+    ref = run(make(), 3)
+    core = make()
+    kv_before = [t.clone() for layer in core.kv.layers for t in layer]
+    sizes = core.warm_eager_decode()
+    cfg = core.config
+    plans = [split_plan(b, cfg.num_kv_heads, core.kv.max_len) for b in range(1, core.kv.num_slots + 1)]
+    assert sorted(split_plan(b, cfg.num_kv_heads, core.kv.max_len) for b in sizes) == sorted(set(plans))
+    assert sizes[0] == 1 and len(sizes) > 3
+    assert all(int(l.expert_load.sum()) == 0 for l in core.model.moe_layers())
+    scratch = core.kv.scratch_slot
+    for before, after in zip(kv_before, (t for layer in core.kv.layers for t in layer)):
+        keep = [i for i in range(after.shape[0]) if i != scratch]
+        assert torch.equal(before[keep], after[keep])  # only the scratch slot was written
+    assert run(core, 3) == ref
+
+
 def test_warm_up_on_cpu_does_nothing(path, monkeypatch):
     """warm_up() captures graphs and warms prefill only where decode graphs are used: on the CPU
     (eager or not) it runs no forward and says False."""
     for eager in (True, False):
         core = make_core(path, False, eager=eager)
         monkeypatch.setattr(core, "warm_prefill", lambda: pytest.fail("warm_prefill ran on the CPU"))
+        monkeypatch.setattr(core, "warm_eager_decode", lambda: pytest.fail("warm_eager_decode ran on the CPU"))
         assert core.warm_up() is False
         assert core._graphs is None
 

@@ -393,7 +393,7 @@ class EngineCore:
         pending = frozenset(s.request_id for s in cur.seqs if s.slot >= 0 and not self._ends_by_length(s, 1))
         batch = self.scheduler.schedule(pending)
         if not self._launchable(self._graphs, batch):
-            self._next_batch = batch
+            self._next_batch = batch if batch.num_tokens else None  # empty: schedule afresh next call
             return None
         row = {s.request_id: i for i, s in enumerate(cur.seqs)}
         keep = [row[s.request_id] for s in batch.decodes]
@@ -467,9 +467,9 @@ class EngineCore:
         return outs
 
     def warm_up(self) -> bool:
-        """Startup work before serving, two jobs: capture the decode CUDA graphs now instead of at
-        the first decode-only step, and compile the prefill-sized kernel variants
-        (``warm_prefill``). Does either only where decode graphs are captured (CUDA, not
+        """Startup work before serving: capture the decode CUDA graphs now instead of at the first
+        decode-only step, and compile the kernel variants of eager steps (``warm_prefill``,
+        ``warm_eager_decode``). Does these only where decode graphs are captured (CUDA, not
         ``enforce_eager``); call it after the runtime installed its dispatchers. With an EP
         dispatcher the capture runs the EP collectives, so every rank must call it at the same
         point (the DP rank does, at startup); prefill warm-up is skipped there (its eager
@@ -480,7 +480,28 @@ class EngineCore:
             return False
         if not self._ep:
             self.warm_prefill()
+            self.warm_eager_decode()
         return True
+
+    @torch.inference_mode()
+    def warm_eager_decode(self) -> list[int]:
+        """One eager forward of b decode rows (all in the KV cache's scratch slot, no expert load)
+        per split plan of the decode-attention kernel (``split_plan``: its launch variant depends
+        on the row count), so the variants that eager steps with decode rows use (steps that mix
+        decodes with prefill chunks too large for the graphs) compile now, not inside serving
+        steps. Returns the row counts run."""
+        from eplb.kernels.decode_attention import split_plan
+
+        cfg = self.config
+        plans: dict[int, int] = {}
+        for b in range(1, self.kv.num_slots + 1):
+            plans.setdefault(split_plan(b, cfg.num_kv_heads, self.kv.max_len), b)
+        sizes = sorted(plans.values())
+        for b in sizes:
+            meta = AttentionMetadata.build([(self.kv.scratch_slot, 0)] * b, [], device=self.device)
+            ids = torch.zeros(b, dtype=torch.long, device=self.device)
+            self.model(ids, meta, self.kv.layers, num_real_tokens=0)
+        return sizes
 
     @torch.inference_mode()
     def warm_prefill(self) -> list[int]:
