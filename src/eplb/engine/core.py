@@ -342,18 +342,23 @@ class EngineCore:
 
     def _launch(self, graphs, batch: ScheduledBatch, first_ids: torch.Tensor | None) -> _Launched:
         """Queue ``batch`` on the graphs and its sampling, and start copying the sampled tokens
-        to the host; nothing waits. ``first_ids``: the decode rows' input ids on the device, the
-        tokens of a step still in flight that the host has not appended (each such row sits at
-        position ``num_computed``, one past its last appended token); None: every decode row's
-        last token is appended. Rows that sample: the decodes, then each prefill chunk that
-        ends its prompt."""
-        pending = int(first_ids is not None)
+        to the host; nothing waits. ``first_ids``: the input ids of the first ``len(first_ids)``
+        decode rows on the device, tokens of a step still in flight that the host has not
+        appended (each such row sits at position ``num_computed``, one past its last appended
+        token); the other decode rows' last token is appended (a prompt's last token counts as a
+        decode row too). Rows that sample: the decodes, then each prefill chunk that ends its
+        prompt."""
         decodes = batch.decodes
-        ids = [0] * len(decodes) if pending else [s.token_at(s.num_tokens - 1) for s in decodes]
+        n_pending = 0 if first_ids is None else len(first_ids)
+        ids = [0 if i < n_pending else s.token_at(s.num_tokens - 1) for i, s in enumerate(decodes)]
         slots = [s.slot for s in decodes]
         positions = [s.num_computed for s in decodes]
         sampled = list(decodes)
-        rows = [SampleRow(s.params, s.generator, s.slot, None, len(s.output_ids) + pending) for s in decodes]
+        # a decode row without a pending token whose output is empty computes its prompt's last
+        # token: its first sample, which gets the prompt (penalties)
+        rows = [SampleRow(s.params, s.generator, s.slot,
+                          s.prompt_ids if i >= n_pending and not s.output_ids else None,
+                          len(s.output_ids) + (i < n_pending)) for i, s in enumerate(decodes)]
         sample_rows = list(range(len(decodes)))
         for s, n in batch.prefills:
             start = s.num_computed
@@ -396,8 +401,14 @@ class EngineCore:
             self._next_batch = batch if batch.num_tokens else None  # empty: schedule afresh next call
             return None
         row = {s.request_id: i for i, s in enumerate(cur.seqs)}
-        keep = [row[s.request_id] for s in batch.decodes]
-        if keep == list(range(len(cur.seqs))):
+        # the rows fed by cur's tokens first; the others (a prompt with one token left, which
+        # the scheduler also counts as a decode) read theirs from the host
+        fed = [s for s in batch.decodes if s.request_id in pending]
+        batch = ScheduledBatch(fed + [s for s in batch.decodes if s.request_id not in pending], batch.prefills)
+        keep = [row[s.request_id] for s in fed]
+        if not keep:
+            ids = None
+        elif keep == list(range(len(cur.seqs))):
             ids = cur.tokens
         elif cur.tokens.is_cuda:
             ids = cur.tokens.index_select(0, long_tensor(keep, "cpu").pin_memory().to(cur.tokens.device,
