@@ -272,7 +272,10 @@ def _cands(t: int, fp8: bool):
         bms = [64, 128]
         g1 = [c(64, 64, 8, 4, 4), c(128, 64, 8, 8, 3), c(64, 128, 8, 4, 3), c(128, 128, 8, 8, 3)]
         g2 = [c(128, 64, 8, 4, 4), c(128, 64, 8, 8, 4), c(256, 64, 8, 8, 3), c(128, 128, 8, 8, 3)]
-    return bms, g1, g2
+        return bms, g1, g2
+    # bf16 dots of BM < 64 rows also lower to mma.sync: try each candidate transposed too
+    return bms, g1 + [dict(x, SWAP=True) for x in g1 if x["BN"] >= 64], \
+        g2 + [dict(x, SWAP=True) for x in g2 if x["BN"] >= 64]
 
 
 @torch.no_grad()
