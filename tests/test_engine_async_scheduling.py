@@ -260,3 +260,27 @@ def test_closed_loop_no_request_waits_for_its_first_token(path):
     assert sum(on.values()) - sum(off.values()) <= len(on)
     assert calls_on <= calls_off + -(-20 // 6)
     assert any(prefill_rows)
+
+
+def test_a_prompts_last_token_as_a_decode_row_gets_its_penalties(path):
+    """A prompt chunked down to its last token runs that token as a decode row, which samples
+    the request's first token: the sampler must get the prompt there (its penalty state starts
+    from it), whether the step is launched fresh or ahead; tokens equal one step at a time."""
+    reqs = [(f"p{i}", [(5 * i + j) % 30 + 2 for j in range(9 + i)],
+             SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=2.0))
+            for i in range(4)]
+    engine = {"max_num_batched_tokens": 8}  # 9-12 token prompts: chunks of 8 leave 1-4 tokens
+    ref = drive(make_core(path, False, **engine), reqs)
+    core = make_core(path, True, **engine)
+    prompts = {tuple(p) for _, p, _ in reqs}
+    first_samples = []
+    inner = core.sampler.sample_tokens
+
+    def spy(logits, rows):
+        first_samples.extend(r.prompt_ids for r in rows if r.num_generated == 0)
+        return inner(logits, rows)
+
+    core.sampler.sample_tokens = spy
+    got = drive(core, reqs)
+    assert got[0] == ref[0] and got[1] == ref[1]
+    assert len(first_samples) == 4 and all(p is not None and tuple(p) in prompts for p in first_samples)
