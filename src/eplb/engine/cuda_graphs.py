@@ -168,7 +168,7 @@ class DecodeGraphs:
         return self.sizes[bisect.bisect_left(self.sizes, n)] if self.fits(n) else None
 
     @torch.inference_mode()
-    def run(self, ids: list[int] | torch.Tensor, slots: list[int], positions: list[int], *,
+    def run(self, ids: list[int], slots: list[int], positions: list[int], *,
             bs: int | None = None, sample_rows: list[int] | None = None,
             first_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``len(ids)`` rows at size ``bs`` (default: the smallest that fits) -> the logits
@@ -176,14 +176,10 @@ class DecodeGraphs:
         ``bs`` (the size the DP ranks agreed on) may carry zero real rows: a rank with no work
         runs the same graph as its peers. ``first_ids``: the ids of rows [0, len(first_ids)) as a
         device tensor (tokens an earlier step sampled and the host has not read yet; ``ids`` holds
-        placeholders there), copied in on the device after the host rows; ``ids`` itself may be
-        such a tensor (every row)."""
+        placeholders there), copied in on the device after the host rows."""
         n = len(ids)
-        if isinstance(ids, torch.Tensor):
-            ids, first_ids = [0] * n, ids
         if first_ids is not None and len(first_ids) > n:
             raise ValueError(f"first_ids has {len(first_ids)} rows, the step {n}")
-        ids_dev = first_ids
         if bs is None:
             bs = self.size_for(n)
             if bs is None:
@@ -196,8 +192,8 @@ class DecodeGraphs:
             raise ValueError(f"a step of size {bs} > {self.max_batch} samples at most {self.max_batch} rows: "
                              "give sample_rows")
         self._fill(ids, slots, positions, bs, sample_rows)
-        if ids_dev is not None:
-            self.ids[: len(ids_dev)].copy_(ids_dev)
+        if first_ids is not None:
+            self.ids[: len(first_ids)].copy_(first_ids)
         if bs in self.graphs:
             self.graphs[bs].replay()
             logits = self.outputs[bs]

@@ -99,9 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: min(2048, --max-num-batched-tokens); --max-num-seqs or less: "
                         "decode-only steps only)")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                   help="a decode step on the CUDA graphs launches the next one before the host reads "
-                        "its tokens, so scheduling and output work overlap the GPU (vLLM's name; "
-                        "without EP; default: on)")
+                   help="a step on the CUDA graphs (decodes, with or without short prompt chunks) "
+                        "schedules and launches the next one before the host reads its tokens, so "
+                        "scheduling and output work overlap the GPU (vLLM's name; without EP; default: on)")
     e.add_argument("--quantization", "-q", choices=("fp8", "none"), default=None,
                    help="default: a block-FP8 checkpoint runs the FP8 kernels where they can run "
                         "(CUDA sm >= 8.9, triton, bfloat16) and is dequantized elsewhere; fp8: insist "
