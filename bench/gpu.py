@@ -278,6 +278,24 @@ def _cands(t: int, fp8: bool):
         g2 + [dict(x, SWAP=True) for x in g2 if x["BN"] >= 64]
 
 
+def search_tiles(run, bm: int, g1s: list[dict], g2s: list[dict], label: str) -> tuple[float, dict]:
+    """Coordinate search at row block ``bm``: the best gemm1 candidate with gemm2 at its first,
+    then the best gemm2 with that gemm1. ``run(cfg)`` -> seconds; a candidate that fails to
+    compile or run is reported and skipped. -> (seconds, config)."""
+    cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
+    for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
+        res = []
+        for cand in cands:
+            cfg = dict(cur, **{part: cand})
+            try:
+                res.append((run(cfg), cand))
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"   {label} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
+        if res:
+            cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
+    return run(cur), cur
+
+
 @torch.no_grad()
 def tune(tokens=TOKENS) -> dict:
     from eplb.kernels.tile_table import TABLE
@@ -296,22 +314,7 @@ def tune(tokens=TOKENS) -> dict:
                 return graph_time(xs, routes, wargs, dict(kw, config=cfg))
 
             bms, g1s, g2s = _cands(t, fp8)
-            best = None
-            for bm in bms:
-                cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
-                for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
-                    res = []
-                    for cand in cands:
-                        cfg = dict(cur, **{part: cand})
-                        try:
-                            res.append((run(cfg), cand))
-                        except Exception as exc:
-                            print(f"   tune {key} t={t} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
-                    if res:
-                        cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
-                sec = run(cur)
-                if best is None or sec < best[0]:
-                    best = (sec, cur)
+            best = min((search_tiles(run, bm, g1s, g2s, f"tune {key} t={t}") for bm in bms), key=lambda r: r[0])
             n_pairs = str(t * K)
             default = TABLE[key].get(n_pairs)
             dsec = run(default) if default else None

@@ -1,6 +1,6 @@
 """Dev: MoE tile configs at decode sizes, with and without transposed dots (SWAP: weight columns as
 the MMA's M side, so that an FP8 dot of a few pairs per expert can use Hopper's wgmma instead of
-fp16 mma.sync). Coordinate descent per BM (gemm1 with gemm2 fixed, then gemm2), experts-only CUDA
+fp16 mma.sync). Coordinate descent per BM (bench/gpu.py's search_tiles), experts-only CUDA
 graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
 
     python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
@@ -68,18 +68,7 @@ def main() -> None:
                 base = run(get_config(t * gpu.K, fp8))
                 best = None
                 for bm in ((16,) if t <= 16 else (16, 32)):
-                    cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
-                    for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
-                        res = []
-                        for cand in cands:
-                            cfg = dict(cur, **{part: cand})
-                            try:
-                                res.append((run(cfg), cand))
-                            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                                print(f"   fail {key} t={t} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
-                        if res:
-                            cur = dict(cur, **{part: min(res, key=lambda r: r[0])[1]})
-                    sec = run(cur)
+                    sec, cur = gpu.search_tiles(run, bm, g1s, g2s, f"fail {key} t={t}")
                     if best is None or sec < best[0]:
                         best = (sec, cur)
                     # the best without SWAP at this BM, for the A/B
