@@ -1,6 +1,6 @@
 """Test-only helpers for the model tests: the transformers reference, empty KV caches, the
-relative logit error of one flattened prefill against the reference run per prompt, and a CPU
-engine on the CUDA-graph path's static forward."""
+relative logit error of one flattened prefill against the reference run per prompt, a CPU
+engine on the CUDA-graph path's static forward, and the tiny-checkpoint fixture."""
 
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def static_path_core(path: str, *, max_tokens: int | None = None, **engine):
                                 max_tokens=max_tokens)
     core._graphs_checked = True
     return core
+
+
+def tiny_checkpoint_fixture(seed: int):
+    """A module-scoped pytest fixture giving the folder of a tiny qwen3_moe checkpoint (random
+    weights from ``seed``), written once per test module: ``path = tiny_checkpoint_fixture(11)``."""
+    import pytest
+
+    from eplb.model.tiny import make_tiny_checkpoint
+
+    @pytest.fixture(scope="module")
+    def path(tmp_path_factory):
+        p = str(tmp_path_factory.mktemp("tiny"))
+        make_tiny_checkpoint(p, "qwen3_moe", seed=seed)
+        return p
+
+    return path

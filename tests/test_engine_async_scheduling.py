@@ -5,21 +5,15 @@ requests arrive."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from eplb.engine import SamplingParams
-from eplb.model.tiny import make_tiny_checkpoint
-from model_helpers import static_path_core
+from model_helpers import static_path_core, tiny_checkpoint_fixture
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    p = str(tmp_path_factory.mktemp("tiny"))
-    make_tiny_checkpoint(p, "qwen3_moe", seed=11)
-    return p
+path = tiny_checkpoint_fixture(seed=11)
 
 
 def make_core(path, async_scheduling: bool, max_model_len: int = 64, **engine):

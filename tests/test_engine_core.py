@@ -10,17 +10,12 @@ import torch
 from eplb.cli import main as cli_main
 from eplb.engine import LLM, EngineCore, SamplingParams
 from eplb.engine.sampling import sample
-from eplb.model.tiny import make_tiny_checkpoint
-from model_helpers import run_to_completion
+from model_helpers import run_to_completion, tiny_checkpoint_fixture
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    p = str(tmp_path_factory.mktemp("tiny"))
-    make_tiny_checkpoint(p, "qwen3_moe", seed=5)
-    return p
+path = tiny_checkpoint_fixture(seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,12 @@ import torch
 from eplb.balancer.placement import Placement
 from eplb.engine import EngineCore, SamplingParams
 from eplb.engine.cuda_graphs import capture_sizes
-from eplb.model.tiny import make_tiny_checkpoint
-from model_helpers import static_path_core
+from model_helpers import static_path_core, tiny_checkpoint_fixture
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    p = str(tmp_path_factory.mktemp("tiny"))
-    make_tiny_checkpoint(p, "qwen3_moe", seed=11)
-    return p
+path = tiny_checkpoint_fixture(seed=11)
 
 
 def make_core(path, static: bool, device: str = "cpu", dtype: str = "float32", eager: bool = True,
