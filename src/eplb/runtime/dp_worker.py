@@ -61,6 +61,8 @@ _HAS_WORK, _STOP, _PREFILL, _DECODES = 0, 1, 2, 3
 
 IDLE_WAIT_S = 0.1  # how long an idle rank blocks on its queue before the next idle all-reduce
 INFLIGHT_IDLE_WAIT_S = 0.01  # shorter while an async rebalance waits for a commit boundary
+# a boundary+forward slower than this is logged (a compile inside serving, a stalled peer)
+SLOW_STEP_S = 1.0
 
 
 @dataclass
@@ -317,10 +319,14 @@ class RankWorker:
             self._count_mode(has_work, decodes, prefill, pad_to)
             self.steps += 1
             self.state.collect_step_load()
+            elapsed = time.perf_counter() - t0
+            if elapsed > SLOW_STEP_S:
+                log.warning("rank %d: step %d took %.2f s (own decode rows %d, prefill %s, padded to %s)",
+                            self.rank, self.steps, elapsed, decodes, prefill, pad_to)
             if self.step_log is not None:
                 phase = ("sync" if self.state.synced_at_boundary
                          else "async" if self.state.rebalance_in_flight else "steady")
-                self.step_log.append((time.perf_counter() - t0, phase))
+                self.step_log.append((elapsed, phase))
             self._unsent = outs
 
     def _send_outputs(self) -> None:
