@@ -104,7 +104,7 @@ def sweep(scale: float, cases: list[tuple[int, int]]) -> None:
     print("sweep: graph us per (B, ctx)", cases)
     default = (64, 4, 2)
     configs = [(bn, w, s, da._TARGET_PROGRAMS) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-    configs += [(*default, t) for t in (1024, 2048, 4096, 8192)]
+    configs += [(*default, t) for t in (128, 256, 1024, 2048, 4096, 8192)]
     for bn, w, s, target in configs:
         row, err = [], 0.0
         for c in cases:
