@@ -140,11 +140,22 @@ def test_static_runner_rejects_oversized_batch(path):
 
 def test_warm_prefill_leaves_no_trace(path):
     """The startup warm-up forwards (scratch slot, no load) change neither the expert load nor
-    any later output."""
+    any later output; a size above one slot's keys (max_model_len 64) runs as several chunks, so
+    every size up to the step budget is warmed."""
     ref = run(make_core(path, False), 3)
-    core = make_core(path, False)
-    assert core.warm_prefill() == [64]  # capped by max_model_len 64
+    core = make_core(path, False, budget=200)
+    seen = []
+    inner = core.model.forward
+
+    def forward(ids, meta, *args, **kw):
+        seen.append((len(ids), [n for _, _, n in meta.prefills]))
+        return inner(ids, meta, *args, **kw)
+
+    core.model.forward = forward
+    assert core.warm_prefill() == [1, 2, 4, 8, 16, 32, 64, 128, 200]
+    assert seen[-2] == (128, [64, 64]) and seen[-1] == (200, [64, 64, 64, 8])
     assert all(int(l.expert_load.sum()) == 0 for l in core.model.moe_layers())
+    core.model.forward = inner
     assert run(core, 3) == ref
 
 

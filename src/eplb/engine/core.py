@@ -516,18 +516,29 @@ class EngineCore:
 
     @torch.inference_mode()
     def warm_prefill(self) -> list[int]:
-        """One forward of padding tokens per size where the MoE kernels' tile config changes
-        (64, 256, 1024, 8192 tokens and the step budget, capped by it and by max_model_len), so
-        Triton compiles those variants (and cuDNN plans its prefill buckets) before serving instead
-        of inside the first steps that need them. The tokens sit in the KV cache's scratch slot and
-        count as no expert load. Returns the sizes run."""
-        cap = min(self.scheduler.max_num_batched_tokens, self.max_model_len)
-        sizes = sorted({n for n in (64, 256, 1024, 8192, cap) if n <= cap})
-        for n in sizes:
-            meta = AttentionMetadata.build([], [(self.kv.scratch_slot, 0, n)], device=self.device)
+        """One eager forward of padding tokens per step size whose kernel variants may differ, so
+        Triton compiles them (and cuDNN plans its prefill buckets) before serving instead of inside
+        the steps that first need them (a compile stalls a step for seconds). Sizes: every power
+        of two up to the step budget (``max_num_batched_tokens``) and the budget itself (the MoE
+        tile table, its sort's padded sizes and the FP8 linear tiles change at powers of two), and
+        each cuDNN prefill bucket a single chunk can fill. A size larger than one slot's keys runs
+        as several chunks, all in the KV cache's scratch slot, as a step of several prompts would.
+        The tokens count as no expert load. Returns the sizes run (tokens per forward)."""
+        from eplb.model.attention import CUDNN_PREFILL_BUCKET, CUDNN_PREFILL_MIN
+
+        budget = self.scheduler.max_num_batched_tokens
+        max_len = self.kv.max_len
+        sizes = {1 << j for j in range(budget.bit_length())} | {budget}
+        longest = min(max_len, budget)  # one chunk's most tokens
+        sizes |= set(range(CUDNN_PREFILL_MIN, longest + 1, CUDNN_PREFILL_BUCKET))
+        if longest >= CUDNN_PREFILL_MIN:
+            sizes.add(longest)  # its bucket may be max_len itself
+        for n in sorted(sizes):
+            chunks = [(self.kv.scratch_slot, 0, min(max_len, n - i)) for i in range(0, n, max_len)]
+            meta = AttentionMetadata.build([], chunks, device=self.device)
             ids = torch.zeros(n, dtype=torch.long, device=self.device)
             self.model(ids, meta, self.kv.layers, num_real_tokens=0)
-        return sizes
+        return sorted(sizes)
 
     def _decode_graphs(self):
         """The decode graph runner (captured, or its padded static forward run eagerly), or

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.config import EPLBConfig, ParallelConfig
+from eplb.kernels import compile_log
 from eplb.runtime.heartbeat import HeartbeatWriter
 from eplb.runtime.messages import (
     AbortRequest,
@@ -184,7 +185,11 @@ class RankWorker:
             self.engine.set_graph_max_batch(int(slots))
         # graphs (+ prefill kernels without EP), before serving; no-op on CPU and eager. With EP
         # the capture runs the EP collectives: every rank does it here, in the same order
+        if self.ctx.device.type == "cuda":  # (triton is not imported on CPU ranks)
+            compile_log.install()  # before the warm-up: its compiles are counted too
+        compiled = compile_log.count()
         self.engine.warm_up()
+        log.info("rank %d: warm-up done (%d Triton compile(s))", self.rank, compile_log.count() - compiled)
         self.dummy_steps = 0
         self.static_steps = 0  # forwards on the padded decode graph path (replays on CUDA)
         self.static_dummy_steps = 0  # of those, with no real row here
@@ -275,6 +280,7 @@ class RankWorker:
             self.beat("idle wait")
             stop |= self._drain(in_q, wait)
             t0 = time.perf_counter()
+            compiles0 = compile_log.count()
             has_work = self.engine.has_unfinished_requests()
             decodes, prefill = self.engine.schedule_step() if has_work else (0, False)
             header = torch.zeros(_DECODES + self.world_size, dtype=torch.long)
@@ -321,8 +327,10 @@ class RankWorker:
             self.state.collect_step_load()
             elapsed = time.perf_counter() - t0
             if elapsed > SLOW_STEP_S:
-                log.warning("rank %d: step %d took %.2f s (own decode rows %d, prefill %s, padded to %s)",
-                            self.rank, self.steps, elapsed, decodes, prefill, pad_to)
+                compiled = compile_log.since(compiles0)
+                log.warning("rank %d: step %d took %.2f s (own decode rows %d, prefill %s, padded to %s; "
+                            "%d Triton compile(s)%s)", self.rank, self.steps, elapsed, decodes, prefill, pad_to,
+                            len(compiled), f": {', '.join(compiled)}" if compiled else "")
             if self.step_log is not None:
                 phase = ("sync" if self.state.synced_at_boundary
                          else "async" if self.state.rebalance_in_flight else "steady")
