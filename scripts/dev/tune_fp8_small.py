@@ -4,6 +4,7 @@ fp16 mma.sync). Coordinate descent per BM (bench/gpu.py's search_tiles), experts
 graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
 
     python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
+        [--stages 3,4,5] [--warps 4] [--swap-only]
 
 Prints the table entry before and the best found per token count, with the read rate of the
 touched expert bytes against the reduction read rate; --out writes {dtype: {pairs: config}} for
@@ -28,11 +29,12 @@ def c(bn, w, s, swap, bk=128):
     return {"BN": bn, "BK": bk, "GROUP_M": 1, "num_warps": w, "num_stages": s, "SWAP": swap}
 
 
-def candidates(fp8: bool):
+def candidates(fp8: bool, stages=(3, 4, 5), warps=(4,), swaps=(False, True)):
     bks = (128,) if fp8 else (64, 128)
-    g1 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), (4,), (3, 4, 5), (False, True), bks)]
-    g1 += [c(32, 4, 4, False, bk) for bk in bks]
-    g2 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), (4,), (3, 4), (False, True), bks)]
+    g1 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), warps, stages, swaps, bks)]
+    if False in swaps:
+        g1 += [c(32, 4, 4, False, bk) for bk in bks]
+    g2 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), warps, stages, swaps, bks)]
     return g1, g2
 
 
@@ -41,6 +43,9 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp8")
     ap.add_argument("--tokens", default="1,16,32,64,128,256")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--stages", default="3,4,5", help="pipeline depths to try")
+    ap.add_argument("--warps", default="4", help="warp counts to try")
+    ap.add_argument("--swap-only", action="store_true", help="only transposed-dot candidates")
     args = ap.parse_args()
     read_bps = gpu.ceilings()["reduction_read_GBps"] * 1e9
     print(f"{torch.cuda.get_device_name()}: reduction read {read_bps / 1e9:.0f} GB/s", flush=True)
@@ -52,7 +57,9 @@ def main() -> None:
             wargs = (layer.q13, layer.q2) if fp8 else (layer.w13, layer.w2)
             kw = {"w13_scale": layer.s13, "w2_scale": layer.s2} if fp8 else {}
             per_expert = 3 * gpu.H * gpu.I * (1 if fp8 else 2)
-            g1s, g2s = candidates(fp8)
+            g1s, g2s = candidates(fp8, tuple(int(v) for v in args.stages.split(",")),
+                                  tuple(int(v) for v in args.warps.split(",")),
+                                  (True,) if args.swap_only else (False, True))
             found[key] = {}
             for t in (int(v) for v in args.tokens.split(",")):
                 xs = [torch.randn(t, gpu.H, device="cuda", dtype=torch.bfloat16) for _ in range(gpu.NSETS)]
