@@ -15,7 +15,7 @@ from eplb.engine.sampling import SamplingParams
 from eplb.engine.tokenizer import IdTokenizer, load_tokenizer
 from eplb.model.checkpoint import dequantize_block_fp8
 from eplb.model.config import load_config
-from eplb.model.dummy import RouterSkew, RouterSkewState, init_dummy_weights, router_skew
+from eplb.model.dummy import RouterSkew, RouterSkewState, RouterTrace, RouterTraceState, init_dummy_weights, router_skew
 from eplb.model.loader import build_model, load_model, resolve_quantization
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +261,70 @@ def test_router_skew_counts_forwards_in_the_model(small_dirs):
     assert all(lay.router_bias is None and lay.before_route is None for lay in plain.model.moe_layers())
 
 
+def test_router_trace_state_replays_each_step_and_wraps():
+    """Row t mod steps of the trace is the bias at forward step t: the log of the smoothed
+    popularity, whose argmax is the step's hottest expert."""
+    import numpy as np
+
+    load = np.zeros((3, 2, 8), dtype=np.int64)
+    for t in range(3):
+        load[t, 0, t] = 100  # layer 0: expert t takes everything at step t
+        load[t, 1, 7 - t] = 50
+    st = RouterTraceState(RouterTrace("t.npz", load), num_layers=2, num_experts=8, dtype=torch.float32,
+                          device="cpu")
+    seen = []
+    for _ in range(7):  # each forward advances before it routes
+        st.advance()
+        seen.append(st.bias.argmax(1).tolist())
+    assert seen == [[0, 7], [1, 6], [2, 5], [0, 7], [1, 6], [2, 5], [0, 7]]
+    assert torch.allclose(st.bias[0].exp().sum(), torch.tensor(1.0))  # a distribution over experts
+    assert torch.allclose(st.bias[0, 0], torch.log(torch.tensor(100.5 / 104.0)))  # forward 6: row 0
+    with pytest.raises(ValueError, match=r"dummy_router_trace t.npz: load of 2 layers x 8 experts, the model has 3"):
+        RouterTraceState(RouterTrace("t.npz", load), num_layers=3, num_experts=8, dtype=torch.float32, device="cpu")
+
+
+def test_router_trace_steers_the_engines_routing(small_dirs, tmp_path):
+    """Through the engine, a trace that sends each layer's load to 4 experts (other ones per
+    layer, switching after 2 steps) makes the routers pick those experts for almost every pair,
+    step by step; bad traces and mixed options are refused naming the option."""
+    import numpy as np
+
+    from eplb.engine.core import EngineCore
+    from eplb.sim.traces import save_trace
+
+    bf16, _ = small_dirs
+    hot = [[[0, 1, 2, 3], [64, 65, 66, 67]], [[10, 20, 30, 40], [100, 101, 102, 103]]]  # [phase][layer]
+    load = np.zeros((4, 2, 128), dtype=np.int64)
+    for t in range(4):
+        for layer in range(2):
+            load[t, layer, hot[t // 2][layer]] = 1000
+    path = tmp_path / "trace.npz"
+    save_trace(path, load)
+    core = EngineCore(bf16, load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=4,
+                      dummy_router_trace=str(path))
+    layers = core.model.moe_layers()
+    assert layers[0].before_route is not None
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        core.add_request(str(i), torch.randint(0, 1024, (8,), generator=g).tolist(),
+                         SamplingParams(max_tokens=8, temperature=1.0, seed=i, ignore_eos=True))
+    for t in range(4):  # step 0 is the prefill (trace row 0), then decodes
+        core.step()
+        for layer, lay in enumerate(layers):
+            step_load = lay.take_load()
+            on_hot = int(step_load[hot[t // 2][layer]].sum())
+            # top-8 of 128 with 4 hot experts: at most half the pairs (3% without the trace)
+            assert on_hot >= 0.45 * int(step_load.sum()), (t, layer, step_load.nonzero().flatten().tolist())
+    with pytest.raises(ValueError, match="dummy_router_trace: trace .* must be 3-D"):
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, load=np.zeros((2, 3), dtype=np.int64))
+        router_skew(None, trace=str(bad))
+    with pytest.raises(ValueError, match="dummy_router_trace replaces dummy_router_skew"):
+        router_skew(1.5, trace=str(path))
+    with pytest.raises(ValueError, match="dummy_router_trace needs load_format='dummy'"):
+        load_model(bf16, router_skew=router_skew(None, trace=str(path)))
+
+
 def test_serve_flags(small_dirs, capsys):
     from eplb.cli import main as cli_main
 
@@ -275,9 +339,11 @@ def test_serve_flags(small_dirs, capsys):
     rc, err = run(["serve", bf16, "--load-format", "random"])
     assert rc == 2 and "invalid choice" in err and "dummy" in err
     rc, err = run(["serve", bf16, "--port", "0", "--dummy-router-skew", "1.5"])
-    assert rc == 2 and "--dummy-router-skew/--dummy-router-drift need --load-format dummy" in err
+    assert rc == 2 and "--dummy-router-skew/--dummy-router-drift/--dummy-router-trace need --load-format dummy" in err
     rc, err = run(["serve", bf16, "--port", "0", "--load-format", "dummy", "--dummy-router-skew", "-2"])
     assert rc == 2 and "--dummy-router-skew must be a number > 0" in err
+    rc, err = run(["serve", bf16, "--port", "0", "--load-format", "dummy", "--dummy-router-trace", "/nonexistent.npz"])
+    assert rc == 2 and "--dummy-router-trace: cannot read trace /nonexistent.npz" in err
     import argparse
 
     from eplb.server.serve_cli import add_arguments, build_configs

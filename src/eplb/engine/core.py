@@ -67,6 +67,7 @@ class EngineCore:
         kv_cache_memory_bytes: int | None = None, enforce_eager: bool = False,
         quantization: str | None = None, load_format: str = "auto",
         dummy_router_skew: float | None = None, dummy_router_drift: int | None = None,
+        dummy_router_trace: str | None = None,
         static_decode: bool = False, skip_tokenizer_init: bool = False, max_graph_tokens: int | None = None,
         async_scheduling: bool = True,
     ):
@@ -92,7 +93,7 @@ class EngineCore:
         self.model, self.config = load_model(
             model_path, dtype=self.dtype, device=self.device, ep_rank=ep_rank, ep_size=ep_size,
             phy2log=phy2log, max_len=max_model_len, quantization=quantization, load_format=load_format,
-            seed=seed, router_skew=router_skew(dummy_router_skew, dummy_router_drift, seed),
+            seed=seed, router_skew=router_skew(dummy_router_skew, dummy_router_drift, seed, dummy_router_trace),
         )
         # skip_tokenizer_init (vLLM's name): token ids in and out only, no detokenization
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_path)

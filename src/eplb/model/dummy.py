@@ -1,5 +1,6 @@
 """``load_format="dummy"``: random weights of a checkpoint's shapes, made on the device from
-``config.json`` alone (vLLM's ``--load-format dummy``), and an optional skewed router.
+``config.json`` alone (vLLM's ``--load-format dummy``), and an optional skewed router (a drifting
+Zipf window, or the replay of a recorded load trace).
 
 Values (chosen so activations stay finite through many layers, and routing looks like a
 trained model's: every token picks a spread of experts):
@@ -139,6 +140,11 @@ class RouterSkew:
         if isinstance(self.drift_steps, bool) or not isinstance(self.drift_steps, int) or self.drift_steps < 0:
             raise ValueError(f"dummy_router_drift must be an integer >= 0 (0 = no drift), got {self.drift_steps!r}")
 
+    @property
+    def advances(self) -> bool:
+        """The bias moves with forward steps (a drifting window)."""
+        return bool(self.drift_steps)
+
 
 class RouterSkewState:
     """Device buffers of a :class:`RouterSkew`: ``bias [L, E]`` (row l is layer l's router bias,
@@ -168,23 +174,79 @@ class RouterSkewState:
         self._update()
 
 
-def install_router_skew(model, skew: RouterSkew) -> RouterSkewState:
-    """Give each MoE layer its row of the skew's bias; the first MoE layer advances the step
-    counter before it routes (so every forward counts once, replayed graphs included)."""
+@dataclass(frozen=True)
+class RouterTrace:
+    """Replay a recorded expert-load trace (``eplb serve --record-trace``, ``eplb.sim.traces``
+    format: ``load [steps, L, E]``) through the routers: at forward step t (from 0, dummy steps
+    counted) layer l's router logits get ``ln p`` added, p = row ``t mod steps`` of the trace for
+    layer l, smoothed
+    ``(load + 0.5) / (sum + 0.5 E)``, i.e. the router's softmax is multiplied by the recorded
+    step's expert popularity. Routing then follows the trace's per-step imbalance (with the random
+    router's own noise on top). ``path`` names the file in errors."""
+
+    path: str
+    load: object  # numpy int64 [steps, L, E]
+
+    @property
+    def advances(self) -> bool:
+        """A trace moves every forward step."""
+        return True
+
+
+class RouterTraceState:
+    """Device buffers of a :class:`RouterTrace`: ``table [steps, L, E]`` (log-popularity per
+    recorded step), ``bias [L, E]`` (the current step's rows) and a step counter; ``advance()``
+    uses device ops only (graph-capturable), like :class:`RouterSkewState`."""
+
+    def __init__(self, trace: RouterTrace, num_layers: int, num_experts: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        load = torch.as_tensor(trace.load, dtype=torch.float64)
+        steps, layers, experts = load.shape
+        if (layers, experts) != (num_layers, num_experts):
+            raise ValueError(f"dummy_router_trace {trace.path}: load of {layers} layers x {experts} experts, "
+                             f"the model has {num_layers} MoE layers x {num_experts} experts")
+        p = (load + 0.5) / (load.sum(-1, keepdim=True) + 0.5 * experts)
+        self.trace = trace
+        self.num_steps = steps
+        self.table = torch.log(p).to(device=device, dtype=dtype)
+        # the first MoE layer advances before it routes: starting at -1, forward t reads row t
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bias = self.table[steps - 1].clone()
+
+    def advance(self) -> None:
+        self.step.add_(1)
+        self.bias.copy_(self.table.index_select(0, torch.remainder(self.step, self.num_steps).view(1))[0])
+
+
+def install_router_skew(model, skew: RouterSkew | RouterTrace) -> RouterSkewState | RouterTraceState:
+    """Give each MoE layer its row of the skew's (or trace's) bias; the first MoE layer advances
+    the step counter before it routes (so every forward counts once, replayed graphs included)."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("dummy_router_skew needs a model with MoE layers")
-    state = RouterSkewState(skew, len(layers), layers[0].num_experts, layers[0].gate_weight.dtype,
-                            layers[0].gate_weight.device)
+    kind = RouterTraceState if isinstance(skew, RouterTrace) else RouterSkewState
+    state = kind(skew, len(layers), layers[0].num_experts, layers[0].gate_weight.dtype,
+                 layers[0].gate_weight.device)
     for i, layer in enumerate(layers):
-        layer.set_router_skew(state.bias[i], state.advance if skew.drift_steps and i == 0 else None)
+        layer.set_router_skew(state.bias[i], state.advance if skew.advances and i == 0 else None)
     model.set_router_skew(state)
     return state
 
 
-def router_skew(zipf_s: float | None, drift_steps: int | None = None, seed: int = 0) -> RouterSkew | None:
-    """The engine's ``dummy_router_skew`` / ``dummy_router_drift`` options as a RouterSkew (None
-    when ``zipf_s`` is None; ValueError naming the option when a value is bad)."""
+def router_skew(zipf_s: float | None, drift_steps: int | None = None, seed: int = 0,
+                trace: str | None = None) -> RouterSkew | RouterTrace | None:
+    """The engine's ``dummy_router_skew`` / ``dummy_router_drift`` / ``dummy_router_trace``
+    options as a RouterSkew or RouterTrace (None when none is given; ValueError naming the option
+    when a value is bad or the trace cannot be read)."""
+    if trace is not None:
+        if zipf_s is not None or drift_steps is not None:
+            raise ValueError("dummy_router_trace replaces dummy_router_skew/dummy_router_drift: give one or the other")
+        from eplb.sim.traces import load_trace
+
+        try:
+            return RouterTrace(str(trace), load_trace(trace))
+        except ValueError as exc:
+            raise ValueError(f"dummy_router_trace: {exc}") from None
     if zipf_s is None:
         if drift_steps is not None:
             raise ValueError("dummy_router_drift needs dummy_router_skew")

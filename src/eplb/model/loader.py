@@ -8,7 +8,7 @@ import torch
 
 from eplb.model.checkpoint import CheckpointReader
 from eplb.model.config import ModelConfig, load_config
-from eplb.model.dummy import RouterSkew, init_dummy_weights, install_router_skew
+from eplb.model.dummy import RouterSkew, RouterTrace, init_dummy_weights, install_router_skew
 from eplb.model.moe import MoELayer
 from eplb.model.transformer import Attention, DecoderLayer, DenseMLP, MoEForCausalLM
 
@@ -189,7 +189,7 @@ def load_model(
     path: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
     ep_rank: int = 0, ep_size: int = 1, phy2log: torch.Tensor | None = None,
     max_len: int | None = None, quantization: str | None = None, load_format: str = "auto",
-    seed: int = 0, router_skew: RouterSkew | None = None,
+    seed: int = 0, router_skew: RouterSkew | RouterTrace | None = None,
 ) -> tuple[MoEForCausalLM, ModelConfig]:
     """Load ``path`` into a :class:`MoEForCausalLM`; with EP, only this rank's slots.
 
@@ -199,14 +199,15 @@ def load_model(
     dense-MLP weights with their scales (embeddings, lm_head, router and norms stay in ``dtype``).
     ``load_format``: "auto" reads the safetensors; "dummy" makes random weights of the config's
     shapes on the device (:mod:`eplb.model.dummy`, seeded by ``seed``), optionally with a skewed
-    router (``router_skew``, dummy only). Errors (ValueError) name the missing or mis-shaped
-    tensor, config key or bad argument.
+    router (``router_skew``: a Zipf window or a replayed trace; dummy only). Errors (ValueError)
+    name the missing or mis-shaped tensor, config key or bad argument.
     """
     dt = resolve_dtype(dtype)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     if router_skew is not None and load_format != "dummy":
-        raise ValueError("dummy_router_skew needs load_format='dummy' (it biases random routers only)")
+        name = "dummy_router_trace" if isinstance(router_skew, RouterTrace) else "dummy_router_skew"
+        raise ValueError(f"{name} needs load_format='dummy' (it biases random routers only)")
     if quantization not in (None, "none"):
         check_quantization(quantization, device, dt)  # the cheap checks before reading the folder
     cfg = load_config(path)

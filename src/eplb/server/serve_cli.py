@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of hot experts (given alone: 1.5, balancedness ~0.5 at EP 2; docs/model.md)")
     e.add_argument("--dummy-router-drift", type=int, default=None, metavar="STEPS",
                    help="forward steps per one-expert move of the hot window (default 200; 0 = static)")
+    e.add_argument("--dummy-router-trace", default=None, metavar="NPZ",
+                   help="with --load-format dummy: route by a recorded load trace instead (a file of "
+                        "--record-trace: step t follows the trace's step t mod its length; docs/model.md)")
     e.add_argument("--trust-remote-code", action="store_true",
                    help="accepted for vLLM compatibility; no remote code is ever run")
     e.add_argument("--chat-template", default=None,
@@ -257,17 +261,23 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         engine_kwargs["max_graph_tokens"] = args.max_cudagraph_capture_size
     if args.load_format != "auto":
         engine_kwargs["load_format"] = args.load_format
-    if args.dummy_router_skew is not None or args.dummy_router_drift is not None:
+    skew_args = (args.dummy_router_skew, args.dummy_router_drift, args.dummy_router_trace)
+    if any(a is not None for a in skew_args):
         if args.load_format != "dummy":
-            raise UsageError("--dummy-router-skew/--dummy-router-drift need --load-format dummy")
+            raise UsageError("--dummy-router-skew/--dummy-router-drift/--dummy-router-trace need --load-format dummy")
         from eplb.model.dummy import router_skew
 
-        try:
-            router_skew(args.dummy_router_skew, args.dummy_router_drift)
+        try:  # checks the values and reads the trace once here, so a bad one fails before any rank starts
+            router_skew(args.dummy_router_skew, args.dummy_router_drift, trace=args.dummy_router_trace)
         except ValueError as exc:
-            raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+            msg = str(exc)
+            for name in ("dummy_router_skew", "dummy_router_drift", "dummy_router_trace"):
+                msg = msg.replace(name, "--" + name.replace("_", "-"))
+            raise UsageError(msg) from None
         engine_kwargs["dummy_router_skew"] = args.dummy_router_skew
         engine_kwargs["dummy_router_drift"] = args.dummy_router_drift
+        if args.dummy_router_trace is not None:
+            engine_kwargs["dummy_router_trace"] = os.path.abspath(args.dummy_router_trace)
     if args.quantization == "none":
         engine_kwargs["quantization"] = "none"
     elif args.quantization is not None:
