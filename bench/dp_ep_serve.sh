@@ -18,7 +18,8 @@
 #      BACKENDS=allgather_reducescatter (space separated: naive alltoall ...),
 #      CONCURRENCY="16 64 256", DP_SIZE=2, PORT=8000, INPUT_LEN=512, OUTPUT_LEN=256,
 #      SKEW=1.5 (--dummy-router-skew; balancedness ~0.5 at EP 2, docs/model.md), DRIFT=200
-#      (--dummy-router-drift), EPLB_CONFIG (JSON without use_async, default
+#      (--dummy-router-drift), TRACE (an .npz of --record-trace: --dummy-router-trace instead of
+#      SKEW/DRIFT; its layers and experts must match each model's), EPLB_CONFIG (JSON without use_async, default
 #      {"window_size":100,"step_interval":300,"num_redundant_experts":16}), OFF_BALANCEDNESS=1
 #      (EPLB off records the load with --record-trace into WORK so eplb_balancedness exists; it
 #      adds the [L, E] load to the per-step all-reduce, as EPLB on does), HEALTH_TIMEOUT=600 (s),
@@ -37,6 +38,8 @@ INPUT_LEN=${INPUT_LEN:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 SKEW=${SKEW:-1.5}
 DRIFT=${DRIFT:-200}
+if [ -n "${TRACE:-}" ]; then route_args=(--dummy-router-trace "$TRACE")
+else route_args=(--dummy-router-skew "$SKEW" --dummy-router-drift "$DRIFT"); fi
 EPLB_CONFIG=${EPLB_CONFIG:-'{"window_size":100,"step_interval":300,"num_redundant_experts":16}'}
 OFF_BALANCEDNESS=${OFF_BALANCEDNESS:-1}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
@@ -230,7 +233,7 @@ for kind in $MODELS; do
       # shellcheck disable=SC2086
       setsid $PY -m eplb.cli serve "$model" --load-format dummy --served-model-name "$name" --port "$PORT" \
         --data-parallel-size "$DP_SIZE" --enable-expert-parallel --all2all-backend "$backend" \
-        --dummy-router-skew "$SKEW" --dummy-router-drift "$DRIFT" "${eplb_args[@]}" $eager \
+        "${route_args[@]}" "${eplb_args[@]}" $eager \
         --max-model-len $((INPUT_LEN + OUTPUT_LEN + 16)) --max-num-seqs "$max_c" --max-num-batched-tokens 8192 \
         ${EXTRA_SERVE_ARGS:-} >"$cur_log" 2>&1 &
       pid=$!
@@ -252,7 +255,7 @@ for kind in $MODELS; do
           --max-concurrency "$c" --ignore-eos --disable-tqdm --save-result --result-dir "$WORK" \
           --result-filename "bench-$tag.json" --metadata "seq=$seq" "tag=$tag" "server=$cur_tag" \
           "model=$kind" "config=$cfg" "backend=$backend" "eplb=$mode" "graphs=$graphs" "device=$gpu" \
-          "dp_size=$DP_SIZE" "skew=$SKEW" "drift=$DRIFT" "eplb_config=$EPLB_CONFIG" >>"$LOG" 2>&1 \
+          "dp_size=$DP_SIZE" "skew=$SKEW" "drift=$DRIFT" "trace=${TRACE:-}" "eplb_config=$EPLB_CONFIG" >>"$LOG" 2>&1 \
           || { status=1; echo "[$tag] eplb bench serve failed; see $LOG" >&2; }
         scrape "$WORK/metrics-$tag-after.json"
         summarize
