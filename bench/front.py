@@ -3,7 +3,10 @@
 auto`` pick when installed), and the latter with ``--stream-interval 4`` (a chunk every 4
 tokens, vLLM's flag), same run.
 
-    PYTHONPATH=src python bench/front.py [--concurrency 64,256] [--output-len 64]
+    PYTHONPATH=src python bench/front.py [--concurrency 64,256] [--output-len 64] [--settings A,B,...]
+
+``--settings`` picks and orders the stacks (the first is the baseline); ``uvloop+h11`` (uvloop
+without httptools, as on an image that lacks the httptools wheel) is not in the default set.
 
 For each setting and concurrency: ``eplb serve`` of the shipped model on the CPU, loaded by
 ``eplb bench serve`` (streaming completions, random 32-token prompts, ``--ignore-eos``, two
@@ -41,7 +44,10 @@ from eplb.parallel.groups import find_free_port  # noqa: E402
 
 # name -> (--uvicorn-loop, --uvicorn-http, --stream-interval)
 SETTINGS = {"asyncio+h11": ("asyncio", "h11", 1), "uvloop+httptools": ("auto", "auto", 1),
-            "uvloop+httptools, interval 4": ("auto", "auto", 4)}
+            "uvloop+httptools, interval 4": ("auto", "auto", 4),
+            # an image with uvloop but without httptools (the GPU machines' before the wheel is carried)
+            "uvloop+h11": ("uvloop", "h11", 1)}
+DEFAULT_SETTINGS = "asyncio+h11,uvloop+httptools,uvloop+httptools, interval 4"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -126,12 +132,31 @@ def run(setting: str, concurrency: int, output_len: int, others: set[int], env: 
             "output_tok_s": round(result["output_throughput"], 1), "median_itl_ms": round(result["median_itl_ms"], 2)}
 
 
+def _parse_settings(text: str) -> list[str]:
+    """'a,b, interval 4,c' -> ['a', 'b, interval 4', 'c']: a part that starts with a space
+    continues the setting before it."""
+    out: list[str] = []
+    for part in text.split(","):
+        if part.startswith(" ") and out:
+            out[-1] += "," + part
+        else:
+            out.append(part.strip())
+    unknown = [s for s in out if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; allowed: {list(SETTINGS)}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="64,256")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "front.json"))
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS,
+                    help=f"comma-separated, the first is the baseline; of: {', '.join(SETTINGS)} "
+                         "(a setting's own commas are kept: 'interval 4' follows its stack)")
     args = ap.parse_args()
+    settings = _parse_settings(args.settings)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("bench/front.py needs at least 2 CPUs (the front gets one to itself)")
@@ -139,10 +164,10 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
-        for setting in SETTINGS:
+        for setting in settings:
             rows.append(run(setting, c, args.output_len, others, env))
-        base = rows[-len(SETTINGS)]
-        for r in rows[-len(SETTINGS):]:
+        base = rows[-len(settings)]
+        for r in rows[-len(settings):]:
             r["baseline_over_this"] = round(base["front_us_per_token"] / r["front_us_per_token"], 2)
     print(f"{'setting':<30}{'conc':>5}{'us/token':>10}{'ms/step':>9}{'vs base':>9}{'client us/tok':>14}"
           f"{'tok/s':>9}{'ITL ms':>8}")
@@ -151,7 +176,7 @@ def main() -> None:
               f"{r['baseline_over_this']:>9}{r['client_us_per_token']:>14}{r['output_tok_s']:>9}{r['median_itl_ms']:>8}")
     write_rows(args.out, "front process CPU (user+system, /proc) per streamed token and per engine step while "
                "`eplb bench serve` streams from `eplb serve` (shipped model, CPU); front pinned to CPU 0, ranks "
-               "and the load client to the others; baseline = asyncio+h11; client_us_per_token = the load "
+               "and the load client to the others; baseline = the first setting; client_us_per_token = the load "
                "client's CPU (user+system, start-up included) per token", vars(args), rows)
     print("wrote", args.out)
 
