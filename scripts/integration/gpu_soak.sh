@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# GPU soak of async EPLB over NCCL: many consecutive reference runs (DP 2, EP, async EPLB,
+# GPU soak of async EPLB over NCCL: many consecutive reference runs (DP_SIZE ranks, default 2; EP, async EPLB,
 # allgather_reducescatter, GSM8K eval) alternating the shipped bf16 model and its block-FP8 copy
-# (quantized at run time), then two-node runs (two `eplb serve` processes, one GPU each). Every
+# (quantized at run time), then two-node runs (two `eplb serve` processes, DP_SIZE / 2 GPUs each). Every
 # run must finish (a run cut by RUN_TIMEOUT is a hang), reach the threshold and give exactly the
 # completions of a DP 1 run of the same model.
 #
-# usage: scripts/integration/gpu_soak.sh            (on a machine with 2 GPUs)
-# env: RUNS (20), TWO_NODE_RUNS (3), NUM_QUESTIONS (1319), CONCURRENCY (64), THRESHOLD (0.99),
+# usage: scripts/integration/gpu_soak.sh            (on a machine with DP_SIZE GPUs)
+# env: DP_SIZE (2), RUNS (20), TWO_NODE_RUNS (3), NUM_QUESTIONS (1319), CONCURRENCY (64), THRESHOLD (0.99),
 #      PARALLEL (servers at once, each on both GPUs; default 1), RUN_TIMEOUT (s, default 420),
 #      OUT_DIR (out/gpu_soak), BASE_PORT (8100), DEVICE (cuda; cpu for a smoke run),
-#      REQUIRE_REBALANCE (1: a DP 2 run must complete a rebalance)
+#      REQUIRE_REBALANCE (1: a DP_SIZE run must complete a rebalance)
 # Writes OUT_DIR/soak.json (per run: model, rc, hung, accuracy, completion tokens, same
 # completions as DP 1, rebalances, failed) and prints its summary.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+DP_SIZE=${DP_SIZE:-2}
 RUNS=${RUNS:-20}
 TWO_NODE_RUNS=${TWO_NODE_RUNS:-3}
 NUM_QUESTIONS=${NUM_QUESTIONS:-1319}
@@ -48,12 +49,12 @@ one_run() {  # name model dp port [EPLB_CONFIG]
   echo $? >"$dir/rc"
 }
 
-# baselines: DP 1 of each model, and DP 2 of the FP8 model with EPLB that never rebalances (the
+# baselines: DP 1 of each model, and DP_SIZE of the FP8 model with EPLB that never rebalances (the
 # FP8 kernels' rounding differs between the one-process and the EP path; EPLB must add nothing)
-log "baselines: DP 1 (bf16, fp8), DP 2 fp8 without rebalances"
+log "baselines: DP 1 (bf16, fp8), DP $DP_SIZE fp8 without rebalances"
 one_run dp1-bf16 "$BF16_MODEL" 1 "$BASE_PORT" &
 one_run dp1-fp8 "$FP8_MODEL" 1 $((BASE_PORT + 1)) &
-REQUIRE_REBALANCE=0 one_run dp2norebalance-fp8 "$FP8_MODEL" 2 $((BASE_PORT + 2)) \
+REQUIRE_REBALANCE=0 one_run dpnnorebalance-fp8 "$FP8_MODEL" "$DP_SIZE" $((BASE_PORT + 2)) \
   '{"window_size":20,"step_interval":100000000,"use_async":true}' &
 wait
 for b in dp1-bf16 dp1-fp8; do
@@ -67,8 +68,8 @@ while [ "$i" -lt "$RUNS" ]; do
   for _ in $(seq 1 "$PARALLEL"); do
     [ "$i" -lt "$RUNS" ] || break
     if [ $((i % 2)) -eq 0 ]; then kind=bf16; model=$BF16_MODEL; else kind=fp8; model=$FP8_MODEL; fi
-    log "run $i ($kind, DP 2)"
-    one_run "run$(printf %02d "$i")-$kind" "$model" 2 $((BASE_PORT + 10 + i)) &
+    log "run $i ($kind, DP $DP_SIZE)"
+    one_run "run$(printf %02d "$i")-$kind" "$model" "$DP_SIZE" $((BASE_PORT + 10 + i)) &
     i=$((i + 1))
   done
   wait
@@ -77,7 +78,7 @@ done
 two_node_run() {  # j
   local dir="$OUT_DIR/twonode$1-bf16"
   timeout -k 15 "$RUN_TIMEOUT" "$PY" "$ROOT/scripts/integration/two_node.py" --device "$DEVICE" \
-    --dp-size 2 --num-questions "$NUM_QUESTIONS" --threshold "$THRESHOLD" \
+    --dp-size "$DP_SIZE" --num-questions "$NUM_QUESTIONS" --threshold "$THRESHOLD" \
     --concurrency "$CONCURRENCY" --port $((BASE_PORT + 60 + 3 * $1)) --out-dir "$dir" \
     >"$dir.log" 2>&1
   local rc=$?
@@ -95,10 +96,10 @@ while [ "$j" -le "$TWO_NODE_RUNS" ]; do
   wait
 done
 
-"$PY" - "$OUT_DIR" "$THRESHOLD" <<'PYEOF'
+"$PY" - "$OUT_DIR" "$THRESHOLD" "$DP_SIZE" <<'PYEOF'
 import json, sys
 from pathlib import Path
-out, threshold = Path(sys.argv[1]), float(sys.argv[2])
+out, threshold, dp = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 
 def texts(path):
     return [json.loads(l)["text"] for l in open(path)] if path.exists() else None
@@ -111,7 +112,7 @@ def metric(path, name):
     return None
 
 base = {k: texts(out / f"dp1-{k}" / "outputs.jsonl") for k in ("bf16", "fp8")}
-ep_fp8 = texts(out / "dp2norebalance-fp8" / "outputs.jsonl")
+ep_fp8 = texts(out / "dpnnorebalance-fp8" / "outputs.jsonl")
 
 def differing(a, b):
     return None if a is None or b is None else sum(x != y for x, y in zip(a, b))
@@ -133,9 +134,9 @@ for d in sorted(out.iterdir()):
         entry["same_completions_as_dp1"] = mine == base[kind] and base[kind] is not None
         entry["answers_differing_from_dp1"] = differing(mine, base[kind])
         if kind == "fp8":
-            entry["same_completions_as_dp2_without_rebalances"] = mine == ep_fp8
+            entry["same_completions_as_dpn_without_rebalances"] = mine == ep_fp8
         same = entry["same_completions_as_dp1"] or entry.get(
-            "same_completions_as_dp2_without_rebalances", False)
+            "same_completions_as_dpn_without_rebalances", False)
     else:
         rep = json.loads((d / "two_node.json").read_text()) if (d / "two_node.json").exists() else {}
         entry.update(two_node=rep, accuracy=min((e.get("accuracy") or 0)
@@ -144,18 +145,18 @@ for d in sorted(out.iterdir()):
                          texts(d / f"outputs-node{n}.jsonl") == base["bf16"] for n in (0, 1)),
                      rebalances=rep.get("rebalances"), rebalances_failed=rep.get("rebalances_failed"))
         same = entry["same_completions_as_dp1"]
-    # bf16: exactly DP 1's completions; fp8: exactly those of DP 2 without rebalances (EPLB
+    # bf16: exactly DP 1's completions; fp8: exactly those of DP_SIZE without rebalances (EPLB
     # changes nothing), whose distance to DP 1 is reported beside it
     entry["passed"] = (rc == 0 and (entry["accuracy"] or 0) >= threshold and same
                        and not entry["rebalances_failed"])
     runs.append(entry)
 summary = {
-    "runs": len(runs), "passed": sum(r["passed"] for r in runs),
+    "dp_size": dp, "runs": len(runs), "passed": sum(r["passed"] for r in runs),
     "hangs": sum(r["hung"] for r in runs),
     "rank_deaths": sum(bool(r.get("rank_died")) for r in runs),
     "same_completions_as_dp1": sum(bool(r["same_completions_as_dp1"]) for r in runs),
     "min_accuracy": min((r["accuracy"] or 0) for r in runs) if runs else None,
-    "fp8_dp2_without_rebalances_vs_dp1_differing_answers": differing(ep_fp8, base["fp8"]),
+    "fp8_dpn_without_rebalances_vs_dp1_differing_answers": differing(ep_fp8, base["fp8"]),
     "dp1": {k: (json.loads((out / f"dp1-{k}" / "gsm8k.json").read_text())
                 if (out / f"dp1-{k}" / "gsm8k.json").exists() else None) for k in ("bf16", "fp8")},
 }
@@ -163,7 +164,7 @@ json.dump({"summary": summary, "runs": runs}, open(out / "soak.json", "w"), inde
 print(json.dumps(summary))
 for r in runs:
     print(f"{r['name']:18s} rc={r['rc']} acc={r['accuracy']} same_dp1={r['same_completions_as_dp1']} "
-          f"same_dp2_norebalance={r.get('same_completions_as_dp2_without_rebalances')} "
+          f"same_dpn_norebalance={r.get('same_completions_as_dpn_without_rebalances')} "
           f"rebalances={r['rebalances']} failed={r['rebalances_failed']} passed={r['passed']}")
 sys.exit(0 if summary["passed"] == len(runs) and runs else 1)
 PYEOF
