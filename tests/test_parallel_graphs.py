@@ -59,6 +59,9 @@ SCENARIOS_2 = [
              _eplb(True, 2, debug_transfer_delay_s=0.05), engine=STATIC),
     # no static path: the switch changes nothing, every step stays eager
     Scenario("naive-async", "naive", _eplb(True, 2), engine=STATIC),
+    # the startup warm-up forwards first (eager, EP collectives on every rank, scratch slot, no
+    # load): they line up across ranks and change no token
+    Scenario("agrs-async-warm", "allgather_reducescatter", _eplb(True, 2), engine=STATIC, warm=True),
 ]
 SCENARIOS_4 = [
     Scenario("agrs-sync", "allgather_reducescatter", _eplb(False, 4), engine=STATIC),

@@ -483,30 +483,32 @@ class EngineCore:
         decode-only step, and compile the kernel variants of eager steps (``warm_prefill``,
         ``warm_eager_decode``). Does these only where decode graphs are captured (CUDA, not
         ``enforce_eager``); call it after the runtime installed its dispatchers. With an EP
-        dispatcher the capture runs the EP collectives, so every rank must call it at the same
-        point (the DP rank does, at startup); prefill warm-up is skipped there (its eager
-        collectives would need the same on every rank, and ranks compile on their first
-        prefills anyway). True when graphs are captured."""
+        dispatcher the capture and the warm-up forwards run the EP collectives, so every rank
+        must call it at the same point (the DP rank does, at startup); the warm-up sizes are
+        functions of settings all ranks share (the step budget, max_model_len and the graph
+        batch size the ranks agreed on), so every rank runs the same forwards in the same
+        order. True when graphs are captured."""
         graphs = self._decode_graphs()
         if graphs is None or not graphs.capture_enabled:
             return False
-        if not self._ep:
-            self.warm_prefill()
-            self.warm_eager_decode()
+        self.warm_prefill()
+        self.warm_eager_decode()
         return True
 
     @torch.inference_mode()
     def warm_eager_decode(self) -> list[int]:
-        """One eager forward of b decode rows (all in the KV cache's scratch slot, no expert load)
-        per split plan of the decode-attention kernel (``split_plan``: its launch variant depends
-        on the row count), so the variants that eager steps with decode rows use (steps that mix
-        decodes with prefill chunks too large for the graphs) compile now, not inside serving
-        steps. Returns the row counts run."""
+        """One eager forward of b decode rows (all in the KV cache's scratch slot, no expert load;
+        b up to the graph batch size) per split plan of the decode-attention kernel
+        (``split_plan``: its launch variant depends on the row count), so the variants that eager
+        steps with decode rows use (steps that mix decodes with prefill chunks too large for the
+        graphs) compile now, not inside serving steps. Returns the row counts run."""
         from eplb.kernels.decode_attention import split_plan
 
         cfg = self.config
         plans: dict[int, int] = {}
-        for b in range(1, self.kv.num_slots + 1):
+        # up to the graph batch size (DP ranks agree on it; the rows share the scratch slot), so
+        # every EP rank runs the same forwards
+        for b in range(1, self._graph_max_batch + 1):
             plans.setdefault(split_plan(b, cfg.num_kv_heads, self.kv.max_len), b)
         sizes = sorted(plans.values())
         for b in sizes:

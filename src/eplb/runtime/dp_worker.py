@@ -183,8 +183,9 @@ class RankWorker:
             slots = torch.tensor([self.engine.kv.num_slots], device=self.ctx.comm_device)
             dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=self.ctx.ep_group)
             self.engine.set_graph_max_batch(int(slots))
-        # graphs (+ prefill kernels without EP), before serving; no-op on CPU and eager. With EP
-        # the capture runs the EP collectives: every rank does it here, in the same order
+        # graphs + the kernels of eager steps, before serving; no-op on CPU and eager. With EP the
+        # capture and the warm-up forwards run the EP collectives: every rank does them here, in
+        # the same order
         if self.ctx.device.type == "cuda":  # (triton is not imported on CPU ranks)
             compile_log.install()  # before the warm-up: its compiles are counted too
         compiled = compile_log.count()
