@@ -491,9 +491,14 @@ class EngineCore:
         graphs = self._decode_graphs()
         if graphs is None or not graphs.capture_enabled:
             return False
+        self.warm_eager_kernels()
+        return True
+
+    def warm_eager_kernels(self) -> None:
+        """The warm-up forwards of eager steps (``warm_prefill``, then ``warm_eager_decode``):
+        ``warm_up`` runs them where graphs are captured; offline drivers may run them anywhere."""
         self.warm_prefill()
         self.warm_eager_decode()
-        return True
 
     @torch.inference_mode()
     def warm_eager_decode(self) -> list[int]:

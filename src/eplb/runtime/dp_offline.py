@@ -44,8 +44,8 @@ class Scenario:
     engine: dict[str, Any] | None = None  # overrides of run_scenarios' engine_kwargs
     # after the run, corrupt one local expert row and check that the commit verifier sees it
     check_verifier: bool = False
-    # before the requests, every rank runs the startup warm-up forwards (EngineCore.warm_prefill
-    # and warm_eager_decode), which warm_up runs only where graphs are captured (CUDA)
+    # before the requests, every rank runs the startup warm-up forwards
+    # (EngineCore.warm_eager_kernels), which warm_up runs only where graphs are captured (CUDA)
     warm: bool = False
 
 
@@ -91,8 +91,7 @@ def _rank_process(rank: int, world_size: int, port: int, model_path: str,
             collector = _Collector()
             worker = RankWorker(spec, collector)
             if sc.warm:
-                worker.engine.warm_prefill()
-                worker.engine.warm_eager_decode()
+                worker.engine.warm_eager_kernels()
             worker.record(steps=sc.record_steps, modes=True)
             in_q: queue.Queue = queue.Queue()
             assign = sc.assign or [i % world_size for i in range(len(sc.requests))]
