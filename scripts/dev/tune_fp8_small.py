@@ -4,7 +4,7 @@ fp16 mma.sync). Coordinate descent per BM (bench/gpu.py's search_tiles), experts
 graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
 
     python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
-        [--stages 3,4,5] [--warps 4] [--swap-only]
+        [--stages 3,4,5] [--warps 4] [--swap-only] [--bms 16,32]
 
 Prints the table entry before and the best found per token count, with the read rate of the
 touched expert bytes against the reduction read rate; --out writes {dtype: {pairs: config}} for
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--stages", default="3,4,5", help="pipeline depths to try")
     ap.add_argument("--warps", default="4", help="warp counts to try")
     ap.add_argument("--swap-only", action="store_true", help="only transposed-dot candidates")
+    ap.add_argument("--bms", default=None, help="row blocks to try (default 16, and 32 above 16 tokens)")
     args = ap.parse_args()
     read_bps = gpu.ceilings()["reduction_read_GBps"] * 1e9
     print(f"{torch.cuda.get_device_name()}: reduction read {read_bps / 1e9:.0f} GB/s", flush=True)
@@ -74,7 +75,8 @@ def main() -> None:
 
                 base = run(get_config(t * gpu.K, fp8))
                 best = None
-                for bm in ((16,) if t <= 16 else (16, 32)):
+                bms = tuple(int(v) for v in args.bms.split(",")) if args.bms else ((16,) if t <= 16 else (16, 32))
+                for bm in bms:
                     sec, cur = gpu.search_tiles(run, bm, g1s, g2s, f"fail {key} t={t}")
                     if best is None or sec < best[0]:
                         best = (sec, cur)
@@ -87,9 +89,9 @@ def main() -> None:
                 print(f"{key} t={t} ({distinct:.0f} experts): table {base * 1e6:.1f} us ({frac(base):.2f}), "
                       f"best {best[0] * 1e6:.1f} us ({frac(best[0]):.2f})", flush=True)
                 found[key][str(t * gpu.K)] = best[1]
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(found, f, indent=1)
+                if args.out:  # after every size, so that a run cut short still leaves its findings
+                    with open(args.out, "w") as f:
+                        json.dump(found, f, indent=1)
 
 
 if __name__ == "__main__":
