@@ -189,6 +189,17 @@ def _prefetch_experts(w_ptr, slot_ptr, n_pairs, n_slots, first, step, row0, n_ro
             prefetch_rows(w_ptr + s * stride_we, rows, row_len, LINE)
 
 
+@triton.jit
+def _weight_rows(offs_n, stride_wn, BK: tl.constexpr, W_BLOCKED: tl.constexpr):
+    """-> (element offset of weight row n's first K step within a slot, elements per K step).
+    W_BLOCKED (block-FP8, BK = 128): the slot is stored in 128 x 128 block-major order
+    (:func:`to_block_major`), so a K step of rows within one block row is one contiguous piece."""
+    if W_BLOCKED:
+        return (offs_n // 128).to(tl.int64) * (128 * stride_wn) + (offs_n % 128) * 128, 128 * 128
+    else:
+        return offs_n.to(tl.int64) * stride_wn, BK
+
+
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
 def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
@@ -197,7 +208,7 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr):
+                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr):
     """SWAP: the dots run transposed (h^T = w @ x^T, weight columns as the MMA's M side): with a
     few pairs per expert, BM rows are below the 64 that Hopper's FP8 tensor-core instruction
     (wgmma) needs, and triton would lower an e4m3 dot of BM < 64 rows to fp16 mma.sync.
@@ -224,14 +235,15 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < I
     offs_k = tl.arange(0, BK)
+    n_off, w_step = _weight_rows(offs_n, stride_wn, BK, W_BLOCKED)
     if SWAP:
         a_ptrs = x_ptr + tok[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BK, BM]
-        g_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        g_ptrs = w_ptr + slot * stride_we + n_off[:, None] + offs_k[None, :]
         acc_g = tl.zeros((BN, BM), dtype=tl.float32)
         acc_u = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-        g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        g_ptrs = w_ptr + slot * stride_we + n_off[None, :] + offs_k[:, None]
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     u_ptrs = g_ptrs + I * stride_wn
@@ -288,8 +300,8 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
         a_ptrs += BK
-        g_ptrs += BK
-        u_ptrs += BK
+        g_ptrs += w_step
+        u_ptrs += w_step
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     if SWAP:
         h = tl.trans(h)  # [BM, BN]: one row per pair, as the quantization and the store expect
@@ -310,7 +322,7 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr):
+                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr):
     """SWAP: transposed dots, as in _gemm1_kernel. FP8: h is either FP8 with scales hs (H_FP8) or
     bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
     down rows, while gemm1 runs."""
@@ -331,10 +343,11 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
     mask_n = offs_n < H
     offs_k = tl.arange(0, BK)
     a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
+    n_off, w_step = _weight_rows(offs_n, stride_wn, BK, W_BLOCKED)
     if SWAP:
-        b_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        b_ptrs = w_ptr + slot * stride_we + n_off[:, None] + offs_k[None, :]
     else:
-        b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        b_ptrs = w_ptr + slot * stride_we + n_off[None, :] + offs_k[:, None]
     if FP8:
         s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
     if H_FP8:
@@ -373,7 +386,7 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BK
-        b_ptrs += BK
+        b_ptrs += w_step
     if SWAP:
         acc = tl.trans(acc)
     if MUL_WEIGHT:
@@ -461,10 +474,14 @@ SMALL_ALIGN_MAX_SLOTS = 256
 PREFETCH_MAX_BYTES = 32 << 20
 
 
-def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None,
+         w_blocked=False):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
-    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8)."""
+    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8).
+    ``w_blocked``: the FP8 weights are in :func:`to_block_major` order."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
+    if w_blocked and not fp8:
+        raise ValueError("w_blocked applies to block-FP8 weights only")
     x = x.contiguous()
     t, k = topk_slot.shape
     s_local, i2, h = w13.shape
@@ -485,8 +502,9 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     s_pad = triton.next_power_of_2(s_local)
     pdl = pdl_args(dev)
     experts = min(n_pairs, s_local)  # at most this many distinct slots are read
-    prefetch1 = pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
-    prefetch2 = pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
+    # (the L2 prefetch walks weight rows, which block-major weights do not store contiguously)
+    prefetch1 = not w_blocked and pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
+    prefetch2 = not w_blocked and pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
         starts = torch.empty(s_local, dtype=torch.int32, device=dev)
@@ -537,7 +555,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(h % bk1 == 0), **pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
-        SWAP=c1.get("SWAP", False), num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        SWAP=c1.get("SWAP", False), W_BLOCKED=w_blocked, num_warps=c1["num_warps"], num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
@@ -546,7 +564,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
-        PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False),
+        PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False), W_BLOCKED=w_blocked,
         num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
@@ -554,7 +572,8 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
 def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
-              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+              w_blocked: bool = False):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -564,8 +583,10 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     ``return_load`` also counts [S] int32: pairs routed to each local slot. ``x_fp8`` (block-FP8
     weights only): x already quantized per row and 128 columns (q [T, H] e4m3, scales [T, H/128]
     float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
+    ``w_blocked``: w13 and w2 (block-FP8) hold :func:`to_block_major` order.
     """
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8,
+                     w_blocked=w_blocked)
     t, k = topk_slot.shape
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
@@ -579,10 +600,11 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
 def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor | None,
                     w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
                     w2_scale: torch.Tensor | None = None, return_load: bool = False,
-                    config: dict | None = None):
+                    config: dict | None = None, w_blocked: bool = False):
     """Per-pair outputs [T, k, H]: expert(x[t]) for pair (t, j), times topk_weight[t, j] when
     weights are given; zero where topk_slot is -1. Same arguments as :func:`fused_moe`."""
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True,
+                     w_blocked=w_blocked)
     t, k = topk_slot.shape
     y = y.view(t, k, x.shape[1])
     return (y, counts) if return_load else y
@@ -590,11 +612,30 @@ def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch
 
 def fused_experts(x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, w_blocked: bool = False) -> torch.Tensor:
     """The MoELayer ``expert_fn`` contract: x [N, H], local_slot [N] -> [N, H], row n run through
     the expert in local slot ``local_slot[n]`` (unweighted; -1 gives a zero row)."""
     if local_slot.dim() != 1 or local_slot.shape[0] != x.shape[0]:
         raise ValueError(f"local_slot must be [N] with N={x.shape[0]}, got {list(local_slot.shape)}")
     y = fused_moe_pairs(x, local_slot.view(-1, 1), None, w13, w2, w13_scale=w13_scale,
-                        w2_scale=w2_scale, config=config)
+                        w2_scale=w2_scale, config=config, w_blocked=w_blocked)
     return y.view(x.shape[0], x.shape[1])
+
+
+def to_block_major(w: torch.Tensor) -> torch.Tensor:
+    """[S, N, K] -> the same shape with each slot stored 128 x 128 block by block (block row
+    major, each block row major), N and K multiples of 128: the order the FP8 GEMMs read with
+    ``w_blocked``, where each K step of a tile is one contiguous piece instead of N rows of 128
+    bytes. Whole slots keep their place, so slot copies (EPLB) do not care."""
+    s, n, k = w.shape
+    if n % FP8_BLOCK or k % FP8_BLOCK:
+        raise ValueError(f"block-major order needs N and K divisible by {FP8_BLOCK}, got {list(w.shape)}")
+    b = FP8_BLOCK
+    return w.reshape(s, n // b, b, k // b, b).permute(0, 1, 3, 2, 4).contiguous().view(s, n, k)
+
+
+def from_block_major(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_block_major`."""
+    s, n, k = w.shape
+    b = FP8_BLOCK
+    return w.reshape(s, n // b, k // b, b, b).permute(0, 1, 3, 2, 4).contiguous().view(s, n, k)
