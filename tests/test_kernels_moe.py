@@ -246,6 +246,19 @@ def test_fp8_block_major_weights_give_the_same_bits(bm, bn1, bn2, swap):
     assert not torch.equal(to_block_major(q13).view(torch.uint8), q13.view(torch.uint8))
 
 
+@pytest.mark.parametrize("bn1,bn2", [(128, 64), (64, 128)])
+def test_fp8_bulk_copy_tiles_give_the_same_bits(bn1, bn2):
+    # weight tiles through tensor descriptors (TMA) instead of pointer loads: the same bits
+    x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(20, 256, 384, 10, 4, seed=bn1)
+    cfg = _cfg(16, bn1, bn2, True, (True, True))
+    want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
+    tma = {"BM": 16, "gemm1": dict(cfg["gemm1"], TMA=True), "gemm2": dict(cfg["gemm2"], TMA=True)}
+    assert torch.equal(fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=tma), want)
+    with pytest.raises(ValueError, match="TMA tiles need"):  # I = 384 is not a multiple of BN 256
+        fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
+                  config=dict(tma, gemm1=dict(tma["gemm1"], BN=256)))
+
+
 def test_block_major_round_trip_and_errors():
     from eplb.kernels.moe_triton import from_block_major, to_block_major
 

@@ -53,6 +53,28 @@ def _stream_kernel(w_ptr, a_ptr, out_ptr, N, K, BN: tl.constexpr, BK: tl.constex
     tl.store(out_ptr + (e * N + nt * BN + rn)[:, None] * 16 + rm[None, :], acc)
 
 
+@triton.jit
+def _stream_tma_kernel(w_desc, a_ptr, out_ptr, N, K, n_tiles, BN: tl.constexpr, BK: tl.constexpr,
+                       PERSISTENT: tl.constexpr):
+    """The row layout through the bulk tensor copy engine: w_desc views w as [E * N, K] with
+    [BN, BK] boxes. PERSISTENT: a grid of a few programs per SM walks the tiles."""
+    rm = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    step = tl.num_programs(0) if PERSISTENT else 1
+    last = n_tiles if PERSISTENT else tl.program_id(0) + 1
+    for tile in range(tl.program_id(0), last, step):
+        row0 = tile * BN
+        a_ptrs = a_ptr + rk[:, None] * 16 + rm[None, :]
+        acc = tl.zeros((BN, 16), dtype=tl.float32)
+        for kb in range(0, K // BK):
+            w = w_desc.load([row0, kb * BK])
+            a = tl.load(a_ptrs)
+            acc += tl.dot(w, a)
+            a_ptrs += BK * 16
+        rn = row0 + tl.arange(0, BN)
+        tl.store(out_ptr + rn[:, None].to(tl.int64) * 16 + rm[None, :], acc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -86,7 +108,35 @@ def main() -> None:
                     print(f"  BN={bn:3d} {layout:6s} stages={stages} warps={warps}: {sec * 1e6:7.1f} us "
                           f"{gbps:6.0f} GB/s ({gbps / read:.2f} of read){'' if same else ' RESULT DIFFERS'}",
                           flush=True)
-    for layout in ("row", "row256", "tile"):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    w2d = w.view(E * N, K)
+    for bn in (64, 128):
+        desc = TensorDescriptor.from_tensor(w2d, [bn, 128])
+        n_tiles = E * N // bn
+        for layout, grid in (("tma", n_tiles), ("tma_persist1", sms), ("tma_persist2", 2 * sms),
+                             ("tma_persist4", 4 * sms)):
+            for stages in (2, 3, 4):
+                for warps in (4, 8):
+                    def call(desc=desc, bn=bn, grid=grid, n_tiles=n_tiles, layout=layout, stages=stages,
+                             warps=warps):
+                        _stream_tma_kernel[(min(grid, n_tiles),)](
+                            desc, a, out, N, K, n_tiles, BN=bn, BK=128, PERSISTENT=layout != "tma",
+                            num_stages=stages, num_warps=warps)
+                    try:
+                        sec = gpu.timed(call, reps=30)
+                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                        print(f"  BN={bn} {layout} stages={stages} warps={warps}: {type(exc).__name__} {exc}"[:300])
+                        continue
+                    same = bool(torch.allclose(out, ref, rtol=1e-3, atol=1e-2))
+                    gbps = w.numel() / sec / 1e9
+                    rows.append({"BN": bn, "layout": layout, "stages": stages, "warps": warps,
+                                 "us": sec * 1e6, "GBps": gbps, "of_read": gbps / read, "same_result": same})
+                    print(f"  BN={bn:3d} {layout:12s} stages={stages} warps={warps}: {sec * 1e6:7.1f} us "
+                          f"{gbps:6.0f} GB/s ({gbps / read:.2f} of read){'' if same else ' RESULT DIFFERS'}",
+                          flush=True)
+    for layout in ("row", "row256", "tile", "tma", "tma_persist1", "tma_persist2", "tma_persist4"):
         best = max((r for r in rows if r["layout"] == layout), key=lambda r: r["GBps"], default=None)
         if best:
             print(f"best {layout}: {best['of_read']:.3f} of read ({best})")

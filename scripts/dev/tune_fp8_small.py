@@ -4,7 +4,7 @@ fp16 mma.sync). Coordinate descent per BM (bench/gpu.py's search_tiles), experts
 graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
 
     python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
-        [--stages 3,4,5] [--warps 4] [--swap-only] [--bms 16,32] [--blocked]
+        [--stages 3,4,5] [--warps 4] [--swap-only] [--bms 16,32] [--blocked] [--tma]
 
 Prints the table entry before and the best found per token count, with the read rate of the
 touched expert bytes against the reduction read rate; --out writes {dtype: {pairs: config}} for
@@ -25,11 +25,15 @@ import gpu  # noqa: E402
 from eplb.kernels.moe_triton import get_config, to_block_major  # noqa: E402
 
 
-def c(bn, w, s, swap, bk=128):
-    return {"BN": bn, "BK": bk, "GROUP_M": 1, "num_warps": w, "num_stages": s, "SWAP": swap}
+def c(bn, w, s, swap, bk=128, tma=False):
+    cfg = {"BN": bn, "BK": bk, "GROUP_M": 1, "num_warps": w, "num_stages": s, "SWAP": swap}
+    return dict(cfg, TMA=True) if tma else cfg
 
 
-def candidates(fp8: bool, stages=(3, 4, 5), warps=(4,), swaps=(False, True)):
+def candidates(fp8: bool, stages=(3, 4, 5), warps=(4,), swaps=(False, True), tma=False):
+    if tma:  # bulk-copy weight tiles: transposed FP8 tiles only
+        g = [c(bn, w, s, True, 128, True) for bn, w, s in itertools.product((64, 128), warps, stages)]
+        return g, list(g)
     bks = (128,) if fp8 else (64, 128)
     g1 = [c(bn, w, s, sw, bk) for bn, w, s, sw, bk in itertools.product((64, 128), warps, stages, swaps, bks)]
     if False in swaps:
@@ -49,6 +53,7 @@ def main() -> None:
     ap.add_argument("--blocked", action="store_true",
                     help="FP8 weights in 128x128 block-major order (moe_triton.to_block_major); the best "
                          "config is also timed on the checkpoint order")
+    ap.add_argument("--tma", action="store_true", help="weight tiles through tensor descriptors (TMA)")
     ap.add_argument("--bms", default=None, help="row blocks to try (default 16, and 32 above 16 tokens)")
     args = ap.parse_args()
     read_bps = gpu.ceilings()["reduction_read_GBps"] * 1e9
@@ -67,7 +72,7 @@ def main() -> None:
             per_expert = 3 * gpu.H * gpu.I * (1 if fp8 else 2)
             g1s, g2s = candidates(fp8, tuple(int(v) for v in args.stages.split(",")),
                                   tuple(int(v) for v in args.warps.split(",")),
-                                  (True,) if args.swap_only else (False, True))
+                                  (True,) if args.swap_only else (False, True), tma=args.tma and fp8)
             found[key] = {}
             for t in (int(v) for v in args.tokens.split(",")):
                 xs = [torch.randn(t, gpu.H, device="cuda", dtype=torch.bfloat16) for _ in range(gpu.NSETS)]
@@ -88,11 +93,12 @@ def main() -> None:
                     if best is None or sec < best[0]:
                         best = (sec, cur)
                     # the best without SWAP at this BM, for the A/B
-                    plain = {"BM": bm, "gemm1": dict(cur["gemm1"], SWAP=False),
-                             "gemm2": dict(cur["gemm2"], SWAP=False)}
+                    # the same tiles without TMA (with --tma) or else without SWAP, for the A/B
+                    off = {"TMA": False} if args.tma else {"SWAP": False}
+                    plain = {"BM": bm, "gemm1": dict(cur["gemm1"], **off), "gemm2": dict(cur["gemm2"], **off)}
                     psec = run(plain)
                     print(f"  {key} t={t} BM={bm}: {sec * 1e6:.1f} us ({frac(sec):.2f} of read) {cur}; "
-                          f"same tiles without SWAP {psec * 1e6:.1f} us", flush=True)
+                          f"same tiles without {'TMA' if args.tma else 'SWAP'} {psec * 1e6:.1f} us", flush=True)
                 print(f"{key} t={t} ({distinct:.0f} experts): table {base * 1e6:.1f} us ({frac(base):.2f}), "
                       f"best {best[0] * 1e6:.1f} us ({frac(best[0]):.2f})", flush=True)
                 if kw.get("w_blocked"):

@@ -201,14 +201,14 @@ def _weight_rows(offs_n, stride_wn, BK: tl.constexpr, W_BLOCKED: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
-def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
+def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_xm, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                   stride_hs, pair_slot_ptr, n_slots,
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr):
+                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr, TMA: tl.constexpr):
     """SWAP: the dots run transposed (h^T = w @ x^T, weight columns as the MMA's M side): with a
     few pairs per expert, BM rows are below the 64 that Hopper's FP8 tensor-core instruction
     (wgmma) needs, and triton would lower an e4m3 dot of BM < 64 rows to fp16 mma.sync.
@@ -216,7 +216,9 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
     also quantizes h per pair and 128-group (hs [n_pairs, I/128]) so gemm2 reads FP8.
     PREFETCH (small calls under PDL): program (m, n) first prefetches column tile n's gate and up
     rows of pair m's expert (pair_slot_ptr: the unsorted slot per pair), so that the experts'
-    weights stream into L2 while the sort runs."""
+    weights stream into L2 while the sort runs.
+    TMA (SWAP, I % BN == 0): weight tiles come through the bulk tensor copy engine, ``w_desc``
+    viewing w as [S * 2I, H] in [BN, BK] boxes."""
     pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
     if PREFETCH:
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, I, H,
@@ -251,8 +253,14 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
         as_ptrs = xs_ptr + tok * stride_xs
         sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
         su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
+    if TMA:
+        w_row = slot.to(tl.int32) * (2 * I) + pid_n * BN
     for kb in range(0, tl.cdiv(H, BK)):
-        if SWAP:
+        if TMA:
+            a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
+            g = w_desc.load([w_row, kb * BK])
+            u = w_desc.load([w_row + I, kb * BK])
+        elif SWAP:
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=mask_n[:, None], other=0.0)
@@ -315,15 +323,15 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block
 
 
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
-def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
+def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_hm, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
                   pair_slot_ptr, n_slots,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr):
-    """SWAP: transposed dots, as in _gemm1_kernel. FP8: h is either FP8 with scales hs (H_FP8) or
+                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr, TMA: tl.constexpr):
+    """SWAP, TMA (``w_desc``: w as [S * H, I]): as in _gemm1_kernel. FP8: h is either FP8 with scales hs (H_FP8) or
     bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
     down rows, while gemm1 runs."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
@@ -353,9 +361,14 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, weight_ptr, sorted_ptr, b
     if H_FP8:
         as_ptrs = hs_ptr + row * stride_hs
     acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    if TMA:
+        w_row = slot.to(tl.int32) * H + pid_n * BN
     for kb in range(0, tl.cdiv(I, BK)):
         # a: h tile [BM, BK]; b: w2 tile [BK, BN], or [BN, BK] with SWAP (acc is then [BN, BM])
-        if EVEN_K:
+        if TMA:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = w_desc.load([w_row, kb * BK])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[:, None] if SWAP else mask_n[None, :], other=0.0)
         else:
@@ -474,6 +487,22 @@ SMALL_ALIGN_MAX_SLOTS = 256
 PREFETCH_MAX_BYTES = 32 << 20
 
 
+def _weight_desc(w, c, fp8, w_blocked, rows_per_part, bk):
+    """The bulk-copy descriptor of a GEMM's weights [S, N, K] as [S * N, K] in [BN, BK] boxes, when
+    the tile asks for it (``TMA``), or None. Only transposed FP8 tiles that never straddle a slot or
+    a gate/up half (``rows_per_part`` % BN == 0), on the checkpoint order."""
+    if not c.get("TMA", False):
+        return None
+    if not (fp8 and c.get("SWAP", False)) or w_blocked or rows_per_part % c["BN"]:
+        raise ValueError(f"TMA tiles need block-FP8 weights in checkpoint order, SWAP and N % BN == 0; got {c}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    s, n, k = w.shape
+    if w.stride(0) != n * w.stride(1):
+        raise ValueError("TMA tiles need the slots of a weight tensor stored back to back")
+    return TensorDescriptor(w, [s * n, k], [w.stride(1), 1], [c["BN"], bk])
+
+
 def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None,
          w_blocked=False):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
@@ -527,6 +556,8 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
+    desc1 = _weight_desc(w13, c1, fp8, w_blocked, i, bk1)
+    desc2 = _weight_desc(w2, c2, fp8, w_blocked, h, bk2)
     # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
     h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
     if fp8 and x_fp8 is not None:
@@ -549,23 +580,24 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     hs = torch.empty((n_pairs, i // FP8_BLOCK), dtype=torch.float32, device=dev) if h_fp8 else hbuf
     grid1 = (max_blocks * triton.cdiv(i, c1["BN"]),)
     _gemm1_kernel[grid1](
-        xq, xs, w13, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
+        xq, xs, w13, desc1, ws13, hbuf, hs, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
         xq.stride(0), xs.stride(0) if fp8 else 0, w13.stride(0), w13.stride(1),
         ws13.stride(0) if fp8 else 0, ws13.stride(1) if fp8 else 0, hbuf.stride(0),
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(h % bk1 == 0), **pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
-        SWAP=c1.get("SWAP", False), W_BLOCKED=w_blocked, num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        SWAP=c1.get("SWAP", False), W_BLOCKED=w_blocked, TMA=desc1 is not None, num_warps=c1["num_warps"],
+        num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
     _gemm2_kernel[grid2](
-        hbuf, hs, w2, ws2, y, wflat, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
+        hbuf, hs, w2, desc2, ws2, y, wflat, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
         hbuf.stride(0), hs.stride(0) if h_fp8 else 0, w2.stride(0), w2.stride(1),
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
         PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False), W_BLOCKED=w_blocked,
-        num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+        TMA=desc2 is not None, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
 
