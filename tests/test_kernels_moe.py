@@ -254,9 +254,22 @@ def test_fp8_bulk_copy_tiles_give_the_same_bits(bn1, bn2):
     want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
     tma = {"BM": 16, "gemm1": dict(cfg["gemm1"], TMA=True), "gemm2": dict(cfg["gemm2"], TMA=True)}
     assert torch.equal(fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=tma), want)
-    with pytest.raises(ValueError, match="TMA tiles need"):  # I = 384 is not a multiple of BN 256
-        fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
-                  config=dict(tma, gemm1=dict(tma["gemm1"], BN=256)))
+
+
+def test_fp8_bulk_copy_request_falls_back_where_it_cannot_apply():
+    # I = 384 is not a multiple of BN 256: the tile would straddle gate and up, so pointer loads
+    from eplb.kernels.moe_triton import _weight_desc
+
+    x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(20, 256, 384, 10, 4, seed=5)
+    wide = {"BN": 256, "BK": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP": True, "TMA": True}
+    assert _weight_desc(q13, wide, True, False, 384, 128) is None
+    assert _weight_desc(q13, dict(wide, BN=128), True, False, 384, 128) is not None
+    assert _weight_desc(q13, dict(wide, BN=128), True, True, 384, 128) is None  # block-major order
+    assert _weight_desc(q13, dict(wide, BN=128, SWAP=False), True, False, 384, 128) is None
+    cfg = {"BM": 16, "gemm1": wide, "gemm2": dict(wide, BN=128)}
+    want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
+                     config={"BM": 16, "gemm1": dict(wide, TMA=False), "gemm2": dict(wide, BN=128, TMA=False)})
+    assert torch.equal(fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg), want)
 
 
 def test_block_major_round_trip_and_errors():
