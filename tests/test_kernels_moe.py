@@ -231,21 +231,6 @@ def test_fp8_both_intermediate_paths(bm, bn1, bn2):
     assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
 
 
-@pytest.mark.parametrize("bm,bn1,bn2,swap", [(16, 128, 64, (True, True)), (32, 256, 128, (False, False)),
-                                            (16, 64, 128, (True, False))])
-def test_fp8_block_major_weights_give_the_same_bits(bm, bn1, bn2, swap):
-    # the same tiles read from 128 x 128 block-major weights: the same values in the same order
-    from eplb.kernels.moe_triton import to_block_major
-
-    x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(20, 256, 384, 10, 4, seed=bm + bn1)
-    cfg = _cfg(bm, bn1, bn2, True, swap)
-    want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
-    got = fused_moe(x, slot, wt, to_block_major(q13), to_block_major(q2), w13_scale=s13, w2_scale=s2,
-                    config=cfg, w_blocked=True)
-    assert torch.equal(got, want)
-    assert not torch.equal(to_block_major(q13).view(torch.uint8), q13.view(torch.uint8))
-
-
 @pytest.mark.parametrize("bn1,bn2", [(128, 64), (64, 128)])
 def test_fp8_bulk_copy_tiles_give_the_same_bits(bn1, bn2):
     # weight tiles through tensor descriptors (TMA) instead of pointer loads: the same bits
@@ -262,30 +247,13 @@ def test_fp8_bulk_copy_request_falls_back_where_it_cannot_apply():
 
     x, slot, wt, q13, s13, q2, s2, _, _ = _fp8_case(20, 256, 384, 10, 4, seed=5)
     wide = {"BN": 256, "BK": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP": True, "TMA": True}
-    assert _weight_desc(q13, wide, True, False, 384, 128) is None
-    assert _weight_desc(q13, dict(wide, BN=128), True, False, 384, 128) is not None
-    assert _weight_desc(q13, dict(wide, BN=128), True, True, 384, 128) is None  # block-major order
-    assert _weight_desc(q13, dict(wide, BN=128, SWAP=False), True, False, 384, 128) is None
+    assert _weight_desc(q13, wide, True, 384, 128) is None
+    assert _weight_desc(q13, dict(wide, BN=128), True, 384, 128) is not None
+    assert _weight_desc(q13, dict(wide, BN=128, SWAP=False), True, 384, 128) is None
     cfg = {"BM": 16, "gemm1": wide, "gemm2": dict(wide, BN=128)}
     want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
                      config={"BM": 16, "gemm1": dict(wide, TMA=False), "gemm2": dict(wide, BN=128, TMA=False)})
     assert torch.equal(fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg), want)
-
-
-def test_block_major_round_trip_and_errors():
-    from eplb.kernels.moe_triton import from_block_major, to_block_major
-
-    w = torch.arange(2 * 256 * 384, dtype=torch.float32).view(2, 256, 384)
-    b = to_block_major(w)
-    assert b.shape == w.shape and torch.equal(from_block_major(b), w)
-    # block (1, 2) of slot 1 is one contiguous run of 128 * 128 elements
-    start = 1 * 256 * 384 + (1 * 3 + 2) * 128 * 128
-    assert torch.equal(b.reshape(-1)[start:start + 128 * 128].view(128, 128), w[1, 128:256, 256:384])
-    with pytest.raises(ValueError, match="divisible by 128"):
-        to_block_major(torch.zeros(1, 100, 128))
-    x, slot, wt, w13, w2 = make_case(3, 256, 128, 4, 2)
-    with pytest.raises(ValueError, match="block-FP8 weights only"):
-        fused_moe(x, slot, wt, w13, w2, w_blocked=True)
 
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")

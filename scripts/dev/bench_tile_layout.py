@@ -9,7 +9,9 @@ reduction read measured in the same run:
 
   row      the checkpoint layout [E, N, K], K step 128 (what the kernel does now);
   row256   the same layout, K step 256 (256-byte row pieces);
-  tile     pre-tiled [E, N/BN, K/128, BN, 128]: each K step one contiguous BN x 128 block.
+  tile     pre-tiled [E, N/BN, K/128, BN, 128]: each K step one contiguous BN x 128 block;
+  tma      the checkpoint layout through the bulk tensor copy engine (tensor descriptor);
+  tma_persistP  the same with a persistent grid of P programs per SM walking the tiles.
 
     python scripts/dev/bench_tile_layout.py [--out F]
 """

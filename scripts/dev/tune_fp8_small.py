@@ -4,7 +4,7 @@ fp16 mma.sync). Coordinate descent per BM (bench/gpu.py's search_tiles), experts
 graph time (bench/gpu.py's graph_time; weights stream from HBM: 128 experts, 8 input sets).
 
     python scripts/dev/tune_fp8_small.py [--dtypes fp8,bf16] [--tokens 1,16,32,64,128,256] [--out F]
-        [--stages 3,4,5] [--warps 4] [--swap-only] [--bms 16,32] [--blocked] [--tma]
+        [--stages 3,4,5] [--warps 4] [--swap-only] [--bms 16,32] [--tma]
 
 Prints the table entry before and the best found per token count, with the read rate of the
 touched expert bytes against the reduction read rate; --out writes {dtype: {pairs: config}} for
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
 
-from eplb.kernels.moe_triton import get_config, to_block_major  # noqa: E402
+from eplb.kernels.moe_triton import get_config  # noqa: E402
 
 
 def c(bn, w, s, swap, bk=128, tma=False):
@@ -50,9 +50,6 @@ def main() -> None:
     ap.add_argument("--stages", default="3,4,5", help="pipeline depths to try")
     ap.add_argument("--warps", default="4", help="warp counts to try")
     ap.add_argument("--swap-only", action="store_true", help="only transposed-dot candidates")
-    ap.add_argument("--blocked", action="store_true",
-                    help="FP8 weights in 128x128 block-major order (moe_triton.to_block_major); the best "
-                         "config is also timed on the checkpoint order")
     ap.add_argument("--tma", action="store_true", help="weight tiles through tensor descriptors (TMA)")
     ap.add_argument("--bms", default=None, help="row blocks to try (default 16, and 32 above 16 tokens)")
     args = ap.parse_args()
@@ -65,10 +62,6 @@ def main() -> None:
             fp8 = key == "fp8"
             wargs = (layer.q13, layer.q2) if fp8 else (layer.w13, layer.w2)
             kw = {"w13_scale": layer.s13, "w2_scale": layer.s2} if fp8 else {}
-            row_wargs, row_kw = wargs, dict(kw)
-            if args.blocked and fp8:
-                wargs = (to_block_major(layer.q13), to_block_major(layer.q2))
-                kw["w_blocked"] = True
             per_expert = 3 * gpu.H * gpu.I * (1 if fp8 else 2)
             g1s, g2s = candidates(fp8, tuple(int(v) for v in args.stages.split(",")),
                                   tuple(int(v) for v in args.warps.split(",")),
@@ -101,10 +94,6 @@ def main() -> None:
                           f"same tiles without {'TMA' if args.tma else 'SWAP'} {psec * 1e6:.1f} us", flush=True)
                 print(f"{key} t={t} ({distinct:.0f} experts): table {base * 1e6:.1f} us ({frac(base):.2f}), "
                       f"best {best[0] * 1e6:.1f} us ({frac(best[0]):.2f})", flush=True)
-                if kw.get("w_blocked"):
-                    rsec = gpu.graph_time(xs, routes, row_wargs, dict(row_kw, config=best[1]))
-                    print(f"{key} t={t}: best tiles on checkpoint-order weights {rsec * 1e6:.1f} us "
-                          f"({frac(rsec):.2f}); block-major / checkpoint order {best[0] / rsec:.3f}", flush=True)
                 found[key][str(t * gpu.K)] = best[1]
                 if args.out:  # after every size, so that a run cut short still leaves its findings
                     with open(args.out, "w") as f:

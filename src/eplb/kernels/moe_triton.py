@@ -27,6 +27,8 @@ x by one small extra launch (``_quant_act_kernel``) unless the caller passes it 
 (``x_fp8``, e.g. from the RMSNorm launch that made x); the intermediate h by gemm1's epilogue when
 its tile is 128 wide (one group per tile row), otherwise by gemm2 right after each 128-wide load.
 Each K step is an FP8 tensor-core dot whose float32 result gets activation scale x weight scale.
+Tiles with ``TMA`` (decode sizes) load their FP8 weight tiles through the bulk tensor copy engine
+from a host-built tensor descriptor (``_weight_desc``) instead of pointer loads: 1-2% per step.
 """
 
 from __future__ import annotations
@@ -189,17 +191,6 @@ def _prefetch_experts(w_ptr, slot_ptr, n_pairs, n_slots, first, step, row0, n_ro
             prefetch_rows(w_ptr + s * stride_we, rows, row_len, LINE)
 
 
-@triton.jit
-def _weight_rows(offs_n, stride_wn, BK: tl.constexpr, W_BLOCKED: tl.constexpr):
-    """-> (element offset of weight row n's first K step within a slot, elements per K step).
-    W_BLOCKED (block-FP8, BK = 128): the slot is stored in 128 x 128 block-major order
-    (:func:`to_block_major`), so a K step of rows within one block row is one contiguous piece."""
-    if W_BLOCKED:
-        return (offs_n // 128).to(tl.int64) * (128 * stride_wn) + (offs_n % 128) * 128, 128 * 128
-    else:
-        return offs_n.to(tl.int64) * stride_wn, BK
-
-
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
 def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
@@ -208,7 +199,7 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_pt
                   TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr, TMA: tl.constexpr):
+                  LINE: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr):
     """SWAP: the dots run transposed (h^T = w @ x^T, weight columns as the MMA's M side): with a
     few pairs per expert, BM rows are below the 64 that Hopper's FP8 tensor-core instruction
     (wgmma) needs, and triton would lower an e4m3 dot of BM < 64 rows to fp16 mma.sync.
@@ -237,15 +228,14 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_pt
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < I
     offs_k = tl.arange(0, BK)
-    n_off, w_step = _weight_rows(offs_n, stride_wn, BK, W_BLOCKED)
     if SWAP:
         a_ptrs = x_ptr + tok[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BK, BM]
-        g_ptrs = w_ptr + slot * stride_we + n_off[:, None] + offs_k[None, :]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
         acc_g = tl.zeros((BN, BM), dtype=tl.float32)
         acc_u = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-        g_ptrs = w_ptr + slot * stride_we + n_off[None, :] + offs_k[:, None]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     u_ptrs = g_ptrs + I * stride_wn
@@ -308,8 +298,8 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_pt
             acc_g = tl.dot(a, g, acc_g)
             acc_u = tl.dot(a, u, acc_u)
         a_ptrs += BK
-        g_ptrs += w_step
-        u_ptrs += w_step
+        g_ptrs += BK
+        u_ptrs += BK
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     if SWAP:
         h = tl.trans(h)  # [BM, BN]: one row per pair, as the quantization and the store expect
@@ -330,9 +320,9 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr, W_BLOCKED: tl.constexpr, TMA: tl.constexpr):
-    """SWAP, TMA (``w_desc``: w as [S * H, I]): as in _gemm1_kernel. FP8: h is either FP8 with scales hs (H_FP8) or
-    bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
+                  LINE: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr):
+    """SWAP, TMA (``w_desc``: w as [S * H, I]): as in _gemm1_kernel. FP8: h is either FP8 with
+    scales hs (H_FP8) or bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
     down rows, while gemm1 runs."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
     if PREFETCH:
@@ -351,11 +341,10 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
     mask_n = offs_n < H
     offs_k = tl.arange(0, BK)
     a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
-    n_off, w_step = _weight_rows(offs_n, stride_wn, BK, W_BLOCKED)
     if SWAP:
-        b_ptrs = w_ptr + slot * stride_we + n_off[:, None] + offs_k[None, :]
+        b_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     else:
-        b_ptrs = w_ptr + slot * stride_we + n_off[None, :] + offs_k[:, None]
+        b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     if FP8:
         s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
     if H_FP8:
@@ -399,7 +388,7 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BK
-        b_ptrs += w_step
+        b_ptrs += BK
     if SWAP:
         acc = tl.trans(acc)
     if MUL_WEIGHT:
@@ -487,12 +476,12 @@ SMALL_ALIGN_MAX_SLOTS = 256
 PREFETCH_MAX_BYTES = 32 << 20
 
 
-def _weight_desc(w, c, fp8, w_blocked, rows_per_part, bk):
+def _weight_desc(w, c, fp8, rows_per_part, bk):
     """The bulk-copy descriptor of a GEMM's weights [S, N, K] as [S * N, K] in [BN, BK] boxes, or
     None (pointer loads). A tile's ``TMA`` is a request, honoured where it applies: transposed FP8
-    tiles that never straddle a slot or a gate/up half (``rows_per_part`` % BN == 0), on the
-    checkpoint order with the slots back to back; a table entry thus never fails a call."""
-    if not (c.get("TMA", False) and fp8 and c.get("SWAP", False)) or w_blocked or rows_per_part % c["BN"]:
+    tiles that never straddle a slot or a gate/up half (``rows_per_part`` % BN == 0), with the
+    slots back to back; a table entry thus never fails a call."""
+    if not (c.get("TMA", False) and fp8 and c.get("SWAP", False)) or rows_per_part % c["BN"]:
         return None
     s, n, k = w.shape
     if w.stride(0) != n * w.stride(1) or w.stride(2) != 1:
@@ -502,14 +491,10 @@ def _weight_desc(w, c, fp8, w_blocked, rows_per_part, bk):
     return TensorDescriptor(w, [s * n, k], [w.stride(1), 1], [c["BN"], bk])
 
 
-def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None,
-         w_blocked=False):
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
-    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8).
-    ``w_blocked``: the FP8 weights are in :func:`to_block_major` order."""
+    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8)."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
-    if w_blocked and not fp8:
-        raise ValueError("w_blocked applies to block-FP8 weights only")
     x = x.contiguous()
     t, k = topk_slot.shape
     s_local, i2, h = w13.shape
@@ -530,9 +515,8 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     s_pad = triton.next_power_of_2(s_local)
     pdl = pdl_args(dev)
     experts = min(n_pairs, s_local)  # at most this many distinct slots are read
-    # (the L2 prefetch walks weight rows, which block-major weights do not store contiguously)
-    prefetch1 = not w_blocked and pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
-    prefetch2 = not w_blocked and pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
+    prefetch1 = pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
+    prefetch2 = pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
     if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
         counts = torch.empty(s_local, dtype=torch.int32, device=dev)
         starts = torch.empty(s_local, dtype=torch.int32, device=dev)
@@ -555,8 +539,8 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     c1, c2 = cfg["gemm1"], cfg["gemm2"]
     bk1 = FP8_BLOCK if fp8 else c1["BK"]
     bk2 = FP8_BLOCK if fp8 else c2["BK"]
-    desc1 = _weight_desc(w13, c1, fp8, w_blocked, i, bk1)
-    desc2 = _weight_desc(w2, c2, fp8, w_blocked, h, bk2)
+    desc1 = _weight_desc(w13, c1, fp8, i, bk1)
+    desc2 = _weight_desc(w2, c2, fp8, h, bk2)
     # FP8 with 128-wide gate/up tiles: gemm1 quantizes h in its epilogue (one group per tile row)
     h_fp8 = fp8 and c1["BN"] == FP8_BLOCK
     if fp8 and x_fp8 is not None:
@@ -585,7 +569,7 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         hs.stride(0) if h_fp8 else 0, slots, s_local,
         TOP_K=k, BM=bm, BN=c1["BN"], BK=bk1, GROUP_M=c1["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(h % bk1 == 0), **pdl, PREFETCH=prefetch1, LINE=128 // w13.element_size(),
-        SWAP=c1.get("SWAP", False), W_BLOCKED=w_blocked, TMA=desc1 is not None, num_warps=c1["num_warps"],
+        SWAP=c1.get("SWAP", False), TMA=desc1 is not None, num_warps=c1["num_warps"],
         num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
@@ -595,16 +579,15 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
         BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
-        PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False), W_BLOCKED=w_blocked,
-        TMA=desc2 is not None, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+        PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False), TMA=desc2 is not None,
+        num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
 
 def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
-              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              w_blocked: bool = False):
+              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -614,10 +597,8 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     ``return_load`` also counts [S] int32: pairs routed to each local slot. ``x_fp8`` (block-FP8
     weights only): x already quantized per row and 128 columns (q [T, H] e4m3, scales [T, H/128]
     float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
-    ``w_blocked``: w13 and w2 (block-FP8) hold :func:`to_block_major` order.
     """
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8,
-                     w_blocked=w_blocked)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8)
     t, k = topk_slot.shape
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
@@ -631,11 +612,10 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
 def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor | None,
                     w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
                     w2_scale: torch.Tensor | None = None, return_load: bool = False,
-                    config: dict | None = None, w_blocked: bool = False):
+                    config: dict | None = None):
     """Per-pair outputs [T, k, H]: expert(x[t]) for pair (t, j), times topk_weight[t, j] when
     weights are given; zero where topk_slot is -1. Same arguments as :func:`fused_moe`."""
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True,
-                     w_blocked=w_blocked)
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True)
     t, k = topk_slot.shape
     y = y.view(t, k, x.shape[1])
     return (y, counts) if return_load else y
@@ -643,30 +623,12 @@ def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch
 
 def fused_experts(x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                  config: dict | None = None, w_blocked: bool = False) -> torch.Tensor:
+                  config: dict | None = None) -> torch.Tensor:
     """The MoELayer ``expert_fn`` contract: x [N, H], local_slot [N] -> [N, H], row n run through
     the expert in local slot ``local_slot[n]`` (unweighted; -1 gives a zero row)."""
     if local_slot.dim() != 1 or local_slot.shape[0] != x.shape[0]:
         raise ValueError(f"local_slot must be [N] with N={x.shape[0]}, got {list(local_slot.shape)}")
     y = fused_moe_pairs(x, local_slot.view(-1, 1), None, w13, w2, w13_scale=w13_scale,
-                        w2_scale=w2_scale, config=config, w_blocked=w_blocked)
+                        w2_scale=w2_scale, config=config)
     return y.view(x.shape[0], x.shape[1])
 
-
-def to_block_major(w: torch.Tensor) -> torch.Tensor:
-    """[S, N, K] -> the same shape with each slot stored 128 x 128 block by block (block row
-    major, each block row major), N and K multiples of 128: the order the FP8 GEMMs read with
-    ``w_blocked``, where each K step of a tile is one contiguous piece instead of N rows of 128
-    bytes. Whole slots keep their place, so slot copies (EPLB) do not care."""
-    s, n, k = w.shape
-    if n % FP8_BLOCK or k % FP8_BLOCK:
-        raise ValueError(f"block-major order needs N and K divisible by {FP8_BLOCK}, got {list(w.shape)}")
-    b = FP8_BLOCK
-    return w.reshape(s, n // b, b, k // b, b).permute(0, 1, 3, 2, 4).contiguous().view(s, n, k)
-
-
-def from_block_major(w: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_block_major`."""
-    s, n, k = w.shape
-    b = FP8_BLOCK
-    return w.reshape(s, n // b, k // b, b, b).permute(0, 1, 3, 2, 4).contiguous().view(s, n, k)
