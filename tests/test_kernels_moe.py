@@ -231,6 +231,25 @@ def test_fp8_both_intermediate_paths(bm, bn1, bn2):
     assert rel_err(out.cpu(), emu) < 2 * BF16_TOL
 
 
+@pytest.mark.parametrize("t,k,bn2,fp8", [(1, 8, 64, False), (37, 4, 128, False), (20, 8, 64, True),
+                                        (33, 2, 128, True)])
+def test_sum_over_k_in_the_down_projection_gives_the_same_bits(t, k, bn2, fp8, monkeypatch):
+    # all_local: gemm2's last-arriving pair of each (token, column tile) sums the k rows, in k order
+    from eplb.kernels import moe_triton
+
+    x, slot, wt, w13, w2 = make_case(t, 256, 384 if fp8 else 128, 10, k, frac_local=1.0, seed=t)
+    kw = {}
+    if fp8:
+        (w13, kw["w13_scale"]), (w2, kw["w2_scale"]) = quantize_block_fp8(w13.float()), quantize_block_fp8(w2.float())
+    assert (slot >= 0).all()
+    cfg = _cfg(16, 128 if fp8 else 64, bn2, fp8, (fp8, fp8))
+    want = fused_moe(x, slot, wt, w13, w2, config=cfg, **kw)
+    for _ in range(2):  # the second call finds its counters reset by the first
+        assert torch.equal(fused_moe(x, slot, wt, w13, w2, config=cfg, all_local=True, **kw), want)
+    monkeypatch.setattr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", t - 1)  # too many tokens: _sum_kernel
+    assert torch.equal(fused_moe(x, slot, wt, w13, w2, config=cfg, all_local=True, **kw), want)
+
+
 @pytest.mark.parametrize("bn1,bn2", [(128, 64), (64, 128)])
 def test_fp8_bulk_copy_tiles_give_the_same_bits(bn1, bn2):
     # weight tiles through tensor descriptors (TMA) instead of pointer loads: the same bits

@@ -6,7 +6,8 @@ CUDA-event step time.
 Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
 (under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
-GEMMs). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
+GEMMs), ``sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
+``_sum_kernel`` launch). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
 fp8_linear split-K, the router matmul in the top-k launch, the MoE k-sum in the next RMSNorm."""
 import argparse
 import datetime
@@ -43,6 +44,7 @@ SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
+    "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
 }
 os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}

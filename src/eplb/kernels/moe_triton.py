@@ -9,7 +9,9 @@ Pipeline of one call (6 launches, no host sync, so it can live inside a CUDA gra
   4. ``_gemm1_kernel``: ``h = silu(x @ w_gate^T) * (x @ w_up^T)`` per pair (gate and up in one
      launch, SwiGLU in the epilogue), written to ``h[pair]``;
   5. ``_gemm2_kernel``: ``y[pair] = (h[pair] @ w2^T) * weight[pair]``;
-  6. ``_sum_kernel``: ``out[t] = sum_j y[t, j]`` over the pairs whose slot is local.
+  6. ``_sum_kernel``: ``out[t] = sum_j y[t, j]`` over the pairs whose slot is local; at decode
+     sizes with every pair local (``all_local``) gemm2 does it instead, the last of a token's
+     pairs to finish a column tile summing them (a last-arrival counter, same bits).
 Calls of at most 2048 pairs (decode, up to 256 tokens at top-8) do 1-3 in one single-CTA launch
 (``_align_small_kernel``): 4 launches in all, since at that size launch overhead, not bytes, is the cost.
 
@@ -37,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.arrival import arrival_counters
 from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 from eplb.kernels.tile_table import TABLE
 
@@ -316,14 +319,18 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_pt
 def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
                   num_post_ptr, n_pairs, H, I, max_m_blocks,
                   stride_hm, stride_hs, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
-                  pair_slot_ptr, n_slots,
+                  pair_slot_ptr, n_slots, out_ptr, cnt_ptr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
                   MUL_WEIGHT: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                  LINE: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr):
+                  LINE: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr, SUM_K: tl.constexpr):
     """SWAP, TMA (``w_desc``: w as [S * H, I]): as in _gemm1_kernel. FP8: h is either FP8 with
-    scales hs (H_FP8) or bf16, quantized per row right after each 128-wide load. PREFETCH: as in _gemm1_kernel, the
-    down rows, while gemm1 runs."""
+    scales hs (H_FP8) or bf16, quantized per row right after each 128-wide load. PREFETCH: as in
+    _gemm1_kernel, the down rows, while gemm1 runs.
+    SUM_K (every pair local, SUM_K = top-k): the sum over k is done here instead of by
+    _sum_kernel, one launch fewer. Each program arrives, per row, at the counter of (token,
+    column tile); the last of the token's SUM_K pairs to arrive sums their y rows in k order, as
+    _sum_kernel does (same bits), into out_ptr, and resets the counter (kernels.arrival)."""
     pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
     if PREFETCH:
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, H, I,
@@ -396,6 +403,21 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
         acc = acc * wt[:, None]
     y_ptrs = y_ptr + row[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SUM_K:
+        tok = row // SUM_K
+        cnt = cnt_ptr + tok * tl.cdiv(H, BN) + pid_n
+        tl.debug_barrier()  # every thread's y stores are issued before this program arrives
+        last = mask_m & (tl.atomic_add(cnt, 1, mask=mask_m, sem="acq_rel", scope="gpu") == SUM_K - 1)
+        tl.debug_barrier()  # the arrivals (acquire) come before any thread reads the other rows
+        if tl.max(last.to(tl.int32), axis=0) > 0:
+            tl.atomic_xchg(cnt, 0, mask=last, sem="relaxed", scope="gpu")
+            lm = last[:, None] & mask_n[None, :]
+            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            for j in tl.static_range(SUM_K):  # k order, float32: _sum_kernel's sum
+                v = tl.load(y_ptr + (tok * SUM_K + j)[:, None] * stride_ym + offs_n[None, :], mask=lm,
+                            other=0.0, cache_modifier=".cg")
+                tot += v.to(tl.float32)
+            tl.store(out_ptr + tok[:, None] * H + offs_n[None, :], tot.to(out_ptr.dtype.element_ty), mask=lm)
 
 
 @triton.jit
@@ -466,6 +488,9 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
 
 # columns per program of the final sum over k (programs = tokens x H / SUM_BLOCK_H)
 SUM_BLOCK_H = 1024
+# calls of at most this many tokens with every pair local sum over k inside gemm2 (decode sizes,
+# where a launch costs more than the sum); 0 turns it off
+SUM_IN_GEMM2_MAX_TOKENS = 256
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
@@ -491,9 +516,11 @@ def _weight_desc(w, c, fp8, rows_per_part, bk):
     return TensorDescriptor(w, [s * n, k], [w.stride(1), 1], [c["BN"], bk])
 
 
-def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None):
+def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None,
+         out=None):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
-    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8)."""
+    unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8).
+    ``out`` [T, H]: gemm2 also sums over k into it (``_gemm2_kernel``'s SUM_K; every pair local)."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
     x = x.contiguous()
     t, k = topk_slot.shape
@@ -573,21 +600,23 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
         num_stages=c1["num_stages"])
     wflat = topk_weight.contiguous().view(-1) if topk_weight is not None else y
     grid2 = (max_blocks * triton.cdiv(h, c2["BN"]),)
+    cnt = arrival_counters(dev, t * triton.cdiv(h, c2["BN"])) if out is not None else y
     _gemm2_kernel[grid2](
         hbuf, hs, w2, desc2, ws2, y, wflat, sorted_ids, block_slot, num_post, n_pairs, h, i, max_blocks,
         hbuf.stride(0), hs.stride(0) if h_fp8 else 0, w2.stride(0), w2.stride(1),
         ws2.stride(0) if fp8 else 0, ws2.stride(1) if fp8 else 0, y.stride(0), slots, s_local,
-        BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
+        out if out is not None else y, cnt, BM=bm, BN=c2["BN"], BK=bk2, GROUP_M=c2["GROUP_M"], FP8=fp8, H_FP8=h_fp8,
         EVEN_K=(i % bk2 == 0), MUL_WEIGHT=topk_weight is not None, **pdl,
         PREFETCH=prefetch2, LINE=128 // w2.element_size(), SWAP=c2.get("SWAP", False), TMA=desc2 is not None,
-        num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+        SUM_K=k if out is not None else 0, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     return y, counts
 
 
 def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor,
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
-              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+              config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+              all_local: bool = False):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -597,12 +626,16 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     ``return_load`` also counts [S] int32: pairs routed to each local slot. ``x_fp8`` (block-FP8
     weights only): x already quantized per row and 128 columns (q [T, H] e4m3, scales [T, H/128]
     float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
+    ``all_local``: the caller knows that no slot is -1 (in-process experts); calls of at most
+    ``SUM_IN_GEMM2_MAX_TOKENS`` tokens then sum over k in the down-projection launch.
     """
-    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8)
     t, k = topk_slot.shape
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
-    if t:
+    in_gemm2 = all_local and 0 < t <= SUM_IN_GEMM2_MAX_TOKENS and w13.shape[0] > 0
+    y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8,
+                     out=out if in_gemm2 else None)
+    if t and not in_gemm2:
         bh = SUM_BLOCK_H
         _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,
                                              **pdl_args(x.device), num_warps=max(1, min(4, bh // 256)))

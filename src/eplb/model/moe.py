@@ -92,10 +92,11 @@ def local_dispatch(
         raise RuntimeError("local_dispatch got a slot this rank does not hold; install an EP "
                            "dispatcher")
     if expert_fn == layer.expert_fn and layer.use_fused(hidden):
-        # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels)
+        # CUDA bf16: the Triton kernel sorts, computes and sums over k itself (eplb.kernels);
+        # every slot is local here (checked above), so the sum can ride on the down projection
         local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
         return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2, w13_scale=layer.w13_scale,
-                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8)
+                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8, all_local=True)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
