@@ -6,9 +6,12 @@ CUDA-event step time.
 Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
 (under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
-GEMMs), ``sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
-``_sum_kernel`` launch). Tried and removed after this A/B (bench/results/ab-decode-fusions-h100-80gb-hbm3.json):
-fp8_linear split-K, the router matmul in the top-k launch, the MoE k-sum in the next RMSNorm."""
+GEMMs). A variant is a name below or tokens joined by '+': ``no_X`` turns switch X off,
+``with_Y`` turns on a fusion that is off by default: ``with_sum_in_gemm2`` (the MoE's sum over k
+done by the down-projection launch, no ``_sum_kernel`` launch), e.g.
+``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
+(bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
+the top-k launch, the MoE k-sum in the next RMSNorm."""
 import argparse
 import datetime
 import gc
@@ -44,16 +47,36 @@ SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
-    "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
+}
+# switch -> what turns on a fusion that is off by default (variant token ``with_NAME``)
+ENABLES = {
+    "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
 }
 os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 
 
+def variant_switches(name: str) -> tuple:
+    """A VARIANTS name, or tokens joined by '+': ``no_X`` (switch X off) and ``with_Y`` (fusion Y
+    on), e.g. ``no_pdl+with_sum_in_gemm2``. -> the undo-returning setters to apply."""
+    if name in VARIANTS:
+        return tuple(SWITCHES[k] for k in VARIANTS[name])
+    setters = []
+    for part in name.split("+"):
+        if part.startswith("no_") and part[3:] in SWITCHES:
+            setters.append(SWITCHES[part[3:]])
+        elif part.startswith("with_") and part[5:] in ENABLES:
+            setters.append(ENABLES[part[5:]])
+        else:
+            raise SystemExit(f"--variants: unknown token {part!r}; known: "
+                             f"{', '.join(['no_' + k for k in SWITCHES] + ['with_' + k for k in ENABLES])}")
+    return tuple(setters)
+
+
 def run_variant(kind, off, args, tmp):
     undo = []
-    for k in off:
-        u = SWITCHES[k]()
+    for setter in off:
+        u = setter()
         undo.extend(u if isinstance(u, tuple) else (u,))
     try:
         core = full_size.build_engine(kind, args, torch.device(args.device), tmp)
@@ -89,7 +112,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for kind in a.dtypes.split(","):
             for name in a.variants.split(","):
-                tpot = run_variant(kind, VARIANTS[name], args, tmp)
+                tpot = run_variant(kind, variant_switches(name), args, tmp)
                 res["runs"][f"{kind}/{name}"] = tpot
                 print(f"{kind:4s} {name:12s} " + "  ".join(f"b{b} {t:7.3f} ms" for b, t in tpot.items()), flush=True)
                 if a.out:

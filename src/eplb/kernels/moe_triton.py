@@ -488,9 +488,10 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
 
 # columns per program of the final sum over k (programs = tokens x H / SUM_BLOCK_H)
 SUM_BLOCK_H = 1024
-# calls of at most this many tokens with every pair local sum over k inside gemm2 (decode sizes,
-# where a launch costs more than the sum); 0 turns it off
-SUM_IN_GEMM2_MAX_TOKENS = 256
+# calls of at most this many tokens with every pair local may sum over k inside gemm2 (decode
+# sizes, where a launch costs more than the sum). 0 (off) until it is measured and tested on a GPU;
+# scripts/dev/ab_decode_fusions.py's ``with_sum_in_gemm2`` sets 256
+SUM_IN_GEMM2_MAX_TOKENS = 0
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
