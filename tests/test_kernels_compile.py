@@ -32,8 +32,12 @@ def _variants():
     return [
         ("fp8_linear + PDL + weight prefetch", linear_fp8._fp8_linear_kernel,
          dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, ws_ptr=F32, y_ptr=BF16),
-         dict(BM=16, BN=64, KSUB=2, GROUP_M=8, USE_PDL=True, PREFETCH=True), 4, 4,
+         dict(BM=16, BN=64, KSUB=2, GROUP_M=8, USE_PDL=True, PREFETCH=True, SWAP=False, TMA=False), 4, 4,
          pdl + ["prefetch.global.L2::evict_last"]),
+        ("fp8_linear, transposed dots + TMA weight tiles", linear_fp8._fp8_linear_kernel,
+         dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, w_desc="tensordesc<fp8e4nv[64, 128]>", ws_ptr=F32, y_ptr=BF16),
+         dict(BM=16, BN=64, KSUB=2, GROUP_M=8, USE_PDL=False, PREFETCH=False, SWAP=True, TMA=True), 4, 4,
+         ["wgmma", "cp.async.bulk.tensor"]),
         ("rms_norm + FP8 output + PDL", norm_rope._rms_norm_kernel,
          dict(x_ptr=BF16, res_ptr=BF16, w_ptr=BF16, out_ptr=BF16, rout_ptr=BF16, eps="fp32", q_ptr=FP8,
               qs_ptr=F32),

@@ -367,6 +367,24 @@ def test_fp8_linear(m, n, k):
     assert 1e-3 < rel_err(y.cpu(), x.float().cpu() @ d.T) < 8e-2
 
 
+@pytest.mark.parametrize("m,bn", [(1, 64), (24, 128), (40, 256)])
+def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bn):
+    # SWAP: y^T = w x^T (another MMA, so within bf16 rounding of the plain tiles); TMA: the same
+    # dots fed by the bulk copy engine, so the same bits as SWAP alone
+    from eplb.kernels.linear_fp8 import fp8_linear
+
+    n, k = 512, 512
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    q, s = q.to(DEV), s.to(DEV)
+    base = dict(BM=16, BN=bn, KSUB=2, num_warps=4, num_stages=2)
+    plain = fp8_linear(x, q, s, config=base)
+    swap = fp8_linear(x, q, s, config=dict(base, SWAP=True))
+    assert rel_err(swap.cpu(), plain.cpu()) < BF16_TOL
+    assert torch.equal(fp8_linear(x, q, s, config=dict(base, SWAP=True, TMA=True)), swap)
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m", [1, 24, 64, 200])
 def test_fp8_linear_configs_agree_bit_for_bit(m):

@@ -5,7 +5,9 @@ pre-change config (BN narrowed to >= 128 programs, one 128-block per iteration),
 candidates, and bf16 F.linear on the dequantized weight; microseconds from a CUDA graph of
 ``SETS`` calls over distinct weight copies (so weights stream from HBM, as in a 48-layer step),
 and the weight-byte floor at the copy rate measured in the same run.
-    PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json]
+    PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json] [--ms 1,32] [--swap]
+--swap adds transposed-dot tiles (SWAP, BN >= 64) with pointer and bulk-copy (TMA) weight loads to
+the candidates, and reports the best plain and the best SWAP tile apart.
 """
 import argparse
 import itertools
@@ -45,6 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--swap", action="store_true", help="also transposed-dot tiles, pointer and TMA loads")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     copy_gbps = gpu.ceilings()["copy_GBps_read_plus_write"]
@@ -71,13 +74,22 @@ def main():
                                                       (2, 4, 8), (3, 4)):
                 if (k // 128) % ksub:
                     continue
-                cfg = dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st)
-                try:
-                    cands.append((run(cfg), cfg))
-                except Exception as exc:  # noqa: BLE001 (out of shared memory etc.)
-                    print(f"  fail {cfg}: {type(exc).__name__}", flush=True)
+                variants = [{}]
+                if args.swap and bn >= 64:
+                    variants += [{"SWAP": True}, {"SWAP": True, "TMA": True}]
+                for extra in variants:
+                    cfg = dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st, **extra)
+                    try:
+                        cands.append((run(cfg), cfg))
+                    except Exception as exc:  # noqa: BLE001 (out of shared memory etc.)
+                        print(f"  fail {cfg}: {type(exc).__name__}", flush=True)
             cands.sort(key=lambda c: c[0])
             res["best"] = cands[0]
+            if args.swap:
+                plain = [c for c in cands if not c[1].get("SWAP")]
+                swapped = [c for c in cands if c[1].get("SWAP")]
+                if plain and swapped:
+                    res["best_plain"], res["best_swap"] = plain[0], swapped[0]
             row = {"shape": name, "n": n, "k": k, "m": m, "floor_us": floor_us,
                    **{f"{key}_us": v[0] for key, v in res.items()},
                    "best_config": cands[0][1], "top5": [[round(t, 2), c] for t, c in cands[:5]]}

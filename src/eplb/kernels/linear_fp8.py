@@ -16,14 +16,18 @@ from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
+def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
-                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP: tl.constexpr,
+                       TMA: tl.constexpr):
     """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
     tile, and more independent loads in flight per SM is what reaches the read rate.
     PREFETCH (with USE_PDL): the program's weight rows go to L2 before it waits for the previous
-    kernel, so that they stream in while that kernel finishes."""
+    kernel, so that they stream in while that kernel finishes.
+    SWAP (BN >= 64): the dots run transposed (y^T = w x^T), the weight tile on the MMA's M side,
+    so that an e4m3 dot of BM < 64 rows can use wgmma (as moe_triton's SWAP tiles). TMA (with
+    SWAP): weight tiles through the bulk tensor copy engine, ``w_desc`` = w in [BN, 128] boxes."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
@@ -40,27 +44,45 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K,
         prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn, K, 128)  # 128 FP8 = a line
     pdl_wait(USE_PDL)
     offs_k = tl.arange(0, 128)
-    a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if SWAP:  # x^T [128, BM] and w [BN, 128]
+        a_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+        b_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    else:
+        a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     as_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xs
     if BN <= 128:  # the tile lies in one 128-row weight block: one scale per K block
         s_ptrs = ws_ptr + (pid_n * BN // 128) * stride_sn
     else:
         s_ptrs = ws_ptr + (offs_n // 128) * stride_sn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
     for kb in range(0, K // (128 * KSUB)):
         for j in tl.static_range(KSUB):
             kk = kb * KSUB + j
-            a = tl.load(a_ptrs + j * 128, mask=mm[:, None], other=0.0)
-            b = tl.load(b_ptrs + j * 128, mask=mn[None, :], other=0.0)
             a_s = tl.load(as_ptrs + kk, mask=mm, other=0.0)
-            if BN <= 128:
-                acc += tl.dot(a, b) * (a_s * tl.load(s_ptrs + kk))[:, None]
+            if SWAP:
+                a = tl.load(a_ptrs + j * 128, mask=mm[None, :], other=0.0)
+                if TMA:
+                    b = w_desc.load([pid_n * BN, kk * 128])
+                else:
+                    b = tl.load(b_ptrs + j * 128, mask=mn[:, None], other=0.0)
+                if BN <= 128:
+                    acc += tl.dot(b, a) * (a_s * tl.load(s_ptrs + kk))[None, :]
+                else:
+                    bs = tl.load(s_ptrs + kk, mask=mn, other=0.0)
+                    acc += tl.dot(b, a) * bs[:, None] * a_s[None, :]
             else:
-                bs = tl.load(s_ptrs + kk, mask=mn, other=0.0)
-                acc += tl.dot(a, b) * a_s[:, None] * bs[None, :]
+                a = tl.load(a_ptrs + j * 128, mask=mm[:, None], other=0.0)
+                b = tl.load(b_ptrs + j * 128, mask=mn[None, :], other=0.0)
+                if BN <= 128:
+                    acc += tl.dot(a, b) * (a_s * tl.load(s_ptrs + kk))[:, None]
+                else:
+                    bs = tl.load(s_ptrs + kk, mask=mn, other=0.0)
+                    acc += tl.dot(a, b) * a_s[:, None] * bs[None, :]
         a_ptrs += 128 * KSUB
         b_ptrs += 128 * KSUB
+    if SWAP:
+        acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
@@ -78,7 +100,8 @@ PREFETCH_MAX_M = 64
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
-    """Tile config of one call: BM, BN, KSUB, num_warps, num_stages."""
+    """Tile config of one call: BM, BN, KSUB, num_warps, num_stages (and optionally SWAP, TMA:
+    transposed dots, bulk-copy weight tiles; the shipped configs use neither yet)."""
     wide = n >= 4096
     if m <= 32:
         cfg = dict(BM=16, BN=64 if wide else 32, KSUB=2 if k <= 2048 else 8, num_stages=4 if wide else 3)
@@ -140,10 +163,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
             **pdl)
     ws = weight_scale_inv.contiguous()
     bm, bn = cfg["BM"], cfg["BN"]
+    swap = cfg.get("SWAP", False)
+    desc = None
+    if swap and cfg.get("TMA", False) and weight.stride(1) == 1:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, FP8_BLOCK])
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_linear_kernel[grid](xq, xs, weight, ws, y, m, n, k, xq.stride(0), xs.stride(0),
+    _fp8_linear_kernel[grid](xq, xs, weight, desc, ws, y, m, n, k, xq.stride(0), xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),
                              BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, **pdl,
-                             PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M,
+                             PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M, SWAP=swap, TMA=desc is not None,
                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)
