@@ -165,7 +165,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     bm, bn = cfg["BM"], cfg["BN"]
     swap = cfg.get("SWAP", False)
     desc = None
-    if swap and cfg.get("TMA", False) and weight.stride(1) == 1:
+    if swap and cfg.get("TMA", False) and weight.stride(1) == 1 and weight.data_ptr() % 16 == 0:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, FP8_BLOCK])

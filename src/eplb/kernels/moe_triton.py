@@ -510,7 +510,7 @@ def _weight_desc(w, c, fp8, rows_per_part, bk):
     if not (c.get("TMA", False) and fp8 and c.get("SWAP", False)) or rows_per_part % c["BN"]:
         return None
     s, n, k = w.shape
-    if w.stride(0) != n * w.stride(1) or w.stride(2) != 1:
+    if w.stride(0) != n * w.stride(1) or w.stride(2) != 1 or w.data_ptr() % 16:  # TMA: 16-byte aligned base
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
