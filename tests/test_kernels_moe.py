@@ -270,6 +270,8 @@ def test_fp8_bulk_copy_request_falls_back_where_it_cannot_apply():
     assert _weight_desc(q13, wide, True, 384, 128) is None
     assert _weight_desc(q13, dict(wide, BN=128), True, 384, 128) is not None
     assert _weight_desc(q13, dict(wide, BN=128, SWAP=False), True, 384, 128) is None
+    shifted = torch.empty(q13.numel() + 1, dtype=q13.dtype, device=q13.device)[1:].view(q13.shape)
+    assert _weight_desc(shifted, dict(wide, BN=128), True, 384, 128) is None  # base not 16-byte aligned
     cfg = {"BM": 16, "gemm1": wide, "gemm2": dict(wide, BN=128)}
     want = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2,
                      config={"BM": 16, "gemm1": dict(wide, TMA=False), "gemm2": dict(wide, BN=128, TMA=False)})
