@@ -665,4 +665,3 @@ def fused_experts(x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, 
     y = fused_moe_pairs(x, local_slot.view(-1, 1), None, w13, w2, w13_scale=w13_scale,
                         w2_scale=w2_scale, config=config)
     return y.view(x.shape[0], x.shape[1])
-
