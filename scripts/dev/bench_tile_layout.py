@@ -16,6 +16,7 @@ reduction read measured in the same run:
     python scripts/dev/bench_tile_layout.py [--out F]
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -86,30 +87,33 @@ def main() -> None:
     w = torch.randn(E, N, K, device="cuda").div_(8).to(torch.float8_e4m3fn)
     a = torch.randn(K, 16, device="cuda").div_(8).to(torch.float8_e4m3fn)
     out = torch.empty(E, N, 16, device="cuda", dtype=torch.float32)
-    ref = None
     rows = []
+    ref = []  # the first result, which every other variant must match
+
+    def measure(call, **cfg) -> None:
+        """Time one variant, check its result against the first and record it (one row, one line)."""
+        label = " ".join(f"{k}={v}" for k, v in cfg.items())
+        try:
+            sec = gpu.timed(call, reps=30)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  {label}: {type(exc).__name__} {exc}"[:300])
+            return
+        if not ref:
+            ref.append(out.clone())
+        same = bool(torch.allclose(out, ref[0], rtol=1e-3, atol=1e-2))
+        gbps = w.numel() / sec / 1e9
+        rows.append({**cfg, "us": sec * 1e6, "GBps": gbps, "of_read": gbps / read, "same_result": same})
+        print(f"  {label}: {sec * 1e6:7.1f} us {gbps:6.0f} GB/s ({gbps / read:.2f} of read)"
+              f"{'' if same else ' RESULT DIFFERS'}", flush=True)
+
     for bn in (64, 128):
         tiled = w.view(E, N // bn, bn, K // 128, 128).permute(0, 1, 3, 2, 4).contiguous()
         for layout, bk, src in (("row", 128, w), ("row256", 256, w), ("tile", 128, tiled)):
-            for stages in (3, 4, 5):
-                for warps in (4, 8):
-                    def call(bn=bn, bk=bk, src=src, layout=layout, stages=stages, warps=warps):
-                        _stream_kernel[(E, N // bn)](src, a, out, N, K, BN=bn, BK=bk, TILED=layout == "tile",
-                                                     num_stages=stages, num_warps=warps)
-                    try:
-                        sec = gpu.timed(call, reps=30)
-                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                        print(f"  BN={bn} {layout} stages={stages} warps={warps}: {type(exc).__name__}")
-                        continue
-                    if ref is None:
-                        ref = out.clone()
-                    same = bool(torch.allclose(out, ref, rtol=1e-3, atol=1e-2))
-                    gbps = w.numel() / sec / 1e9
-                    rows.append({"BN": bn, "layout": layout, "stages": stages, "warps": warps,
-                                 "us": sec * 1e6, "GBps": gbps, "of_read": gbps / read, "same_result": same})
-                    print(f"  BN={bn:3d} {layout:6s} stages={stages} warps={warps}: {sec * 1e6:7.1f} us "
-                          f"{gbps:6.0f} GB/s ({gbps / read:.2f} of read){'' if same else ' RESULT DIFFERS'}",
-                          flush=True)
+            for stages, warps in itertools.product((3, 4, 5), (4, 8)):
+                def call(bn=bn, bk=bk, src=src, layout=layout, stages=stages, warps=warps):
+                    _stream_kernel[(E, N // bn)](src, a, out, N, K, BN=bn, BK=bk, TILED=layout == "tile",
+                                                 num_stages=stages, num_warps=warps)
+                measure(call, BN=bn, layout=layout, stages=stages, warps=warps)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -119,29 +123,16 @@ def main() -> None:
         n_tiles = E * N // bn
         for layout, grid in (("tma", n_tiles), ("tma_persist1", sms), ("tma_persist2", 2 * sms),
                              ("tma_persist4", 4 * sms)):
-            for stages in (2, 3, 4):
-                for warps in (4, 8):
-                    def call(desc=desc, bn=bn, grid=grid, n_tiles=n_tiles, layout=layout, stages=stages,
-                             warps=warps):
-                        _stream_tma_kernel[(min(grid, n_tiles),)](
-                            desc, a, out, N, K, n_tiles, BN=bn, BK=128, PERSISTENT=layout != "tma",
-                            num_stages=stages, num_warps=warps)
-                    try:
-                        sec = gpu.timed(call, reps=30)
-                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                        print(f"  BN={bn} {layout} stages={stages} warps={warps}: {type(exc).__name__} {exc}"[:300])
-                        continue
-                    same = bool(torch.allclose(out, ref, rtol=1e-3, atol=1e-2))
-                    gbps = w.numel() / sec / 1e9
-                    rows.append({"BN": bn, "layout": layout, "stages": stages, "warps": warps,
-                                 "us": sec * 1e6, "GBps": gbps, "of_read": gbps / read, "same_result": same})
-                    print(f"  BN={bn:3d} {layout:12s} stages={stages} warps={warps}: {sec * 1e6:7.1f} us "
-                          f"{gbps:6.0f} GB/s ({gbps / read:.2f} of read){'' if same else ' RESULT DIFFERS'}",
-                          flush=True)
-    for layout in ("row", "row256", "tile", "tma", "tma_persist1", "tma_persist2", "tma_persist4"):
-        best = max((r for r in rows if r["layout"] == layout), key=lambda r: r["GBps"], default=None)
-        if best:
-            print(f"best {layout}: {best['of_read']:.3f} of read ({best})")
+            for stages, warps in itertools.product((2, 3, 4), (4, 8)):
+                def call(desc=desc, bn=bn, grid=grid, n_tiles=n_tiles, layout=layout, stages=stages,
+                         warps=warps):
+                    _stream_tma_kernel[(min(grid, n_tiles),)](
+                        desc, a, out, N, K, n_tiles, BN=bn, BK=128, PERSISTENT=layout != "tma",
+                        num_stages=stages, num_warps=warps)
+                measure(call, BN=bn, layout=layout, stages=stages, warps=warps)
+    for layout in dict.fromkeys(r["layout"] for r in rows):  # in the order measured
+        best = max((r for r in rows if r["layout"] == layout), key=lambda r: r["GBps"])
+        print(f"best {layout}: {best['of_read']:.3f} of read ({best})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "reduction_read_GBps": read, "rows": rows}, f,
