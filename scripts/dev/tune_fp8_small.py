@@ -85,7 +85,6 @@ def main() -> None:
                     sec, cur = gpu.search_tiles(run, bm, g1s, g2s, f"fail {key} t={t}")
                     if best is None or sec < best[0]:
                         best = (sec, cur)
-                    # the best without SWAP at this BM, for the A/B
                     # the same tiles without TMA (with --tma) or else without SWAP, for the A/B
                     off = {"TMA": False} if args.tma else {"SWAP": False}
                     plain = {"BM": bm, "gemm1": dict(cur["gemm1"], **off), "gemm2": dict(cur["gemm2"], **off)}

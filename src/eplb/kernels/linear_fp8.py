@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel
+from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel, _weight_desc
 from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 
 
@@ -164,11 +164,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     ws = weight_scale_inv.contiguous()
     bm, bn = cfg["BM"], cfg["BN"]
     swap = cfg.get("SWAP", False)
-    desc = None
-    if swap and cfg.get("TMA", False) and weight.stride(1) == 1 and weight.data_ptr() % 16 == 0:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, FP8_BLOCK])
+    desc = _weight_desc(weight.unsqueeze(0), cfg, True, n, FP8_BLOCK)  # [1, N, K]: one "slot"
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _fp8_linear_kernel[grid](xq, xs, weight, desc, ws, y, m, n, k, xq.stride(0), xs.stride(0),
                              weight.stride(0), ws.stride(0), y.stride(0),

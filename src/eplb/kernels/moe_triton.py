@@ -506,7 +506,8 @@ def _weight_desc(w, c, fp8, rows_per_part, bk):
     """The bulk-copy descriptor of a GEMM's weights [S, N, K] as [S * N, K] in [BN, BK] boxes, or
     None (pointer loads). A tile's ``TMA`` is a request, honoured where it applies: transposed FP8
     tiles that never straddle a slot or a gate/up half (``rows_per_part`` % BN == 0), with the
-    slots back to back; a table entry thus never fails a call."""
+    slots back to back; a table entry thus never fails a call. ``fp8_linear`` passes its [N, K]
+    weight as one slot."""
     if not (c.get("TMA", False) and fp8 and c.get("SWAP", False)) or rows_per_part % c["BN"]:
         return None
     s, n, k = w.shape
