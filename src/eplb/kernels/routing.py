@@ -37,8 +37,7 @@ def _softmax_topk_kernel(logit_ptr, w_ptr, id_ptr, T, E, stride_l,
     wk = tl.zeros((BR, K_PAD), dtype=tl.float32)
     ik = tl.zeros((BR, K_PAD), dtype=tl.int64)
     for j in tl.static_range(K):
-        v = tl.max(p, axis=1)
-        idx = tl.argmax(p, axis=1)
+        v, idx = tl.max(p, axis=1, return_indices=True)  # one reduction; ties: lowest index
         wk = tl.where(kc[None, :] == j, v[:, None], wk)
         ik = tl.where(kc[None, :] == j, idx[:, None].to(tl.int64), ik)
         p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
