@@ -100,13 +100,21 @@ PREFETCH_MAX_M = 64
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
-    """Tile config of one call: BM, BN, KSUB, num_warps, num_stages (and optionally SWAP, TMA:
-    transposed dots, bulk-copy weight tiles; the shipped configs use neither yet)."""
+    """Tile config of one call: BM, BN, KSUB, num_warps, num_stages, and at decode sizes SWAP
+    (transposed dots: wgmma for BM < 64) and TMA (bulk-copy weight tiles). From an H100 sweep at
+    Qwen3-30B-A3B's qkv (wide: N 5120, K 2048) and o (N 2048, K 4096) projections
+    (scripts/dev/tune_fp8_linear.py --swap, bench/results/tune-fp8-linear-swap-h100-80gb-hbm3.json):
+    qkv M = 1 10.25 -> 9.11 us, 32 11.42 -> 9.56; o M = 1 11.28 -> 10.37, 32 12.13 -> 10.72, 64
+    11.22 -> 10.90; no SWAP tile won for wide at 64 or at 256."""
     wide = n >= 4096
-    if m <= 32:
-        cfg = dict(BM=16, BN=64 if wide else 32, KSUB=2 if k <= 2048 else 8, num_stages=4 if wide else 3)
+    if m <= 16:
+        cfg = dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=not wide)
+    elif m <= 32:
+        cfg = (dict(BM=32, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
+               else dict(BM=16, BN=64, KSUB=4, num_stages=3, SWAP=True, TMA=True))
     elif m <= 64:
-        cfg = dict(BM=64, BN=64 if wide else 16, KSUB=2 if k <= 2048 else 4, num_stages=4)
+        cfg = (dict(BM=64, BN=64, KSUB=2, num_stages=4) if wide
+               else dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=True))
     elif m <= 128:
         cfg = dict(BM=64, BN=64 if wide else 32, KSUB=2, num_stages=3 if wide else 4)
     elif m <= 256:
