@@ -7,8 +7,8 @@ Switches: ``attn_merge`` (decode attention's few splits merged by the split kern
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
 (under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
 GEMMs). A variant is a name below or tokens joined by '+': ``no_X`` turns switch X off,
-``with_Y`` turns on a fusion that is off by default: ``with_sum_in_gemm2`` (the MoE's sum over k
-done by the down-projection launch, no ``_sum_kernel`` launch), e.g.
+``with_Y`` widens a fusion beyond its default: ``with_sum_in_gemm2`` (the MoE's sum over k done
+by the down-projection launch, no ``_sum_kernel`` launch, up to 256 tokens instead of 32), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
 the top-k launch, the MoE k-sum in the next RMSNorm."""
@@ -48,7 +48,7 @@ SWITCHES = {
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
 }
-# switch -> what turns on a fusion that is off by default (variant token ``with_NAME``)
+# switch -> what widens a fusion beyond its default (variant token ``with_NAME``)
 ENABLES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
 }

@@ -490,7 +490,7 @@ def _check(x, topk_slot, w13, w2, w13_scale, w2_scale):
 SUM_BLOCK_H = 1024
 # calls of at most this many tokens with every pair local sum over k inside gemm2 (decode sizes,
 # where a launch costs more than the sum). Full-size FP8 step on an H100, separate launch -> in
-# gemm2: batch 1 3.88 -> 3.75 ms, 32 12.74 -> 12.65, but 256 19.63 -> 19.71
+# gemm2: batch 1 3.88 -> 3.76 ms, 32 12.74 -> 12.65, but 256 19.63 -> 19.71
 # (bench/results/ab-sum-in-gemm2-h100-80gb-hbm3.json); ab_decode_fusions' ``with_sum_in_gemm2`` sets 256
 SUM_IN_GEMM2_MAX_TOKENS = 32
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
