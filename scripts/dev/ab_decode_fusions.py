@@ -6,9 +6,11 @@ CUDA-event step time.
 Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
 (under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
-GEMMs). A variant is a name below or tokens joined by '+': ``no_X`` turns switch X off,
-``with_Y`` widens a fusion beyond its default: ``with_sum_in_gemm2`` (the MoE's sum over k done
-by the down-projection launch, no ``_sum_kernel`` launch, up to 256 tokens instead of 32), e.g.
+GEMMs), ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap``
+(fp8_linear's SWAP/TMA tiles up to 64 rows; off: the tiles before them). A variant is a name
+below or tokens joined by '+': ``no_X`` turns switch X off, ``with_Y`` widens a fusion beyond its
+default: ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
+``_sum_kernel`` launch, up to 256 tokens instead of 32), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
 the top-k launch, the MoE k-sum in the next RMSNorm."""
@@ -42,11 +44,30 @@ def _set_env(name, value):
     return lambda: os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
 
 
+_pick_config = linear_fp8.pick_config
+
+
+def _pick_config_before_swap(m: int, n: int, k: int) -> dict:
+    """fp8_linear's tiles up to 64 rows before SWAP/TMA tiles were adopted (2026-12-07)."""
+    if m > 64:
+        return _pick_config(m, n, k)
+    wide = n >= 4096
+    if m <= 32:
+        cfg = dict(BM=16, BN=64 if wide else 32, KSUB=2 if k <= 2048 else 8, num_stages=4 if wide else 3)
+    else:
+        cfg = dict(BM=64, BN=64 if wide else 16, KSUB=2 if k <= 2048 else 4, num_stages=4)
+    while (k // 128) % cfg["KSUB"]:
+        cfg["KSUB"] //= 2
+    return dict(cfg, num_warps=4)
+
+
 # switch -> what turns it off (returns the undo)
 SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
+    "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
+    "linear_swap": lambda: _set_attr(linear_fp8, "pick_config", _pick_config_before_swap),
 }
 # switch -> what widens a fusion beyond its default (variant token ``with_NAME``)
 ENABLES = {
@@ -108,12 +129,13 @@ def main():
     res = {"device": full_size.device_name(args.device), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "method": "TPOT ms (median CUDA-event time of EngineCore.step(), CUDA graphs), prompts 512 tokens",
-           "runs": {}}
+           "runs": {}, "rounds": []}  # runs: the last round of each variant; rounds: every one, in order
     with tempfile.TemporaryDirectory() as tmp:
         for kind in a.dtypes.split(","):
             for name in a.variants.split(","):
                 tpot = run_variant(kind, variant_switches(name), args, tmp)
                 res["runs"][f"{kind}/{name}"] = tpot
+                res["rounds"].append({"dtype": kind, "variant": name, "tpot_ms": tpot})
                 print(f"{kind:4s} {name:12s} " + "  ".join(f"b{b} {t:7.3f} ms" for b, t in tpot.items()), flush=True)
                 if a.out:
                     with open(a.out, "w") as f:
