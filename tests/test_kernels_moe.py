@@ -369,8 +369,8 @@ def test_fp8_linear(m, n, k):
     assert 1e-3 < rel_err(y.cpu(), x.float().cpu() @ d.T) < 8e-2
 
 
-@pytest.mark.parametrize("m,bn", [(1, 64), (24, 128), (40, 256)])
-def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bn):
+@pytest.mark.parametrize("m,bm,bn", [(1, 16, 64), (24, 16, 128), (24, 32, 64), (40, 16, 256)])
+def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bm, bn):
     # SWAP: y^T = w x^T (another MMA, so within bf16 rounding of the plain tiles); TMA: the same
     # dots fed by the bulk copy engine, so the same bits as SWAP alone
     from eplb.kernels.linear_fp8 import fp8_linear
@@ -380,7 +380,7 @@ def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bn):
     x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
     q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
     q, s = q.to(DEV), s.to(DEV)
-    base = dict(BM=16, BN=bn, KSUB=2, num_warps=4, num_stages=2)
+    base = dict(BM=bm, BN=bn, KSUB=2, num_warps=4, num_stages=2)
     plain = fp8_linear(x, q, s, config=base)
     swap = fp8_linear(x, q, s, config=dict(base, SWAP=True))
     assert rel_err(swap.cpu(), plain.cpu()) < BF16_TOL
