@@ -278,16 +278,34 @@ def _cands(t: int, fp8: bool):
         g2 + [dict(x, SWAP=True) for x in g2 if x["BN"] >= 64]
 
 
-def search_tiles(run, bm: int, g1s: list[dict], g2s: list[dict], label: str) -> tuple[float, dict]:
+# a tile's output against the reference tile's: SWAP tiles run another MMA (bf16 rounding apart);
+# an indexing error is O(1)
+TILE_TOL = 1e-2
+
+
+def moe_checker(x, route, wargs, kw):
+    """-> check(cfg): fused_moe with tile ``cfg`` agrees with the shipped tiles (``TILE_TOL``)."""
+    from eplb import kernels
+
+    want = kernels.fused_moe(x, route[0], route[1], *wargs, **kw)
+    return lambda cfg: rel(kernels.fused_moe(x, route[0], route[1], *wargs, **dict(kw, config=cfg)), want) < TILE_TOL
+
+
+def search_tiles(run, bm: int, g1s: list[dict], g2s: list[dict], label: str,
+                 check=None) -> tuple[float, dict]:
     """Coordinate search at row block ``bm``: the best gemm1 candidate with gemm2 at its first,
     then the best gemm2 with that gemm1. ``run(cfg)`` -> seconds; a candidate that fails to
-    compile or run is reported and skipped. -> (seconds, config)."""
+    compile or run, or whose output ``check(cfg)`` rejects, is reported and skipped.
+    -> (seconds, config)."""
     cur = {"BM": bm, "gemm1": g1s[0], "gemm2": g2s[0]}
     for part, cands in (("gemm1", g1s), ("gemm2", g2s)):
         res = []
         for cand in cands:
             cfg = dict(cur, **{part: cand})
             try:
+                if check is not None and not check(cfg):
+                    print(f"   {label} BM={bm} {part} {cand}: WRONG OUTPUT", flush=True)
+                    continue
                 res.append((run(cfg), cand))
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"   {label} BM={bm} {part} {cand}: {type(exc).__name__}", flush=True)
@@ -314,7 +332,9 @@ def tune(tokens=TOKENS) -> dict:
                 return graph_time(xs, routes, wargs, dict(kw, config=cfg))
 
             bms, g1s, g2s = _cands(t, fp8)
-            best = min((search_tiles(run, bm, g1s, g2s, f"tune {key} t={t}") for bm in bms), key=lambda r: r[0])
+            check = moe_checker(xs[0], routes[0], wargs, kw)
+            best = min((search_tiles(run, bm, g1s, g2s, f"tune {key} t={t}", check) for bm in bms),
+                       key=lambda r: r[0])
             n_pairs = str(t * K)
             default = TABLE[key].get(n_pairs)
             dsec = run(default) if default else None

@@ -79,10 +79,11 @@ def main() -> None:
                     return distinct * per_expert / sec / read_bps
 
                 base = run(get_config(t * gpu.K, fp8))
+                check = gpu.moe_checker(xs[0], routes[0], wargs, kw)
                 best = None
                 bms = tuple(int(v) for v in args.bms.split(",")) if args.bms else ((16,) if t <= 16 else (16, 32))
                 for bm in bms:
-                    sec, cur = gpu.search_tiles(run, bm, g1s, g2s, f"fail {key} t={t}")
+                    sec, cur = gpu.search_tiles(run, bm, g1s, g2s, f"fail {key} t={t}", check)
                     if best is None or sec < best[0]:
                         best = (sec, cur)
                     # the same tiles without TMA (with --tma) or else without SWAP, for the A/B
