@@ -353,6 +353,45 @@ def test_route_topk_matches_the_torch_tail(num_real):
         route_topk(logits, k, True, slot_map=table[:, 0].int())
 
 
+@pytest.mark.parametrize("t,e,k,s", [(1, 16, 4, 16), (5, 16, 2, 24), (16, 32, 4, 32), (23, 16, 8, 16)])
+def test_route_topk_sorts_the_pairs_for_the_moe(t, e, k, s):
+    """route_topk(pair_sort=...) writes the slot-sorted pair layout that fused_moe's own sort
+    launch would: fused_moe given it returns the same bits, with the same per-slot counts."""
+    from eplb.kernels import fused_moe, route_topk
+    from eplb.kernels.moe_triton import new_pair_sort
+
+    g = torch.Generator().manual_seed(t)
+    h, i = 128, 64
+    x = torch.randn(t, h, generator=g).to(BF16).to(DEV)
+    w13 = (torch.randn(s, 2 * i, h, generator=g) / h**0.5).to(BF16).to(DEV)
+    w2 = (torch.randn(s, h, i, generator=g) / i**0.5).to(BF16).to(DEV)
+    logits = torch.randn(t, e, generator=g).to(DEV)
+    slot_of = torch.randperm(s, generator=g)[:e].to(DEV)  # single replicas over more slots than experts
+    sort = new_pair_sort(t * k, s, False, torch.device(DEV))
+    w, _, slots = route_topk(logits, k, True, weight_dtype=BF16, slot_map=slot_of, pair_sort=sort)
+    # the layout itself: each slot's pairs from its start, padding to BM, the blocks' slot ids
+    flat = slots.reshape(-1).cpu()
+    ids, blocks, counts, starts = (v.cpu().long() for v in (sort.sorted_ids, sort.block_slot, sort.counts,
+                                                            sort.starts))
+    padded = (counts + sort.bm - 1) // sort.bm * sort.bm
+    assert int(sort.num_post.item()) == int(padded.sum())
+    for sl in range(s):
+        a, c = int(starts[sl]), int(counts[sl])
+        assert sorted(ids[a:a + c].tolist()) == (flat == sl).nonzero().flatten().tolist()
+        assert (ids[a + c:a + int(padded[sl])] == t * k).all()
+        assert (blocks[a // sort.bm:(a + int(padded[sl])) // sort.bm] == sl).all()
+    want, want_counts = fused_moe(x, slots, w, w13, w2, return_load=True, all_local=True)
+    got, counts = fused_moe(x, slots, w, w13, w2, return_load=True, all_local=True, pair_sort=sort)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert torch.equal(counts.cpu(), want_counts.cpu())
+    assert torch.equal(counts.cpu().long(), torch.bincount(slots.reshape(-1).cpu(), minlength=s))
+    # a sort made for another call is refused
+    with pytest.raises(ValueError, match="pair_sort"):
+        fused_moe(x, slots, w, w13, w2, pair_sort=new_pair_sort(t * k, s + 1, False, torch.device(DEV)))
+    with pytest.raises(ValueError, match="pair_sort"):
+        route_topk(logits, k, True, pair_sort=sort)  # no slot map
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (50, 512, 256), (3000, 384, 512)])
 def test_fp8_linear(m, n, k):

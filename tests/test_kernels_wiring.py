@@ -60,3 +60,23 @@ def test_ep_rank_slots_match():
         layer.set_fused_experts(False)
         ref = layer.expert_fn(x, slot)
     assert rel_err(fused, ref) < 1e-2
+
+
+@pytest.mark.parametrize("t", [1, 16, 32, 33])
+def test_sort_in_router_changes_no_bit(t, monkeypatch):
+    # with SORT_IN_ROUTER_MAX_TOKENS the router launch sorts the pairs and the MoE skips its sort
+    import eplb.kernels.moe_triton as mt
+    from eplb.kernels import routing
+
+    layer = make_layer(seed=t)
+    x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
+    presorted = []
+    orig = mt._run
+    monkeypatch.setattr(mt, "_run", lambda *a, **kw: presorted.append(kw.get("pair_sort") is not None)
+                        or orig(*a, **kw))
+    with torch.no_grad():
+        want = layer(x)
+        monkeypatch.setattr(routing, "SORT_IN_ROUTER_MAX_TOKENS", 32)
+        got = layer(x)
+    assert presorted == [False, t <= 32]
+    assert torch.equal(got, want)

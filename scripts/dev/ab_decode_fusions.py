@@ -10,7 +10,8 @@ GEMMs), ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``line
 (fp8_linear's SWAP/TMA tiles up to 64 rows; off: the tiles before them). A variant is a name
 below or tokens joined by '+': ``no_X`` turns switch X off, ``with_Y`` widens a fusion beyond its
 default: ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
-``_sum_kernel`` launch, up to 256 tokens instead of 32), e.g.
+``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
+launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
 the top-k launch, the MoE k-sum in the next RMSNorm."""
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import full_size  # noqa: E402
 
-from eplb.kernels import decode_attention, linear_fp8, moe_triton  # noqa: E402
+from eplb.kernels import decode_attention, linear_fp8, moe_triton, routing  # noqa: E402
 
 
 def _set_attr(mod, name, value):
@@ -72,6 +73,7 @@ SWITCHES = {
 # switch -> what widens a fusion beyond its default (variant token ``with_NAME``)
 ENABLES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
+    "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
 }
 os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}

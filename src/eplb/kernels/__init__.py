@@ -46,7 +46,7 @@ def triton_test_device() -> str | None:
 
 def __getattr__(name: str):
     # the Triton module is imported on first use so that CPU-only installs never touch it
-    if name in ("fused_moe", "fused_moe_pairs", "fused_experts", "get_config"):
+    if name in ("fused_moe", "fused_moe_pairs", "fused_experts", "get_config", "new_pair_sort", "small_sort_fits"):
         from eplb.kernels import moe_triton
 
         return getattr(moe_triton, name)
@@ -58,7 +58,7 @@ def __getattr__(name: str):
         from eplb.kernels import norm_rope
 
         return getattr(norm_rope, name)
-    if name in ("softmax_topk", "route_topk"):
+    if name in ("softmax_topk", "route_topk", "SORT_IN_ROUTER_MAX_TOKENS"):
         from eplb.kernels import routing
 
         return getattr(routing, name)

@@ -35,6 +35,8 @@ from a host-built tensor descriptor (``_weight_desc``) instead of pointer loads:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -104,14 +106,23 @@ def _align_small_kernel(slot_ptr, counts_ptr, start_ptr, sorted_ptr, block_slot_
     of its own blocks: no [pairs x slots] or [blocks x slots] tile, which at 2048 pairs would not
     fit in registers. Blocks past ``num_post`` are left unwritten (the GEMMs never read them)."""
     pdl_wait(USE_PDL)
+    offs = tl.arange(0, N_PAD)
+    m = offs < n_pairs
+    s = tl.load(slot_ptr + offs, mask=m, other=-1).to(tl.int32)
+    _sort_pairs(s, m & (s >= 0), offs, counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                n_pairs, n_slots, BM, S_PAD, J_PAD)
+
+
+@triton.jit
+def _sort_pairs(s, valid, pair, counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr,
+                n_pairs, n_slots, BM: tl.constexpr, S_PAD: tl.constexpr, J_PAD: tl.constexpr):
+    """The body of ``_align_small_kernel`` for pairs already in registers: slot ids ``s`` (int32),
+    ``valid`` and pair indices ``pair``, 1-D tensors of one shape. One program only (its barriers
+    order the phases); ``routing.route_topk`` calls it on the slots it has just chosen."""
     so = tl.arange(0, S_PAD)
     smask = so < n_slots
     tl.store(counts_ptr + so, tl.zeros([S_PAD], dtype=tl.int32), mask=smask)
     tl.debug_barrier()
-    offs = tl.arange(0, N_PAD)
-    m = offs < n_pairs
-    s = tl.load(slot_ptr + offs, mask=m, other=-1).to(tl.int32)
-    valid = m & (s >= 0)
     r = tl.atomic_add(counts_ptr + s, 1, mask=valid)
     tl.debug_barrier()
     c = tl.load(counts_ptr + so, mask=smask, other=0, cache_modifier=".cg")  # L2: atomics' result
@@ -121,7 +132,7 @@ def _align_small_kernel(slot_ptr, counts_ptr, start_ptr, sorted_ptr, block_slot_
     tl.store(start_ptr + so, starts, mask=smask)
     tl.debug_barrier()
     st = tl.load(start_ptr + s, mask=valid, other=0, cache_modifier=".cg")
-    tl.store(sorted_ptr + st + r, offs.to(tl.int32), mask=valid)
+    tl.store(sorted_ptr + st + r, pair.to(tl.int32), mask=valid)
     po = tl.arange(0, BM)
     pos = (starts + c)[:, None] + po[None, :]
     pm = (pos < ends[:, None]) & smask[:, None]
@@ -519,11 +530,44 @@ def _weight_desc(w, c, fp8, rows_per_part, bk):
     return TensorDescriptor(w, [s * n, k], [w.stride(1), 1], [c["BN"], bk])
 
 
+class PairSort(NamedTuple):
+    """The slot-sorted pair layout the GEMMs read, for ``n_pairs`` pairs over ``n_slots`` slots at
+    row block ``bm``: made by ``_run``'s sort launch, or already by ``routing.route_topk``."""
+    sorted_ids: torch.Tensor  # [max_blocks * bm] int32: pair per sorted row (n_pairs: padding)
+    block_slot: torch.Tensor  # [max_blocks] int32: slot of each row block
+    num_post: torch.Tensor  # [1] int32: sorted rows in use
+    counts: torch.Tensor  # [n_slots] int32: pairs per slot
+    starts: torch.Tensor  # [n_slots] int32: first sorted row of each slot
+    bm: int
+    n_pairs: int
+    n_slots: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_slot.shape[0]
+
+
+def new_pair_sort(n_pairs: int, n_slots: int, fp8: bool, device: torch.device,
+                  config: dict | None = None) -> PairSort:
+    """Empty buffers of the pair layout of a call of ``n_pairs`` pairs (its tile table entry's BM)."""
+    bm = (config or get_config(n_pairs, fp8))["BM"]
+    max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, n_slots)
+    i32 = dict(dtype=torch.int32, device=device)
+    return PairSort(torch.empty(max_blocks * bm, **i32), torch.empty(max_blocks, **i32), torch.empty(1, **i32),
+                    torch.empty(n_slots, **i32), torch.empty(n_slots, **i32), bm, n_pairs, n_slots)
+
+
+def small_sort_fits(n_pairs: int, n_slots: int) -> bool:
+    """The single-program sort takes this call (its registers hold every pair and slot)."""
+    return n_pairs <= SMALL_ALIGN_MAX_PAIRS and n_slots <= SMALL_ALIGN_MAX_SLOTS
+
+
 def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=False, x_fp8=None,
-         out=None):
+         out=None, pair_sort=None):
     """-> (y [T*k, H] per-pair outputs, counts [S] int32). Rows of non-local pairs are left
     unwritten, or zero with ``zero_y``. ``x_fp8``: (q, scales), x already quantized (FP8).
-    ``out`` [T, H]: gemm2 also sums over k into it (``_gemm2_kernel``'s SUM_K; every pair local)."""
+    ``out`` [T, H]: gemm2 also sums over k into it (``_gemm2_kernel``'s SUM_K; every pair local).
+    ``pair_sort``: the pairs already sorted (``routing.route_topk``), so no sort launch here."""
     fp8 = _check(x, topk_slot, w13, w2, w13_scale, w2_scale)
     x = x.contiguous()
     t, k = topk_slot.shape
@@ -538,23 +582,30 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     y = (torch.zeros if zero_y else torch.empty)((n_pairs, h), dtype=x.dtype, device=dev)
     if n_pairs == 0 or s_local == 0:
         return y, torch.zeros(s_local, dtype=torch.int32, device=dev)
-    max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, s_local)
-    sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
-    block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_post = torch.empty(1, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(s_local)
     pdl = pdl_args(dev)
     experts = min(n_pairs, s_local)  # at most this many distinct slots are read
     prefetch1 = pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
     prefetch2 = pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
-    if n_pairs <= SMALL_ALIGN_MAX_PAIRS and s_local <= SMALL_ALIGN_MAX_SLOTS:
-        counts = torch.empty(s_local, dtype=torch.int32, device=dev)
-        starts = torch.empty(s_local, dtype=torch.int32, device=dev)
+    if pair_sort is not None:
+        if (pair_sort.bm, pair_sort.n_pairs, pair_sort.n_slots) != (bm, n_pairs, s_local):
+            raise ValueError(f"pair_sort is for BM {pair_sort.bm}, {pair_sort.n_pairs} pairs, {pair_sort.n_slots} "
+                             f"slots; this call has BM {bm}, {n_pairs} pairs, {s_local} slots")
+        sorted_ids, block_slot, num_post, counts = pair_sort[:4]
+        max_blocks = pair_sort.max_blocks
+    elif small_sort_fits(n_pairs, s_local):
+        sort = new_pair_sort(n_pairs, s_local, fp8, dev, cfg)
+        sorted_ids, block_slot, num_post, counts = sort[:4]
+        max_blocks = sort.max_blocks
         _align_small_kernel[(1,)](
-            slots, counts, starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
+            slots, counts, sort.starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
             BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
             J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), **pdl, num_warps=8)
     else:
+        max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, s_local)
+        sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
+        block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+        num_post = torch.empty(1, dtype=torch.int32, device=dev)
         counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
         rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
         _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024,
@@ -619,7 +670,7 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
               config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              all_local: bool = False):
+              all_local: bool = False, pair_sort: PairSort | None = None):
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -631,13 +682,14 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
     float32, e.g. from ``rms_norm_fused(..., fp8=True)``); x itself is then not read.
     ``all_local``: the caller knows that no slot is -1 (in-process experts); calls of at most
     ``SUM_IN_GEMM2_MAX_TOKENS`` tokens then sum over k in the down-projection launch.
+    ``pair_sort``: the pairs already sorted by slot (``route_topk(..., pair_sort=...)``).
     """
     t, k = topk_slot.shape
     h = x.shape[1]
     out = torch.empty((t, h), dtype=x.dtype, device=x.device)
     in_gemm2 = all_local and 0 < t <= SUM_IN_GEMM2_MAX_TOKENS and w13.shape[0] > 0
     y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, x_fp8=x_fp8,
-                     out=out if in_gemm2 else None)
+                     out=out if in_gemm2 else None, pair_sort=pair_sort)
     if t and not in_gemm2:
         bh = SUM_BLOCK_H
         _sum_kernel[(t, triton.cdiv(h, bh))](y, topk_slot.contiguous(), out, h, TOP_K=k, BLOCK_H=bh,

@@ -8,7 +8,7 @@ outputs ``[T, k, H]`` with :func:`combine`, so results do not depend on where an
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from eplb.balancer.dispatch import static_slots, water_fill_slots
 from eplb.balancer.placement import build_log2phy
 from eplb.model.checkpoint import dequantize_block_fp8
 from eplb.model.cpu_experts import padded_expert_forward
+
+if TYPE_CHECKING:
+    from eplb.kernels.moe_triton import PairSort
 
 _grouped_mm = getattr(torch, "_grouped_mm", None)  # grouped GEMM (torch >= 2.8 has a CPU path)
 
@@ -82,9 +85,11 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def local_dispatch(
     hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, expert_fn: ExpertFn,
     layer: "MoELayer", hidden_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pair_sort: PairSort | None = None,
 ) -> torch.Tensor:
     """In-process dispatcher: every slot is local. hidden [T, H], slot_ids/weights [T, k];
-    ``hidden_fp8``: hidden already quantized for block-FP8 experts (used by the Triton path)."""
+    ``hidden_fp8``: hidden already quantized for block-FP8 experts; ``pair_sort``: the pairs
+    already sorted by slot by the router launch (both used by the Triton path)."""
     t, k = slot_ids.shape
     flat = slot_ids.reshape(-1)
     partial = layer.slot_start != 0 or layer.slot_end != layer.num_physical
@@ -96,7 +101,7 @@ def local_dispatch(
         # every slot is local here (checked above), so the sum can ride on the down projection
         local = slot_ids - layer.slot_start if layer.slot_start else slot_ids
         return kernels.fused_moe(hidden, local, weights, layer.w13, layer.w2, w13_scale=layer.w13_scale,
-                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8, all_local=True)
+                                 w2_scale=layer.w2_scale, x_fp8=hidden_fp8, all_local=True, pair_sort=pair_sort)
     x = hidden.repeat_interleave(k, dim=0) if k > 1 else hidden
     y = expert_fn(x, flat - layer.slot_start).view(t, k, hidden.shape[1])
     return combine(y, weights)
@@ -351,28 +356,43 @@ class MoELayer(nn.Module):
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs).
         ``x_fp8``: x quantized per row and 128 columns (see ``fp8_input``); the router still
         reads x."""
+        sort = None
         if self._fused_router(x):
-            weights, slots = self._route_fused(x, num_real_tokens)
+            weights, slots, sort = self._route_fused(x, num_real_tokens)
         else:
             weights, ids = self.route(x)
             self.count_load(ids, num_real_tokens)
             slots = self.choose_slots(ids)
-        if x_fp8 is not None and self.fp8_input:
-            return local_dispatch(x, slots, weights, self.expert_fn, self, hidden_fp8=x_fp8)
+        if (x_fp8 is not None and self.fp8_input) or sort is not None:
+            return local_dispatch(x, slots, weights, self.expert_fn, self,
+                                  hidden_fp8=x_fp8 if self.fp8_input else None, pair_sort=sort)
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
 
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
         """route + count_load + choose_slots with one Triton launch after the router matmul
         (``kernels.route_topk``; the replica choice stays in torch when experts have several
         replicas). Same values as the unfused path: weights rounded once from float32, exact
-        integer counts."""
+        integer counts. -> (weights, slots, the pairs sorted by slot for the experts or None)."""
         single = self.single_replica_map()
+        sort = self._new_pair_sort(x) if single is not None else None
         weights, ids, slots = kernels.route_topk(
             self._router_logits(x), self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
-            load=self.expert_load, num_real=num_real_tokens)
+            load=self.expert_load, num_real=num_real_tokens, pair_sort=sort)
         if slots is None:
             slots = self.choose_slots(ids)
-        return weights, slots
+        return weights, slots, sort
+
+    def _new_pair_sort(self, x: torch.Tensor):
+        """Buffers for the router launch to sort the pairs into (``kernels.new_pair_sort``), when
+        the in-process Triton experts run this call and it is small enough
+        (``kernels.SORT_IN_ROUTER_MAX_TOKENS``), else None."""
+        t = x.shape[0]
+        n_pairs = t * self.top_k
+        if not (0 < t <= kernels.SORT_IN_ROUTER_MAX_TOKENS and self._dispatcher is local_dispatch
+                and self.slot_start == 0 and self.slot_end == self.num_physical and self.use_fused(x)
+                and kernels.small_sort_fits(n_pairs, self.num_physical)):
+            return None
+        return kernels.new_pair_sort(n_pairs, self.num_physical, self.w13_scale is not None, x.device)
 
     def count_load(self, ids: torch.Tensor, num_real_tokens: int | torch.Tensor | None) -> None:
         """expert_load[e] += pairs of the first ``num_real_tokens`` rows of ids [T, k] routed to e."""
