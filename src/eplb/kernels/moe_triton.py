@@ -587,26 +587,21 @@ def _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y
     experts = min(n_pairs, s_local)  # at most this many distinct slots are read
     prefetch1 = pdl["USE_PDL"] and experts * w13[0].numel() * w13.element_size() <= PREFETCH_MAX_BYTES
     prefetch2 = pdl["USE_PDL"] and experts * w2[0].numel() * w2.element_size() <= PREFETCH_MAX_BYTES
+    if pair_sort is not None and (pair_sort.bm, pair_sort.n_pairs, pair_sort.n_slots) != (bm, n_pairs, s_local):
+        raise ValueError(f"pair_sort is for BM {pair_sort.bm}, {pair_sort.n_pairs} pairs, {pair_sort.n_slots} "
+                         f"slots; this call has BM {bm}, {n_pairs} pairs, {s_local} slots")
+    sort = pair_sort if pair_sort is not None else new_pair_sort(n_pairs, s_local, fp8, dev, cfg)
+    sorted_ids, block_slot, num_post, counts = sort[:4]
+    max_blocks = sort.max_blocks
     if pair_sort is not None:
-        if (pair_sort.bm, pair_sort.n_pairs, pair_sort.n_slots) != (bm, n_pairs, s_local):
-            raise ValueError(f"pair_sort is for BM {pair_sort.bm}, {pair_sort.n_pairs} pairs, {pair_sort.n_slots} "
-                             f"slots; this call has BM {bm}, {n_pairs} pairs, {s_local} slots")
-        sorted_ids, block_slot, num_post, counts = pair_sort[:4]
-        max_blocks = pair_sort.max_blocks
+        pass  # sorted by the router launch
     elif small_sort_fits(n_pairs, s_local):
-        sort = new_pair_sort(n_pairs, s_local, fp8, dev, cfg)
-        sorted_ids, block_slot, num_post, counts = sort[:4]
-        max_blocks = sort.max_blocks
         _align_small_kernel[(1,)](
             slots, counts, sort.starts, sorted_ids, block_slot, num_post, n_pairs, s_local, max_blocks,
             BM=bm, N_PAD=max(16, triton.next_power_of_2(n_pairs)), S_PAD=s_pad,
             J_PAD=max(2, triton.next_power_of_2(triton.cdiv(n_pairs, bm))), **pdl, num_warps=8)
     else:
-        max_blocks = triton.cdiv(n_pairs, bm) + min(n_pairs, s_local)
-        sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=dev)
-        block_slot = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-        num_post = torch.empty(1, dtype=torch.int32, device=dev)
-        counts = torch.zeros(s_local, dtype=torch.int32, device=dev)
+        counts.zero_()
         rank = torch.empty(n_pairs, dtype=torch.int32, device=dev)
         _count_kernel[(triton.cdiv(n_pairs, 1024),)](slots, counts, rank, n_pairs, BLOCK=1024,
                                                      **pdl)
