@@ -29,6 +29,19 @@ def last_to_arrive(cnt_ptr, n):
     return last
 
 
+@triton.jit
+def last_to_arrive_each(cnt_ptrs, n, mask):
+    """``last_to_arrive`` per element of a tensor of counters (where ``mask``): True where this
+    program is the last of the ``n`` that arrive at that counter, which is then reset. The rows
+    of one program arrive at different counters, so a barrier follows the arrivals: no thread reads
+    what another thread's arrival acquired before that arrival."""
+    tl.debug_barrier()  # every thread's stores are issued before this program's arrivals
+    last = mask & (tl.atomic_add(cnt_ptrs, 1, mask=mask, sem="acq_rel", scope="gpu") == n - 1)
+    tl.debug_barrier()
+    tl.atomic_xchg(cnt_ptrs, 0, mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least ``n`` int32 counters on ``device``, all 0 between launches."""
     device = torch.device(device)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels.arrival import arrival_counters
+from eplb.kernels.arrival import arrival_counters, last_to_arrive_each
 from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 from eplb.kernels.tile_table import TABLE
 
@@ -416,12 +416,8 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if SUM_K:
         tok = row // SUM_K
-        cnt = cnt_ptr + tok * tl.cdiv(H, BN) + pid_n
-        tl.debug_barrier()  # every thread's y stores are issued before this program arrives
-        last = mask_m & (tl.atomic_add(cnt, 1, mask=mask_m, sem="acq_rel", scope="gpu") == SUM_K - 1)
-        tl.debug_barrier()  # the arrivals (acquire) come before any thread reads the other rows
+        last = last_to_arrive_each(cnt_ptr + tok * tl.cdiv(H, BN) + pid_n, SUM_K, mask_m)
         if tl.max(last.to(tl.int32), axis=0) > 0:
-            tl.atomic_xchg(cnt, 0, mask=last, sem="relaxed", scope="gpu")
             lm = last[:, None] & mask_n[None, :]
             tot = tl.zeros((BM, BN), dtype=tl.float32)
             for j in tl.static_range(SUM_K):  # k order, float32: _sum_kernel's sum
