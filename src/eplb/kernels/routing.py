@@ -122,17 +122,16 @@ def route_topk(
     real_ptr = isinstance(num_real, torch.Tensor)
     e_pad = triton.next_power_of_2(e)
     br = max(1, min(16, 4096 // e_pad))
-    sort = {}
+    sort, ps_args = {}, (ids, ids, ids, ids, ids, 0)  # no sort: dummy pointers
     if pair_sort is not None:
         if slots is None or t > SORT_MAX_TOKENS or pair_sort.n_pairs != t * k:
             raise ValueError(f"pair_sort needs a slot_map, at most {SORT_MAX_TOKENS} tokens and a sort made "
                              f"for {t * k} pairs; got {t} tokens, a sort for {pair_sort.n_pairs}")
         br = 16 if t <= 16 else SORT_MAX_TOKENS  # one program: two compiled variants
-        ps = pair_sort
-        sort = dict(SORT=True, BM=ps.bm, S_PAD=triton.next_power_of_2(ps.n_slots),
-                    J_PAD=max(2, triton.next_power_of_2(triton.cdiv(t * k, ps.bm))))
-    ps_args = (pair_sort.counts, pair_sort.starts, pair_sort.sorted_ids, pair_sort.block_slot, pair_sort.num_post,
-               pair_sort.n_slots) if pair_sort is not None else (ids, ids, ids, ids, ids, 0)
+        sort = dict(SORT=True, BM=pair_sort.bm, S_PAD=triton.next_power_of_2(pair_sort.n_slots),
+                    J_PAD=max(2, triton.next_power_of_2(triton.cdiv(t * k, pair_sort.bm))))
+        ps_args = (pair_sort.counts, pair_sort.starts, pair_sort.sorted_ids, pair_sort.block_slot,
+                   pair_sort.num_post, pair_sort.n_slots)
     _softmax_topk_kernel[(triton.cdiv(t, br),)](
         logits, w, ids, t, e, logits.stride(0),
         slot_map if slots is not None else ids, slot_map.stride(0) if slots is not None else 0,
