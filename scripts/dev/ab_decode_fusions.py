@@ -11,10 +11,13 @@ GEMMs), ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``line
 below or tokens joined by '+': ``no_X`` turns switch X off, ``with_Y`` widens a fusion beyond its
 default: ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
-launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default), e.g.
+launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
+``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 32
+tokens; off by default), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
-the top-k launch, the MoE k-sum in the next RMSNorm."""
+the top-k launch as programs that each looped over the whole H (``with_router_matmul`` is the
+second design: every program one slice of H), the MoE k-sum in the next RMSNorm."""
 import argparse
 import datetime
 import gc
@@ -74,6 +77,7 @@ SWITCHES = {
 ENABLES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
+    "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
 }
 os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}

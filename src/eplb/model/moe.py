@@ -371,13 +371,24 @@ class MoELayer(nn.Module):
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
         """route + count_load + choose_slots with one Triton launch after the router matmul
         (``kernels.route_topk``; the replica choice stays in torch when experts have several
-        replicas). Same values as the unfused path: weights rounded once from float32, exact
-        integer counts. -> (weights, slots, the pairs sorted by slot for the experts or None)."""
+        replicas), or with the matmul in that launch up to ``kernels.ROUTER_MATMUL_MAX_TOKENS``
+        tokens (``kernels.route_logits_topk``: its logits are summed in another order than
+        cuBLAS's, so they may differ by a rounding). Otherwise the unfused path's values: weights
+        rounded once from float32, exact integer counts. -> (weights, slots, the pairs sorted by
+        slot for the experts or None)."""
         single = self.single_replica_map()
         sort = self._new_pair_sort(x) if single is not None else None
-        weights, ids, slots = kernels.route_topk(
-            self._router_logits(x), self.top_k, self.norm_topk_prob, weight_dtype=x.dtype, slot_map=single,
-            load=self.expert_load, num_real=num_real_tokens, pair_sort=sort)
+        tail = dict(weight_dtype=x.dtype, slot_map=single, load=self.expert_load, num_real=num_real_tokens,
+                    pair_sort=sort)
+        if x.shape[0] <= kernels.ROUTER_MATMUL_MAX_TOKENS and self.num_experts % 16 == 0:
+            # decode sizes: the router matmul in the tail's launch (eplb.kernels.routing)
+            if self.before_route is not None:
+                self.before_route()
+            weights, ids, slots = kernels.route_logits_topk(x, self.gate_weight, self.router_bias, self.top_k,
+                                                            self.norm_topk_prob, **tail)
+        else:
+            weights, ids, slots = kernels.route_topk(self._router_logits(x), self.top_k, self.norm_topk_prob,
+                                                     **tail)
         if slots is None:
             slots = self.choose_slots(ids)
         return weights, slots, sort
