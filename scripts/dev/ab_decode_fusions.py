@@ -4,12 +4,12 @@ each one off, all off. One engine per variant (the graphs bake the choice in); T
 CUDA-event step time.
     PYTHONPATH=src python3 scripts/dev/ab_decode_fusions.py [--dtypes fp8,bf16] [--batches 1,32]
 Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
-launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``), ``prefetch``
-(under PDL, small calls' weights prefetched into L2 before the wait: fp8_linear and the MoE
-GEMMs), ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap``
-(fp8_linear's SWAP/TMA tiles up to 64 rows; off: the tiles before them). A variant is a name
-below or tokens joined by '+': ``no_X`` turns switch X off, ``with_Y`` widens a fusion beyond its
-default: ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
+launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``),
+``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap`` (fp8_linear's
+SWAP/TMA tiles up to 64 rows; off: the tiles before them). A variant is a name below or tokens
+joined by '+': ``no_X`` turns switch X off, ``with_Y`` turns on what is off by default or widens a
+fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 before the wait:
+fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
 ``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 32
@@ -69,17 +69,17 @@ def _pick_config_before_swap(m: int, n: int, k: int) -> dict:
 SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
-    "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 0), _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 0)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
     "linear_swap": lambda: _set_attr(linear_fp8, "pick_config", _pick_config_before_swap),
 }
-# switch -> what widens a fusion beyond its default (variant token ``with_NAME``)
+# what is off by default or a fusion's wider limit (variant token ``with_NAME``)
 ENABLES = {
+    "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 64),
+                         _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 32 << 20)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
     "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
 }
-os.environ.setdefault("EPLB_PDL", "1")  # "all_on" includes PDL (off by default in the engine)
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 
 

@@ -94,9 +94,9 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
 # x comes quantized (``x_fp8``, from the launch that produced it) or is quantized by a separate
 # launch: quantizing inside the K loop measured 25-55% slower at every M (its row reductions sit
 # in the loop's critical path; bench/results/tune-fp8-linear-h100-80gb-hbm3.json).
-# calls of at most this many rows prefetch their weights (under PDL): at decode sizes the weights
-# are most of the bytes, and the kernels before a projection (norm, attention) leave L2 to them
-PREFETCH_MAX_M = 64
+# calls of at most this many rows prefetch their weights into L2 (under PDL) before waiting for the
+# previous kernel. 0 (off): PDL was faster without it (pdl.py); ab_decode_fusions' with_prefetch: 64
+PREFETCH_MAX_M = 0
 
 
 def pick_config(m: int, n: int, k: int) -> dict:

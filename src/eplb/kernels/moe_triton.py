@@ -503,11 +503,12 @@ SUM_IN_GEMM2_MAX_TOKENS = 32
 # calls with at most this many pairs (and slots) sort in one single-CTA launch
 SMALL_ALIGN_MAX_PAIRS = 2048
 SMALL_ALIGN_MAX_SLOTS = 256
-# under PDL a GEMM prefetches its experts' weights into L2 when they are at most this many bytes
+# under PDL a GEMM may prefetch its experts' weights into L2 when they are at most this many bytes
 # (counting one expert per pair, at most one per slot): about half the L2 of an H100/H200 (50 MB),
 # so the prefetched lines are still there when the GEMM reads them. FP8 at batch 1 (8 pairs):
-# gate/up 25 MB, down 12.6 MB; bf16 at batch 1 only down.
-PREFETCH_MAX_BYTES = 32 << 20
+# gate/up 25 MB, down 12.6 MB; bf16 at batch 1 only down. 0 (off): PDL was faster without the
+# prefetch (pdl.py); ab_decode_fusions' ``with_prefetch`` sets 32 MB
+PREFETCH_MAX_BYTES = 0
 
 
 def _weight_desc(w, c, fp8, rows_per_part, bk):

@@ -15,10 +15,12 @@ transitive down the chain; only data no kernel writes (weights, scales, static t
 before the wait. Kernels launched without PDL (cuBLAS, torch ops, memsets) keep the stream's
 ordinary full ordering, before and after. CUDA graph capture keeps these edges.
 
-``EPLB_PDL=1`` turns it on for CUDA devices of compute capability 9.0 and above (never on older
-GPUs or under triton's CPU interpreter). Off by default: on an H100 the full-size FP8 decode step
-was slower with it (4.06 against 3.77 ms at batch 1, 12.79 against 12.48 at 32;
-bench/results/ab-pdl-h100-80gb-hbm3.json, scripts/dev/ab_decode_fusions.py).
+On by default for CUDA devices of compute capability 9.0 and above (never on older GPUs or under
+triton's CPU interpreter); ``EPLB_PDL=0`` turns it off. On an H100 the full-size FP8 decode step
+took 3.37 against 3.65 ms at batch 1, 11.90 against 12.11 at 32 and 15.59 against 15.66 at 128
+with it (bench/results/ab-pdl-no-prefetch-h100-80gb-hbm3.json, scripts/dev/ab_decode_fusions.py).
+With the L2 prefetch of the weights as well it had been slower than without PDL (4.06 against
+3.77 ms at batch 1; bench/results/ab-pdl-h100-80gb-hbm3.json), so the prefetch is off.
 """
 
 from __future__ import annotations
@@ -67,11 +69,12 @@ def pdl_args(device: torch.device) -> dict[str, bool]:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL=1``.
+    """Whether launches on ``device`` use PDL: CUDA, compute capability >= 9.0, ``EPLB_PDL`` unset
+    or 1.
     The variable is read at every call, so a process can compare both (graphs keep what they
     captured)."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get(ENV, "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or os.environ.get(ENV, "1") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM90:
