@@ -159,3 +159,82 @@ def test_moe_layer_routes_through_the_fused_router(t, e, monkeypatch):
                           load=ref_load, num_real=5)
         assert torch.equal(weights.cpu(), want[0].cpu()) and torch.equal(slots.cpu(), want[2].cpu())
         assert torch.equal(layer.expert_load.cpu(), ref_load.cpu())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("t,h", [(1, 512), (7, 2048), (20, 384)])  # H: one K slice, eight, a ragged last
+def test_norm_in_the_router_launch_gives_the_bits_of_the_norm_then_the_router(t, h, fp8):
+    """norm_route_logits_topk = rms_norm_fused(x, w, eps, residual, fp8) then route_logits_topk on
+    its output: the same normed rows, residual stream, FP8 quantization and routing, bit for bit."""
+    from eplb.kernels import norm_route_logits_topk, rms_norm_fused
+
+    if fp8 and DEV == "cpu" and not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype")
+    e, k = 32, 4
+    g = torch.Generator().manual_seed(t * h)
+    x = torch.randn(t, h, generator=g).to(BF16).to(DEV)
+    res = torch.randn(t, h, generator=g).to(BF16).to(DEV)
+    nw = (1 + 0.1 * torch.randn(h, generator=g)).to(BF16).to(DEV)
+    gw = (torch.randn(e, h, generator=g) / h**0.5).to(BF16).to(DEV)
+    b = torch.randn(e, generator=g).to(BF16).to(DEV)
+    slot_of = torch.randperm(e, generator=g).to(DEV)
+    load, ref_load = (torch.zeros(e, dtype=torch.long, device=DEV) for _ in range(2))
+    normed, rout, quant, got = norm_route_logits_topk(x, res, nw, 1e-6, gw, b, k, True, fp8=fp8, weight_dtype=BF16,
+                                                      slot_map=slot_of, load=load, num_real=t)
+    ref = rms_norm_fused(x, nw, 1e-6, res, fp8=fp8)
+    assert torch.equal(normed.cpu(), ref[0].cpu()) and torch.equal(rout.cpu(), ref[1].cpu())
+    if fp8:
+        assert torch.equal(quant[0].float().cpu(), ref[2].float().cpu()) and torch.equal(quant[1].cpu(), ref[3].cpu())
+    else:
+        assert quant is None
+    want = route_logits_topk(ref[0], gw, b, k, True, weight_dtype=BF16, slot_map=slot_of, load=ref_load, num_real=t)
+    for a, r in zip(got, want):
+        assert torch.equal(a.cpu(), r.cpu())
+    assert torch.equal(load.cpu(), ref_load.cpu())
+
+
+def test_norm_in_the_router_launch_bad_arguments_raise():
+    from eplb.kernels import norm_route_logits_topk
+
+    x, w, _ = _router_case(5, 32, 256, False, seed=0)
+    nw = torch.ones(256, dtype=x.dtype, device=DEV)
+    for name, args, kw in [("residual", (x, x[:4], nw), {}), ("norm_weight", (x, x, nw[:128]), {}),
+                           ("H", (x[:, :250], x[:, :250], nw[:250]), {}),
+                           ("H", (x[:, :196], x[:, :196], nw[:196]), {"fp8": True})]:
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            norm_route_logits_topk(*args, 1e-6, w[:, :args[0].shape[1]], None, 4, True, **kw)
+
+
+@pytest.mark.parametrize("t", [3, 40])
+def test_moe_layer_takes_the_norm_into_the_router_launch(t, monkeypatch):
+    """MoELayer.forward_after_attention (forced on under the interpreter) = the norm kernel, then
+    forward with the router matmul in the top-k launch: the same output, residual stream and
+    load; beyond NORM_IN_ROUTER_MAX_TOKENS it declines (None) and the caller norms."""
+    from eplb.kernels import rms_norm_fused
+    from eplb.model import moe
+    from eplb.model.moe import MoELayer
+
+    e, h = 32, 256
+    layer = MoELayer(hidden_size=h, intermediate_size=64, num_experts=e, top_k=4, norm_topk_prob=True,
+                     phy2log=torch.arange(e), ep_rank=0, ep_size=1, dtype=BF16, device=DEV, layer_idx=0, moe_idx=0)
+    g = torch.Generator().manual_seed(t)
+    with torch.no_grad():
+        for p in (layer.gate_weight, layer.w13, layer.w2):
+            p.copy_((torch.randn(p.shape, generator=g) / h**0.5).to(p.dtype))
+    x, res = (torch.randn(t, h, generator=g).to(BF16).to(DEV) for _ in range(2))
+    nw = (1 + 0.1 * torch.randn(h, generator=g)).to(BF16).to(DEV)
+    monkeypatch.setattr(MoELayer, "_fused_router", staticmethod(lambda x: x.shape[0] > 0))
+    monkeypatch.setattr(moe, "_NORM_DTYPES", (BF16,))  # the interpreter's data are float32
+    monkeypatch.setattr(routing, "ROUTER_MATMUL_MAX_TOKENS", 32)
+    monkeypatch.setattr(routing, "NORM_IN_ROUTER_MAX_TOKENS", 32)
+    with torch.no_grad():
+        fused = layer.forward_after_attention(x, res, nw, 1e-6, num_real_tokens=t)
+        if t > 32:
+            assert fused is None
+            return
+        load = layer.take_load()
+        normed, stream = rms_norm_fused(x, nw, 1e-6, res)
+        want = layer(normed, t)
+    assert torch.equal(fused[1].cpu(), stream.cpu())
+    assert torch.equal(fused[0].cpu(), want.cpu())
+    assert torch.equal(load.cpu(), layer.take_load().cpu())

@@ -81,34 +81,23 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
     return tl.sum(s, axis=1)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
-                     q_ptr, qs_ptr, sq, sqs,
-                     BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
-                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                     FP8: tl.constexpr, USE_PDL: tl.constexpr):
-    """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
-    FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
-    per row and 128 columns: moe_triton._quant_rows)."""
-    pdl_wait(USE_PDL)
+@triton.jit
+def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES: tl.constexpr,
+                     ITERS: tl.constexpr, HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr, dt):
+    """float32 sum of squares [BR] of rows r = x + res (rounded to ``dt``, the torch add) at element
+    offsets ``xrow``/``rrow`` [BR] (int64), in torch's order (EXACT); row chunk j covers columns
+    [j * 4 * LANES, (j + 1) * 4 * LANES)."""
     DP: tl.constexpr = 4 * LANES
-    NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
-    dt = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rm = rows < T
-    rows64 = rows.to(tl.int64)
     cols = tl.arange(0, DP)
     acc = tl.zeros([BR, LANES], dtype=tl.float32)
     accp = tl.zeros([BR], dtype=tl.float32)
     for j in tl.static_range(ITERS):
         c = j * DP + cols
         m = rm[:, None] & (c < H)[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
-            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
-            x = (x + r).to(dt)  # the torch add rounds the sum to the dtype
-            tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], x, mask=m)
-            x = x.to(tl.float32)
+            r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(dt).to(tl.float32)
         if EXACT:
             acc = _chain4(acc, tl.reshape(x, [BR, LANES, 2, 2]), FMA)
         else:
@@ -117,20 +106,52 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
         ss = _tree(acc, BR, LANES)
     else:
         ss = accp
+    return ss
+
+
+@triton.jit
+def _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, cm, rm, rstd, HAS_RES: tl.constexpr, dt):
+    """Columns ``c`` [N] (mask ``cm``) of the rows (mask ``rm``) -> (r = x + res, rms_norm(r) * w),
+    both [BR, N] rounded to ``dt`` as torch rounds them; ``rstd`` [BR] from
+    :func:`_row_sum_squares`."""
+    m = rm[:, None] & cm[None, :]
+    x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        x = (x + r).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    y = (x * rstd[:, None]).to(dt).to(tl.float32)
+    return x.to(dt), (y * w[None, :]).to(dt)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
+                     q_ptr, qs_ptr, sq, sqs,
+                     BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
+                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
+                     FP8: tl.constexpr, USE_PDL: tl.constexpr):
+    """BR rows per program. FP8: the output is also written quantized for a block-FP8 GEMM (e4m3
+    q and a float32 scale per row and 128 columns: moe_triton._quant_rows)."""
+    pdl_wait(USE_PDL)
+    DP: tl.constexpr = 4 * LANES
+    NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
+    dt = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < T
+    rows64 = rows.to(tl.int64)
+    xrow = rows64 * sx
+    rrow = rows64 * sres
+    ss = _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR, LANES, ITERS, HAS_RES, EXACT, FMA, dt)
     rstd = tl.math.rsqrt(ss / H + eps)
     # second pass: re-read (L1/L2-hot) and recompute the sum rather than read back what this
     # program just stored, which other threads of the block wrote
+    cols = tl.arange(0, DP)
     for j in tl.static_range(ITERS):
         c = j * DP + cols
-        cm = c < H
-        m = rm[:, None] & cm[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
+        m = rm[:, None] & (c < H)[None, :]
+        r, o = _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, c < H, rm, rstd, HAS_RES, dt)
         if HAS_RES:
-            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
-            x = (x + r).to(dt).to(tl.float32)
-        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        y = (x * rstd[:, None]).to(dt).to(tl.float32)
-        o = (y * w[None, :]).to(dt)
+            tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], r, mask=m)
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)
         if FP8:  # one row of _quant_rows per 128 columns
             q, sc = _quant_rows(tl.reshape(o, [BR * NG, 128]))
