@@ -261,6 +261,25 @@ def test_fp8_bulk_copy_tiles_give_the_same_bits(bn1, bn2):
     assert torch.equal(fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=tma), want)
 
 
+@pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+def test_fp8_64_wide_gate_up_tiles_at_full_size():
+    """Qwen3-30B-A3B's expert shape at 128 tokens (where the tile tuner rejected every 64-wide
+    gate/up tile against the 128-wide ones): through TMA they give the pointer loads' bits, and
+    both widths stay within the FP8 path's tolerance of the emulated reference (64 wide: h stored
+    in bf16, quantized by the down projection; 128 wide: quantized from float32)."""
+    x, slot, wt, q13, s13, q2, s2, d13, d2 = _fp8_case(128, 2048, 768, 32, 8, seed=7)
+    emu = reference(x, slot, wt, d13.to(DEV), d2.to(DEV), act_quant=True)
+    outs = {}
+    for bn1 in (64, 128):
+        for tma in (False, True):
+            cfg = _cfg(16, bn1, 128, True, (True, True))
+            cfg = {"BM": 16, "gemm1": dict(cfg["gemm1"], TMA=tma), "gemm2": dict(cfg["gemm2"], TMA=tma)}
+            outs[bn1, tma] = fused_moe(x, slot, wt, q13, q2, w13_scale=s13, w2_scale=s2, config=cfg)
+    assert torch.equal(outs[64, True], outs[64, False]) and torch.equal(outs[128, True], outs[128, False])
+    for bn1 in (64, 128):
+        assert rel_err(outs[bn1, False].cpu(), emu) < 2 * BF16_TOL, bn1
+
+
 def test_fp8_bulk_copy_request_falls_back_where_it_cannot_apply():
     # I = 384 is not a multiple of BN 256: the tile would straddle gate and up, so pointer loads
     from eplb.kernels.moe_triton import _weight_desc
