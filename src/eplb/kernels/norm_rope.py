@@ -119,9 +119,11 @@ def _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, cm, rm, rstd, HAS_RES: tl
     if HAS_RES:
         r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         x = (x + r).to(dt).to(tl.float32)
-    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    # the weight as a [1, N] row: it then takes the rows' layout (a 1-D load is converted through
+    # shared memory, a barrier per chunk)
+    w = tl.load(w_ptr + c[None, :], mask=cm[None, :], other=0.0).to(tl.float32)
     y = (x * rstd[:, None]).to(dt).to(tl.float32)
-    return x.to(dt), (y * w[None, :]).to(dt)
+    return x.to(dt), (y * w).to(dt)
 
 
 @triton.jit(do_not_specialize=["T"])
