@@ -47,6 +47,11 @@ def _variants():
               counts_ptr=I64, start_ptr=I64, sorted_ptr=I64, block_slot_ptr=I64, num_post_ptr=I64),
          dict(K=8, K_PAD=8, E_PAD=128, BR=16, RENORM=True, HAS_MAP=True, COUNT=True, REAL_PTR=True,
               USE_PDL=False, SORT=False, BM=16, S_PAD=16, J_PAD=2), 4, 3, []),
+        ("router softmax + top-k, one row per one-warp program + PDL", routing._softmax_topk_kernel,
+         dict(logit_ptr=BF16, w_ptr=BF16, id_ptr=I64, map_ptr=I64, slot_ptr=I64, load_ptr=I64, n_real_ptr=I64,
+              counts_ptr=I64, start_ptr=I64, sorted_ptr=I64, block_slot_ptr=I64, num_post_ptr=I64),
+         dict(K=8, K_PAD=8, E_PAD=128, BR=1, RENORM=True, HAS_MAP=True, COUNT=True, REAL_PTR=True,
+              USE_PDL=True, SORT=False, BM=16, S_PAD=16, J_PAD=2), 1, 3, pdl),
         # ... that also sorts the pairs by slot for the MoE (atomics, barriers, L2 reads)
         ("router softmax + top-k + the MoE's pair sort", routing._softmax_topk_kernel,
          dict(logit_ptr=BF16, w_ptr=BF16, id_ptr=I64, map_ptr=I64, slot_ptr=I64, load_ptr=I64, n_real_ptr=I64,

@@ -238,3 +238,20 @@ def test_moe_layer_takes_the_norm_into_the_router_launch(t, monkeypatch):
     assert torch.equal(fused[1].cpu(), stream.cpu())
     assert torch.equal(fused[0].cpu(), want.cpu())
     assert torch.equal(load.cpu(), layer.take_load().cpu())
+
+
+@pytest.mark.parametrize("t", [1, 7, 32])
+def test_route_topk_one_row_per_program_routes_the_same(t, monkeypatch):
+    """TAIL_ONE_ROW_MAX_TOKENS: the tail's launch with one row per one-warp program picks the same
+    experts and counts, and weights within a rounding of the 16-row programs' (another reduction
+    layout may sum the softmax's denominator in another order)."""
+    e, k = 128, 8
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t)).to(DEV)
+    slot_of = torch.randperm(e, generator=torch.Generator().manual_seed(1)).to(DEV)
+    loads = [torch.zeros(e, dtype=torch.long, device=DEV) for _ in range(2)]
+    want = route_topk(logits, k, True, weight_dtype=torch.float32, slot_map=slot_of, load=loads[0])
+    monkeypatch.setattr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 32)
+    got = route_topk(logits, k, True, weight_dtype=torch.float32, slot_map=slot_of, load=loads[1])
+    assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[2].cpu(), want[2].cpu())
+    torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=1e-6, atol=0)
+    assert torch.equal(loads[0].cpu(), loads[1].cpu())

@@ -168,6 +168,10 @@ def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, st
                     K, K_PAD, E_PAD, BR, RENORM, HAS_MAP, COUNT, REAL_PTR, SORT, BM, S_PAD, J_PAD)
 
 
+# route_topk runs one row per one-warp program (its reductions then in-warp shuffles: 2 barriers
+# in the sm_90 PTX instead of 9 for 16 rows in 4 warps) on calls of at most this many tokens without
+# the pair sort; 0 (off) until measured: ab_decode_fusions.py's ``with_tail_one_row`` sets 32
+TAIL_ONE_ROW_MAX_TOKENS = 0
 # route_topk sorts the pairs for the MoE itself (``pair_sort``) for at most this many tokens: its
 # one program then holds every row
 SORT_MAX_TOKENS = 32
@@ -259,11 +263,13 @@ def route_topk(
     if t == 0:
         return outs
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    br = max(1, min(16, 4096 // flags["E_PAD"]))
+    br, warps = max(1, min(16, 4096 // flags["E_PAD"])), 4
     if pair_sort is not None:
         br = 16 if t <= 16 else SORT_MAX_TOKENS  # one program: two compiled variants
+    elif t <= TAIL_ONE_ROW_MAX_TOKENS:
+        br, warps = 1, 1
     _softmax_topk_kernel[(triton.cdiv(t, br),)](logits, t, e, logits.stride(0), *args, BR=br, **flags,
-                                                **pdl_args(logits.device), num_warps=4)
+                                                **pdl_args(logits.device), num_warps=warps)
     return outs
 
 
