@@ -12,7 +12,8 @@ launch then skipped (off by default: ``SORT_IN_ROUTER_MAX_TOKENS``).
 off by default until measured): the logits are split over experts and over H, every program reads
 one small slice of the gate weight in one go (an earlier version looped each program over the whole
 H: its serial loads made it no faster than cuBLAS + the tail), and the last program to arrive sums
-the float32 partials in a fixed order and runs the tail.
+the float32 partials in a fixed order and runs the tail. ``norm_route_logits_topk`` also does the
+decoder layer's post-attention RMSNorm there (``NORM_IN_ROUTER_MAX_TOKENS``; off until measured).
 """
 
 from __future__ import annotations
