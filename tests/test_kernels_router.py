@@ -80,22 +80,30 @@ def test_route_logits_topk_sorts_the_pairs_as_route_topk_does(t):
 
 
 def test_route_logits_topk_row_bits_do_not_depend_on_the_batch():
-    """Random data (the sums round): a row gets the same bits in any batch (CUDA graphs pad
-    batches, DP ranks batch rows differently)."""
+    """Random data (the sums round): a row gets the same bits in any batch on the same side of 16
+    rows (CUDA graphs pad batches, DP ranks batch rows differently). The logits' tiles and order
+    never change with T; the tail's program holds 16 rows up to 16 tokens, 32 beyond, and its
+    reductions may be laid out differently in the two."""
     t, e, h, k = 29, 128, 600, 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(t, h, generator=g).to(BF16).to(DEV)
     w = (torch.randn(e, h, generator=g) / h**0.5).to(BF16).to(DEV)
     b = torch.randn(e, generator=g).to(BF16).to(DEV)
-    full = route_logits_topk(x, w, b, k, True, weight_dtype=BF16)
-    for n in (1, 5, 16, 20):  # shorter batches: each row keeps its place in its 16-row tile
+    fulls = {16: route_logits_topk(x[:16], w, b, k, True, weight_dtype=BF16),
+             29: route_logits_topk(x, w, b, k, True, weight_dtype=BF16)}
+    for n, full in ((1, 16), (5, 16), (17, 29), (20, 29)):  # each row keeps its place in its 16-row tile
         part = route_logits_topk(x[:n], w, b, k, True, weight_dtype=BF16)
-        assert torch.equal(part[0].cpu(), full[0][:n].cpu()) and torch.equal(part[1].cpu(), full[1][:n].cpu())
+        for got, want in zip(part[:2], fulls[full][:2]):
+            assert torch.equal(got.cpu(), want[:n].cpu())
     # alone, a row moves to the tile's first place: numpy's matmul (the interpreter's dot) may give
     # a row other bits at another place in the tile, the GPU's MMA does not
-    for r in range(t) if DEV == "cuda" else range(0, t, 16):
+    for r in range(16) if DEV == "cuda" else (0,):
         one = route_logits_topk(x[r:r + 1], w, b, k, True, weight_dtype=BF16)
-        assert torch.equal(one[0].cpu(), full[0][r:r + 1].cpu()) and torch.equal(one[1].cpu(), full[1][r:r + 1].cpu())
+        for got, want in zip(one[:2], fulls[16][:2]):
+            assert torch.equal(got.cpu(), want[r:r + 1].cpu())
+    # ids do not depend on the side of 16 (weights may differ by a rounding there)
+    assert torch.equal(fulls[16][1].cpu(), fulls[29][1][:16].cpu())
+    torch.testing.assert_close(fulls[16][0].float().cpu(), fulls[29][0][:16].float().cpu(), rtol=1e-2, atol=0)
 
 
 def test_route_logits_topk_resets_its_arrival_counter():

@@ -287,7 +287,9 @@ def route_logits_topk(
 
     The logits are summed in float32 in a fixed order (16 x 16 dot tiles over ``_router_k_slice``
     columns, the slices' partials then in order), the bias added in float32, then rounded to x's
-    dtype as F.linear's are: a row gets the same bits in any batch, though not cuBLAS's bits."""
+    dtype as F.linear's are: a row's logits get the same bits in any batch, though not cuBLAS's
+    bits (its weights too, within batches on the same side of 16 rows: the tail's program holds 16
+    rows or 32)."""
     return _router_launch(x, gate_weight, bias, k, renormalize, None, weight_dtype, slot_map, load, num_real,
                           pair_sort)
 
