@@ -54,7 +54,12 @@ def test_route_logits_topk_matches_linear_then_route_topk(t, h, e, bias, renorm)
         got = route_logits_topk(x, w, b, k, renorm, weight_dtype=BF16, slot_map=table[:, 0], load=load, num_real=nr)
         want = route_topk(logits, k, renorm, weight_dtype=BF16, slot_map=table[:, 0], load=ref_load, num_real=nr)
         for a, r in zip(got, want):
-            assert a.dtype == r.dtype and torch.equal(a.cpu(), r.cpu())
+            assert a.dtype == r.dtype
+            if a.is_floating_point() and t > 16:  # one 32-row tail program against route_topk's 16-row
+                # ones: the softmax's sum may be reduced in another order, so a rounding apart
+                torch.testing.assert_close(a.float().cpu(), r.float().cpu(), rtol=1e-2, atol=0)
+            else:
+                assert torch.equal(a.cpu(), r.cpu())
         assert torch.equal(load.cpu(), ref_load.cpu())
         assert int((load - torch.arange(e, device=DEV)).sum()) == n * k
     w_only, ids, none = route_logits_topk(x, w, b, k, renorm)  # no map, no load: float32 weights
