@@ -181,15 +181,10 @@ def _lanes(h: int) -> tuple[int, int]:
     return max(32, triton.next_power_of_2(nvec)), 1
 
 
-def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None, fp8: bool = False):
-    """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
-    [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
-    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
-
-    ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
-    and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
-    (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
+def norm_outputs(x: torch.Tensor, residual: torch.Tensor | None, fp8: bool):
+    """The one check of a fused RMSNorm's input: x [N, H] with a contiguous last dim, H % 4 == 0
+    (H % 128 == 0 with ``fp8``), residual (or None) like x. -> its empty outputs: (out [N, H],
+    r [N, H] or None, (q e4m3 [N, H], scales float32 [N, H/128]) or None)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [N, H] with a contiguous last dim, got {list(x.shape)} / {x.stride()}")
     t, h = x.shape
@@ -201,13 +196,27 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
         if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
             raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
         rout = torch.empty((t, h), dtype=x.dtype, device=x.device)
+    quant = None
     if fp8:
         if h % 128:
-            raise ValueError(f"fp8 output needs H divisible by 128, got {h}")
-        q = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
-        qs = torch.empty((t, h // 128), dtype=torch.float32, device=x.device)
-    else:
-        q = qs = out  # dummy pointers
+            raise ValueError(f"H must be divisible by 128 for fp8 output, got {h}")
+        quant = (torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device),
+                 torch.empty((t, h // 128), dtype=torch.float32, device=x.device))
+    return out, rout, quant
+
+
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None, fp8: bool = False):
+    """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
+    [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
+    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
+
+    ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
+    and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
+    (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
+    out, rout, quant = norm_outputs(x, residual, fp8)
+    t, h = x.shape
+    q, qs = quant if fp8 else (out, out)  # dummy pointers without fp8
     if t:
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))

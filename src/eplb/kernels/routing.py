@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels import norm_rope
 from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import PairSort, _quant_rows, _sort_pairs
 from eplb.kernels.norm_rope import _normed_cols, _row_sum_squares
@@ -307,20 +308,14 @@ def norm_route_logits_topk(
     attention output, bf16/fp16, H % 4 == 0; with ``fp8`` H % 128 == 0), residual [T, H],
     norm_weight [H]. -> (normed [T, H], residual stream x + residual [T, H], (q e4m3 [T, H],
     scales float32 [T, H/128]) with ``fp8`` else None, route_logits_topk's (weights, ids, slots))."""
-    if x.dim() != 2 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be a float [T, H] with a contiguous last dim, got {x.dtype} {list(x.shape)}")
-    t, h = x.shape
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(-1) != 1:
-        raise ValueError(f"residual must be {x.dtype} {list(x.shape)} with a contiguous last dim, got "
-                         f"{residual.dtype} {list(residual.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be bf16, fp16 or float32, got {x.dtype}")
+    normed, rout, quant = norm_rope.norm_outputs(x, residual, fp8)
+    h = x.shape[1]
     if norm_weight.shape != (h,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"norm_weight must be {x.dtype} [{h}], got {norm_weight.dtype} {list(norm_weight.shape)}")
-    if h % 4 or (fp8 and (h % 128 or _router_k_slice(h) % 128)):
-        raise ValueError(f"H must be a multiple of 4 (of 128 with fp8 output), got {h}")
-    dev = x.device
-    normed, rout = (torch.empty((t, h), dtype=x.dtype, device=dev) for _ in range(2))
-    quant = (torch.empty((t, h), dtype=torch.float8_e4m3fn, device=dev),
-             torch.empty((t, h // 128), dtype=torch.float32, device=dev)) if fp8 else None
+    if fp8 and _router_k_slice(h) % 128:  # each program quantizes whole 128-column groups
+        raise ValueError(f"H must give the router's H slices whole 128-column groups with fp8 output, got {h}")
     norm = (residual, norm_weight, eps, rout, normed, quant)
     outs = _router_launch(x, gate_weight, bias, k, renormalize, norm, weight_dtype, slot_map, load, num_real,
                           pair_sort)
@@ -330,8 +325,6 @@ def norm_route_logits_topk(
 def _router_launch(x, gate_weight, bias, k, renormalize, norm, weight_dtype, slot_map, load, num_real, pair_sort):
     """The one launch of route_logits_topk / norm_route_logits_topk (``norm``: residual, weight,
     eps, rout, normed, (q, qs) or None) -> route_topk's (weights, ids, slots)."""
-    from eplb.kernels import norm_rope
-
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
     t, h = x.shape

@@ -280,9 +280,12 @@ class MoELayer(nn.Module):
         return load
 
     # -- compute ------------------------------------------------------------------------------
-    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _before_route(self) -> None:
         if self.before_route is not None:
             self.before_route()
+
+    def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        self._before_route()
         return F.linear(x, self.gate_weight, self.router_bias)
 
     @staticmethod
@@ -384,17 +387,12 @@ class MoELayer(nn.Module):
                 and x.dtype in _NORM_DTYPES and norm_weight.dtype == x.dtype
                 and x.stride(-1) == 1 and h % (128 if self.fp8_input else 4) == 0):
             return None
-        single = self.single_replica_map()
-        sort = self._new_pair_sort(x) if single is not None else None
-        if self.before_route is not None:
-            self.before_route()
+        sort, tail = self._tail_args(x, num_real_tokens)
+        self._before_route()
         normed, stream, x_fp8, (weights, ids, slots) = kernels.norm_route_logits_topk(
             x, residual, norm_weight, eps, self.gate_weight, self.router_bias, self.top_k, self.norm_topk_prob,
-            fp8=self.fp8_input, weight_dtype=x.dtype, slot_map=single, load=self.expert_load,
-            num_real=num_real_tokens, pair_sort=sort)
-        if slots is None:
-            slots = self.choose_slots(ids)
-        return self._experts(normed, weights, slots, sort, x_fp8), stream
+            fp8=self.fp8_input, **tail)
+        return self._experts(normed, weights, self._slots(ids, slots), sort, x_fp8), stream
 
     def _experts(self, x, weights, slots, sort, x_fp8):
         """The experts of the routed pairs, in process when x comes quantized or sorted, else
@@ -412,22 +410,29 @@ class MoELayer(nn.Module):
         cuBLAS's, so they may differ by a rounding). Otherwise the unfused path's values: weights
         rounded once from float32, exact integer counts. -> (weights, slots, the pairs sorted by
         slot for the experts or None)."""
-        single = self.single_replica_map()
-        sort = self._new_pair_sort(x) if single is not None else None
-        tail = dict(weight_dtype=x.dtype, slot_map=single, load=self.expert_load, num_real=num_real_tokens,
-                    pair_sort=sort)
+        sort, tail = self._tail_args(x, num_real_tokens)
         if x.shape[0] <= kernels.ROUTER_MATMUL_MAX_TOKENS and self.num_experts % 16 == 0:
             # decode sizes: the router matmul in the tail's launch (eplb.kernels.routing)
-            if self.before_route is not None:
-                self.before_route()
+            self._before_route()
             weights, ids, slots = kernels.route_logits_topk(x, self.gate_weight, self.router_bias, self.top_k,
                                                             self.norm_topk_prob, **tail)
         else:
             weights, ids, slots = kernels.route_topk(self._router_logits(x), self.top_k, self.norm_topk_prob,
                                                      **tail)
-        if slots is None:
-            slots = self.choose_slots(ids)
-        return weights, slots, sort
+        return weights, self._slots(ids, slots), sort
+
+    def _tail_args(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
+        """What every fused routing launch is given -> (the pair-sort buffers or None, the tail's
+        keyword arguments: weight dtype, the single-replica slot map, the load counter, the real
+        rows, the sort)."""
+        single = self.single_replica_map()
+        sort = self._new_pair_sort(x) if single is not None else None
+        return sort, dict(weight_dtype=x.dtype, slot_map=single, load=self.expert_load, num_real=num_real_tokens,
+                          pair_sort=sort)
+
+    def _slots(self, ids: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """The launch's slots, or the replica choice in torch when it had no single-replica map."""
+        return slots if slots is not None else self.choose_slots(ids)
 
     def _new_pair_sort(self, x: torch.Tensor):
         """Buffers for the router launch to sort the pairs into (``kernels.new_pair_sort``), when
