@@ -445,6 +445,29 @@ def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bm, bn):
     assert torch.equal(fp8_linear(x, q, s, config=dict(base, SWAP=True, TMA=True)), swap)
 
 
+@pytest.mark.parametrize("m,split,swap", [(1, 2, True), (3, 4, False), (20, 8, True)])
+def test_fp8_linear_split_k_sums_the_same_product(m, split, swap):
+    # split-K adds float32 partials of K ranges in split order: the unsplit tile's product within
+    # a rounding, the same bits on every run (the last-arrival counters are reset for the next)
+    from eplb.kernels import arrival
+    from eplb.kernels.linear_fp8 import fp8_linear
+
+    n, k = 256, 1024
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    q, s = q.to(DEV), s.to(DEV)
+    base = dict(BM=16, BN=64, KSUB=1, num_warps=4, num_stages=2, SWAP=swap)
+    whole = fp8_linear(x, q, s, config=base)
+    parts = fp8_linear(x, q, s, config=dict(base, SPLIT=split))
+    assert rel_err(parts.cpu(), whole.cpu()) < (BF16_TOL if DEV == "cuda" else 1e-5)  # bf16 output on a GPU
+    assert torch.equal(fp8_linear(x, q, s, config=dict(base, SPLIT=split)), parts)
+    assert not arrival.arrival_counters(DEV, 1).any()
+    # a split that leaves one program without a whole loop iteration is refused
+    with pytest.raises(ValueError, match="SPLIT"):
+        fp8_linear(x, q, s, config=dict(base, KSUB=4, SPLIT=4))
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m", [1, 24, 64, 200])
 def test_fp8_linear_configs_agree_bit_for_bit(m):

@@ -15,7 +15,8 @@ launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by
 ``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 32
 tokens; off by default), ``with_norm_in_router`` (the post-attention RMSNorm in that launch too,
 no RMSNorm launch before the MoE, up to 32 tokens; off by default), ``with_tail_one_row`` (the
-router tail launch with one row per one-warp program up to 32 tokens; off by default), e.g.
+router tail launch with one row per one-warp program up to 32 tokens; off by default),
+``with_linear_split`` (fp8_linear's split-K up to 64 rows, ``linear_fp8.split_for``; off by default), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
 the top-k launch as programs that each looped over the whole H (``with_router_matmul`` is the
@@ -83,6 +84,7 @@ ENABLES = {
     "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
     "norm_in_router": lambda: _set_attr(routing, "NORM_IN_ROUTER_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
     "tail_one_row": lambda: _set_attr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 32),
+    "linear_split": lambda: _set_attr(linear_fp8, "SPLIT_MAX_M", 64),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

@@ -8,6 +8,8 @@ and the weight-byte floor at the copy rate measured in the same run.
     PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json] [--ms 1,32] [--swap]
 --swap adds transposed-dot tiles (SWAP, BN >= 64) with pointer and bulk-copy (TMA) weight loads to
 the candidates, and reports the best plain and the best SWAP tile apart.
+--split sweeps split-K instead (SPLIT 1, 2, 4, 8 over SWAP/TMA tiles, plain ones too above 32 rows)
+and times ``pick_config`` with its split heuristic on (``split_heuristic``, linear_fp8.split_for).
 """
 import argparse
 import itertools
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
 
-from eplb.kernels import quantize_block_fp8  # noqa: E402
+from eplb.kernels import linear_fp8, quantize_block_fp8  # noqa: E402
 from eplb.kernels.linear_fp8 import fp8_linear, pick_config  # noqa: E402
 
 SETS = 16
@@ -43,11 +45,26 @@ def old_config(m, n):
     return dict(BM=bm, BN=bn, KSUB=1, num_warps=4, num_stages=3)
 
 
+def split_candidates(m, k):
+    """Split-K tiles at M rows, K columns: SWAP/TMA (plain too above 32 rows) x SPLIT 1-8, 4 stages
+    (the decode tiles' best depth in the sweeps before)."""
+    bms = (16,) if m <= 16 else (16, 32) if m <= 32 else (16, 64)
+    out = []
+    for bm, bn, ksub, st, split in itertools.product(bms, (64, 128), (1, 2, 4), (4,), (1, 2, 4, 8)):
+        if (k // 128) % (ksub * split):
+            continue
+        out.append(dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st, SWAP=True, TMA=True, SPLIT=split))
+        if m > 32 and bm == 64:
+            out.append(dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st, SPLIT=split))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--swap", action="store_true", help="also transposed-dot tiles, pointer and TMA loads")
+    ap.add_argument("--split", action="store_true", help="split-K tiles (SPLIT 1-8) instead of the plain grid")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     copy_gbps = gpu.ceilings()["copy_GBps_read_plus_write"]
@@ -73,11 +90,20 @@ def main():
             res["shipped"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
             res["before"] = (run(old_config(m, n)), old_config(m, n))
             res["bf16_F.linear"] = (graph_us(lambda j: F.linear(xs[j], wb[j])), None)
+            if args.split:
+                keep, linear_fp8.SPLIT_MAX_M = linear_fp8.SPLIT_MAX_M, 64
+                res["split_heuristic"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
+                linear_fp8.SPLIT_MAX_M = keep
             cands = []
+            for cfg in (split_candidates(m, k) if args.split else ()):
+                try:
+                    cands.append((run(cfg), cfg))
+                except Exception as exc:  # noqa: BLE001 (out of shared memory, wrong output)
+                    print(f"  fail {cfg}: {type(exc).__name__} {exc}"[:160], flush=True)
             small = m <= 64
             bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
             for bm, bn, ksub, st in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
-                                                      (2, 4, 8), (3, 4)):
+                                                      (2, 4, 8), (3, 4)) if not args.split else ():
                 if (k // 128) % ksub:
                     continue
                 variants = [{}]

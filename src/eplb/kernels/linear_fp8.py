@@ -11,24 +11,31 @@ import torch
 import triton
 import triton.language as tl
 
+from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel, _weight_desc
 from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
+def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
                        BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
                        USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP: tl.constexpr,
-                       TMA: tl.constexpr):
+                       TMA: tl.constexpr, SPLIT: tl.constexpr):
     """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
     tile, and more independent loads in flight per SM is what reaches the read rate.
     PREFETCH (with USE_PDL): the program's weight rows go to L2 before it waits for the previous
     kernel, so that they stream in while that kernel finishes.
     SWAP (BN >= 64): the dots run transposed (y^T = w x^T), the weight tile on the MMA's M side,
     so that an e4m3 dot of BM < 64 rows can use wgmma (as moe_triton's SWAP tiles). TMA (with
-    SWAP): weight tiles through the bulk tensor copy engine, ``w_desc`` = w in [BN, 128] boxes."""
+    SWAP): weight tiles through the bulk tensor copy engine, ``w_desc`` = w in [BN, 128] boxes.
+    SPLIT > 1 (split-K): SPLIT programs per output tile, each one K range of the same loop; each
+    stores its float32 partial in ``part_ptr`` [SPLIT, M, N] and the last to arrive at the tile's
+    counter (``cnt_ptr``, kernels.arrival) sums them in split order. At decode sizes an unsplit
+    grid has too few programs to stream the weight at the read rate (o: 32 tiles for 132 SMs)."""
     pid = tl.program_id(0)
+    split = pid % SPLIT
+    pid = pid // SPLIT
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_pid_n
@@ -40,10 +47,13 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
     offs_n = pid_n * BN + tl.arange(0, BN)
     mm = offs_m < M
     mn = offs_n < N
+    per_split = K // (128 * KSUB * SPLIT)  # loop iterations of one program (the host checks the division)
+    kb0 = split * per_split
     if PREFETCH:  # weights are written by no kernel: safe to read before the wait
-        prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn, K, 128)  # 128 FP8 = a line
+        prefetch_rows(w_ptr + kb0 * 128 * KSUB, tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn,
+                      per_split * 128 * KSUB, 128)  # 128 FP8 = a line
     pdl_wait(USE_PDL)
-    offs_k = tl.arange(0, 128)
+    offs_k = kb0 * 128 * KSUB + tl.arange(0, 128)
     if SWAP:  # x^T [128, BM] and w [BN, 128]
         a_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
         b_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
@@ -56,7 +66,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
     else:
         s_ptrs = ws_ptr + (offs_n // 128) * stride_sn
     acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
-    for kb in range(0, K // (128 * KSUB)):
+    for kb in range(kb0, kb0 + per_split):
         for j in tl.static_range(KSUB):
             kk = kb * KSUB + j
             a_s = tl.load(as_ptrs + kk, mask=mm, other=0.0)
@@ -84,7 +94,17 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
     if SWAP:
         acc = tl.trans(acc)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+    mask = mm[:, None] & mn[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        p_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(p_ptrs + (split * M).to(tl.int64) * N, acc, mask=mask)
+        if last_to_arrive(cnt_ptr + pid, SPLIT):
+            total = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Tiles by M and shape, from scripts/dev/tune_fp8_linear.py on an H100 (2026-12-06, weights
@@ -97,6 +117,11 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, M, N, K,
 # calls of at most this many rows prefetch their weights into L2 (under PDL) before waiting for the
 # previous kernel. 0 (off): PDL was faster without it (pdl.py); ab_decode_fusions' with_prefetch: 64
 PREFETCH_MAX_M = 0
+# calls of at most this many rows split K (SPLIT, see _fp8_linear_kernel) until their grid has about
+# SPLIT_MIN_PROGRAMS programs: at batch 1 the o projection's 2048 columns in 64-wide tiles are 32
+# programs for 132 SMs. 0 (off) until measured in the decode step (ab_decode_fusions' with_linear_split)
+SPLIT_MAX_M = 0
+SPLIT_MIN_PROGRAMS = 128
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
@@ -124,7 +149,19 @@ def pick_config(m: int, n: int, k: int) -> dict:
         return dict(BM=bm, BN=128, KSUB=1, num_warps=8 if bm == 128 else 4, num_stages=3)
     while (k // FP8_BLOCK) % cfg["KSUB"]:
         cfg["KSUB"] //= 2
+    if m <= SPLIT_MAX_M:
+        cfg["SPLIT"] = split_for(-(-m // cfg["BM"]) * -(-n // cfg["BN"]), k // (FP8_BLOCK * cfg["KSUB"]))
     return dict(cfg, num_warps=4)
+
+
+def split_for(tiles: int, iterations: int) -> int:
+    """The split-K factor of a grid of ``tiles`` output tiles whose K loop has ``iterations``
+    steps: doubled while the grid has fewer than SPLIT_MIN_PROGRAMS programs and every program
+    keeps at least two loop steps of equal count (so the loads still pipeline)."""
+    split = 1
+    while tiles * split < SPLIT_MIN_PROGRAMS and iterations % (4 * split) == 0:
+        split *= 2
+    return split
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -155,8 +192,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         return y.view(*lead, n)
     cfg = config or pick_config(m, n, k)
     pdl = pdl_args(x.device)
-    if (k // FP8_BLOCK) % cfg["KSUB"]:
-        raise ValueError(f"KSUB {cfg['KSUB']} does not divide K/128 = {k // FP8_BLOCK}")
+    split = cfg.get("SPLIT", 1)
+    if (k // FP8_BLOCK) % (cfg["KSUB"] * split):
+        raise ValueError(f"KSUB {cfg['KSUB']} x SPLIT {split} does not divide K/128 = {k // FP8_BLOCK}")
     if x_fp8 is not None:
         xq, xs = x_fp8
         if (xq.shape != (m, k) or xq.dtype != torch.float8_e4m3fn or xq.stride(-1) != 1
@@ -173,10 +211,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     bm, bn = cfg["BM"], cfg["BN"]
     swap = cfg.get("SWAP", False)
     desc = _weight_desc(weight.unsqueeze(0), cfg, True, n, FP8_BLOCK)  # [1, N, K]: one "slot"
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fp8_linear_kernel[grid](xq, xs, weight, desc, ws, y, m, n, k, xq.stride(0), xs.stride(0),
-                             weight.stride(0), ws.stride(0), y.stride(0),
-                             BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, **pdl,
-                             PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M, SWAP=swap, TMA=desc is not None,
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if split > 1:
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        cnt = arrival_counters(x.device, tiles)
+    else:
+        part = cnt = y  # not read
+    _fp8_linear_kernel[(tiles * split,)](
+        xq, xs, weight, desc, ws, y, part, cnt, m, n, k, xq.stride(0), xs.stride(0),
+        weight.stride(0), ws.stride(0), y.stride(0),
+        BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, SPLIT=split, **pdl,
+        PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M, SWAP=swap, TMA=desc is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.view(*lead, n)
