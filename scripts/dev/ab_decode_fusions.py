@@ -12,7 +12,7 @@ fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 be
 fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
-``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 32
+``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 16
 tokens; off by default), ``with_norm_in_router`` (the post-attention RMSNorm in that launch too,
 no RMSNorm launch before the MoE, up to 32 tokens; off by default), ``with_tail_one_row`` (the
 router tail launch with one row per one-warp program up to 32 tokens; off by default),
@@ -81,7 +81,7 @@ ENABLES = {
                          _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 32 << 20)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
-    "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
+    "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", 16),
     "norm_in_router": lambda: _set_attr(routing, "NORM_IN_ROUTER_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
     "tail_one_row": lambda: _set_attr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 32),
     "linear_split": lambda: _set_attr(linear_fp8, "SPLIT_MAX_M", 64),

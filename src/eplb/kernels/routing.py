@@ -172,8 +172,9 @@ def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, st
 
 # route_topk runs one row per one-warp program (its reductions then in-warp shuffles: 2 barriers
 # in the sm_90 PTX instead of 9 for 16 rows in 4 warps) on calls of at most this many tokens without
-# the pair sort; 0 (off) until measured: ab_decode_fusions.py's ``with_tail_one_row`` sets 32
-TAIL_ONE_ROW_MAX_TOKENS = 0
+# the pair sort. Full-size FP8 decode step on an H100, two rounds: 3.27 against 3.33 ms at batch 1,
+# 11.80 against 11.85 at 32 (bench/results/ab-router-fusions-h100-80gb-hbm3.json)
+TAIL_ONE_ROW_MAX_TOKENS = 32
 # route_topk sorts the pairs for the MoE itself (``pair_sort``) for at most this many tokens: its
 # one program then holds every row
 SORT_MAX_TOKENS = 32
@@ -183,16 +184,19 @@ SORT_IN_ROUTER_MAX_TOKENS = 0
 # route_logits_topk's one tail program holds every row: it takes at most this many tokens
 ROUTER_MATMUL_TOKENS_CAP = 32
 # the MoE layer runs its router matmul in the tail's launch (route_logits_topk) on calls of at most
-# this many tokens; 0 (off) until measured: ab_decode_fusions.py's ``with_router_matmul`` sets 32
+# this many tokens; 0 (off): with 256 columns x 4 warps per program it was 0.9 ms slower per FP8
+# step at batch 32 and even at 1 (ab-router-fusions-h100-80gb-hbm3.json); ab_decode_fusions.py's
+# ``with_router_matmul`` sets 16 with the launch below
 ROUTER_MATMUL_MAX_TOKENS = 0
 # the decoder layer's post-attention norm runs in that launch too (norm_route_logits_topk) on calls
 # of at most this many tokens (with ROUTER_MATMUL_MAX_TOKENS); 0 (off) until measured:
 # ab_decode_fusions.py's ``with_norm_in_router`` sets 32
 NORM_IN_ROUTER_MAX_TOKENS = 0
 _BT, _EB = 16, 16  # route_logits_topk's dot tile: token rows x experts, the same for every T
-# route_logits_topk's launch: H columns per program (256 bf16 columns x 16 experts = 8 KB of gate
-# weight, one load) and warps; scripts/dev/ab_router.py times the candidates
-ROUTER_LAUNCH = {"KS": 256, "num_warps": 4}
+# route_logits_topk's launch: H columns per program (512 bf16 columns x 16 experts = 16 KB of gate
+# weight, one load) and warps. scripts/dev/ab_router.py on an H100 (the same file): 6.27 us at 1
+# token against 8.79 for 256 x 4 warps and 8.26 for cuBLAS + the tail launch
+ROUTER_LAUNCH = {"KS": 512, "num_warps": 8}
 
 
 def _router_k_slice(h: int) -> int:
