@@ -6,21 +6,23 @@ CUDA-event step time.
 Switches: ``attn_merge`` (decode attention's few splits merged by the split kernel, no combine
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``),
 ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap`` (fp8_linear's
-SWAP/TMA tiles up to 64 rows; off: the tiles before them). A variant is a name below or tokens
+SWAP/TMA tiles up to 64 rows; off: the tiles before them), ``tail_one_row`` (the router tail
+launch with one row per one-warp program up to 32 tokens). A variant is a name below or tokens
 joined by '+': ``no_X`` turns switch X off, ``with_Y`` turns on what is off by default or widens a
 fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 before the wait:
 fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
 ``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 16
-tokens; off by default), ``with_norm_in_router`` (the post-attention RMSNorm in that launch too,
-no RMSNorm launch before the MoE, up to 32 tokens; off by default), ``with_tail_one_row`` (the
-router tail launch with one row per one-warp program up to 32 tokens; off by default),
-``with_linear_split`` (fp8_linear's split-K up to 64 rows, ``linear_fp8.split_for``; off by default), e.g.
+tokens; off by default), ``with_linear_split`` (fp8_linear's split-K up to 64 rows,
+``linear_fp8.split_for``; off by default), e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
-(bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K, the router matmul in
+(bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K with a chunked K loop
+(``with_linear_split`` keeps the tuned loop), the router matmul in
 the top-k launch as programs that each looped over the whole H (``with_router_matmul`` is the
-second design: every program one slice of H), the MoE k-sum in the next RMSNorm."""
+second design: every program one slice of H), the MoE k-sum in the next RMSNorm; and after
+bench/results/ab-router-fusions-h100-80gb-hbm3.json: the post-attention RMSNorm in the router
+launch (every program recomputing its rows' norms; 1.1 ms slower per FP8 step)."""
 import argparse
 import datetime
 import gc
@@ -74,6 +76,7 @@ SWITCHES = {
     "pdl": lambda: _set_env("EPLB_PDL", "0"),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
     "linear_swap": lambda: _set_attr(linear_fp8, "pick_config", _pick_config_before_swap),
+    "tail_one_row": lambda: _set_attr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 0),
 }
 # what is off by default or a fusion's wider limit (variant token ``with_NAME``)
 ENABLES = {
@@ -82,8 +85,6 @@ ENABLES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
     "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", 16),
-    "norm_in_router": lambda: _set_attr(routing, "NORM_IN_ROUTER_MAX_TOKENS", routing.ROUTER_MATMUL_TOKENS_CAP),
-    "tail_one_row": lambda: _set_attr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 32),
     "linear_split": lambda: _set_attr(linear_fp8, "SPLIT_MAX_M", 64),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}

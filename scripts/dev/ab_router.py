@@ -1,8 +1,7 @@
 """Dev: the router at decode sizes, Qwen3-30B-A3B's shape (H 2048, 128 experts, top-8), microseconds
 per call from a CUDA graph over distinct weight copies: cuBLAS F.linear + route_topk (two launches)
 against route_logits_topk (one) with each ROUTER_LAUNCH candidate, optionally also sorting the
-pairs for the MoE (``pair_sort``); and the post-attention norm (FP8 output) + cuBLAS + tail
-against norm_route_logits_topk.
+pairs for the MoE (``pair_sort``).
     PYTHONPATH=src python3 scripts/dev/ab_router.py [--tokens 1,8,16,32] [--out results.json]"""
 import argparse
 import datetime
@@ -17,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
 
-from eplb.kernels import norm_rope, routing  # noqa: E402
+from eplb.kernels import routing  # noqa: E402
 from eplb.kernels.moe_triton import new_pair_sort  # noqa: E402
 
 H, E, K, SETS = 2048, 128, 8, 16
@@ -51,21 +50,7 @@ def main():
                         sets=SETS) * 1e6
                 finally:
                     routing.ROUTER_LAUNCH.update(shipped)
-            # the post-attention norm too: norm launch + cuBLAS + tail against one launch
-            res = [torch.randn_like(xs[j]) for j in range(SETS)]
-            nw = torch.ones(H, device=dev, dtype=torch.bfloat16)
-
-            def unfused_norm(j):
-                normed, _, q, qs = norm_rope.rms_norm_fused(xs[j], nw, 1e-6, res[j], fp8=True)
-                routing.route_topk(F.linear(normed, ws[j]), K, True, pair_sort=sorts[j], **kw)
-
-            row["norm_plus_cublas_plus_route_topk_us"] = gpu.graph_time_fn(unfused_norm, sets=SETS) * 1e6
-            row["norm_route_logits_topk_us"] = gpu.graph_time_fn(
-                lambda j: routing.norm_route_logits_topk(xs[j], res[j], nw, 1e-6, ws[j], None, K, True, fp8=True,
-                                                         pair_sort=sorts[j], **kw), sets=SETS) * 1e6
             rows.append(row)
-            print(f"T={t:3d} sort={sort!s:5}  norm+cuBLAS+tail {row['norm_plus_cublas_plus_route_topk_us']:6.2f} us  "
-                  f"norm in the router launch {row['norm_route_logits_topk_us']:6.2f}", flush=True)
             best = min((v, k) for k, v in row.items() if k.startswith("{"))
             print(f"T={t:3d} sort={sort!s:5}  cuBLAS+tail {row['cublas_plus_route_topk_us']:6.2f} us  fused best "
                   f"{best[0]:6.2f} {best[1]}  shipped {row[json.dumps(shipped)]:6.2f}", flush=True)

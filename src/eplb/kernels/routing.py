@@ -12,8 +12,10 @@ launch then skipped (off by default: ``SORT_IN_ROUTER_MAX_TOKENS``).
 off by default until measured): the logits are split over experts and over H, every program reads
 one small slice of the gate weight in one go (an earlier version looped each program over the whole
 H: its serial loads made it no faster than cuBLAS + the tail), and the last program to arrive sums
-the float32 partials in a fixed order and runs the tail. ``norm_route_logits_topk`` also does the
-decoder layer's post-attention RMSNorm there (``NORM_IN_ROUTER_MAX_TOKENS``; off until measured).
+the float32 partials in a fixed order and runs the tail. (The decoder layer's post-attention
+RMSNorm in that launch too, every program recomputing its rows' norms, measured 17-28 us against
+11.5-14 for the norm launch + cuBLAS + the tail on an H100, and the FP8 step 1.1 ms slower: removed;
+bench/results/ab-router-fusions-h100-80gb-hbm3.json.)
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels import norm_rope
 from eplb.kernels.arrival import arrival_counters, last_to_arrive
-from eplb.kernels.moe_triton import PairSort, _quant_rows, _sort_pairs
-from eplb.kernels.norm_rope import _normed_cols, _row_sum_squares
+from eplb.kernels.moe_triton import PairSort, _sort_pairs
 from eplb.kernels.pdl import pdl_args, pdl_wait
 
 
@@ -99,26 +99,17 @@ def _softmax_topk_kernel(logit_ptr, T, E, stride_l, w_ptr, id_ptr, map_ptr, stri
 def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, stride_g,
                    w_ptr, id_ptr, map_ptr, stride_map, slot_ptr, load_ptr, n_real_ptr, n_real,
                    counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr, n_slots,
-                   res_ptr, stride_res, nw_ptr, eps, rout_ptr, y_ptr, q_ptr, qs_ptr,
                    BT: tl.constexpr, EB: tl.constexpr, KS: tl.constexpr, KSPLIT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BR: tl.constexpr,
                    RENORM: tl.constexpr, HAS_MAP: tl.constexpr, COUNT: tl.constexpr, REAL_PTR: tl.constexpr,
                    USE_PDL: tl.constexpr, SORT: tl.constexpr, BM: tl.constexpr, S_PAD: tl.constexpr,
-                   J_PAD: tl.constexpr, NORM: tl.constexpr = False, FP8: tl.constexpr = False,
-                   LANES: tl.constexpr = 128, ITERS: tl.constexpr = 1, EXACT: tl.constexpr = True,
-                   FMA: tl.constexpr = True):
+                   J_PAD: tl.constexpr):
     """Program (i, j, s): the float32 partial logits of rows [i*BT, (i+1)*BT) x experts
     [j*EB, (j+1)*EB) over H columns [s*KS, (s+1)*KS) into part [KSPLIT, T, E]. The last of all
     programs sums each row's KSPLIT partials in order s = 0, 1, ... (fixed: a row gets the same
     bits in any batch), adds the bias, rounds to x's dtype as F.linear's logits are, and runs the
-    tail on all T <= BR rows.
-
-    NORM: x is the attention output and the router's input is the decoder layer's post-attention
-    norm of x + res (weight ``nw``, ``eps``): every program computes its rows' sums of squares as
-    ``norm_rope._rms_norm_kernel`` does (same order, same bits) and normalises its own columns;
-    the programs of expert block 0 also write those columns of the residual stream (rout), the
-    normed rows (y) and, with FP8, their quantization per 128 columns (q, qs) for the experts."""
+    tail on all T <= BR rows."""
     pid_t = tl.program_id(0)
     pid_e = tl.program_id(1)
     ks_id = tl.program_id(2)
@@ -130,27 +121,7 @@ def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, st
     b = tl.load(g_ptr + ex[None, :].to(tl.int64) * stride_g + kk[:, None], mask=km[:, None], other=0.0)  # [KS, EB]
     pdl_wait(USE_PDL)  # the weight slice above is read before the wait: no kernel writes it
     rows64 = rows.to(tl.int64)
-    if NORM:
-        dt = x_ptr.dtype.element_ty
-        ss = _row_sum_squares(x_ptr, res_ptr, rows64 * stride_x, rows64 * stride_res, rm, H, BT, LANES, ITERS,
-                              True, EXACT, FMA, dt)
-        rstd = tl.math.rsqrt(ss / H + eps)
-        r, a = _normed_cols(x_ptr, res_ptr, nw_ptr, rows64 * stride_x, rows64 * stride_res, kk, km, rm, rstd,
-                            True, dt)
-        if pid_e == 0:
-            m = rm[:, None] & km[None, :]
-            off = rows64[:, None] * H + kk[None, :]
-            tl.store(rout_ptr + off, r, mask=m)
-            tl.store(y_ptr + off, a, mask=m)
-            if FP8:  # KS % 128 == 0: whole quantization groups
-                NG: tl.constexpr = KS // 128
-                q, sc = _quant_rows(tl.reshape(a, [BT * NG, 128]))
-                tl.store(q_ptr + off, tl.reshape(q, [BT, KS]), mask=m)
-                gi = ks_id * NG + tl.arange(0, NG)
-                tl.store(qs_ptr + rows64[:, None] * (H // 128) + gi[None, :], tl.reshape(sc, [BT, NG]),
-                         mask=rm[:, None] & (gi < H // 128)[None, :])
-    else:
-        a = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+    a = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
     acc = tl.dot(a, b, input_precision=PREC)
     tl.store(part_ptr + (ks_id * T + rows[:, None]).to(tl.int64) * E + ex[None, :], acc, mask=rm[:, None])
     n_prog = tl.num_programs(0) * tl.num_programs(1) * KSPLIT
@@ -188,10 +159,6 @@ ROUTER_MATMUL_TOKENS_CAP = 32
 # step at batch 32 and even at 1 (ab-router-fusions-h100-80gb-hbm3.json); ab_decode_fusions.py's
 # ``with_router_matmul`` sets 16 with the launch below
 ROUTER_MATMUL_MAX_TOKENS = 0
-# the decoder layer's post-attention norm runs in that launch too (norm_route_logits_topk) on calls
-# of at most this many tokens (with ROUTER_MATMUL_MAX_TOKENS); 0 (off) until measured:
-# ab_decode_fusions.py's ``with_norm_in_router`` sets 32
-NORM_IN_ROUTER_MAX_TOKENS = 0
 _BT, _EB = 16, 16  # route_logits_topk's dot tile: token rows x experts, the same for every T
 # route_logits_topk's launch: H columns per program (512 bf16 columns x 16 experts = 16 KB of gate
 # weight, one load) and warps. scripts/dev/ab_router.py on an H100 (the same file): 6.27 us at 1
@@ -295,40 +262,11 @@ def route_logits_topk(
     dtype as F.linear's are: a row's logits get the same bits in any batch, though not cuBLAS's
     bits (its weights too, within batches on the same side of 16 rows: the tail's program holds 16
     rows or 32)."""
-    return _router_launch(x, gate_weight, bias, k, renormalize, None, weight_dtype, slot_map, load, num_real,
-                          pair_sort)
+    return _router_launch(x, gate_weight, bias, k, renormalize, weight_dtype, slot_map, load, num_real, pair_sort)
 
 
-def norm_route_logits_topk(
-    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_weight: torch.Tensor,
-    bias: torch.Tensor | None, k: int, renormalize: bool, *, fp8: bool = False,
-    weight_dtype: torch.dtype = torch.float32, slot_map: torch.Tensor | None = None,
-    load: torch.Tensor | None = None, num_real: torch.Tensor | int | None = None,
-    pair_sort: PairSort | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, tuple]:
-    """The decoder layer's post-attention norm in the router launch: what
-    ``norm_rope.rms_norm_fused(x, norm_weight, eps, residual, fp8=fp8)`` then
-    :func:`route_logits_topk` on its output give, bit for bit, in one launch. x [T, H] (the
-    attention output, bf16/fp16, H % 4 == 0; with ``fp8`` H % 128 == 0), residual [T, H],
-    norm_weight [H]. -> (normed [T, H], residual stream x + residual [T, H], (q e4m3 [T, H],
-    scales float32 [T, H/128]) with ``fp8`` else None, route_logits_topk's (weights, ids, slots))."""
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"x must be bf16, fp16 or float32, got {x.dtype}")
-    normed, rout, quant = norm_rope.norm_outputs(x, residual, fp8)
-    h = x.shape[1]
-    if norm_weight.shape != (h,) or norm_weight.dtype != x.dtype:
-        raise ValueError(f"norm_weight must be {x.dtype} [{h}], got {norm_weight.dtype} {list(norm_weight.shape)}")
-    if fp8 and _router_k_slice(h) % 128:  # each program quantizes whole 128-column groups
-        raise ValueError(f"H must give the router's H slices whole 128-column groups with fp8 output, got {h}")
-    norm = (residual, norm_weight, eps, rout, normed, quant)
-    outs = _router_launch(x, gate_weight, bias, k, renormalize, norm, weight_dtype, slot_map, load, num_real,
-                          pair_sort)
-    return normed, rout, quant, outs
-
-
-def _router_launch(x, gate_weight, bias, k, renormalize, norm, weight_dtype, slot_map, load, num_real, pair_sort):
-    """The one launch of route_logits_topk / norm_route_logits_topk (``norm``: residual, weight,
-    eps, rout, normed, (q, qs) or None) -> route_topk's (weights, ids, slots)."""
+def _router_launch(x, gate_weight, bias, k, renormalize, weight_dtype, slot_map, load, num_real, pair_sort):
+    """The one launch of route_logits_topk -> route_topk's (weights, ids, slots)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
     t, h = x.shape
@@ -350,20 +288,10 @@ def _router_launch(x, gate_weight, bias, k, renormalize, norm, weight_dtype, slo
     ks = _router_k_slice(h)
     ksplit = triton.cdiv(h, ks)
     part = torch.empty((ksplit, t, e), dtype=torch.float32, device=x.device)
-    if norm is None:
-        norm_args, norm_flags = (x, 0, x, 0.0, x, x, x, x), {}
-    else:
-        residual, weight, eps, rout, normed, quant = norm
-        q, qs = quant if quant is not None else (x, x)
-        norm_args = (residual, residual.stride(0), weight, float(eps), rout, normed, q, qs)
-        lanes, iters = norm_rope._lanes(h)
-        norm_flags = dict(NORM=True, FP8=quant is not None, LANES=lanes, ITERS=iters, EXACT=norm_rope.EXACT,
-                          FMA=norm_rope._TORCH_FMA)
-    # enable_fp_fusion=False: the norm's roundings as norm_rope compiles them (no contracted FMAs)
     _router_kernel[(triton.cdiv(t, _BT), e // _EB, ksplit)](
         x, gate_weight, bias if bias is not None else x, part, arrival_counters(x.device, 1), t, e, h,
-        x.stride(0), gate_weight.stride(0), *args, *norm_args, BT=_BT, EB=_EB, KS=ks, KSPLIT=ksplit,
+        x.stride(0), gate_weight.stride(0), *args, BT=_BT, EB=_EB, KS=ks, KSPLIT=ksplit,
         HAS_BIAS=bias is not None, PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BR=16 if t <= 16 else ROUTER_MATMUL_TOKENS_CAP, **{"SORT": False, "BM": 16, "S_PAD": 16, "J_PAD": 2, **flags},
-        **norm_flags, **pdl_args(x.device), num_warps=ROUTER_LAUNCH["num_warps"], enable_fp_fusion=False)
+        **pdl_args(x.device), num_warps=ROUTER_LAUNCH["num_warps"])
     return outs

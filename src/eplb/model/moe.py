@@ -29,11 +29,6 @@ ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ExpertFn, "MoELayer"], torch.Tensor]
 
 
-# the dtypes whose post-attention norm the router launch may do: those of the norm kernel it
-# reproduces (eplb.kernels.norm_rope)
-_NORM_DTYPES = (torch.bfloat16, torch.float16)
-
-
 def expert_forward(
     x: torch.Tensor, local_slot: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
@@ -372,27 +367,6 @@ class MoELayer(nn.Module):
             self.count_load(ids, num_real_tokens)
             slots = self.choose_slots(ids)
         return self._experts(x, weights, slots, sort, x_fp8)
-
-    def forward_after_attention(
-        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-        num_real_tokens: int | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The decoder layer's post-attention norm of x + residual done by the router's launch
-        (``kernels.norm_route_logits_topk``; up to ``kernels.NORM_IN_ROUTER_MAX_TOKENS`` tokens), then
-        the experts: -> (output [T, H], residual stream x + residual), the values of
-        ``rms_norm_fp8`` then ``forward``; None where that launch does not apply (the caller then
-        norms and calls ``forward``)."""
-        t, h = x.shape
-        if not (self._fused_router(x) and t <= kernels.NORM_IN_ROUTER_MAX_TOKENS and self.num_experts % 16 == 0
-                and x.dtype in _NORM_DTYPES and norm_weight.dtype == x.dtype
-                and x.stride(-1) == 1 and h % (128 if self.fp8_input else 4) == 0):
-            return None
-        sort, tail = self._tail_args(x, num_real_tokens)
-        self._before_route()
-        normed, stream, x_fp8, (weights, ids, slots) = kernels.norm_route_logits_topk(
-            x, residual, norm_weight, eps, self.gate_weight, self.router_bias, self.top_k, self.norm_topk_prob,
-            fp8=self.fp8_input, **tail)
-        return self._experts(normed, weights, self._slots(ids, slots), sort, x_fp8), stream
 
     def _experts(self, x, weights, slots, sort, x_fp8):
         """The experts of the routed pairs, in process when x comes quantized or sorted, else

@@ -249,10 +249,6 @@ class DecoderLayer(nn.Module):
         vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
         h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual, self.attn.fp8_input)
         h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
-        if isinstance(self.mlp, MoELayer):  # at decode sizes the norm may run in the router's launch
-            fused = self.mlp.forward_after_attention(h, residual, self.post_norm, self.eps, num_real_tokens)
-            if fused is not None:
-                return fused
         h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual, self.mlp.fp8_input)
         return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
 
