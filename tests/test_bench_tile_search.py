@@ -20,7 +20,10 @@ def test_search_skips_a_fast_tile_with_wrong_output():
     def run(cfg):
         return seconds[cfg["gemm1"]["BN"]] + seconds[cfg["gemm2"]["BN"]] / 10
 
-    sec, cfg = gpu.search_tiles(run, 16, g1s, g2s, "t", check=lambda cfg: 1.0 if cfg["gemm1"]["BN"] == 32 else 1e-3)
+    def check(cfg):
+        return 1.0 if cfg["gemm1"]["BN"] == 32 else 1e-3, gpu.TILE_TOL
+
+    sec, cfg = gpu.search_tiles(run, 16, g1s, g2s, "t", check=check)
     assert cfg == {"BM": 16, "gemm1": {"BN": 128}, "gemm2": {"BN": 128}}
     assert sec == pytest.approx(2.2)
     # without the check the wrong tile would have won
@@ -43,7 +46,7 @@ def test_moe_checker_accepts_other_tiles_and_rejects_a_wrong_result(monkeypatch)
     check = gpu.moe_checker(x, (slots, weights), (w13, w2), {})
     other = {"BM": 16, "gemm1": {"BN": 32, "BK": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
              "gemm2": {"BN": 64, "BK": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
-    assert check(other) < gpu.TILE_TOL
+    assert check(other)[0] < gpu.TILE_TOL and check(other)[1] == gpu.TILE_TOL
 
     import eplb.kernels as kernels
 
@@ -51,4 +54,30 @@ def test_moe_checker_accepts_other_tiles_and_rejects_a_wrong_result(monkeypatch)
         return torch.zeros_like(fused_moe(*args, **kw))
 
     monkeypatch.setattr(kernels, "fused_moe", broken)
-    assert check(other) >= gpu.TILE_TOL
+    assert check(other)[0] >= gpu.TILE_TOL
+
+
+def test_fp8_moe_checker_measures_against_the_emulated_fp8_path(monkeypatch):
+    # FP8 tiles round h differently from one another: each is held to the float32 emulation of
+    # the FP8 path (moe_torch, act_quant), not to the shipped tile's output
+    import eplb.kernels as kernels
+    from eplb.kernels import moe_torch, quantize_block_fp8
+    from eplb.model.checkpoint import dequantize_block_fp8
+
+    g = torch.Generator().manual_seed(1)
+    s, h, i, t, k = 4, 256, 128, 5, 2
+    q13, s13 = quantize_block_fp8(torch.randn(s, 2 * i, h, generator=g) / h**0.5)
+    q2, s2 = quantize_block_fp8(torch.randn(s, h, i, generator=g) / i**0.5)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    slots = torch.randint(0, s, (t, k), generator=g)
+    weights = torch.rand(t, k, generator=g)
+    emulated = moe_torch(x.float(), slots, weights, dequantize_block_fp8(q13, s13, [128, 128]),
+                         dequantize_block_fp8(q2, s2, [128, 128]), act_quant=True)
+    outputs = iter([emulated, emulated.to(torch.bfloat16), torch.zeros_like(emulated)])
+    monkeypatch.setattr(kernels, "fused_moe", lambda *a, **kw: next(outputs))
+    check = gpu.moe_checker(x, (slots, weights), (q13, q2), {"w13_scale": s13, "w2_scale": s2})
+    err, tol = check({})
+    assert err < 1e-6 and tol == gpu.FP8_TILE_TOL
+    err, _ = check({})  # rounded to bf16 (the kernels' output): off, but by a rounding
+    assert 0 < err < gpu.FP8_TILE_TOL
+    assert check({})[0] >= gpu.FP8_TILE_TOL  # an indexing error
