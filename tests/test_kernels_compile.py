@@ -40,9 +40,9 @@ def _variants():
          ["wgmma", "cp.async.bulk.tensor"]),
         # split-K: float32 partials, the last-arrival sum (acquire/release atomics, L2 reads)
         ("fp8_linear split-K, transposed dots + TMA + PDL", linear_fp8._fp8_linear_kernel,
-         dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, w_desc="tensordesc<fp8e4nv[64, 128]>", ws_ptr=F32, y_ptr=BF16,
+         dict(x_ptr=FP8, xs_ptr=F32, w_ptr=FP8, w_desc="tensordesc<fp8e4nv[128, 128]>", ws_ptr=F32, y_ptr=BF16,
               part_ptr=F32, cnt_ptr=I32),
-         dict(BM=16, BN=64, KSUB=2, GROUP_M=8, USE_PDL=True, PREFETCH=False, SWAP=True, TMA=True, SPLIT=4), 4, 4,
+         dict(BM=16, BN=128, KSUB=1, GROUP_M=8, USE_PDL=True, PREFETCH=False, SWAP=True, TMA=True, SPLIT=8), 4, 4,
          pdl + ["wgmma", "cp.async.bulk.tensor", "atom.global.gpu.acq_rel.add", "ld.global.cg"]),
         ("rms_norm + FP8 output + PDL", norm_rope._rms_norm_kernel,
          dict(x_ptr=BF16, res_ptr=BF16, w_ptr=BF16, out_ptr=BF16, rout_ptr=BF16, eps="fp32", q_ptr=FP8,

@@ -7,19 +7,20 @@ Switches: ``attn_merge`` (decode attention's few splits merged by the split kern
 launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PDL``),
 ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap`` (fp8_linear's
 SWAP/TMA tiles up to 64 rows; off: the tiles before them), ``tail_one_row`` (the router tail
-launch with one row per one-warp program up to 32 tokens). A variant is a name below or tokens
+launch with one row per one-warp program up to 32 tokens), ``linear_split`` (fp8_linear's tiles up
+to 32 rows from the split-K sweep; off: the tiles before it), ``router_matmul`` (the router matmul
+in the top-k launch up to 16 tokens). A variant is a name below or tokens
 joined by '+': ``no_X`` turns switch X off, ``with_Y`` turns on what is off by default or widens a
 fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 before the wait:
 fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
-``with_router_matmul`` (the router matmul in the top-k launch, split over experts and H, up to 16
-tokens; off by default), ``with_linear_split`` (fp8_linear's split-K up to 64 rows,
-``linear_fp8.split_for``; off by default), e.g.
+e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K with a chunked K loop
-(``with_linear_split`` keeps the tuned loop), the router matmul in
-the top-k launch as programs that each looped over the whole H (``with_router_matmul`` is the
+(``linear_split`` keeps the tuned loop; a heuristic that split every small call until the grid
+had 128 programs lost 0.11 ms at batch 1), the router matmul in
+the top-k launch as programs that each looped over the whole H (``router_matmul`` is the
 second design: every program one slice of H), the MoE k-sum in the next RMSNorm; and after
 bench/results/ab-router-fusions-h100-80gb-hbm3.json: the post-attention RMSNorm in the router
 launch (every program recomputing its rows' norms; 1.1 ms slower per FP8 step)."""
@@ -70,6 +71,21 @@ def _pick_config_before_swap(m: int, n: int, k: int) -> dict:
     return dict(cfg, num_warps=4)
 
 
+def _pick_config_before_split(m: int, n: int, k: int) -> dict:
+    """fp8_linear's tiles up to 32 rows before the split-K sweep's were adopted (2026-12-07 22:15)."""
+    if m > 32:
+        return _pick_config(m, n, k)
+    wide = n >= 4096
+    if m <= 16:
+        cfg = dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=not wide)
+    else:
+        cfg = (dict(BM=32, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
+               else dict(BM=16, BN=64, KSUB=4, num_stages=3, SWAP=True, TMA=True))
+    while (k // 128) % cfg["KSUB"]:
+        cfg["KSUB"] //= 2
+    return dict(cfg, num_warps=4)
+
+
 # switch -> what turns it off (returns the undo)
 SWITCHES = {
     "attn_merge": lambda: _set_attr(decode_attention, "_MERGE_MAX_SPLITS", 1),
@@ -77,6 +93,8 @@ SWITCHES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 0),
     "linear_swap": lambda: _set_attr(linear_fp8, "pick_config", _pick_config_before_swap),
     "tail_one_row": lambda: _set_attr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 0),
+    "linear_split": lambda: _set_attr(linear_fp8, "pick_config", _pick_config_before_split),
+    "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", 0),
 }
 # what is off by default or a fusion's wider limit (variant token ``with_NAME``)
 ENABLES = {
@@ -84,8 +102,6 @@ ENABLES = {
                          _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 32 << 20)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
-    "router_matmul": lambda: _set_attr(routing, "ROUTER_MATMUL_MAX_TOKENS", 16),
-    "linear_split": lambda: _set_attr(linear_fp8, "SPLIT_MAX_M", 64),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

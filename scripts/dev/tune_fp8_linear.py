@@ -8,8 +8,7 @@ and the weight-byte floor at the copy rate measured in the same run.
     PYTHONPATH=src python3 scripts/dev/tune_fp8_linear.py [--out results.json] [--ms 1,32] [--swap]
 --swap adds transposed-dot tiles (SWAP, BN >= 64) with pointer and bulk-copy (TMA) weight loads to
 the candidates, and reports the best plain and the best SWAP tile apart.
---split sweeps split-K instead (SPLIT 1, 2, 4, 8 over SWAP/TMA tiles, plain ones too above 32 rows)
-and times ``pick_config`` with its split heuristic on (``split_heuristic``, linear_fp8.split_for).
+--split sweeps split-K instead (SPLIT 1, 2, 4, 8 over SWAP/TMA tiles, plain ones too above 32 rows).
 """
 import argparse
 import itertools
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
 
-from eplb.kernels import linear_fp8, quantize_block_fp8  # noqa: E402
+from eplb.kernels import quantize_block_fp8  # noqa: E402
 from eplb.kernels.linear_fp8 import fp8_linear, pick_config  # noqa: E402
 
 SETS = 16
@@ -90,10 +89,6 @@ def main():
             res["shipped"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
             res["before"] = (run(old_config(m, n)), old_config(m, n))
             res["bf16_F.linear"] = (graph_us(lambda j: F.linear(xs[j], wb[j])), None)
-            if args.split:
-                keep, linear_fp8.SPLIT_MAX_M = linear_fp8.SPLIT_MAX_M, 64
-                res["split_heuristic"] = (run(pick_config(m, n, k)), pick_config(m, n, k))
-                linear_fp8.SPLIT_MAX_M = keep
             cands = []
             for cfg in (split_candidates(m, k) if args.split else ()):
                 try:

@@ -32,7 +32,8 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
     SPLIT > 1 (split-K): SPLIT programs per output tile, each one K range of the same loop; each
     stores its float32 partial in ``part_ptr`` [SPLIT, M, N] and the last to arrive at the tile's
     counter (``cnt_ptr``, kernels.arrival) sums them in split order. At decode sizes an unsplit
-    grid has too few programs to stream the weight at the read rate (o: 32 tiles for 132 SMs)."""
+    grid can have too few programs to stream the weight at the read rate (o at batch 1: 16
+    128-wide tiles for 132 SMs)."""
     pid = tl.program_id(0)
     split = pid % SPLIT
     pid = pid // SPLIT
@@ -117,11 +118,6 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
 # calls of at most this many rows prefetch their weights into L2 (under PDL) before waiting for the
 # previous kernel. 0 (off): PDL was faster without it (pdl.py); ab_decode_fusions' with_prefetch: 64
 PREFETCH_MAX_M = 0
-# calls of at most this many rows split K (SPLIT, see _fp8_linear_kernel) until their grid has about
-# SPLIT_MIN_PROGRAMS programs: at batch 1 the o projection's 2048 columns in 64-wide tiles are 32
-# programs for 132 SMs. 0 (off) until measured in the decode step (ab_decode_fusions' with_linear_split)
-SPLIT_MAX_M = 0
-SPLIT_MIN_PROGRAMS = 128
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
@@ -130,13 +126,16 @@ def pick_config(m: int, n: int, k: int) -> dict:
     Qwen3-30B-A3B's qkv (wide: N 5120, K 2048) and o (N 2048, K 4096) projections
     (scripts/dev/tune_fp8_linear.py --swap, bench/results/tune-fp8-linear-swap-h100-80gb-hbm3.json):
     qkv M = 1 10.25 -> 9.11 us, 32 11.42 -> 9.56; o M = 1 11.28 -> 10.37, 32 12.13 -> 10.72, 64
-    11.22 -> 10.90; no SWAP tile won for wide at 64 or at 256."""
+    11.22 -> 10.90; no SWAP tile won for wide at 64 or at 256. Up to 32 rows, from the split-K
+    sweep (``--split``, bench/results/tune-fp8-linear-split-h100-80gb-hbm3.json): qkv 8.65 -> 8.14
+    us at M = 1 and 9.51 -> 8.78 at 32 (TMA tiles, KSUB 2, no split); o, whose 2048 columns make
+    too few tiles for 132 SMs, 9.61 -> 7.78 at 1 (128-wide tiles, K split 8 ways) and 9.91 -> 8.90
+    at 32 (split 4 ways)."""
     wide = n >= 4096
-    if m <= 16:
-        cfg = dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=not wide)
-    elif m <= 32:
-        cfg = (dict(BM=32, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
-               else dict(BM=16, BN=64, KSUB=4, num_stages=3, SWAP=True, TMA=True))
+    if m <= 32:
+        cfg = (dict(BM=16, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
+               else dict(BM=16, BN=128, KSUB=1 if m <= 16 else 2, num_stages=4, SWAP=True, TMA=True,
+                         SPLIT=8 if m <= 16 else 4))
     elif m <= 64:
         cfg = (dict(BM=64, BN=64, KSUB=2, num_stages=4) if wide
                else dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=True))
@@ -149,19 +148,9 @@ def pick_config(m: int, n: int, k: int) -> dict:
         return dict(BM=bm, BN=128, KSUB=1, num_warps=8 if bm == 128 else 4, num_stages=3)
     while (k // FP8_BLOCK) % cfg["KSUB"]:
         cfg["KSUB"] //= 2
-    if m <= SPLIT_MAX_M:
-        cfg["SPLIT"] = split_for(-(-m // cfg["BM"]) * -(-n // cfg["BN"]), k // (FP8_BLOCK * cfg["KSUB"]))
+    while (k // FP8_BLOCK) % (cfg["KSUB"] * cfg.get("SPLIT", 1)):  # other shapes than the tuned ones
+        cfg["SPLIT"] //= 2
     return dict(cfg, num_warps=4)
-
-
-def split_for(tiles: int, iterations: int) -> int:
-    """The split-K factor of a grid of ``tiles`` output tiles whose K loop has ``iterations``
-    steps: doubled while the grid has fewer than SPLIT_MIN_PROGRAMS programs and every program
-    keeps at least two loop steps of equal count (so the loads still pipeline)."""
-    split = 1
-    while tiles * split < SPLIT_MIN_PROGRAMS and iterations % (4 * split) == 0:
-        split *= 2
-    return split
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,

@@ -8,8 +8,8 @@ every expert has one replica): at decode sizes each of those was a kernel of a f
 one replica) the same program also sorts the pairs by slot for the MoE GEMMs, the MoE's own sort
 launch then skipped (off by default: ``SORT_IN_ROUTER_MAX_TOKENS``).
 
-``route_logits_topk`` adds the router matmul to that launch (up to ``ROUTER_MATMUL_MAX_TOKENS``;
-off by default until measured): the logits are split over experts and over H, every program reads
+``route_logits_topk`` adds the router matmul to that launch (up to ``ROUTER_MATMUL_MAX_TOKENS``,
+16): the logits are split over experts and over H, every program reads
 one small slice of the gate weight in one go (an earlier version looped each program over the whole
 H: its serial loads made it no faster than cuBLAS + the tail), and the last program to arrive sums
 the float32 partials in a fixed order and runs the tail. (The decoder layer's post-attention
@@ -155,10 +155,11 @@ SORT_IN_ROUTER_MAX_TOKENS = 0
 # route_logits_topk's one tail program holds every row: it takes at most this many tokens
 ROUTER_MATMUL_TOKENS_CAP = 32
 # the MoE layer runs its router matmul in the tail's launch (route_logits_topk) on calls of at most
-# this many tokens; 0 (off): with 256 columns x 4 warps per program it was 0.9 ms slower per FP8
-# step at batch 32 and even at 1 (ab-router-fusions-h100-80gb-hbm3.json); ab_decode_fusions.py's
-# ``with_router_matmul`` sets 16 with the launch below
-ROUTER_MATMUL_MAX_TOKENS = 0
+# this many tokens. With the launch below, full-size FP8 step on an H100 (two rounds): 3.18-3.20
+# against 3.26-3.27 ms at batch 1 (bench/results/ab-linear-split-h100-80gb-hbm3.json); with 256
+# columns x 4 warps per program up to 32 tokens it had been 0.9 ms slower at batch 32
+# (ab-router-fusions-h100-80gb-hbm3.json)
+ROUTER_MATMUL_MAX_TOKENS = 16
 _BT, _EB = 16, 16  # route_logits_topk's dot tile: token rows x experts, the same for every T
 # route_logits_topk's launch: H columns per program (512 bf16 columns x 16 experts = 16 KB of gate
 # weight, one load) and warps. scripts/dev/ab_router.py on an H100 (the same file): 6.27 us at 1
