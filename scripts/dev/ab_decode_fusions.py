@@ -8,7 +8,7 @@ launch), ``pdl`` (programmatic dependent launch of the Triton kernels, ``EPLB_PD
 ``sum_in_gemm2`` (the MoE's sum over k by gemm2 up to 32 tokens), ``linear_swap`` (fp8_linear's
 SWAP/TMA tiles up to 64 rows; off: the tiles before them), ``tail_one_row`` (the router tail
 launch with one row per one-warp program up to 32 tokens), ``linear_split`` (fp8_linear's tiles up
-to 32 rows from the split-K sweep; off: the tiles before it), ``router_matmul`` (the router matmul
+to 16 rows from the split-K sweep; off: the tiles before it), ``router_matmul`` (the router matmul
 in the top-k launch up to 16 tokens). A variant is a name below or tokens
 joined by '+': ``no_X`` turns switch X off, ``with_Y`` turns on what is off by default or widens a
 fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 before the wait:
@@ -72,15 +72,10 @@ def _pick_config_before_swap(m: int, n: int, k: int) -> dict:
 
 
 def _pick_config_before_split(m: int, n: int, k: int) -> dict:
-    """fp8_linear's tiles up to 32 rows before the split-K sweep's were adopted (2026-12-07 22:15)."""
-    if m > 32:
+    """fp8_linear's tiles up to 16 rows before the split-K sweep's were adopted (2026-12-07 22:35)."""
+    if m > 16:
         return _pick_config(m, n, k)
-    wide = n >= 4096
-    if m <= 16:
-        cfg = dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=not wide)
-    else:
-        cfg = (dict(BM=32, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
-               else dict(BM=16, BN=64, KSUB=4, num_stages=3, SWAP=True, TMA=True))
+    cfg = dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=n < 4096)
     while (k // 128) % cfg["KSUB"]:
         cfg["KSUB"] //= 2
     return dict(cfg, num_warps=4)

@@ -104,7 +104,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
         if last_to_arrive(cnt_ptr + pid, SPLIT):
             total = tl.zeros((BM, BN), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
-                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(p_ptrs + (s * M).to(tl.int64) * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -126,16 +126,20 @@ def pick_config(m: int, n: int, k: int) -> dict:
     Qwen3-30B-A3B's qkv (wide: N 5120, K 2048) and o (N 2048, K 4096) projections
     (scripts/dev/tune_fp8_linear.py --swap, bench/results/tune-fp8-linear-swap-h100-80gb-hbm3.json):
     qkv M = 1 10.25 -> 9.11 us, 32 11.42 -> 9.56; o M = 1 11.28 -> 10.37, 32 12.13 -> 10.72, 64
-    11.22 -> 10.90; no SWAP tile won for wide at 64 or at 256. Up to 32 rows, from the split-K
+    11.22 -> 10.90; no SWAP tile won for wide at 64 or at 256. Up to 16 rows, from the split-K
     sweep (``--split``, bench/results/tune-fp8-linear-split-h100-80gb-hbm3.json): qkv 8.65 -> 8.14
-    us at M = 1 and 9.51 -> 8.78 at 32 (TMA tiles, KSUB 2, no split); o, whose 2048 columns make
-    too few tiles for 132 SMs, 9.61 -> 7.78 at 1 (128-wide tiles, K split 8 ways) and 9.91 -> 8.90
-    at 32 (split 4 ways)."""
+    us at M = 1 (TMA tiles, KSUB 2, no split); o, whose 2048 columns make too few tiles for 132
+    SMs, 9.61 -> 7.78 (128-wide tiles, K split 8 ways): the FP8 step at batch 1 3.09 against
+    3.15-3.18 ms (bench/results/ab-router-matmul-linear-split-h100-80gb-hbm3.json). The sweep's
+    tiles at 32 rows (qkv 9.51 -> 8.78, o split 4 ways 9.91 -> 8.90 in isolation) made that step
+    0.025 ms slower in both rounds: not taken."""
     wide = n >= 4096
-    if m <= 32:
+    if m <= 16:
         cfg = (dict(BM=16, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
-               else dict(BM=16, BN=128, KSUB=1 if m <= 16 else 2, num_stages=4, SWAP=True, TMA=True,
-                         SPLIT=8 if m <= 16 else 4))
+               else dict(BM=16, BN=128, KSUB=1, num_stages=4, SWAP=True, TMA=True, SPLIT=8))
+    elif m <= 32:
+        cfg = (dict(BM=32, BN=64, KSUB=2, num_stages=4, SWAP=True, TMA=True) if wide
+               else dict(BM=16, BN=64, KSUB=4, num_stages=3, SWAP=True, TMA=True))
     elif m <= 64:
         cfg = (dict(BM=64, BN=64, KSUB=2, num_stages=4) if wide
                else dict(BM=16, BN=64, KSUB=4, num_stages=4, SWAP=True, TMA=True))
