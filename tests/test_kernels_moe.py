@@ -411,6 +411,19 @@ def test_route_topk_sorts_the_pairs_for_the_moe(t, e, k, s):
         route_topk(logits, k, True, pair_sort=sort)  # no slot map
 
 
+def _linear_case(m, n, k, norm=False):
+    """x [m, k] and a block-FP8 weight [n, k] with its scales on DEV, seeded by m; with ``norm`` also
+    a residual [m, n] and a weight [n] for the RMSNorm after the linear."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
+    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
+    case = (x, q.to(DEV), s.to(DEV))
+    if norm:
+        case += (torch.randn(m, n, generator=g).to(BF16).to(DEV),
+                 (1 + 0.1 * torch.randn(n, generator=g)).to(BF16).to(DEV))
+    return case
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (50, 512, 256), (3000, 384, 512)])
 def test_fp8_linear(m, n, k):
@@ -434,10 +447,7 @@ def test_fp8_linear_transposed_and_bulk_copy_tiles(m, bm, bn):
     from eplb.kernels.linear_fp8 import fp8_linear
 
     n, k = 512, 512
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
-    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    q, s = q.to(DEV), s.to(DEV)
+    x, q, s = _linear_case(m, n, k)
     base = dict(BM=bm, BN=bn, KSUB=2, num_warps=4, num_stages=2)
     plain = fp8_linear(x, q, s, config=base)
     swap = fp8_linear(x, q, s, config=dict(base, SWAP=True))
@@ -453,10 +463,7 @@ def test_fp8_linear_split_k_sums_the_same_product(m, split, swap):
     from eplb.kernels.linear_fp8 import fp8_linear
 
     n, k = 256, 1024
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
-    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    q, s = q.to(DEV), s.to(DEV)
+    x, q, s = _linear_case(m, n, k)
     base = dict(BM=16, BN=64, KSUB=1, num_warps=4, num_stages=2, SWAP=swap)
     whole = fp8_linear(x, q, s, config=base)
     parts = fp8_linear(x, q, s, config=dict(base, SPLIT=split))
@@ -476,12 +483,7 @@ def test_fp8_linear_with_the_next_norm_gives_the_bits_of_the_two_launches(m, spl
     from eplb.kernels.linear_fp8 import fp8_linear, fp8_linear_rms_norm
 
     n, k = 512, 1024
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
-    res = torch.randn(m, n, generator=g).to(BF16).to(DEV)
-    nw = (1 + 0.1 * torch.randn(n, generator=g)).to(BF16).to(DEV)
-    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    q, s = q.to(DEV), s.to(DEV)
+    x, q, s, res, nw = _linear_case(m, n, k, norm=True)
     cfg = dict(BM=16, BN=128, KSUB=1, num_warps=4, num_stages=2, SWAP=True, SPLIT=split)
     got = fp8_linear_rms_norm(x, q, s, nw, 1e-6, res, fp8=fp8, config=cfg)
     want = rms_norm_fused(fp8_linear(x, q, s, config=cfg), nw, 1e-6, res, fp8=fp8)
@@ -503,12 +505,7 @@ def test_decoder_layer_norm_after_the_o_projection_is_fused_up_to_the_limit(m, m
     from eplb.model import transformer
 
     n, k = 256, 512
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
-    res = torch.randn(m, n, generator=g).to(BF16).to(DEV)
-    nw = (1 + 0.1 * torch.randn(n, generator=g)).to(BF16).to(DEV)
-    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    q, s = q.to(DEV), s.to(DEV)
+    x, q, s, res, nw = _linear_case(m, n, k, norm=True)
     monkeypatch.setattr(transformer, "_kernels", lambda x: norm_rope)  # the interpreter's data are float32
     calls, fused = [], linear_fp8.fp8_linear_rms_norm
     monkeypatch.setattr(linear_fp8, "fp8_linear_rms_norm",
@@ -531,10 +528,7 @@ def test_fp8_linear_configs_agree_bit_for_bit(m):
     from eplb.kernels.moe_triton import _quant_act_kernel
 
     n, k = 512, 1024
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEV)
-    q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    q, s = q.to(DEV), s.to(DEV)
+    x, q, s = _linear_case(m, n, k)  # (a GPU test: BF16 is bfloat16 here)
     base = pick_config(m, n, k)
     want = fp8_linear(x, q, s, config=dict(base, KSUB=1, num_stages=2))
     xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEV)

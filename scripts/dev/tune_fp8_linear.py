@@ -44,6 +44,23 @@ def old_config(m, n):
     return dict(BM=bm, BN=bn, KSUB=1, num_warps=4, num_stages=3)
 
 
+def grid_candidates(m, k, swap):
+    """Plain tiles at M rows, K columns (BM, BN, KSUB, stages), with ``swap`` also their
+    transposed-dot versions, pointer and TMA loads, for BN >= 64."""
+    small = m <= 64
+    bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
+    out = []
+    for bm, bn, ksub, st in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
+                                              (2, 4, 8), (3, 4)):
+        if (k // 128) % ksub:
+            continue
+        variants = [{}]
+        if swap and bn >= 64:
+            variants += [{"SWAP": True}, {"SWAP": True, "TMA": True}]
+        out += [dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st, **extra) for extra in variants]
+    return out
+
+
 def split_candidates(m, k):
     """Split-K tiles at M rows, K columns: SWAP/TMA (plain too above 32 rows) x SPLIT 1-8, 4 stages
     (the decode tiles' best depth in the sweeps before)."""
@@ -90,26 +107,11 @@ def main():
             res["before"] = (run(old_config(m, n)), old_config(m, n))
             res["bf16_F.linear"] = (graph_us(lambda j: F.linear(xs[j], wb[j])), None)
             cands = []
-            for cfg in (split_candidates(m, k) if args.split else ()):
+            for cfg in split_candidates(m, k) if args.split else grid_candidates(m, k, args.swap):
                 try:
                     cands.append((run(cfg), cfg))
                 except Exception as exc:  # noqa: BLE001 (out of shared memory, wrong output)
                     print(f"  fail {cfg}: {type(exc).__name__} {exc}"[:160], flush=True)
-            small = m <= 64
-            bms = (16,) if m <= 16 else (16, 32 if m <= 32 else 64) if small else (32, 64)
-            for bm, bn, ksub, st in itertools.product(bms, (16, 32, 64, 128) if small else (32, 64, 128),
-                                                      (2, 4, 8), (3, 4)) if not args.split else ():
-                if (k // 128) % ksub:
-                    continue
-                variants = [{}]
-                if args.swap and bn >= 64:
-                    variants += [{"SWAP": True}, {"SWAP": True, "TMA": True}]
-                for extra in variants:
-                    cfg = dict(BM=bm, BN=bn, KSUB=ksub, num_warps=4, num_stages=st, **extra)
-                    try:
-                        cands.append((run(cfg), cfg))
-                    except Exception as exc:  # noqa: BLE001 (out of shared memory, wrong output)
-                        print(f"  fail {cfg}: {type(exc).__name__} {exc}"[:160], flush=True)
             cands.sort(key=lambda c: c[0])
             res["best"] = cands[0]
             if args.swap:

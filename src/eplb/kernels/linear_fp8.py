@@ -206,16 +206,16 @@ def fp8_linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv:
     n = weight.shape[0]
     if norm_weight.shape != (n,) or norm_weight.dtype != x.dtype:
         raise ValueError(f"norm_weight must be {x.dtype} [{n}], got {norm_weight.dtype} {list(norm_weight.shape)}")
-    norm = dict(weight=norm_weight, eps=float(eps), residual=residual, fp8=fp8)
-    _run(x, weight, weight_scale_inv, config, x_fp8, norm)
-    res = (norm["out"], norm["rout"])
-    return res + norm["quant"] if fp8 else res
+    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)  # the launch's scratch
+    out, rout, quant = norm_rope.norm_outputs(y, residual, fp8)
+    _run(x, weight, weight_scale_inv, config, x_fp8, (norm_weight, float(eps), residual, out, rout, quant), y)
+    return (out, rout) + quant if fp8 else (out, rout)
 
 
-def _run(x2, weight, weight_scale_inv, config, x_fp8, norm):
-    """The checks and the launch of fp8_linear on x2 [M, K] -> y [M, N]; ``norm`` (a dict:
-    weight, eps, residual, fp8) also runs the next RMSNorm in the launch, its outputs added to
-    the dict (out, rout, quant)."""
+def _run(x2, weight, weight_scale_inv, config, x_fp8, norm, y=None):
+    """The checks and the launch of fp8_linear on x2 [M, K] -> y [M, N] (``y``: given, else
+    made); ``norm`` = (weight, eps, residual, out, rout, (q, scales) or None), outputs from
+    ``norm_rope.norm_outputs``: the next RMSNorm runs in the launch too."""
     n, k = weight.shape
     if x2.shape[-1] != k:
         raise ValueError(f"x's last dim {x2.shape[-1]} != weight's K {k}")
@@ -229,10 +229,8 @@ def _run(x2, weight, weight_scale_inv, config, x_fp8, norm):
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    if norm is not None:
-        norm["out"], norm["rout"], quant = norm_rope.norm_outputs(y, norm["residual"], norm["fp8"])
-        norm["quant"] = quant
+    if y is None:
+        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return y
     cfg = config or pick_config(m, n, k)
@@ -261,13 +259,12 @@ def _run(x2, weight, weight_scale_inv, config, x_fp8, norm):
     cnt = arrival_counters(x2.device, tiles + row_blocks) if split > 1 or norm is not None else y
     part = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
     if norm is not None:
+        nw, eps, res, out, rout, quant = norm
         lanes, iters = norm_rope._lanes(n)
-        q, qs = norm["quant"] if norm["quant"] is not None else (y, y)
-        res = norm["residual"]
-        norm_args = (res, res.stride(0), norm["weight"], norm["eps"], norm["rout"], norm["out"], q, qs,
-                     cnt[tiles:])
+        q, qs = quant if quant is not None else (y, y)
+        norm_args = (res, res.stride(0), nw, eps, rout, out, q, qs, cnt[tiles:])
         norm_flags = dict(NORM=True, LANES=lanes, ITERS=iters, EXACT=norm_rope.EXACT, FMA=norm_rope._TORCH_FMA,
-                          FP8=norm["fp8"])
+                          FP8=quant is not None)
     else:  # not read
         norm_args = (y, 0, y, 0.0, y, y, y, y, y)
         norm_flags = dict(NORM=False, LANES=32, ITERS=1, EXACT=True, FMA=True, FP8=False)

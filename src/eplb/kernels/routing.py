@@ -263,11 +263,6 @@ def route_logits_topk(
     dtype as F.linear's are: a row's logits get the same bits in any batch, though not cuBLAS's
     bits (its weights too, within batches on the same side of 16 rows: the tail's program holds 16
     rows or 32)."""
-    return _router_launch(x, gate_weight, bias, k, renormalize, weight_dtype, slot_map, load, num_real, pair_sort)
-
-
-def _router_launch(x, gate_weight, bias, k, renormalize, weight_dtype, slot_map, load, num_real, pair_sort):
-    """The one launch of route_logits_topk -> route_topk's (weights, ids, slots)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
     t, h = x.shape

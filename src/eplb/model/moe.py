@@ -366,11 +366,6 @@ class MoELayer(nn.Module):
             weights, ids = self.route(x)
             self.count_load(ids, num_real_tokens)
             slots = self.choose_slots(ids)
-        return self._experts(x, weights, slots, sort, x_fp8)
-
-    def _experts(self, x, weights, slots, sort, x_fp8):
-        """The experts of the routed pairs, in process when x comes quantized or sorted, else
-        through the installed dispatcher."""
         if (x_fp8 is not None and self.fp8_input) or sort is not None:
             return local_dispatch(x, slots, weights, self.expert_fn, self,
                                   hidden_fp8=x_fp8 if self.fp8_input else None, pair_sort=sort)
@@ -384,7 +379,10 @@ class MoELayer(nn.Module):
         cuBLAS's, so they may differ by a rounding). Otherwise the unfused path's values: weights
         rounded once from float32, exact integer counts. -> (weights, slots, the pairs sorted by
         slot for the experts or None)."""
-        sort, tail = self._tail_args(x, num_real_tokens)
+        single = self.single_replica_map()
+        sort = self._new_pair_sort(x) if single is not None else None
+        tail = dict(weight_dtype=x.dtype, slot_map=single, load=self.expert_load, num_real=num_real_tokens,
+                    pair_sort=sort)
         if x.shape[0] <= kernels.ROUTER_MATMUL_MAX_TOKENS and self.num_experts % 16 == 0:
             # decode sizes: the router matmul in the tail's launch (eplb.kernels.routing)
             self._before_route()
@@ -393,20 +391,9 @@ class MoELayer(nn.Module):
         else:
             weights, ids, slots = kernels.route_topk(self._router_logits(x), self.top_k, self.norm_topk_prob,
                                                      **tail)
-        return weights, self._slots(ids, slots), sort
-
-    def _tail_args(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
-        """What every fused routing launch is given -> (the pair-sort buffers or None, the tail's
-        keyword arguments: weight dtype, the single-replica slot map, the load counter, the real
-        rows, the sort)."""
-        single = self.single_replica_map()
-        sort = self._new_pair_sort(x) if single is not None else None
-        return sort, dict(weight_dtype=x.dtype, slot_map=single, load=self.expert_load, num_real=num_real_tokens,
-                          pair_sort=sort)
-
-    def _slots(self, ids: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        """The launch's slots, or the replica choice in torch when it had no single-replica map."""
-        return slots if slots is not None else self.choose_slots(ids)
+        if slots is None:
+            slots = self.choose_slots(ids)
+        return weights, slots, sort
 
     def _new_pair_sort(self, x: torch.Tensor):
         """Buffers for the router launch to sort the pairs into (``kernels.new_pair_sort``), when
