@@ -188,6 +188,7 @@ def test_route_topk_one_row_per_program_routes_the_same(t, monkeypatch):
     logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t)).to(DEV)
     slot_of = torch.randperm(e, generator=torch.Generator().manual_seed(1)).to(DEV)
     loads = [torch.zeros(e, dtype=torch.long, device=DEV) for _ in range(2)]
+    monkeypatch.setattr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 0)  # the 16-row programs (on by default up to 32)
     want = route_topk(logits, k, True, weight_dtype=torch.float32, slot_map=slot_of, load=loads[0])
     monkeypatch.setattr(routing, "TAIL_ONE_ROW_MAX_TOKENS", 32)
     got = route_topk(logits, k, True, weight_dtype=torch.float32, slot_map=slot_of, load=loads[1])
