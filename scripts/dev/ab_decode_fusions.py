@@ -16,7 +16,8 @@ fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done 
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
 ``with_linear_norm`` (the post-attention residual add + RMSNorm by the FP8 o projection's launch,
-up to 16 tokens; off by default),
+up to 16 tokens; off by default), ``with_moe_decode`` (the whole MoE layer, router to sum over k,
+in one persistent launch with grid barriers, up to 16 tokens; off by default),
 e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K with a chunked K loop
@@ -41,7 +42,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import full_size  # noqa: E402
 
-from eplb.kernels import decode_attention, linear_fp8, moe_triton, routing  # noqa: E402
+from eplb.kernels import decode_attention, linear_fp8, moe_persistent, moe_triton, routing  # noqa: E402
 
 
 def _set_attr(mod, name, value):
@@ -100,6 +101,7 @@ ENABLES = {
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "linear_norm": lambda: _set_attr(linear_fp8, "LINEAR_NORM_MAX_M", 16),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
+    "moe_decode": lambda: _set_attr(moe_persistent, "MOE_DECODE_MAX_TOKENS", 16),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

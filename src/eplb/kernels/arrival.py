@@ -56,3 +56,38 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+@triton.jit
+def grid_sync(cnt_ptr, gen_ptr, n):
+    """Every one of the ``n`` programs of a launch waits here until all have arrived; what each
+    stored before is then visible to all (release/acquire at GPU scope, then a CTA barrier). Only
+    for launches whose ``n`` programs are all resident at once (at most one per SM of a kernel
+    that fits one SM): a program that waits for one never scheduled would wait forever.
+    Self-resetting: the last arrival zeroes the counter and bumps the generation the others spin
+    on, so graph replays reuse the two words (``grid_sync_words``)."""
+    tl.debug_barrier()  # every thread's stores are issued before this program's arrival
+    gen = tl.atomic_add(gen_ptr, 0, sem="relaxed", scope="gpu")  # cannot move before all arrive
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(gen_ptr, 1, sem="release", scope="gpu")
+    else:
+        while tl.atomic_add(gen_ptr, 0, sem="acquire", scope="gpu") == gen:
+            pass
+    tl.debug_barrier()
+
+
+_GRID_WORDS: dict[torch.device, torch.Tensor] = {}
+
+
+def grid_sync_words(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (counter, generation) int32 words of :func:`grid_sync` on ``device``, 128 bytes apart.
+    Launches on two streams at once must not share them."""
+    device = torch.device(device)
+    buf = _GRID_WORDS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("grid sync words are allocated on a launch's first eager run; run it once "
+                               "outside CUDA graph capture (the engine's warm-up does)")
+        buf = _GRID_WORDS[device] = torch.zeros(64, dtype=torch.int32, device=device)
+    return buf[0:1], buf[32:33]
