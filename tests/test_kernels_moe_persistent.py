@@ -86,14 +86,23 @@ def test_moe_decode_runs_again_with_the_same_words():
         assert torch.equal(a.cpu(), b.cpu())
 
 
+LAUNCHES = [{}, {"prefetch_down": True, "backoff": True}, {"per_sm": 2, "num_stages": 2, "prefetch_down": True}]
+
+
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("t,k", [(1, 8), (4, 8), (16, 8)])
-def test_moe_decode_fp8_gives_the_bits_of_the_launches_it_replaces(t, k):
-    # full-size shape: H 2048, I 768, 128 experts (the table's TMA tiles apply)
+def test_moe_decode_fp8_gives_the_bits_of_the_launches_it_replaces(t, k, launch, monkeypatch):
+    # full-size shape: H 2048, I 768, 128 experts (the table's TMA tiles apply); each launch shape
+    # twice (programs per SM are raised only once the kernel's registers and shared memory are known)
+    from eplb.kernels import moe_persistent
+
+    monkeypatch.setattr(moe_persistent, "MOE_DECODE_LAUNCH", {**moe_persistent.MOE_DECODE_LAUNCH, **launch})
     c = _case(t, 2048, 768, 128, 128, k, seed=t, fp8=True)
-    want, got = _both(c, k, x_fp8=_x_fp8(c["x"]))
-    for name, a, b in zip(("out", "weights", "ids", "slots", "load"), want, got):
-        assert torch.equal(a.cpu(), b.cpu()), name
+    for _ in range(2):
+        want, got = _both(c, k, x_fp8=_x_fp8(c["x"]))
+        for name, a, b in zip(("out", "weights", "ids", "slots", "load"), want, got):
+            assert torch.equal(a.cpu(), b.cpu()), name
 
 
 def test_moe_decode_refuses_what_it_cannot_run():

@@ -17,7 +17,9 @@ fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done 
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
 ``with_linear_norm`` (the post-attention residual add + RMSNorm by the FP8 o projection's launch,
 up to 16 tokens; off by default), ``with_moe_decode`` (the whole MoE layer, router to sum over k,
-in one persistent launch with grid barriers, up to 16 tokens; off by default),
+in one persistent launch with grid barriers, up to 16 tokens; off by default) and its launch
+options ``with_moe_prefetch`` (idle programs prefetch the down weights into L2 during gate/up),
+``with_moe_backoff`` (the barrier's spin sleeps), ``with_moe_2cta`` (2 programs per SM, 2 stages),
 e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K with a chunked K loop
@@ -49,6 +51,12 @@ def _set_attr(mod, name, value):
     old = getattr(mod, name)
     setattr(mod, name, value)
     return lambda: setattr(mod, name, old)
+
+
+def _set_item(d, key, value):
+    old = d[key]
+    d[key] = value
+    return lambda: d.__setitem__(key, old)
 
 
 def _set_env(name, value):
@@ -102,6 +110,10 @@ ENABLES = {
     "linear_norm": lambda: _set_attr(linear_fp8, "LINEAR_NORM_MAX_M", 16),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
     "moe_decode": lambda: _set_attr(moe_persistent, "MOE_DECODE_MAX_TOKENS", 16),
+    "moe_prefetch": lambda: _set_item(moe_persistent.MOE_DECODE_LAUNCH, "prefetch_down", True),
+    "moe_backoff": lambda: _set_item(moe_persistent.MOE_DECODE_LAUNCH, "backoff", True),
+    "moe_2cta": lambda: (_set_item(moe_persistent.MOE_DECODE_LAUNCH, "per_sm", 2),
+                         _set_item(moe_persistent.MOE_DECODE_LAUNCH, "num_stages", 2)),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

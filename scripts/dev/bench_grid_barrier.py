@@ -153,7 +153,8 @@ def main() -> None:
                              ("persistent", persistent(False)), ("persistent+prefetch", persistent(True))):
                 ms = graph_ms(fn)
                 got = out.view(n, BLOCK).sum(1).sum().item()
-                if name != "one_stream" and ref is not None and got != ref:
+                # a launch per phase leaves only its last phase's sums in ``out``: not compared
+                if name.startswith("persistent") and got != ref:
                     raise SystemExit(f"{name}: read sum {got} != one_stream's {ref}")
                 ref = got if name == "one_stream" else ref
                 rows.append(dict(variant=name, programs=n, programs_per_sm=pps, num_warps=warps,

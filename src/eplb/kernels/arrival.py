@@ -59,13 +59,14 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 @triton.jit
-def grid_sync(cnt_ptr, gen_ptr, n):
+def grid_sync(cnt_ptr, gen_ptr, n, BACKOFF: tl.constexpr = False):
     """Every one of the ``n`` programs of a launch waits here until all have arrived; what each
     stored before is then visible to all (release/acquire at GPU scope, then a CTA barrier). Only
     for launches whose ``n`` programs are all resident at once (at most one per SM of a kernel
     that fits one SM): a program that waits for one never scheduled would wait forever.
     Self-resetting: the last arrival zeroes the counter and bumps the generation the others spin
-    on, so graph replays reuse the two words (``grid_sync_words``)."""
+    on, so graph replays reuse the two words (``grid_sync_words``). ``BACKOFF``: each spin first
+    sleeps about 100 ns, so that the waiting programs poll L2 less while others stream."""
     tl.debug_barrier()  # every thread's stores are issued before this program's arrival
     gen = tl.atomic_add(gen_ptr, 0, sem="relaxed", scope="gpu")  # cannot move before all arrive
     if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
@@ -73,7 +74,9 @@ def grid_sync(cnt_ptr, gen_ptr, n):
         tl.atomic_add(gen_ptr, 1, sem="release", scope="gpu")
     else:
         while tl.atomic_add(gen_ptr, 0, sem="acquire", scope="gpu") == gen:
-            pass
+            if BACKOFF:
+                tl.inline_asm_elementwise("nanosleep.u32 100; mov.u32 $0, $1;", "=r,r", [gen],
+                                          dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
 
 

@@ -24,13 +24,15 @@ Under triton's CPU interpreter the grid is one program, which runs every item in
 
 from __future__ import annotations
 
+import json
+
 import torch
 import triton
 import triton.language as tl
 
 from eplb.kernels.arrival import arrival_counters, grid_sync, grid_sync_words
 from eplb.kernels.moe_triton import FP8_BLOCK, _check, _gemm1_tile, _gemm2_tile, _weight_desc, get_config, new_pair_sort
-from eplb.kernels.pdl import pdl_args, pdl_wait
+from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_l2
 from eplb.kernels.routing import (
     _BT,
     _EB,
@@ -44,8 +46,10 @@ from eplb.kernels.routing import (
 # replica per expert); 0 (off) until measured on a GPU: scripts/dev/ab_decode_fusions.py's
 # ``with_moe_decode`` sets 16
 MOE_DECODE_MAX_TOKENS = 0
-# warps and pipeline stages of the one launch (one value for all three phases)
-MOE_DECODE_LAUNCH = {"num_warps": 8, "num_stages": 4}
+# the one launch: warps and pipeline stages (one value for all three phases), programs per SM
+# (where registers and shared memory allow), the idle programs' L2 prefetch of the down weights
+# during gate/up, and the barrier's spin backoff
+MOE_DECODE_LAUNCH = {"num_warps": 8, "num_stages": 4, "per_sm": 1, "prefetch_down": False, "backoff": False}
 _SMS: dict[int, int] = {}
 
 
@@ -65,9 +69,12 @@ def _moe_decode_kernel(
         FP8: tl.constexpr, H_FP8: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr, GROUP_M1: tl.constexpr,
         EVEN_K1: tl.constexpr, SWAP1: tl.constexpr, TMA1: tl.constexpr,
         BN2: tl.constexpr, BK2: tl.constexpr, GROUP_M2: tl.constexpr, EVEN_K2: tl.constexpr,
-        SWAP2: tl.constexpr, TMA2: tl.constexpr, USE_PDL: tl.constexpr, HAS_MAP: tl.constexpr = True,
+        SWAP2: tl.constexpr, TMA2: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_DOWN: tl.constexpr = False,
+        BACKOFF: tl.constexpr = False, LINE2: tl.constexpr = 128, HAS_MAP: tl.constexpr = True,
         SORT: tl.constexpr = True):
-    """The three phases (module docstring); program p takes items p, p + P, p + 2P, ... of each."""
+    """The three phases (module docstring); program p takes items p, p + P, p + 2P, ... of each.
+    PREFETCH_DOWN: programs without a gemm1 tile spend that phase asking L2 for the down weights of
+    the slots in use, so gemm2 reads them from L2. BACKOFF: see ``grid_sync``."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pdl_wait(USE_PDL)
@@ -79,13 +86,17 @@ def _moe_decode_kernel(
                      n_real_ptr, n_real, counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr, n_slots,
                      BT, EB, KS, KSPLIT, HAS_BIAS, PREC, K, K_PAD, E_PAD, BR, RENORM, HAS_MAP, COUNT, REAL_PTR,
                      False, SORT, BM, S_PAD, J_PAD)
-    grid_sync(sync_cnt_ptr, sync_gen_ptr, nprog)  # the pairs are sorted
-    for tile in range(pid, max_m_blocks * tl.cdiv(I, BN1), nprog):
+    grid_sync(sync_cnt_ptr, sync_gen_ptr, nprog, BACKOFF)  # the pairs are sorted
+    n1 = max_m_blocks * tl.cdiv(I, BN1)
+    if PREFETCH_DOWN:  # noqa: SIM102 (a constexpr branch around a runtime one)
+        if pid >= n1:
+            _prefetch_down(w2_ptr, block_slot_ptr, num_post_ptr, stride_w2e, H * I, pid - n1, nprog - n1, BM, LINE2)
+    for tile in range(pid, n1, nprog):
         _gemm1_tile(tile, xq_ptr, xs_ptr, w13_ptr, w13_desc, ws13_ptr, hb_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
                     num_post_ptr, n_pairs, H, I, max_m_blocks, stride_xq, stride_xs, stride_w13e, stride_w13n,
                     stride_s13e, stride_s13n, stride_hm, stride_hs, K, BM, BN1, BK1, GROUP_M1, FP8, H_FP8, EVEN_K1,
                     SWAP1, TMA1)
-    grid_sync(sync_cnt_ptr, sync_gen_ptr, nprog)  # h is written
+    grid_sync(sync_cnt_ptr, sync_gen_ptr, nprog, BACKOFF)  # h is written
     for tile in range(pid, max_m_blocks * tl.cdiv(H, BN2), nprog):
         _gemm2_tile(tile, hb_ptr, hs_ptr, w2_ptr, w2_desc, ws2_ptr, y_ptr, w_ptr, sorted_ptr, block_slot_ptr,
                     num_post_ptr, n_pairs, H, I, max_m_blocks, stride_hm, stride_hs, stride_w2e, stride_w2n,
@@ -93,15 +104,59 @@ def _moe_decode_kernel(
                     True, SWAP2, TMA2, K)
 
 
-def _programs(device: torch.device, work: int) -> int:
-    """Programs of the launch: one per SM at most (all resident: the grid barrier needs it), one
-    under the CPU interpreter (which runs programs one after another)."""
+@triton.jit
+def _prefetch_down(w_ptr, block_slot_ptr, num_post_ptr, stride_we, n, q, nq, BM: tl.constexpr, LINE: tl.constexpr):
+    """Program q of nq asks L2 for its share of each used row block's slot's ``n`` weight elements
+    (contiguous from ``w_ptr + slot * stride_we``; LINE elements a 128-byte line). A slot with
+    several row blocks is asked for again: harmless."""
+    share = tl.cdiv(tl.cdiv(n, nq), LINE) * LINE  # whole lines
+    lo = q * share
+    hi = tl.minimum(lo + share, n)
+    for b in range(0, tl.load(num_post_ptr) // BM):
+        base = w_ptr + tl.load(block_slot_ptr + b).to(tl.int64) * stride_we
+        for c in range(lo, hi, 1024 * LINE):
+            prefetch_l2(base + tl.minimum(c + tl.arange(0, 1024) * LINE, hi - 1))
+
+
+# SM limits of the occupancy check (sm_90: 64K registers, 228 KB shared memory of which 1 KB per
+# block is reserved, 64 warps)
+_SM_REGS, _SM_SMEM, _SM_WARPS = 65536, 233472, 64
+_FITS: dict[tuple, int] = {}
+
+
+def _programs(device: torch.device, work: int, key: tuple) -> int:
+    """Programs of the launch: every one resident at once (the grid barrier needs it): one per SM
+    until the kernel of ``key`` has run once, then ``MOE_DECODE_LAUNCH["per_sm"]`` per SM where
+    its registers and shared memory allow that many; one under the CPU interpreter (which runs
+    programs one after another)."""
     if device.type != "cuda":
         return 1
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(_SMS[idx], work))
+    per_sm = min(MOE_DECODE_LAUNCH.get("per_sm", 1), _FITS.get((idx, *key), 1))
+    return max(1, min(_SMS[idx] * per_sm, work))
+
+
+def _note_fit(device: torch.device, key: tuple, compiled, num_warps: int) -> None:
+    """Record how many programs of the launched kernel fit one SM (its registers, shared memory)."""
+    if device.type != "cuda" or compiled is None or not hasattr(compiled, "n_regs"):
+        return
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    regs = -(-max(1, compiled.n_regs) // 8) * 8 * 32 * num_warps
+    smem = compiled.metadata.shared + 1024
+    fit = min(_SM_REGS // regs, _SM_SMEM // smem, _SM_WARPS // num_warps)
+    try:  # the driver's own figure (it knows the shared memory carve-out), where it can be asked
+        import ctypes
+
+        n = ctypes.c_int(0)
+        rc = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(n), ctypes.c_void_p(compiled.function), ctypes.c_int(32 * num_warps),
+            ctypes.c_size_t(compiled.metadata.shared))
+        fit = min(fit, n.value) if rc == 0 else 1
+    except (OSError, AttributeError):
+        fit = 1
+    _FITS[(idx, *key)] = max(1, fit)
 
 
 def moe_decode(
@@ -169,7 +224,9 @@ def moe_decode(
     sync_cnt, sync_gen = grid_sync_words(x.device)
     mb = sort.max_blocks
     work = max(triton.cdiv(t, _BT) * (e // _EB) * ksplit, mb * triton.cdiv(i, c1["BN"]), mb * triton.cdiv(h, c2["BN"]))
-    _moe_decode_kernel[(_programs(x.device, work),)](
+    launch = {"num_warps": MOE_DECODE_LAUNCH["num_warps"], "num_stages": MOE_DECODE_LAUNCH["num_stages"]}
+    key = (fp8, t <= 16, json.dumps(cfg, sort_keys=True), tuple(launch.values()))
+    compiled = _moe_decode_kernel[(_programs(x.device, work, key),)](
         x, gate_weight, bias if bias is not None else x, part, counters[n_sum:], t, e, h, x.stride(0),
         gate_weight.stride(0), *tail,
         xq, xs, w13, desc1, ws13, hbuf, hs, w2, desc2, ws2, y, out, counters, sync_cnt, sync_gen, n_pairs, i, mb,
@@ -183,5 +240,8 @@ def moe_decode(
         J_PAD=flags["J_PAD"], FP8=fp8, H_FP8=h_fp8, BN1=c1["BN"], BK1=bk1, GROUP_M1=c1["GROUP_M"],
         EVEN_K1=h % bk1 == 0, SWAP1=c1.get("SWAP", False), TMA1=desc1 is not None, BN2=c2["BN"], BK2=bk2,
         GROUP_M2=c2["GROUP_M"], EVEN_K2=i % bk2 == 0, SWAP2=c2.get("SWAP", False), TMA2=desc2 is not None,
-        USE_PDL=pdl_args(x.device)["USE_PDL"], launch_pdl=pdl_args(x.device)["launch_pdl"], **MOE_DECODE_LAUNCH)
+        USE_PDL=pdl_args(x.device)["USE_PDL"], PREFETCH_DOWN=MOE_DECODE_LAUNCH["prefetch_down"],
+        BACKOFF=MOE_DECODE_LAUNCH["backoff"], LINE2=128 // w2.element_size(),
+        launch_pdl=pdl_args(x.device)["launch_pdl"], **launch)
+    _note_fit(x.device, key, compiled, launch["num_warps"])
     return out, weights, ids, slots
