@@ -411,17 +411,12 @@ def test_route_topk_sorts_the_pairs_for_the_moe(t, e, k, s):
         route_topk(logits, k, True, pair_sort=sort)  # no slot map
 
 
-def _linear_case(m, n, k, norm=False):
-    """x [m, k] and a block-FP8 weight [n, k] with its scales on DEV, seeded by m; with ``norm`` also
-    a residual [m, n] and a weight [n] for the RMSNorm after the linear."""
+def _linear_case(m, n, k):
+    """x [m, k] and a block-FP8 weight [n, k] with its scales on DEV, seeded by m."""
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(BF16).to(DEV)
     q, s = quantize_block_fp8(torch.randn(n, k, generator=g) / k**0.5)
-    case = (x, q.to(DEV), s.to(DEV))
-    if norm:
-        case += (torch.randn(m, n, generator=g).to(BF16).to(DEV),
-                 (1 + 0.1 * torch.randn(n, generator=g)).to(BF16).to(DEV))
-    return case
+    return x, q.to(DEV), s.to(DEV)
 
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")
@@ -473,50 +468,6 @@ def test_fp8_linear_split_k_sums_the_same_product(m, split, swap):
     # a split that leaves one program without a whole loop iteration is refused
     with pytest.raises(ValueError, match="SPLIT"):
         fp8_linear(x, q, s, config=dict(base, KSUB=4, SPLIT=4))
-
-
-@pytest.mark.parametrize("m,split,fp8", [(1, 8, True), (5, 1, False), (20, 4, True), (33, 2, False)])
-def test_fp8_linear_with_the_next_norm_gives_the_bits_of_the_two_launches(m, split, fp8):
-    # the row block's last program runs the norm kernel's own code on y: the same normed rows,
-    # residual stream and FP8 quantization as fp8_linear then rms_norm_fused, bit for bit
-    from eplb.kernels import arrival, rms_norm_fused
-    from eplb.kernels.linear_fp8 import fp8_linear, fp8_linear_rms_norm
-
-    n, k = 512, 1024
-    x, q, s, res, nw = _linear_case(m, n, k, norm=True)
-    cfg = dict(BM=16, BN=128, KSUB=1, num_warps=4, num_stages=2, SWAP=True, SPLIT=split)
-    got = fp8_linear_rms_norm(x, q, s, nw, 1e-6, res, fp8=fp8, config=cfg)
-    want = rms_norm_fused(fp8_linear(x, q, s, config=cfg), nw, 1e-6, res, fp8=fp8)
-    assert len(got) == len(want) == (4 if fp8 else 2)
-    for a, b in zip(got, want):
-        assert torch.equal(a.float().cpu(), b.float().cpu())
-    assert not arrival.arrival_counters(DEV, 1).any()
-    with pytest.raises(ValueError, match="norm_weight"):
-        fp8_linear_rms_norm(x, q, s, nw[:128], 1e-6, res, config=cfg)
-    with pytest.raises(ValueError, match="residual"):
-        fp8_linear_rms_norm(x, q, s, nw, 1e-6, res[:, :128], config=cfg)
-
-
-@pytest.mark.parametrize("m", [3, 17])
-def test_decoder_layer_norm_after_the_o_projection_is_fused_up_to_the_limit(m, monkeypatch):
-    # transformer.linear_rms_norm_fp8 (the o projection + post-attention norm of a decoder layer):
-    # one launch up to LINEAR_NORM_MAX_M rows, the two calls beyond; the same values either way
-    from eplb.kernels import linear_fp8, norm_rope
-    from eplb.model import transformer
-
-    n, k = 256, 512
-    x, q, s, res, nw = _linear_case(m, n, k, norm=True)
-    monkeypatch.setattr(transformer, "_kernels", lambda x: norm_rope)  # the interpreter's data are float32
-    calls, fused = [], linear_fp8.fp8_linear_rms_norm
-    monkeypatch.setattr(linear_fp8, "fp8_linear_rms_norm",
-                        lambda *a, **kw: calls.append(a[0].shape[0]) or fused(*a, **kw))
-    want = transformer.linear_rms_norm_fp8(x, q, None, s, None, nw, 1e-6, res, True)  # limit 0: two calls
-    assert calls == []
-    monkeypatch.setattr(linear_fp8, "LINEAR_NORM_MAX_M", 16)
-    got = transformer.linear_rms_norm_fp8(x, q, None, s, None, nw, 1e-6, res, True)
-    assert calls == ([m] if m <= 16 else [])
-    for a, b in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
-        assert torch.equal(a.float().cpu(), b.float().cpu())
 
 
 @pytest.mark.skipif(not FP8_OK, reason="FP8 tensor-core dots need a CUDA GPU of sm_89 or newer")

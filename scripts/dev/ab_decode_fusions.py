@@ -15,8 +15,7 @@ fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 be
 fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
-``with_linear_norm`` (the post-attention residual add + RMSNorm by the FP8 o projection's launch,
-up to 16 tokens; off by default), ``with_moe_decode`` (the whole MoE layer, router to sum over k,
+``with_moe_decode`` (the whole MoE layer, router to sum over k,
 in one persistent launch with grid barriers, up to 16 tokens; off by default) and its launch
 options ``with_moe_prefetch`` (idle programs prefetch the down weights into L2 during gate/up),
 ``with_moe_backoff`` (the barrier's spin sleeps), ``with_moe_2cta`` (2 programs per SM, 2 stages),
@@ -107,7 +106,6 @@ ENABLES = {
     "prefetch": lambda: (_set_attr(linear_fp8, "PREFETCH_MAX_M", 64),
                          _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 32 << 20)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
-    "linear_norm": lambda: _set_attr(linear_fp8, "LINEAR_NORM_MAX_M", 16),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
     "moe_decode": lambda: _set_attr(moe_persistent, "MOE_DECODE_MAX_TOKENS", 16),
     "moe_prefetch": lambda: _set_item(moe_persistent.MOE_DECODE_LAUNCH, "prefetch_down", True),

@@ -11,22 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
-from eplb.kernels import norm_rope
 from eplb.kernels.arrival import arrival_counters, last_to_arrive
 from eplb.kernels.moe_triton import FP8_BLOCK, _quant_act_kernel, _weight_desc
-from eplb.kernels.norm_rope import _norm_rows
 from eplb.kernels.pdl import pdl_args, pdl_wait, prefetch_rows
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
                        stride_xm, stride_xs, stride_wn, stride_sn, stride_ym,
-                       res_ptr, stride_res, nw_ptr, eps, rout_ptr, nout_ptr, q_ptr, qs_ptr, rcnt_ptr,
                        BM: tl.constexpr, BN: tl.constexpr, KSUB: tl.constexpr, GROUP_M: tl.constexpr,
                        USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, SWAP: tl.constexpr,
-                       TMA: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr,
-                       LANES: tl.constexpr, ITERS: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                       FP8: tl.constexpr):
+                       TMA: tl.constexpr, SPLIT: tl.constexpr):
     """KSUB 128-deep blocks per loop iteration: at decode sizes a program streams a narrow weight
     tile, and more independent loads in flight per SM is what reaches the read rate.
     PREFETCH (with USE_PDL): the program's weight rows go to L2 before it waits for the previous
@@ -38,11 +33,7 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
     stores its float32 partial in ``part_ptr`` [SPLIT, M, N] and the last to arrive at the tile's
     counter (``cnt_ptr``, kernels.arrival) sums them in split order. At decode sizes an unsplit
     grid can have too few programs to stream the weight at the read rate (o at batch 1: 16
-    128-wide tiles for 132 SMs).
-    NORM: the next residual add + RMSNorm (+ FP8 quantization: FP8) of y's rows, by the program
-    that finishes the last column tile of a row block (a second counter per row block,
-    ``rcnt_ptr``): ``norm_rope._norm_rows`` on y (read through L2), residual ``res_ptr``, weight
-    ``nw_ptr`` into rout (y + residual), nout (normed) and q/qs, contiguous [M, N] like y."""
+    128-wide tiles for 132 SMs)."""
     pid = tl.program_id(0)
     split = pid % SPLIT
     pid = pid // SPLIT
@@ -107,24 +98,14 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
     mask = mm[:, None] & mn[None, :]
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        finished = True
     else:
         p_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(p_ptrs + (split * M).to(tl.int64) * N, acc, mask=mask)
-        finished = last_to_arrive(cnt_ptr + pid, SPLIT)
-        if finished:
+        if last_to_arrive(cnt_ptr + pid, SPLIT):
             total = tl.zeros((BM, BN), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 total += tl.load(p_ptrs + (s * M).to(tl.int64) * N, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-    # nested ifs: the arrival is a side effect, only for the program that finished its tile
-    if NORM:  # noqa: SIM102
-        if finished:  # noqa: SIM102
-            if last_to_arrive(rcnt_ptr + pid_m, num_pid_n):  # every column tile of these rows is in y
-                for i in range(0, tl.minimum(BM, M - pid_m * BM)):  # one row at a time, as the norm kernel
-                    rows = pid_m * BM + i + tl.arange(0, 1)
-                    _norm_rows(y_ptr, res_ptr, nw_ptr, nout_ptr, rout_ptr, rows, M, N, stride_ym, stride_res,
-                               N, N, eps, q_ptr, qs_ptr, N, N // 128, 1, LANES, ITERS, True, EXACT, FMA, FP8, True)
 
 
 # Tiles by M and shape, from scripts/dev/tune_fp8_linear.py on an H100 (2026-12-06, weights
@@ -137,10 +118,6 @@ def _fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, part_ptr, cn
 # calls of at most this many rows prefetch their weights into L2 (under PDL) before waiting for the
 # previous kernel. 0 (off): PDL was faster without it (pdl.py); ab_decode_fusions' with_prefetch: 64
 PREFETCH_MAX_M = 0
-# a decoder layer's o projection of at most this many rows runs the post-attention residual add +
-# RMSNorm in its own launch (fp8_linear_rms_norm, via transformer.linear_rms_norm_fp8): one launch
-# fewer per layer. 0 (off) until measured: scripts/dev/ab_decode_fusions.py's ``with_linear_norm``
-LINEAR_NORM_MAX_M = 0
 
 
 def pick_config(m: int, n: int, k: int) -> dict:
@@ -188,37 +165,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     as :func:`pick_config` returns (for tuning scripts). ``x_fp8``: x already quantized per row
     and 128 columns (q [M, K] e4m3, scales [M, K/128] float32, e.g. from ``rms_norm_fused(...,
     fp8=True)``), used instead of quantizing x here."""
-    lead = x.shape[:-1]
-    y = _run(x.reshape(-1, x.shape[-1]), weight, weight_scale_inv, config, x_fp8, None)
-    return y.view(*lead, weight.shape[0])
-
-
-def fp8_linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                        norm_weight: torch.Tensor, eps: float, residual: torch.Tensor, fp8: bool = False,
-                        config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``norm_rope.rms_norm_fused(fp8_linear(x, weight, weight_scale_inv), norm_weight, eps,
-    residual, fp8=fp8)`` in one launch, the same values bit for bit: the program that finishes a
-    row block's last column tile runs the norm kernel's code on those rows (a decoder layer's o
-    projection and its post-attention norm). x [M, K]; residual [M, N]; norm_weight [N]. ->
-    (out, r = y + residual) or, with ``fp8``, (out, r, q, scales)."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be [M, K], got shape {list(x.shape)}")
-    n = weight.shape[0]
-    if norm_weight.shape != (n,) or norm_weight.dtype != x.dtype:
-        raise ValueError(f"norm_weight must be {x.dtype} [{n}], got {norm_weight.dtype} {list(norm_weight.shape)}")
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)  # the launch's scratch
-    out, rout, quant = norm_rope.norm_outputs(y, residual, fp8)
-    _run(x, weight, weight_scale_inv, config, x_fp8, (norm_weight, float(eps), residual, out, rout, quant), y)
-    return (out, rout) + quant if fp8 else (out, rout)
-
-
-def _run(x2, weight, weight_scale_inv, config, x_fp8, norm, y=None):
-    """The checks and the launch of fp8_linear on x2 [M, K] -> y [M, N] (``y``: given, else
-    made); ``norm`` = (weight, eps, residual, out, rout, (q, scales) or None), outputs from
-    ``norm_rope.norm_outputs``: the next RMSNorm runs in the launch too."""
     n, k = weight.shape
-    if x2.shape[-1] != k:
-        raise ValueError(f"x's last dim {x2.shape[-1]} != weight's K {k}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim {x.shape[-1]} != weight's K {k}")
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"weight must be float8_e4m3fn, got {weight.dtype}")
     if k % FP8_BLOCK or n % FP8_BLOCK:
@@ -226,15 +175,16 @@ def _run(x2, weight, weight_scale_inv, config, x_fp8, norm, y=None):
     if tuple(weight_scale_inv.shape) != (n // FP8_BLOCK, k // FP8_BLOCK):
         raise ValueError(f"weight_scale_inv must be [{n // FP8_BLOCK}, {k // FP8_BLOCK}], "
                          f"got {list(weight_scale_inv.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if y is None:
-        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return y
+        return y.view(*lead, n)
     cfg = config or pick_config(m, n, k)
-    pdl = pdl_args(x2.device)
+    pdl = pdl_args(x.device)
     split = cfg.get("SPLIT", 1)
     if (k // FP8_BLOCK) % (cfg["KSUB"] * split):
         raise ValueError(f"KSUB {cfg['KSUB']} x SPLIT {split} does not divide K/128 = {k // FP8_BLOCK}")
@@ -244,8 +194,8 @@ def _run(x2, weight, weight_scale_inv, config, x_fp8, norm, y=None):
                 or xs.shape != (m, k // FP8_BLOCK) or xs.dtype != torch.float32):
             raise ValueError(f"x_fp8 must be (float8_e4m3fn [{m}, {k}], float32 [{m}, {k // FP8_BLOCK}])")
     else:
-        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
-        xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x2.device)
+        xq = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        xs = torch.empty((m, k // FP8_BLOCK), dtype=torch.float32, device=x.device)
         g = 4
         _quant_act_kernel[(m, triton.cdiv(k // FP8_BLOCK, g))](
             x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), G=g,
@@ -255,23 +205,15 @@ def _run(x2, weight, weight_scale_inv, config, x_fp8, norm, y=None):
     swap = cfg.get("SWAP", False)
     desc = _weight_desc(weight.unsqueeze(0), cfg, True, n, FP8_BLOCK)  # [1, N, K]: one "slot"
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    row_blocks = triton.cdiv(m, bm) if norm is not None else 0
-    cnt = arrival_counters(x2.device, tiles + row_blocks) if split > 1 or norm is not None else y
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else y
-    if norm is not None:
-        nw, eps, res, out, rout, quant = norm
-        lanes, iters = norm_rope._lanes(n)
-        q, qs = quant if quant is not None else (y, y)
-        norm_args = (res, res.stride(0), nw, eps, rout, out, q, qs, cnt[tiles:])
-        norm_flags = dict(NORM=True, LANES=lanes, ITERS=iters, EXACT=norm_rope.EXACT, FMA=norm_rope._TORCH_FMA,
-                          FP8=quant is not None)
-    else:  # not read
-        norm_args = (y, 0, y, 0.0, y, y, y, y, y)
-        norm_flags = dict(NORM=False, LANES=32, ITERS=1, EXACT=True, FMA=True, FP8=False)
+    if split > 1:
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        cnt = arrival_counters(x.device, tiles)
+    else:
+        part = cnt = y  # not read
     _fp8_linear_kernel[(tiles * split,)](
         xq, xs, weight, desc, ws, y, part, cnt, m, n, k, xq.stride(0), xs.stride(0),
-        weight.stride(0), ws.stride(0), y.stride(0), *norm_args,
-        BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, SPLIT=split, **pdl, **norm_flags,
+        weight.stride(0), ws.stride(0), y.stride(0),
+        BM=bm, BN=bn, KSUB=cfg["KSUB"], GROUP_M=8, SPLIT=split, **pdl,
         PREFETCH=pdl["USE_PDL"] and m <= PREFETCH_MAX_M, SWAP=swap, TMA=desc is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
+    return y.view(*lead, n)

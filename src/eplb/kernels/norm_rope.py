@@ -82,20 +82,11 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
 
 
 @triton.jit
-def _load_x(ptrs, m, CG: tl.constexpr):
-    """x's elements, through L2 (CG) where other programs of the same launch wrote them."""
-    if CG:
-        return tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-    return tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES: tl.constexpr,
-                     ITERS: tl.constexpr, HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr, dt,
-                     CG: tl.constexpr = False):
+                     ITERS: tl.constexpr, HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr, dt):
     """float32 sum of squares [BR] of rows r = x + res (rounded to ``dt``, the torch add) at element
     offsets ``xrow``/``rrow`` [BR] (int64), in torch's order (EXACT); row chunk j covers columns
-    [j * 4 * LANES, (j + 1) * 4 * LANES). CG: x read through L2 (``_load_x``)."""
+    [j * 4 * LANES, (j + 1) * 4 * LANES)."""
     DP: tl.constexpr = 4 * LANES
     cols = tl.arange(0, DP)
     acc = tl.zeros([BR, LANES], dtype=tl.float32)
@@ -103,7 +94,7 @@ def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES:
     for j in tl.static_range(ITERS):
         c = j * DP + cols
         m = rm[:, None] & (c < H)[None, :]
-        x = _load_x(x_ptr + xrow[:, None] + c[None, :], m, CG)
+        x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
             x = (x + r).to(dt).to(tl.float32)
@@ -119,13 +110,12 @@ def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES:
 
 
 @triton.jit
-def _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, cm, rm, rstd, HAS_RES: tl.constexpr, dt,
-                 CG: tl.constexpr = False):
+def _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, cm, rm, rstd, HAS_RES: tl.constexpr, dt):
     """Columns ``c`` [N] (mask ``cm``) of the rows (mask ``rm``) -> (r = x + res, rms_norm(r) * w),
     both [BR, N] rounded to ``dt`` as torch rounds them; ``rstd`` [BR] from
     :func:`_row_sum_squares`."""
     m = rm[:, None] & cm[None, :]
-    x = _load_x(x_ptr + xrow[:, None] + c[None, :], m, CG)
+    x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
         x = (x + r).to(dt).to(tl.float32)
@@ -145,27 +135,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, s
     """BR rows per program. FP8: the output is also written quantized for a block-FP8 GEMM (e4m3
     q and a float32 scale per row and 128 columns: moe_triton._quant_rows)."""
     pdl_wait(USE_PDL)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    _norm_rows(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, rows, T, H, sx, sres, sout, srout, eps,
-               q_ptr, qs_ptr, sq, sqs, BR, LANES, ITERS, HAS_RES, EXACT, FMA, FP8, False)
-
-
-@triton.jit
-def _norm_rows(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, rows, T, H, sx, sres, sout, srout, eps,
-               q_ptr, qs_ptr, sq, sqs, BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
-               HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr, FP8: tl.constexpr,
-               CG: tl.constexpr):
-    """Residual add + RMSNorm (+ FP8 quantization) of ``rows`` [BR] (those < T): the body of
-    ``_rms_norm_kernel``, also run by a GEMM's last program on the rows it finished
-    (``linear_fp8``; CG: x read through L2)."""
     DP: tl.constexpr = 4 * LANES
     NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
     dt = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = rows < T
     rows64 = rows.to(tl.int64)
     xrow = rows64 * sx
     rrow = rows64 * sres
-    ss = _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR, LANES, ITERS, HAS_RES, EXACT, FMA, dt, CG)
+    ss = _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR, LANES, ITERS, HAS_RES, EXACT, FMA, dt)
     rstd = tl.math.rsqrt(ss / H + eps)
     # second pass: re-read (L1/L2-hot) and recompute the sum rather than read back what this
     # program just stored, which other threads of the block wrote
@@ -173,7 +151,7 @@ def _norm_rows(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, rows, T, H, sx, sres, s
     for j in tl.static_range(ITERS):
         c = j * DP + cols
         m = rm[:, None] & (c < H)[None, :]
-        r, o = _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, c < H, rm, rstd, HAS_RES, dt, CG)
+        r, o = _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, c < H, rm, rstd, HAS_RES, dt)
         if HAS_RES:
             tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], r, mask=m)
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)

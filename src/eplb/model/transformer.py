@@ -140,25 +140,6 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return out, r, None
 
 
-def linear_rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        scale: torch.Tensor | None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None,
-                        norm_weight: torch.Tensor, eps: float, residual: torch.Tensor, quantize: bool):
-    """``rms_norm_fp8(linear(x, weight, bias, scale, x_fp8), norm_weight, eps, residual, quantize)``:
-    one launch where the block-FP8 linear takes the norm into its last programs
-    (``kernels.linear_fp8.fp8_linear_rms_norm``, up to ``linear_fp8.LINEAR_NORM_MAX_M`` rows,
-    the same bits), else the two calls."""
-    y_shape_ok = x.dim() == 2 and residual.shape == (x.shape[0], weight.shape[0])
-    if (scale is not None and bias is None and y_shape_ok and _norm_kernel(residual, norm_weight) is not None
-            and weight.shape[0] % 128 == 0):
-        from eplb.kernels import linear_fp8
-
-        if 0 < x.shape[0] <= linear_fp8.LINEAR_NORM_MAX_M:
-            out = linear_fp8.fp8_linear_rms_norm(x, weight, scale, norm_weight, eps, residual, fp8=quantize,
-                                                 x_fp8=x_fp8)
-            return out[0], out[1], (out[2], out[3]) if quantize else None
-    return rms_norm_fp8(linear(x, weight, bias, scale, x_fp8=x_fp8), norm_weight, eps, residual, quantize)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None):
         super().__init__()
@@ -185,10 +166,7 @@ class Attention(nn.Module):
         return self.qkv_scale is not None
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None, post_norm: tuple | None = None):
-        """x [N, H] -> the o projection's output [N, H]; with ``post_norm`` (norm weight, eps,
-        residual, quantize): the decoder layer's next norm of it too, ``rms_norm_fp8``'s (out,
-        residual stream, x_fp8), which the o projection's launch may run (``linear_rms_norm_fp8``)."""
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
         n = x.shape[0]
         qkv = linear(x, self.qkv, self.qkv_bias, self.qkv_scale, x_fp8=x_fp8)
         sq, skv = self.nq * self.d, self.nkv * self.d
@@ -221,7 +199,7 @@ class Attention(nn.Module):
                 o, o_fp8 = attend_fp8_out(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written)
             else:
                 o, o_fp8 = attend(q, k, v, kv[0], kv[1], meta, self.scale, kv_written=written), None
-            return self._out(o.reshape(n, sq), o_fp8, post_norm)
+            return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale, x_fp8=o_fp8)
         if self.cfg.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
         if self.cfg.clip_qkv is not None:
@@ -234,13 +212,7 @@ class Attention(nn.Module):
             q, k = rms_norm(q, self.q_norm, eps), rms_norm(k, self.k_norm, eps)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         o = attend(q, k, v, kv[0], kv[1], meta, self.scale)
-        return self._out(o.reshape(n, sq), None, post_norm)
-
-    def _out(self, o: torch.Tensor, o_fp8, post_norm: tuple | None):
-        """The o projection, and the next norm with ``post_norm`` (see ``forward``)."""
-        if post_norm is None:
-            return linear(o, self.o, self.o_bias, self.o_scale, x_fp8=o_fp8)
-        return linear_rms_norm_fp8(o, self.o, self.o_bias, self.o_scale, o_fp8, *post_norm)
+        return linear(o.reshape(n, sq), self.o, self.o_bias, self.o_scale)
 
 
 class DenseMLP(nn.Module):
@@ -276,8 +248,8 @@ class DecoderLayer(nn.Module):
         stream after attention): each residual add is left to the next norm, which fuses it (as
         vLLM does). Same values as ``x = x + attn(norm(x)); x + mlp(norm(x))``: adds commute."""
         h, residual, h_fp8 = rms_norm_fp8(x, self.input_norm, self.eps, residual, self.attn.fp8_input)
-        h, residual, h_fp8 = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8,
-                                       post_norm=(self.post_norm, self.eps, residual, self.mlp.fp8_input))
+        h = self.attn(h, cos, sin, meta, kv, x_fp8=h_fp8)
+        h, residual, h_fp8 = rms_norm_fp8(h, self.post_norm, self.eps, residual, self.mlp.fp8_input)
         return self.mlp(h, num_real_tokens, x_fp8=h_fp8), residual
 
 
