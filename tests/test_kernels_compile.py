@@ -26,7 +26,7 @@ def _variants():
     """(name, kernel, pointer/float argument types (others i32), constexprs, num_warps, num_stages,
     strings the PTX must contain)."""
     from eplb.kernels import decode_attention as da
-    from eplb.kernels import linear_fp8, moe_persistent, moe_triton, norm_rope, routing
+    from eplb.kernels import linear_fp8, moe_triton, norm_rope, routing
 
     pdl = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
     return [
@@ -110,21 +110,6 @@ def _variants():
          dict(BM=16, BN=128, BK=128, GROUP_M=1, FP8=True, H_FP8=True, EVEN_K=True, MUL_WEIGHT=True,
               USE_PDL=False, PREFETCH=False, LINE=128, SWAP=True, TMA=True, SUM_K=8), 4, 3,
          ["wgmma", "cp.async.bulk.tensor", "atom.global.gpu.acq_rel.add"]),
-        # the MoE layer in one launch: router items, grid barrier, gate/up tiles, grid barrier, down tiles
-        ("one-launch decode MoE, FP8 TMA tiles + grid barriers + down prefetch + PDL",
-         moe_persistent._moe_decode_kernel,
-         dict(x_ptr=BF16, g_ptr=BF16, b_ptr=BF16, part_ptr=F32, rcnt_ptr=I32, w_ptr=BF16, id_ptr=I64, map_ptr=I64,
-              slot_ptr=I64, load_ptr=I64, n_real_ptr=I64, counts_ptr=I32, start_ptr=I32, sorted_ptr=I32,
-              block_slot_ptr=I32, num_post_ptr=I32, xq_ptr=FP8, xs_ptr=F32, w13_ptr=FP8,
-              w13_desc="tensordesc<fp8e4nv[128, 128]>", ws13_ptr=F32, hb_ptr=FP8, hs_ptr=F32, w2_ptr=FP8,
-              w2_desc="tensordesc<fp8e4nv[64, 128]>", ws2_ptr=F32, y_ptr=BF16, out_ptr=BF16, cnt_ptr=I32,
-              sync_cnt_ptr=I32, sync_gen_ptr=I32),
-         dict(BT=16, EB=16, KS=512, KSPLIT=4, HAS_BIAS=False, PREC="tf32", K=8, K_PAD=8, E_PAD=128, BR=16,
-              RENORM=True, COUNT=True, REAL_PTR=True, BM=16, S_PAD=128, J_PAD=2, FP8=True, H_FP8=True, BN1=128,
-              BK1=128, GROUP_M1=1, EVEN_K1=True, SWAP1=True, TMA1=True, BN2=64, BK2=128, GROUP_M2=1, EVEN_K2=True,
-              SWAP2=True, TMA2=True, USE_PDL=True, PREFETCH_DOWN=True, BACKOFF=True, LINE2=128), 8, 4,
-         pdl + ["wgmma", "cp.async.bulk.tensor", "ld.global.gpu.acquire", "atom.global.gpu.release.add",
-                "prefetch.global.L2", "nanosleep"]),
         ("MoE bf16 down GEMM + PDL + expert prefetch", moe_triton._gemm2_kernel,
          dict(h_ptr=BF16, hs_ptr=BF16, w_ptr=BF16, ws_ptr=BF16, y_ptr=BF16, weight_ptr=F32, sorted_ptr=I32,
               block_slot_ptr=I32, num_post_ptr=I32, pair_slot_ptr=I64),

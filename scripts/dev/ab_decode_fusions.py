@@ -15,10 +15,6 @@ fusion: ``with_prefetch`` (under PDL, small calls' weights prefetched into L2 be
 fp8_linear and the MoE GEMMs), ``with_sum_in_gemm2`` (the MoE's sum over k done by the down-projection launch, no
 ``_sum_kernel`` launch, up to 256 tokens instead of 32), ``with_sort_in_router`` (the router
 launch also sorts the pairs by slot, no MoE sort launch, up to 32 tokens; off by default),
-``with_moe_decode`` (the whole MoE layer, router to sum over k,
-in one persistent launch with grid barriers, up to 16 tokens; off by default) and its launch
-options ``with_moe_prefetch`` (idle programs prefetch the down weights into L2 during gate/up),
-``with_moe_backoff`` (the barrier's spin sleeps), ``with_moe_2cta`` (2 programs per SM, 2 stages),
 e.g.
 ``--variants no_pdl,no_pdl+with_sum_in_gemm2``. Tried and removed after this A/B
 (bench/results/ab-decode-fusions-h100-80gb-hbm3.json): fp8_linear split-K with a chunked K loop
@@ -27,7 +23,12 @@ had 128 programs lost 0.11 ms at batch 1), the router matmul in
 the top-k launch as programs that each looped over the whole H (``router_matmul`` is the
 second design: every program one slice of H), the MoE k-sum in the next RMSNorm; and after
 bench/results/ab-router-fusions-h100-80gb-hbm3.json: the post-attention RMSNorm in the router
-launch (every program recomputing its rows' norms; 1.1 ms slower per FP8 step)."""
+launch (every program recomputing its rows' norms; 1.1 ms slower per FP8 step); and after
+bench/results/ab-linear-norm-moe-decode-h100-80gb-hbm3.json and ab-moe-decode-launch-h100-80gb-hbm3.json:
+the post-attention RMSNorm by the o projection's launch (``with_linear_norm``: the row block's last
+program normed its rows serially; 0.3 ms slower at batch 4, 1.8 ms at 16), and the whole MoE layer
+in one persistent launch with grid barriers (``with_moe_decode``: 0.3-0.6 ms slower at batch 1, 0.6-1.2
+at 4, 0.8-1.2 at 16, in every launch shape tried)."""
 import argparse
 import datetime
 import gc
@@ -43,19 +44,13 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "bench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 import full_size  # noqa: E402
 
-from eplb.kernels import decode_attention, linear_fp8, moe_persistent, moe_triton, routing  # noqa: E402
+from eplb.kernels import decode_attention, linear_fp8, moe_triton, routing  # noqa: E402
 
 
 def _set_attr(mod, name, value):
     old = getattr(mod, name)
     setattr(mod, name, value)
     return lambda: setattr(mod, name, old)
-
-
-def _set_item(d, key, value):
-    old = d[key]
-    d[key] = value
-    return lambda: d.__setitem__(key, old)
 
 
 def _set_env(name, value):
@@ -107,11 +102,6 @@ ENABLES = {
                          _set_attr(moe_triton, "PREFETCH_MAX_BYTES", 32 << 20)),
     "sum_in_gemm2": lambda: _set_attr(moe_triton, "SUM_IN_GEMM2_MAX_TOKENS", 256),
     "sort_in_router": lambda: _set_attr(routing, "SORT_IN_ROUTER_MAX_TOKENS", routing.SORT_MAX_TOKENS),
-    "moe_decode": lambda: _set_attr(moe_persistent, "MOE_DECODE_MAX_TOKENS", 16),
-    "moe_prefetch": lambda: _set_item(moe_persistent.MOE_DECODE_LAUNCH, "prefetch_down", True),
-    "moe_backoff": lambda: _set_item(moe_persistent.MOE_DECODE_LAUNCH, "backoff", True),
-    "moe_2cta": lambda: (_set_item(moe_persistent.MOE_DECODE_LAUNCH, "per_sm", 2),
-                         _set_item(moe_persistent.MOE_DECODE_LAUNCH, "num_stages", 2)),
 }
 VARIANTS = {"all_on": (), **{f"no_{k}": (k,) for k in SWITCHES}, "all_off": tuple(SWITCHES)}
 

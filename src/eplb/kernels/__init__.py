@@ -58,12 +58,8 @@ def __getattr__(name: str):
         from eplb.kernels import norm_rope
 
         return getattr(norm_rope, name)
-    if name in ("moe_decode", "MOE_DECODE_MAX_TOKENS"):
-        from eplb.kernels import moe_persistent
-
-        return getattr(moe_persistent, name)
     if name in ("softmax_topk", "route_topk", "route_logits_topk", "SORT_IN_ROUTER_MAX_TOKENS",
-                "ROUTER_MATMUL_MAX_TOKENS", "ROUTER_MATMUL_TOKENS_CAP"):
+                "ROUTER_MATMUL_MAX_TOKENS"):
         from eplb.kernels import routing
 
         return getattr(routing, name)
@@ -72,6 +68,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "triton_test_device", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "route_topk", "route_logits_topk", "moe_decode", "fp8_linear", "rms_norm_fused",
+    "softmax_topk", "route_topk", "route_logits_topk", "fp8_linear", "rms_norm_fused",
     "qk_norm_rope", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
 ]

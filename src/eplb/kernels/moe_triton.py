@@ -147,9 +147,9 @@ def _sort_pairs(s, valid, pair, counts_ptr, start_ptr, sorted_ptr, block_slot_pt
 # ----------------------------------------------------------------------------- GEMMs
 
 @triton.jit
-def _tile_ids(pid, max_m_blocks, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    # tile pid -> (row block, column tile) in grouped order: GROUP_M consecutive M blocks share a
-    # weight column tile while it is in L2
+def _tile_ids(max_m_blocks, n_cols, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M consecutive M blocks share a weight column tile while it is in L2
+    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(n_cols, BN)
     in_group = GROUP_M * num_pid_n
     group_id = pid // in_group
@@ -224,119 +224,106 @@ def _gemm1_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_pt
     weights stream into L2 while the sort runs.
     TMA (SWAP, I % BN == 0): weight tiles come through the bulk tensor copy engine, ``w_desc``
     viewing w as [S * 2I, H] in [BN, BK] boxes."""
+    pid_m, pid_n = _tile_ids(max_m_blocks, I, BN, GROUP_M)
     if PREFETCH:
-        pid_m, pid_n = _tile_ids(tl.program_id(0), max_m_blocks, I, BN, GROUP_M)
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, I, H,
                           stride_we, stride_wn, BN, LINE)
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, I + pid_n * BN, 2 * I,
                           H, stride_we, stride_wn, BN, LINE)
     pdl_wait(USE_PDL)
-    _gemm1_tile(tl.program_id(0), x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
-                num_post_ptr, n_pairs, H, I, max_m_blocks, stride_xm, stride_xs, stride_we, stride_wn, stride_se,
-                stride_sn, stride_hm, stride_hs, TOP_K, BM, BN, BK, GROUP_M, FP8, H_FP8, EVEN_K, SWAP, TMA)
-
-
-@triton.jit
-def _gemm1_tile(pid, x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_slot_ptr,
-                num_post_ptr, n_pairs, H, I, max_m_blocks, stride_xm, stride_xs, stride_we, stride_wn, stride_se,
-                stride_sn, stride_hm, stride_hs, TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr,
-                EVEN_K: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr):
-    """Tile ``pid`` of gemm1 (what program ``pid`` of _gemm1_kernel's grid computes; also a phase of
-    the one-launch decode MoE, ``moe_decode``). Nothing where its row block is past num_post."""
-    pid_m, pid_n = _tile_ids(pid, max_m_blocks, I, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
-    if pid_m * BM < num_post:
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(sorted_ptr + offs_m)
-        mask_m = pair < n_pairs
-        tok = (pair // TOP_K).to(tl.int64)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_n = offs_n < I
-        offs_k = tl.arange(0, BK)
-        if SWAP:
-            a_ptrs = x_ptr + tok[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BK, BM]
-            g_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-            acc_g = tl.zeros((BN, BM), dtype=tl.float32)
-            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
-        else:
-            a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-            g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        u_ptrs = g_ptrs + I * stride_wn
-        if FP8:
-            as_ptrs = xs_ptr + tok * stride_xs
-            sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
-            su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
+    if pid_m * BM >= num_post:
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    mask_m = pair < n_pairs
+    tok = (pair // TOP_K).to(tl.int64)
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BK)
+    if SWAP:
+        a_ptrs = x_ptr + tok[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BK, BM]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        acc_g = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+        g_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    u_ptrs = g_ptrs + I * stride_wn
+    if FP8:
+        as_ptrs = xs_ptr + tok * stride_xs
+        sg_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
+        su_ptrs = ws_ptr + slot * stride_se + ((offs_n + I) // 128) * stride_sn
+    if TMA:
+        w_row = slot.to(tl.int32) * (2 * I) + pid_n * BN
+    for kb in range(0, tl.cdiv(H, BK)):
         if TMA:
-            w_row = slot.to(tl.int32) * (2 * I) + pid_n * BN
-        for kb in range(0, tl.cdiv(H, BK)):
-            if TMA:
+            a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
+            g = w_desc.load([w_row, kb * BK])
+            u = w_desc.load([w_row + I, kb * BK])
+        elif SWAP:
+            if EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
-                g = w_desc.load([w_row, kb * BK])
-                u = w_desc.load([w_row + I, kb * BK])
-            elif SWAP:
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=mask_m[None, :], other=0.0)
-                    g = tl.load(g_ptrs, mask=mask_n[:, None], other=0.0)
-                    u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0)
-                else:
-                    km = offs_k < H - kb * BK
-                    a = tl.load(a_ptrs, mask=mask_m[None, :] & km[:, None], other=0.0)
-                    g = tl.load(g_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
-                    u = tl.load(u_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                g = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=mask_n[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None], other=0.0)
             else:
                 km = offs_k < H - kb * BK
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
-                g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
-                u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
-            if FP8:
-                a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
-                if BN <= 128:
-                    # the tile lies in one 128-row weight block: one scale, folded into the row scale
-                    # so the promotion is a single FMA per element
-                    sg = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
-                    su = tl.load(ws_ptr + slot * stride_se + ((pid_n * BN + I) // 128) * stride_sn + kb)
-                    if SWAP:
-                        acc_g += tl.dot(g, a) * (a_s * sg)[None, :]
-                        acc_u += tl.dot(u, a) * (a_s * su)[None, :]
-                    else:
-                        acc_g += tl.dot(a, g) * (a_s * sg)[:, None]
-                        acc_u += tl.dot(a, u) * (a_s * su)[:, None]
-                else:
-                    sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
-                    su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
-                    if SWAP:
-                        acc_g += tl.dot(g, a) * sg[:, None] * a_s[None, :]
-                        acc_u += tl.dot(u, a) * su[:, None] * a_s[None, :]
-                    else:
-                        acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
-                        acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
-            elif SWAP:
-                acc_g = tl.dot(g, a, acc_g)
-                acc_u = tl.dot(u, a, acc_u)
-            else:
-                acc_g = tl.dot(a, g, acc_g)
-                acc_u = tl.dot(a, u, acc_u)
-            a_ptrs += BK
-            g_ptrs += BK
-            u_ptrs += BK
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        if SWAP:
-            h = tl.trans(h)  # [BM, BN]: one row per pair, as the quantization and the store expect
-        h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-        if H_FP8:
-            hq, h_s = _quant_rows(h)
-            tl.store(h_ptrs, hq, mask=mask_m[:, None] & mask_n[None, :])
-            tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, h_s, mask=mask_m)
+                a = tl.load(a_ptrs, mask=mask_m[None, :] & km[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=mask_n[:, None] & km[None, :], other=0.0)
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            g = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
         else:
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            km = offs_k < H - kb * BK
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=mask_n[None, :] & km[:, None], other=0.0)
+        if FP8:
+            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+            if BN <= 128:
+                # the tile lies in one 128-row weight block: one scale, folded into the row scale
+                # so the promotion is a single FMA per element
+                sg = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
+                su = tl.load(ws_ptr + slot * stride_se + ((pid_n * BN + I) // 128) * stride_sn + kb)
+                if SWAP:
+                    acc_g += tl.dot(g, a) * (a_s * sg)[None, :]
+                    acc_u += tl.dot(u, a) * (a_s * su)[None, :]
+                else:
+                    acc_g += tl.dot(a, g) * (a_s * sg)[:, None]
+                    acc_u += tl.dot(a, u) * (a_s * su)[:, None]
+            else:
+                sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
+                su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
+                if SWAP:
+                    acc_g += tl.dot(g, a) * sg[:, None] * a_s[None, :]
+                    acc_u += tl.dot(u, a) * su[:, None] * a_s[None, :]
+                else:
+                    acc_g += tl.dot(a, g) * a_s[:, None] * sg[None, :]
+                    acc_u += tl.dot(a, u) * a_s[:, None] * su[None, :]
+        elif SWAP:
+            acc_g = tl.dot(g, a, acc_g)
+            acc_u = tl.dot(u, a, acc_u)
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BK
+        g_ptrs += BK
+        u_ptrs += BK
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    if SWAP:
+        h = tl.trans(h)  # [BM, BN]: one row per pair, as the quantization and the store expect
+    h_ptrs = h_ptr + pair[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
+    if H_FP8:
+        hq, h_s = _quant_rows(h)
+        tl.store(h_ptrs, hq, mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(hs_ptr + pair.to(tl.int64) * stride_hs + pid_n, h_s, mask=mask_m)
+    else:
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit(do_not_specialize=["n_pairs", "max_m_blocks"])
@@ -355,102 +342,89 @@ def _gemm2_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorte
     _sum_kernel, one launch fewer. Each program arrives, per row, at the counter of (token,
     column tile); the last of the token's SUM_K pairs to arrive sums their y rows in k order, as
     _sum_kernel does (same bits), into out_ptr, and resets the counter (kernels.arrival)."""
+    pid_m, pid_n = _tile_ids(max_m_blocks, H, BN, GROUP_M)
     if PREFETCH:
-        pid_m, pid_n = _tile_ids(tl.program_id(0), max_m_blocks, H, BN, GROUP_M)
         _prefetch_experts(w_ptr, pair_slot_ptr, n_pairs, n_slots, pid_m, max_m_blocks, pid_n * BN, H, I,
                           stride_we, stride_wn, BN, LINE)
     pdl_wait(USE_PDL)
-    _gemm2_tile(tl.program_id(0), h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
-                num_post_ptr, n_pairs, H, I, max_m_blocks, stride_hm, stride_hs, stride_we, stride_wn, stride_se,
-                stride_sn, stride_ym, out_ptr, cnt_ptr, BM, BN, BK, GROUP_M, FP8, H_FP8, EVEN_K, MUL_WEIGHT, SWAP,
-                TMA, SUM_K)
-
-
-@triton.jit
-def _gemm2_tile(pid, h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, y_ptr, weight_ptr, sorted_ptr, block_slot_ptr,
-                num_post_ptr, n_pairs, H, I, max_m_blocks, stride_hm, stride_hs, stride_we, stride_wn, stride_se,
-                stride_sn, stride_ym, out_ptr, cnt_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                GROUP_M: tl.constexpr, FP8: tl.constexpr, H_FP8: tl.constexpr, EVEN_K: tl.constexpr,
-                MUL_WEIGHT: tl.constexpr, SWAP: tl.constexpr, TMA: tl.constexpr, SUM_K: tl.constexpr):
-    """Tile ``pid`` of gemm2 (as ``_gemm1_tile``)."""
-    pid_m, pid_n = _tile_ids(pid, max_m_blocks, H, BN, GROUP_M)
     num_post = tl.load(num_post_ptr)
-    if pid_m * BM < num_post:
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(sorted_ptr + offs_m)
-        mask_m = pair < n_pairs
-        row = pair.to(tl.int64)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        mask_n = offs_n < H
-        offs_k = tl.arange(0, BK)
-        a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
-        if SWAP:
-            b_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        else:
-            b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        if FP8:
-            s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
-        if H_FP8:
-            as_ptrs = hs_ptr + row * stride_hs
-        acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    if pid_m * BM >= num_post:
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_ptr + offs_m)
+    mask_m = pair < n_pairs
+    row = pair.to(tl.int64)
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BK)
+    a_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :]
+    if SWAP:
+        b_ptrs = w_ptr + slot * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    else:
+        b_ptrs = w_ptr + slot * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if FP8:
+        s_ptrs = ws_ptr + slot * stride_se + (offs_n // 128) * stride_sn
+    if H_FP8:
+        as_ptrs = hs_ptr + row * stride_hs
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), dtype=tl.float32)
+    if TMA:
+        w_row = slot.to(tl.int32) * H + pid_n * BN
+    for kb in range(0, tl.cdiv(I, BK)):
+        # a: h tile [BM, BK]; b: w2 tile [BK, BN], or [BN, BK] with SWAP (acc is then [BN, BM])
         if TMA:
-            w_row = slot.to(tl.int32) * H + pid_n * BN
-        for kb in range(0, tl.cdiv(I, BK)):
-            # a: h tile [BM, BK]; b: w2 tile [BK, BN], or [BN, BK] with SWAP (acc is then [BN, BM])
-            if TMA:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b = w_desc.load([w_row, kb * BK])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[:, None] if SWAP else mask_n[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = w_desc.load([w_row, kb * BK])
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] if SWAP else mask_n[None, :], other=0.0)
+        else:
+            km = offs_k < I - kb * BK
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
+            bmask = (mask_n[:, None] & km[None, :]) if SWAP else (mask_n[None, :] & km[:, None])
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        if FP8:
+            if H_FP8:
+                aq = a
+                a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
             else:
-                km = offs_k < I - kb * BK
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & km[None, :], other=0.0)
-                bmask = (mask_n[:, None] & km[None, :]) if SWAP else (mask_n[None, :] & km[:, None])
-                b = tl.load(b_ptrs, mask=bmask, other=0.0)
-            if FP8:
-                if H_FP8:
-                    aq = a
-                    a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+                aq, a_s = _quant_rows(a)
+            if BN <= 128:
+                bs = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
+                if SWAP:
+                    acc += tl.dot(b, tl.trans(aq)) * (a_s * bs)[None, :]
                 else:
-                    aq, a_s = _quant_rows(a)
-                if BN <= 128:
-                    bs = tl.load(ws_ptr + slot * stride_se + (pid_n * BN // 128) * stride_sn + kb)
-                    if SWAP:
-                        acc += tl.dot(b, tl.trans(aq)) * (a_s * bs)[None, :]
-                    else:
-                        acc += tl.dot(aq, b) * (a_s * bs)[:, None]
-                else:
-                    bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
-                    if SWAP:
-                        acc += tl.dot(b, tl.trans(aq)) * bs[:, None] * a_s[None, :]
-                    else:
-                        acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
-            elif SWAP:
-                acc = tl.dot(b, tl.trans(a), acc)
+                    acc += tl.dot(aq, b) * (a_s * bs)[:, None]
             else:
-                acc = tl.dot(a, b, acc)
-            a_ptrs += BK
-            b_ptrs += BK
-        if SWAP:
-            acc = tl.trans(acc)
-        if MUL_WEIGHT:
-            wt = tl.load(weight_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
-            acc = acc * wt[:, None]
-        y_ptrs = y_ptr + row[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-        if SUM_K:
-            tok = row // SUM_K
-            last = last_to_arrive_each(cnt_ptr + tok * tl.cdiv(H, BN) + pid_n, SUM_K, mask_m)
-            if tl.max(last.to(tl.int32), axis=0) > 0:
-                lm = last[:, None] & mask_n[None, :]
-                tot = tl.zeros((BM, BN), dtype=tl.float32)
-                for j in tl.static_range(SUM_K):  # k order, float32: _sum_kernel's sum
-                    v = tl.load(y_ptr + (tok * SUM_K + j)[:, None] * stride_ym + offs_n[None, :], mask=lm,
-                                other=0.0, cache_modifier=".cg")
-                    tot += v.to(tl.float32)
-                tl.store(out_ptr + tok[:, None] * H + offs_n[None, :], tot.to(out_ptr.dtype.element_ty), mask=lm)
+                bs = tl.load(s_ptrs + kb, mask=mask_n, other=0.0)
+                if SWAP:
+                    acc += tl.dot(b, tl.trans(aq)) * bs[:, None] * a_s[None, :]
+                else:
+                    acc += tl.dot(aq, b) * a_s[:, None] * bs[None, :]
+        elif SWAP:
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    if SWAP:
+        acc = tl.trans(acc)
+    if MUL_WEIGHT:
+        wt = tl.load(weight_ptr + pair, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+    y_ptrs = y_ptr + row[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SUM_K:
+        tok = row // SUM_K
+        last = last_to_arrive_each(cnt_ptr + tok * tl.cdiv(H, BN) + pid_n, SUM_K, mask_m)
+        if tl.max(last.to(tl.int32), axis=0) > 0:
+            lm = last[:, None] & mask_n[None, :]
+            tot = tl.zeros((BM, BN), dtype=tl.float32)
+            for j in tl.static_range(SUM_K):  # k order, float32: _sum_kernel's sum
+                v = tl.load(y_ptr + (tok * SUM_K + j)[:, None] * stride_ym + offs_n[None, :], mask=lm,
+                            other=0.0, cache_modifier=".cg")
+                tot += v.to(tl.float32)
+            tl.store(out_ptr + tok[:, None] * H + offs_n[None, :], tot.to(out_ptr.dtype.element_ty), mask=lm)
 
 
 @triton.jit

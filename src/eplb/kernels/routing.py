@@ -110,26 +110,9 @@ def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, st
     programs sums each row's KSPLIT partials in order s = 0, 1, ... (fixed: a row gets the same
     bits in any batch), adds the bias, rounds to x's dtype as F.linear's logits are, and runs the
     tail on all T <= BR rows."""
-    _router_item(tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                 tl.num_programs(0) * tl.num_programs(1) * KSPLIT, x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E,
-                 H, stride_x, stride_g, w_ptr, id_ptr, map_ptr, stride_map, slot_ptr, load_ptr, n_real_ptr, n_real,
-                 counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr, n_slots, BT, EB, KS, KSPLIT,
-                 HAS_BIAS, PREC, K, K_PAD, E_PAD, BR, RENORM, HAS_MAP, COUNT, REAL_PTR, USE_PDL, SORT, BM, S_PAD,
-                 J_PAD)
-
-
-@triton.jit
-def _router_item(pid_t, pid_e, ks_id, n_prog, x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, stride_g,
-                 w_ptr, id_ptr, map_ptr, stride_map, slot_ptr, load_ptr, n_real_ptr, n_real,
-                 counts_ptr, start_ptr, sorted_ptr, block_slot_ptr, num_post_ptr, n_slots,
-                 BT: tl.constexpr, EB: tl.constexpr, KS: tl.constexpr, KSPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                 K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BR: tl.constexpr,
-                 RENORM: tl.constexpr, HAS_MAP: tl.constexpr, COUNT: tl.constexpr, REAL_PTR: tl.constexpr,
-                 USE_PDL: tl.constexpr, SORT: tl.constexpr, BM: tl.constexpr, S_PAD: tl.constexpr,
-                 J_PAD: tl.constexpr):
-    """Item (pid_t, pid_e, ks_id) of ``_router_kernel``'s grid, ``n_prog`` items in all (also the
-    router phase of the one-launch decode MoE, ``moe_decode``)."""
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    ks_id = tl.program_id(2)
     rows = pid_t * BT + tl.arange(0, BT)
     rm = rows < T
     ex = pid_e * EB + tl.arange(0, EB)
@@ -141,6 +124,7 @@ def _router_item(pid_t, pid_e, ks_id, n_prog, x_ptr, g_ptr, b_ptr, part_ptr, cnt
     a = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
     acc = tl.dot(a, b, input_precision=PREC)
     tl.store(part_ptr + (ks_id * T + rows[:, None]).to(tl.int64) * E + ex[None, :], acc, mask=rm[:, None])
+    n_prog = tl.num_programs(0) * tl.num_programs(1) * KSPLIT
     if last_to_arrive(cnt_ptr, n_prog):
         rr = tl.arange(0, BR)
         cols = tl.arange(0, E_PAD)

@@ -359,14 +359,6 @@ class MoELayer(nn.Module):
         and dummy-step rows do not); a 0-dim tensor there keeps the count on the device (graphs).
         ``x_fp8``: x quantized per row and 128 columns (see ``fp8_input``); the router still
         reads x."""
-        if self._one_launch(x, x_fp8):
-            # decode sizes, one process: router to sum over k in one launch (eplb.kernels.moe_persistent)
-            self._before_route()
-            out, _, _, _ = kernels.moe_decode(
-                x, self.gate_weight, self.router_bias, self.top_k, self.norm_topk_prob, self.w13, self.w2,
-                self.single_replica_map(), w13_scale=self.w13_scale, w2_scale=self.w2_scale, x_fp8=x_fp8,
-                load=self.expert_load, num_real=num_real_tokens)
-            return out
         sort = None
         if self._fused_router(x):
             weights, slots, sort = self._route_fused(x, num_real_tokens)
@@ -378,20 +370,6 @@ class MoELayer(nn.Module):
             return local_dispatch(x, slots, weights, self.expert_fn, self,
                                   hidden_fp8=x_fp8 if self.fp8_input else None, pair_sort=sort)
         return self._dispatcher(x, slots, weights, self.expert_fn, self)
-
-    def _one_launch(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
-        """``kernels.moe_decode`` runs this call: at most ``MOE_DECODE_MAX_TOKENS`` tokens, the
-        Triton path, every expert here with one replica, x pre-quantized for FP8 experts, and no
-        other rank in the process group (the launch's grid barrier must not wait on SMs that a
-        collective holds while its peer waits on this rank)."""
-        t = x.shape[0]
-        if not (self._fused_router(x) and 0 < t <= kernels.MOE_DECODE_MAX_TOKENS and self.num_experts % 16 == 0
-                and self._new_pair_sort_fits(x) and self.single_replica_map() is not None
-                and (self.w13_scale is None or x_fp8 is not None)):
-            return False
-        import torch.distributed as dist
-
-        return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
     def _route_fused(self, x: torch.Tensor, num_real_tokens: int | torch.Tensor | None):
         """route + count_load + choose_slots with one Triton launch after the router matmul
@@ -421,16 +399,13 @@ class MoELayer(nn.Module):
         """Buffers for the router launch to sort the pairs into (``kernels.new_pair_sort``), when
         the in-process Triton experts run this call and it is small enough
         (``kernels.SORT_IN_ROUTER_MAX_TOKENS``), else None."""
-        if not (x.shape[0] <= kernels.SORT_IN_ROUTER_MAX_TOKENS and self._new_pair_sort_fits(x)):
-            return None
-        return kernels.new_pair_sort(x.shape[0] * self.top_k, self.num_physical, self.w13_scale is not None, x.device)
-
-    def _new_pair_sort_fits(self, x: torch.Tensor) -> bool:
-        """The router launch can sort this call's pairs for the in-process Triton experts."""
         t = x.shape[0]
-        return (0 < t <= kernels.ROUTER_MATMUL_TOKENS_CAP and self._dispatcher is local_dispatch
+        n_pairs = t * self.top_k
+        if not (0 < t <= kernels.SORT_IN_ROUTER_MAX_TOKENS and self._dispatcher is local_dispatch
                 and self.slot_start == 0 and self.slot_end == self.num_physical and self.use_fused(x)
-                and kernels.small_sort_fits(t * self.top_k, self.num_physical))
+                and kernels.small_sort_fits(n_pairs, self.num_physical)):
+            return None
+        return kernels.new_pair_sort(n_pairs, self.num_physical, self.w13_scale is not None, x.device)
 
     def count_load(self, ids: torch.Tensor, num_real_tokens: int | torch.Tensor | None) -> None:
         """expert_load[e] += pairs of the first ``num_real_tokens`` rows of ids [T, k] routed to e."""
