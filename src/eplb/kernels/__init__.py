@@ -68,6 +68,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "HAS_TRITON", "triton_usable", "triton_test_device", "fused_moe", "fused_moe_pairs", "fused_experts", "get_config",
-    "softmax_topk", "route_topk", "route_logits_topk", "fp8_linear", "rms_norm_fused",
-    "qk_norm_rope", "moe_torch", "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
+    "softmax_topk", "route_topk", "route_logits_topk", "fp8_linear", "rms_norm_fused", "qk_norm_rope", "moe_torch",
+    "moe_pairs_torch", "quant_dequant_act", "quantize_block_fp8",
 ]

@@ -81,23 +81,34 @@ def _tree(acc, R: tl.constexpr, LANES: tl.constexpr):
     return tl.sum(s, axis=1)
 
 
-@triton.jit
-def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES: tl.constexpr,
-                     ITERS: tl.constexpr, HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr, dt):
-    """float32 sum of squares [BR] of rows r = x + res (rounded to ``dt``, the torch add) at element
-    offsets ``xrow``/``rrow`` [BR] (int64), in torch's order (EXACT); row chunk j covers columns
-    [j * 4 * LANES, (j + 1) * 4 * LANES)."""
+@triton.jit(do_not_specialize=["T"])
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
+                     q_ptr, qs_ptr, sq, sqs,
+                     BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
+                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
+                     FP8: tl.constexpr, USE_PDL: tl.constexpr):
+    """BR rows per program; row chunk j covers columns [j * 4 * LANES, (j + 1) * 4 * LANES).
+    FP8: the output is also written quantized for a block-FP8 GEMM (e4m3 q and a float32 scale
+    per row and 128 columns: moe_triton._quant_rows)."""
+    pdl_wait(USE_PDL)
     DP: tl.constexpr = 4 * LANES
+    NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
+    dt = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < T
+    rows64 = rows.to(tl.int64)
     cols = tl.arange(0, DP)
     acc = tl.zeros([BR, LANES], dtype=tl.float32)
     accp = tl.zeros([BR], dtype=tl.float32)
     for j in tl.static_range(ITERS):
         c = j * DP + cols
         m = rm[:, None] & (c < H)[None, :]
-        x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
-            r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-            x = (x + r).to(dt).to(tl.float32)
+            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(dt)  # the torch add rounds the sum to the dtype
+            tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], x, mask=m)
+            x = x.to(tl.float32)
         if EXACT:
             acc = _chain4(acc, tl.reshape(x, [BR, LANES, 2, 2]), FMA)
         else:
@@ -106,54 +117,22 @@ def _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR: tl.constexpr, LANES:
         ss = _tree(acc, BR, LANES)
     else:
         ss = accp
-    return ss
-
-
-@triton.jit
-def _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, cm, rm, rstd, HAS_RES: tl.constexpr, dt):
-    """Columns ``c`` [N] (mask ``cm``) of the rows (mask ``rm``) -> (r = x + res, rms_norm(r) * w),
-    both [BR, N] rounded to ``dt`` as torch rounds them; ``rstd`` [BR] from
-    :func:`_row_sum_squares`."""
-    m = rm[:, None] & cm[None, :]
-    x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r = tl.load(res_ptr + rrow[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
-        x = (x + r).to(dt).to(tl.float32)
-    # the weight as a [1, N] row: it then takes the rows' layout (a 1-D load is converted through
-    # shared memory, a barrier per chunk)
-    w = tl.load(w_ptr + c[None, :], mask=cm[None, :], other=0.0).to(tl.float32)
-    y = (x * rstd[:, None]).to(dt).to(tl.float32)
-    return x.to(dt), (y * w).to(dt)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, rout_ptr, T, H, sx, sres, sout, srout, eps,
-                     q_ptr, qs_ptr, sq, sqs,
-                     BR: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
-                     HAS_RES: tl.constexpr, EXACT: tl.constexpr, FMA: tl.constexpr,
-                     FP8: tl.constexpr, USE_PDL: tl.constexpr):
-    """BR rows per program. FP8: the output is also written quantized for a block-FP8 GEMM (e4m3
-    q and a float32 scale per row and 128 columns: moe_triton._quant_rows)."""
-    pdl_wait(USE_PDL)
-    DP: tl.constexpr = 4 * LANES
-    NG: tl.constexpr = DP // 128  # FP8 groups of 128 columns per chunk
-    dt = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rm = rows < T
-    rows64 = rows.to(tl.int64)
-    xrow = rows64 * sx
-    rrow = rows64 * sres
-    ss = _row_sum_squares(x_ptr, res_ptr, xrow, rrow, rm, H, BR, LANES, ITERS, HAS_RES, EXACT, FMA, dt)
     rstd = tl.math.rsqrt(ss / H + eps)
     # second pass: re-read (L1/L2-hot) and recompute the sum rather than read back what this
     # program just stored, which other threads of the block wrote
-    cols = tl.arange(0, DP)
     for j in tl.static_range(ITERS):
         c = j * DP + cols
-        m = rm[:, None] & (c < H)[None, :]
-        r, o = _normed_cols(x_ptr, res_ptr, w_ptr, xrow, rrow, c, c < H, rm, rstd, HAS_RES, dt)
+        cm = c < H
+        m = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * sx + c[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
-            tl.store(rout_ptr + rows64[:, None] * srout + c[None, :], r, mask=m)
+            r = tl.load(res_ptr + rows64[:, None] * sres + c[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x + r).to(dt).to(tl.float32)
+        # the weight as a [1, N] row: it then takes the rows' layout (a 1-D load is converted
+        # through shared memory, a barrier per chunk)
+        w = tl.load(w_ptr + c[None, :], mask=cm[None, :], other=0.0).to(tl.float32)
+        y = (x * rstd[:, None]).to(dt).to(tl.float32)
+        o = (y * w).to(dt)
         tl.store(out_ptr + rows64[:, None] * sout + c[None, :], o, mask=m)
         if FP8:  # one row of _quant_rows per 128 columns
             q, sc = _quant_rows(tl.reshape(o, [BR * NG, 128]))
@@ -181,10 +160,15 @@ def _lanes(h: int) -> tuple[int, int]:
     return max(32, triton.next_power_of_2(nvec)), 1
 
 
-def norm_outputs(x: torch.Tensor, residual: torch.Tensor | None, fp8: bool):
-    """The one check of a fused RMSNorm's input: x [N, H] with a contiguous last dim, H % 4 == 0
-    (H % 128 == 0 with ``fp8``), residual (or None) like x. -> its empty outputs: (out [N, H],
-    r [N, H] or None, (q e4m3 [N, H], scales float32 [N, H/128]) or None)."""
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None, fp8: bool = False):
+    """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
+    [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
+    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
+
+    ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
+    and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
+    (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [N, H] with a contiguous last dim, got {list(x.shape)} / {x.stride()}")
     t, h = x.shape
@@ -196,27 +180,13 @@ def norm_outputs(x: torch.Tensor, residual: torch.Tensor | None, fp8: bool):
         if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
             raise ValueError("residual must match x in shape and dtype with a contiguous last dim")
         rout = torch.empty((t, h), dtype=x.dtype, device=x.device)
-    quant = None
     if fp8:
         if h % 128:
-            raise ValueError(f"H must be divisible by 128 for fp8 output, got {h}")
-        quant = (torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device),
-                 torch.empty((t, h // 128), dtype=torch.float32, device=x.device))
-    return out, rout, quant
-
-
-def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None, fp8: bool = False):
-    """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
-    [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
-    Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
-
-    ``fp8``: also (q [N, H] float8_e4m3fn, scales [N, H/128] float32), ``out`` quantized per row
-    and 128 columns for a block-FP8 GEMM (H % 128 == 0), as one more element of the result:
-    (out, q, scales) or (out, r, q, scales). Saves the GEMM's own quantization launch."""
-    out, rout, quant = norm_outputs(x, residual, fp8)
-    t, h = x.shape
-    q, qs = quant if fp8 else (out, out)  # dummy pointers without fp8
+            raise ValueError(f"fp8 output needs H divisible by 128, got {h}")
+        q = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
+        qs = torch.empty((t, h // 128), dtype=torch.float32, device=x.device)
+    else:
+        q = qs = out  # dummy pointers
     if t:
         lanes, iters = _lanes(h)
         br = max(1, min(16, 2048 // (4 * lanes * iters)))

@@ -111,17 +111,16 @@ def _router_kernel(x_ptr, g_ptr, b_ptr, part_ptr, cnt_ptr, T, E, H, stride_x, st
     bits in any batch), adds the bias, rounds to x's dtype as F.linear's logits are, and runs the
     tail on all T <= BR rows."""
     pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
     ks_id = tl.program_id(2)
     rows = pid_t * BT + tl.arange(0, BT)
     rm = rows < T
-    ex = pid_e * EB + tl.arange(0, EB)
+    ex = tl.program_id(1) * EB + tl.arange(0, EB)
     kk = ks_id * KS + tl.arange(0, KS)
     km = kk < H
     b = tl.load(g_ptr + ex[None, :].to(tl.int64) * stride_g + kk[:, None], mask=km[:, None], other=0.0)  # [KS, EB]
     pdl_wait(USE_PDL)  # the weight slice above is read before the wait: no kernel writes it
-    rows64 = rows.to(tl.int64)
-    a = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+    a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + kk[None, :], mask=rm[:, None] & km[None, :],
+                other=0.0)
     acc = tl.dot(a, b, input_precision=PREC)
     tl.store(part_ptr + (ks_id * T + rows[:, None]).to(tl.int64) * E + ex[None, :], acc, mask=rm[:, None])
     n_prog = tl.num_programs(0) * tl.num_programs(1) * KSPLIT
