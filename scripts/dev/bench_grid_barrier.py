@@ -22,7 +22,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 import gpu  # noqa: E402
+
+from eplb.kernels.pdl import prefetch_l2  # noqa: E402
 
 # bytes per phase of one FP8 layer at batch 1: qkv 2048x5120, KV of 512 tokens, o 4096x2048,
 # router 128x2048 bf16, gate/up 8 x 1536x2048, down 8 x 2048x768 (scales left out)
@@ -47,11 +50,9 @@ def _grid_sync(cnt_ptr, gen_ptr, n):
 
 @triton.jit
 def _prefetch(base, start, stop):
-    """prefetch.global.L2 of the 128-byte lines of int32 words [start, stop) from ``base``."""
+    """L2 prefetch of the 128-byte lines of int32 words [start, stop) from ``base``."""
     for c in range(start, stop, 32 * 1024):
-        offs = tl.minimum(c + tl.arange(0, 1024) * 32, stop - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; // $0", "=r,l", [base + offs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        prefetch_l2(base + tl.minimum(c + tl.arange(0, 1024) * 32, stop - 1))
 
 
 @triton.jit
@@ -92,22 +93,7 @@ def _barriers_only(out_ptr, cnt_ptr, gen_ptr, n_barriers):
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Median milliseconds of one replay of a CUDA graph of ``fn`` (after warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return 1000 * gpu.graph_time_fn(lambda _: fn(), reps=reps, sets=1)
 
 
 def main() -> None:
