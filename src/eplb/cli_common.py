@@ -1,4 +1,4 @@
-"""Helpers shared by the ``eplb rebalance`` and ``eplb simulate`` commands."""
+"""Helpers shared by the ``eplb`` commands (``serve``, ``rebalance``, ``simulate``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 from typing import NoReturn
 
 
-class UsageError(Exception):
-    """A bad argument: the command prints one line and exits with code 2."""
+class UsageError(ValueError):
+    """A bad argument: the command prints one line and exits with code 2 (``fail``)."""
 
 
 def one_line_errors(parser: argparse.ArgumentParser, prog: str) -> None:

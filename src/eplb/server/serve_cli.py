@@ -13,8 +13,9 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from eplb.cli_common import UsageError, fail, one_line_errors
 from eplb.config import ALL2ALL_BACKENDS, EPLBConfig, ParallelConfig
 from eplb.resources import DEFAULT_MODEL_NAME, default_model_path
 from eplb.runtime.heartbeat import DEFAULT_STALL_TIMEOUT_S
@@ -27,16 +28,8 @@ UVICORN_LOOPS = ("auto", "asyncio", "uvloop")
 UVICORN_HTTP = ("auto", "h11", "httptools")
 
 
-class UsageError(ValueError):
-    """A bad flag; main() prints it as one line and exits 2."""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def one_line_error(message: str) -> NoReturn:  # argparse's default prints usage too
-        print(f"eplb serve: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error  # type: ignore[method-assign]
+    one_line_errors(parser, "eplb serve")  # argparse's default prints the usage too
     parser.add_argument("model", nargs="?", default=None,
                         help=f"model directory (HF layout); default: the shipped {DEFAULT_MODEL}")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
@@ -297,8 +290,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = build_configs(args)
     except UsageError as exc:
-        print(f"eplb serve: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("eplb serve", str(exc))
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from eplb.runtime.dp_client import DPEngineClient
