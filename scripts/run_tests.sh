@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
+python scripts/check_type_hints.py  # every public function carries type hints
 # Without a GPU the Triton kernel tests run under triton's interpreter (tiny shapes, ~30 s).
 if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   export TRITON_INTERPRET=1

@@ -21,12 +21,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eplb.benchmarks.sse_client import ConnectionPool, HTTPStatusError, stream_events
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -155,7 +159,8 @@ async def _httpx_events(client, url: str, headers: dict, payload: bytes):
                 yield line[len("data:"):].strip().encode()
 
 
-async def send_request(client, url: str, headers: dict, body: dict, prompt_len: int) -> RequestResult:
+async def send_request(client: ConnectionPool | httpx.AsyncClient, url: str, headers: dict, body: dict,
+                       prompt_len: int) -> RequestResult:
     """One streamed completion; chunks that carry choices count as tokens arriving. ``client``:
     an httpx client for https:// URLs, a ``sse_client.ConnectionPool`` for http://."""
     res = RequestResult(prompt_len=prompt_len)
@@ -231,7 +236,7 @@ class Progress:
             self._bar.close()
 
 
-async def arrivals(n: int, rate: float, burstiness: float, seed: int):
+async def arrivals(n: int, rate: float, burstiness: float, seed: int) -> AsyncIterator[int]:
     """Yields request indices 0..n-1, sleeping gamma(burstiness, 1/(rate*burstiness)) between them."""
     rng = np.random.default_rng(seed + 1)
     for i in range(n):

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from eplb.balancer.placement import Placement
 from eplb.controller.faults import Fault
@@ -135,7 +136,8 @@ class AsyncRebalance:
         self.last_progress = time.monotonic()
 
     def post_next(self, rank: int, tensors_of: Callable[[int], dict[str, torch.Tensor]],
-                  slots_per_rank: int, group, stream) -> None:
+                  slots_per_rank: int, group: dist.ProcessGroup | None,
+                  stream: torch.cuda.Stream | None) -> None:
         """Post the next moving layer if the staging window allows (a pure function of
         ``committed`` and ``len(posted)``, which are the same on every rank)."""
         if len(self.posted) >= len(self.moving):

@@ -7,12 +7,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from eplb.balancer.placement import Placement
 from eplb.controller.metrics import EplbMetrics
+
+if TYPE_CHECKING:
+    from eplb.config import EPLBConfig
+    from eplb.model.moe import MoELayer
+    from eplb.parallel.groups import DistContext
 
 log = logging.getLogger("eplb.controller")
 
@@ -45,7 +51,7 @@ class Fault:
         return InjectedTransferError(f"debug_fail_rank: {what}")
 
 
-def fault_for(cfg, rank: int) -> Fault | None:
+def fault_for(cfg: EPLBConfig, rank: int) -> Fault | None:
     """The fault ``debug_fail_*`` asks of ``rank`` (the caller injects it in one rebalance)."""
     if cfg.debug_fail_rank == rank:
         return Fault(cfg.debug_fail_phase, cfg.debug_fail_mode)
@@ -60,7 +66,7 @@ class CommitVerifier:
         self.metrics = metrics
         self._reader = None
 
-    def verify_layer(self, layer_idx: int, layer, placement: Placement, rank: int) -> None:
+    def verify_layer(self, layer_idx: int, layer: MoELayer, placement: Placement, rank: int) -> None:
         """Each local slot's rows equal the checkpoint's rows of the expert the slot now names."""
         if self.checkpoint_path is None:
             return
@@ -83,7 +89,7 @@ class CommitVerifier:
                 log.error("EPLB verify: rank %d layer %d slot %d does not hold expert %d",
                           rank, layer_idx, base + local, expert)
 
-    def verify_maps(self, placement: Placement, layers: list, ctx) -> None:
+    def verify_maps(self, placement: Placement, layers: list[MoELayer], ctx: DistContext) -> None:
         """Every rank holds the same maps, and every layer's buffers match them (collective over
         the EP group: call at the same boundary on every rank)."""
         mine = placement.phy2log.to(ctx.comm_device)

@@ -36,7 +36,7 @@ class EplbMetrics:
     # "seconds", "steps_in_flight", "why"}; layers_committed of a failed one = layers it changed
     events: list[dict] = field(default_factory=list)
 
-    def add_event(self, **event) -> None:
+    def add_event(self, **event: object) -> None:
         self.events.append(event)
         del self.events[:-MAX_EVENTS]
 

@@ -30,10 +30,14 @@ rank's ``EngineCore.warm_up`` at startup).
 from __future__ import annotations
 
 import bisect
+from typing import TYPE_CHECKING
 
 import torch
 
 from eplb.model.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from eplb.model.transformer import MoEForCausalLM
 
 # steps above the decode sizes: graph sizes every MIXED_SIZE_STEP tokens
 MIXED_SIZE_STEP = 128
@@ -66,8 +70,8 @@ class DecodeGraphs:
     the largest step (default max_batch). ``run(ids, slots, positions)`` -> logits [n, V] (a
     view into a static buffer: consume it before the next call)."""
 
-    def __init__(self, model, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
-                 scratch_slot: int, device: torch.device, capture: bool = True, max_tokens: int | None = None):
+    def __init__(self, model: MoEForCausalLM, kv_layers: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch: int,
+                 scratch_slot: int, device: torch.device, capture: bool = True, max_tokens: int | None = None) -> None:
         self.model = model
         self.kv_layers = kv_layers
         max_tokens = max_batch if max_tokens is None else max(max_tokens, max_batch)

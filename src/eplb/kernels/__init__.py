@@ -8,12 +8,17 @@ path with the same arguments, for CPU and as the reference.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from eplb.kernels.reference import (
     moe_pairs_torch,
     moe_torch,
     quant_dequant_act,
     quantize_block_fp8,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # triton is only there on GPU machines
     import triton  # noqa: F401
@@ -23,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     HAS_TRITON = False
 
 
-def triton_usable(device) -> bool:
+def triton_usable(device: torch.device | str) -> bool:
     """True when the Triton kernels can run on ``device`` (a CUDA device with triton installed)."""
     import torch
 

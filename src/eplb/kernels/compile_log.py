@@ -24,7 +24,7 @@ def install() -> bool:
         return False
     previous = knobs.runtime.jit_post_compile_hook
 
-    def hook(*args, **kwargs):
+    def hook(*args: object, **kwargs: object) -> object:
         record(getattr(kwargs.get("fn"), "name", None) or "?")
         return previous(*args, **kwargs) if previous is not None else None
 

@@ -202,7 +202,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
     ctx_lens: torch.Tensor, scale: float, fp8_out: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """q [B, Hq, D]; k_cache/v_cache [S, Hkv, L, D]; slots [B] int (cache slot of each row);
     ctx_lens [B] int32/int64 (keys 0..ctx_len-1 of that slot are attended, current token included).
     -> out [B, Hq, D] in q's dtype. GQA: q head h uses kv head h // (Hq // Hkv).

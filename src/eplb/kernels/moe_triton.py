@@ -662,7 +662,8 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
               w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
               w2_scale: torch.Tensor | None = None, return_load: bool = False,
               config: dict | None = None, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
-              all_local: bool = False, pair_sort: PairSort | None = None):
+              all_local: bool = False, pair_sort: PairSort | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Weighted MoE output of this rank's local slots.
 
     x [T, H] bf16; topk_slot [T, k] int (local slot index, -1 = not on this rank); topk_weight
@@ -692,7 +693,7 @@ def fused_moe(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tenso
 def fused_moe_pairs(x: torch.Tensor, topk_slot: torch.Tensor, topk_weight: torch.Tensor | None,
                     w13: torch.Tensor, w2: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
                     w2_scale: torch.Tensor | None = None, return_load: bool = False,
-                    config: dict | None = None):
+                    config: dict | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-pair outputs [T, k, H]: expert(x[t]) for pair (t, j), times topk_weight[t, j] when
     weights are given; zero where topk_slot is -1. Same arguments as :func:`fused_moe`."""
     y, counts = _run(x, topk_slot, topk_weight, w13, w2, w13_scale, w2_scale, config, zero_y=True)

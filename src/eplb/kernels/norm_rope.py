@@ -161,7 +161,8 @@ def _lanes(h: int) -> tuple[int, int]:
 
 
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None, fp8: bool = False):
+                   residual: torch.Tensor | None = None, fp8: bool = False
+                   ) -> torch.Tensor | tuple:
     """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
     [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
     Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
@@ -268,7 +269,8 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: tor
                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
                  hq: int, hkv: int, d: int, eps: float,
                  kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 kv_slots: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None):
+                 kv_slots: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [N, (hq + 2 hkv) * d] (rows may be strided, last dim contiguous) -> (q [N, hq, d],
     k [N, hkv, d], v [N, hkv, d]); q and k are views of one new [N, hq + hkv, d] tensor, v a view
     of qkv.

@@ -21,8 +21,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from eplb.model.transformer import MoEForCausalLM
 
 STD = 0.02  # N(0, STD^2) for plain matrices
 FP8_SCALE_RANGE = (0.015, 0.025)  # weight_scale_inv per block; e4m3 values are N(0, 1)
@@ -68,7 +72,7 @@ def _fill_matrix(w: torch.Tensor, scale: torch.Tensor | None, fp8_config: bool,
 
 
 @torch.no_grad()
-def init_dummy_weights(model, seed: int = 0) -> None:
+def init_dummy_weights(model: MoEForCausalLM, seed: int = 0) -> None:
     """Fill every parameter of ``model`` (an :class:`eplb.model.transformer.MoEForCausalLM` built
     with empty tensors) in place, on the device its tensors live on."""
     from eplb.model.moe import MoELayer
@@ -218,7 +222,7 @@ class RouterTraceState:
         self.bias.copy_(self.table.index_select(0, torch.remainder(self.step, self.num_steps).view(1))[0])
 
 
-def install_router_skew(model, skew: RouterSkew | RouterTrace) -> RouterSkewState | RouterTraceState:
+def install_router_skew(model: MoEForCausalLM, skew: RouterSkew | RouterTrace) -> RouterSkewState | RouterTraceState:
     """Give each MoE layer its row of the skew's (or trace's) bias; the first MoE layer advances
     the step counter before it routes (so every forward counts once, replayed graphs included)."""
     layers = model.moe_layers()

@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 WORDS = [
     "the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "is", "of", "in", "it",
@@ -22,7 +25,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_config(arch: str = "qwen3_moe", **overrides: Any):
+def tiny_config(arch: str = "qwen3_moe", **overrides: Any) -> PretrainedConfig:
     """A transformers config of a few-MB model. vocab 128, hidden 64, 4 heads, 2 kv heads."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
@@ -77,7 +80,7 @@ def save_tiny_tokenizer(path: str) -> None:
 def make_tiny_checkpoint(
     path: str, arch: str = "qwen3_moe", *, seed: int = 0, dtype: torch.dtype = torch.float32,
     tokenizer: bool = True, **overrides: Any,
-):
+) -> PreTrainedModel:
     """Save a random model of family ``arch`` to ``path``; returns the transformers model (float32)."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)

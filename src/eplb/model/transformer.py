@@ -7,6 +7,8 @@ which layers are MoE (the rest use a dense SwiGLU MLP).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,9 @@ from eplb.kernels import HAS_TRITON
 from eplb.model.attention import AttentionMetadata, attend, attend_fp8_out, sdpa_backends
 from eplb.model.config import ModelConfig
 from eplb.model.moe import MoELayer
+
+if TYPE_CHECKING:
+    from eplb.model.dummy import RouterSkewState, RouterTraceState
 
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -70,7 +75,8 @@ def _norm_kernel(x: torch.Tensor, weight: torch.Tensor):
     return None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Matches transformers: normalise in float32, cast back, then scale.
 
     With ``residual``: ``(rms_norm(x + residual), x + residual)``, the decoder layer's residual
@@ -87,11 +93,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def _linear_params(out_f: int, in_f: int, dtype: torch.dtype, device,
+def _linear_params(out_f: int, in_f: int, dtype: torch.dtype, device: torch.device | str,
                    quantization: str | None) -> tuple[nn.Parameter, nn.Parameter | None]:
     """(weight [out, in], scale): with quantization "fp8" the weight is float8_e4m3fn and scale
     its float32 weight_scale_inv [out/128, in/128] (run by fp8_linear); else scale is None."""
@@ -104,7 +110,7 @@ def _linear_params(out_f: int, in_f: int, dtype: torch.dtype, device,
 class Rope(nn.Module):
     """Default RoPE (rotate-half layout); cos/sin tables [max_len, D] in float32."""
 
-    def __init__(self, head_dim: int, theta: float, max_len: int, device):
+    def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device | str) -> None:
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv[None, :]
@@ -124,7 +130,8 @@ class Rope(nn.Module):
 
 
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                 quantize: bool = True):
+                 quantize: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """A decoder layer's norm: (out, residual stream, x_fp8), where the residual stream is
     x + residual (x itself when ``residual`` is None) and, with ``quantize`` (the next GEMM is
     block-FP8), x_fp8 is (q, scales), ``out`` quantized per row and 128 columns by the norm's own
@@ -141,7 +148,8 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 quantization: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         h, d = cfg.hidden_size, cfg.head_dim
@@ -165,8 +173,9 @@ class Attention(nn.Module):
         """The qkv projection is block-FP8 (it can take its input pre-quantized: ``x_fp8``)."""
         return self.qkv_scale is not None
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                kv: tuple[torch.Tensor, torch.Tensor],
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         n = x.shape[0]
         qkv = linear(x, self.qkv, self.qkv_bias, self.qkv_scale, x_fp8=x_fp8)
         sq, skv = self.nq * self.d, self.nkv * self.d
@@ -216,7 +225,8 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype, device, quantization: str | None = None):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device | str,
+                 quantization: str | None = None) -> None:
         super().__init__()
         self.inter = inter
         self.w13, self.w13_scale = _linear_params(2 * inter, hidden, dtype, device, quantization)
@@ -234,7 +244,8 @@ class DenseMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module, dtype, device, quantization: str | None = None):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, dtype: torch.dtype, device: torch.device | str,
+                 quantization: str | None = None) -> None:
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
@@ -242,7 +253,9 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, dtype, device, quantization)
         self.mlp = mlp
 
-    def forward(self, x, residual, cos, sin, meta, kv, num_real_tokens=None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor],
+                num_real_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H]: the previous layer's output (layer 0: the embeddings, residual None);
         residual [N, H]: the residual stream it is to be added to. Returns (mlp output, residual
         stream after attention): each residual add is left to the next norm, which fuses it (as
@@ -256,7 +269,8 @@ class DecoderLayer(nn.Module):
 class MoEForCausalLM(nn.Module):
     """forward(input_ids [N], meta, kv_caches) -> hidden [N, H]; compute_logits(h) -> [*, V]."""
 
-    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer], dtype, device, max_len: int):
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer], dtype: torch.dtype,
+                 device: torch.device | str, max_len: int) -> None:
         super().__init__()
         self.config = cfg
         self.dtype = dtype
@@ -269,7 +283,7 @@ class MoEForCausalLM(nn.Module):
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_len, device)
         self.router_skew = None  # dummy weights' RouterSkewState (set_router_skew), for tests and logs
 
-    def set_router_skew(self, state) -> None:
+    def set_router_skew(self, state: RouterSkewState | RouterTraceState) -> None:
         self.router_skew = state
 
     def moe_layers(self) -> list[MoELayer]:

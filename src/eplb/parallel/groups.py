@@ -15,9 +15,13 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from eplb.config import ParallelConfig
 
 # Long enough for a slow first step (model load skew between ranks); the EPLB transfer
 # group gets its own, much shorter timeout (EPLBConfig.transfer_timeout_s).
@@ -73,7 +77,7 @@ class Rendezvous:
     start_rank: int = 0
 
 
-def resolve_rendezvous(parallel, env: dict[str, str] | None = None) -> Rendezvous:
+def resolve_rendezvous(parallel: ParallelConfig, env: dict[str, str] | None = None) -> Rendezvous:
     """Explicit ``ParallelConfig`` values win. Otherwise, under torchrun (one front process per
     node: ``MASTER_ADDR``, ``MASTER_PORT``, ``GROUP_RANK``/``NODE_RANK``, ``WORLD_SIZE`` = number
     of fronts) the ranks meet at ``MASTER_ADDR:MASTER_PORT+1`` (torchrun's own store holds

@@ -139,8 +139,8 @@ class PendingLayer:
     it does not block (on CUDA it only orders the caller's stream after the side stream).
     """
 
-    def __init__(self, staged: StagedLayer, works: list, stream, keep: list,
-                 start_event=None, posted_at: float | None = None) -> None:
+    def __init__(self, staged: StagedLayer, works: list, stream: torch.cuda.Stream | None, keep: list,
+                 start_event: torch.cuda.Event | None = None, posted_at: float | None = None) -> None:
         self._staged = staged
         self._works = works
         self._keep = keep  # pinned indices: alive until the transfer is done

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -119,7 +119,7 @@ class DPEngineClient:
         self.rank_info: dict[int, dict] = {}
 
     # ----- life cycle ------------------------------------------------------------------------
-    def on_fatal(self, callback) -> None:
+    def on_fatal(self, callback: Callable[[str], None]) -> None:
         """Run ``callback(reason: str)`` once if the engine breaks (a rank died or hung) or
         another node stops the job (then ``remote_stopped`` is True)."""
         self._fatal_callbacks.append(callback)
@@ -130,7 +130,7 @@ class DPEngineClient:
         return self._error
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any | None:
         if self._tokenizer is None:
             from eplb.engine.tokenizer import load_tokenizer
 

@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,21 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def rank_main(spec: RankSpec, in_q, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
+class Inbox(Protocol):
+    """Where a rank reads the front's messages (a multiprocessing queue; a queue.Queue offline)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object: ...
+
+    def get_nowait(self) -> object: ...
+
+
+class Outbox(Protocol):
+    """Where a rank puts its messages to the front (a multiprocessing queue; a collector offline)."""
+
+    def put(self, msg: object) -> None: ...
+
+
+def rank_main(spec: RankSpec, in_q: Inbox, out_q: Outbox, heartbeat: HeartbeatWriter | None = None) -> None:
     """Entry point of a rank process."""
     # The front owns shutdown: a terminal's Ctrl-C reaches the whole process group, and a rank
     # killed by it mid-step would leave its peers in a collective and its trace unwritten.
@@ -126,7 +140,7 @@ def rank_main(spec: RankSpec, in_q, out_q, heartbeat: HeartbeatWriter | None = N
 class RankWorker:
     """One DP rank: engine + EP dispatcher + EPLB state."""
 
-    def __init__(self, spec: RankSpec, out_q, heartbeat: HeartbeatWriter | None = None) -> None:
+    def __init__(self, spec: RankSpec, out_q: Outbox, heartbeat: HeartbeatWriter | None = None) -> None:
         """Joins the job (or reuses the process group already joined) and loads this rank's
         part of the model."""
         from eplb.controller.state import EplbState, initial_placement
@@ -264,7 +278,7 @@ class RankWorker:
         return d
 
     # ----- the loop --------------------------------------------------------------------------
-    def loop(self, in_q, *, exit_when_idle: bool = False) -> bool:
+    def loop(self, in_q: Inbox, *, exit_when_idle: bool = False) -> bool:
         """Serve until a front asks to stop; returns True if this rank's front asked (False:
         another node's). ``exit_when_idle`` (offline drivers and tests): also return at the
         first boundary where no rank has work and no rebalance is in flight (every rank sees

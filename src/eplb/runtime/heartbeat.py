@@ -15,7 +15,9 @@ host); the front only compares its own node's ranks.
 from __future__ import annotations
 
 import time
+from collections.abc import MutableSequence
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
 
 # A rank whose beat is older than this is hung (or waits on one that is). Far above any step of
 # ours (CPU steps take milliseconds, a GPU step under 0.1 s, a sync rebalance beats per layer)
@@ -44,7 +46,8 @@ class Stall:
 class HeartbeatWriter:
     """A rank's end: picklable into the spawned rank process."""
 
-    def __init__(self, times, ops, steps, index: int) -> None:
+    def __init__(self, times: MutableSequence[float], ops: MutableSequence[int], steps: MutableSequence[int],
+                 index: int) -> None:
         self._times, self._ops, self._steps, self._index = times, ops, steps, index
 
     def beat(self, operation: str, step: int | None = None) -> None:
@@ -61,7 +64,7 @@ class HeartbeatWriter:
 class Heartbeats:
     """The front's end, for its local ranks ``ranks`` (index i = ranks[i])."""
 
-    def __init__(self, mp_context, ranks: list[int]) -> None:
+    def __init__(self, mp_context: BaseContext, ranks: list[int]) -> None:
         n = len(ranks)
         self.ranks = list(ranks)
         # lock-free: one writer per slot, and a torn read of a double is impossible on x86-64
