@@ -129,17 +129,25 @@ def chat_logprobs(prep: Preprocessor, pairs: list[tuple[int, Any]]) -> ChatLogpr
         for tid, lp in pairs])
 
 
+def _admit(ctx: ServingContext, req: CompletionRequest | ChatCompletionRequest) -> str:
+    """The checks a generation request passes before its prompt is read, in this order (each
+    raises its 4xx/503): the request's own fields, the model name, the server accepting work,
+    token ids within the vocabulary. Returns the model name to answer with."""
+    req.check()
+    model = ctx.check_model(req.model)
+    ctx.lifecycle.check_accepting()
+    req.check_token_ids(ctx.prep.vocab_size)
+    return model
+
+
 class CompletionHandler:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
     async def __call__(self, req: CompletionRequest, disconnected: Disconnected) -> Result:
         ctx = self.ctx
-        req.check()
-        model = ctx.check_model(req.model)
-        ctx.lifecycle.check_accepting()
+        model = _admit(ctx, req)
         prep = ctx.prep
-        req.check_token_ids(prep.vocab_size)
         prompts = req.prompts()
         ids_list = [await prep.prompt_ids(p, "prompt") for p in prompts]
         max_tokens = min(prep.check_lengths(len(ids), req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
@@ -214,11 +222,8 @@ class ChatHandler:
 
     async def __call__(self, req: ChatCompletionRequest, disconnected: Disconnected) -> Result:
         ctx = self.ctx
-        req.check()
-        model = ctx.check_model(req.model)
-        ctx.lifecycle.check_accepting()
+        model = _admit(ctx, req)
         prep = ctx.prep
-        req.check_token_ids(prep.vocab_size)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await prep.chat_ids(messages, req.add_generation_prompt)
         max_tokens = prep.check_lengths(len(ids), req.max_tokens, None, "messages")
