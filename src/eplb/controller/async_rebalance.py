@@ -153,14 +153,21 @@ class AsyncRebalance:
         self.posted.append(start_layer_transfer(
             layer, self.transfers[layer], rank, tensors_of(layer), slots_per_rank, group, stream))
 
+    def count_step(self) -> None:
+        """One more forward step ran while this rebalance was in flight."""
+        self.steps_in_flight += 1
+
     def take(self) -> tuple[int, PendingLayer]:
-        """The next layer to commit (every rank reported it done); frees its staging slot."""
+        """The next layer to commit (every rank reported it done); frees its staging slot and
+        counts its copies."""
         index = self.committed
         pending = self.posted[index]
         self.posted[index] = None  # type: ignore[call-overload]
         self.committed += 1
         self.last_progress = time.monotonic()
-        return self.moving[index], pending
+        layer = self.moving[index]
+        self.copies += len(self.transfers[layer])
+        return layer, pending
 
     @property
     def complete(self) -> bool:

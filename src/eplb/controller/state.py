@@ -155,7 +155,7 @@ class EplbState:
         r = self._inflight
         if r is not None:
             if forward_before:
-                r.steps_in_flight += 1
+                r.count_step()
             self._advance(r, summed)
         if not forward_before:
             return
@@ -219,7 +219,6 @@ class EplbState:
                 self._progress("eplb: commit a layer")
                 layer, pending = r.take()
                 self._commit(layer, pending, r.new, r.transfers[layer])
-                r.copies += len(r.transfers[layer])
         if r.complete:
             self._inflight = None
             self._finish(r.started, r.copies, r.committed, r.steps_in_flight)
