@@ -449,3 +449,32 @@ def test_a_handler_runs_without_the_http_app():
     assert full.usage.completion_tokens == 6 and full.usage.prompt_tokens == 2
     assert lines[-1] == "data: [DONE]\n\n"
     assert "".join(e["choices"][0]["text"] for e in _sse("".join(lines))[:-1]) == "345"
+
+
+def test_engine_that_fails_to_start_is_kept_and_reported_once():
+    """The engine's start raises: /health stays 503, ``on_fatal`` gets that exception once (eplb
+    serve then stops uvicorn), and the context keeps it for the exit message."""
+
+    class NoStart(FakeEngine):
+        def start(self) -> None:
+            raise RuntimeError("rank 1 died while loading")
+
+    fatal: list[BaseException] = []
+    settings = ServerSettings(served_model_names=["fake"], max_model_len=64,
+                              rebalance_log_interval_s=3600, on_fatal=fatal.append)
+    app = create_app(NoStart(), settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(fatal) == 1 and str(fatal[0]) == "rank 1 died while loading"
+        assert app.state.eplb.start_error is fatal[0]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 503
+    finally:
+        server.should_exit = True
+        thread.join(30)

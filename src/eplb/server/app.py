@@ -41,10 +41,8 @@ async def _start_engine(ctx: ServingContext) -> None:
         ctx.on_ready()
         logger.info("engine ready: serving %s", ", ".join(settings.served_model_names))
     except BaseException as exc:  # noqa: BLE001 - includes SystemExit from a rank
-        ctx.start_error = exc
         logger.error("engine failed to start: %r", exc)
-        if settings.on_fatal is not None:
-            settings.on_fatal(exc)
+        ctx.on_start_failed(exc)
 
 
 async def _log_rebalances(ctx: ServingContext) -> None:

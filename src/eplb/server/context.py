@@ -84,6 +84,12 @@ class ServingContext:
     def ready(self) -> bool:
         return self.lifecycle.ready
 
+    def on_start_failed(self, exc: BaseException) -> None:
+        """The engine did not start: keep why (``eplb serve`` prints it) and tell ``on_fatal``."""
+        self.start_error = exc
+        if self.settings.on_fatal is not None:
+            self.settings.on_fatal(exc)
+
     def on_ready(self) -> None:
         """The engine is up: build what depends on its tokenizer, then accept requests."""
         tok = self.engine.tokenizer
