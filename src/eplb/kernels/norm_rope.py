@@ -162,7 +162,7 @@ def _lanes(h: int) -> tuple[int, int]:
 
 def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float,
                    residual: torch.Tensor | None = None, fp8: bool = False
-                   ) -> torch.Tensor | tuple:
+                   ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """x [N, H] (bf16/fp16, last dim contiguous), weight [H] -> out [N, H]; with ``residual``
     [N, H]: (out, r) where r = x + residual (rounded to x.dtype) and out = rms_norm(r) * weight.
     Numerics: those of ``weight * F.rms_norm(r.float(), (H,), eps=eps).to(dtype)``. H % 4 == 0.
