@@ -301,18 +301,18 @@ def main(args: argparse.Namespace) -> int:
                             stall_timeout_s=args.rank_stall_timeout)
     if args.headless:
         return _run_headless(engine)
+
+    def fatal(_: object) -> None:  # the engine failed (at start or later): stop, exit 1
+        server.should_exit = True  # bound below; the app calls this only once uvicorn runs
+
     settings = ServerSettings(served_model_names=cfg.served,
                               max_model_len=args.max_model_len, api_key=args.api_key,
                               chat_template=cfg.chat_template, vocab_size=cfg.vocab_size,
                               max_request_bytes=args.max_request_bytes,
-                              drain_s=args.drain_timeout, stream_interval=args.stream_interval)
+                              drain_s=args.drain_timeout, stream_interval=args.stream_interval,
+                              on_fatal=fatal)
     app = create_app(engine, settings)
     server = _draining_server(app, args)
-
-    def fatal(_: object) -> None:  # the engine failed (at start or later): stop, exit 1
-        server.should_exit = True
-
-    settings.on_fatal = fatal
     engine.on_fatal(fatal)  # a rank died or hung: the open requests already failed; exit 1
     logging.getLogger("eplb.server").info(
         "starting %d rank(s) of %s (EP %s, EPLB %s, backend %s) on http://%s:%d",
