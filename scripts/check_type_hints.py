@@ -15,7 +15,8 @@ PUBLIC_DUNDERS = {"__init__", "__call__"}
 
 
 def _is_kernel(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    return any("jit" in ast.unparse(d) for d in fn.decorator_list)
+    """Decorated ``@triton.jit`` or ``@triton.jit(...)``."""
+    return any(ast.unparse(d.func if isinstance(d, ast.Call) else d) == "triton.jit" for d in fn.decorator_list)
 
 
 def _missing(fn: ast.FunctionDef | ast.AsyncFunctionDef, method: bool) -> list[str]:
